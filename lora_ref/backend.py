@@ -1,0 +1,453 @@
+"""Backends: which array library holds the numbers, and how autograd differentiates through it.
+
+Contract
+--------
+* Array code in lora_ref and transformer_ref never imports ``numpy`` to compute: it asks
+  :func:`namespace` for the namespace of the arrays it was given. So the same function runs on
+  NumPy, on CuPy (GPU), and on ``array_api_strict`` (which rejects NumPy-only idioms, so CI without
+  a GPU still proves the code is backend-agnostic).
+* The *backend switch* decides only where **new** arrays are created (:func:`asarray`,
+  :func:`xp`): ``set_backend(name)``, the ``use_backend(name)`` context manager, or the environment
+  variable ``LORA_REF_BACKEND``. Valid names: ``numpy`` (default), ``cupy``, ``array_api_strict``.
+* HIPS autograd's NumPy wrappers only understand NumPy, but its core (tracer, ``primitive``,
+  ``defvjp``, ``Box``, ``VSpace``) is array-agnostic. :func:`register_array_type` teaches that core
+  a new array type: a :class:`GenericArrayBox` to carry it through a trace and a
+  :class:`GenericArrayVSpace` to make zeros and add gradients. lora_ref's layers are autograd
+  primitives with hand-written VJPs, so ``autograd.grad`` chains them on every backend.
+* Inside ``autograd.grad`` on NumPy, the arrays a function sees are autograd ``ArrayBox`` es; for
+  those :func:`namespace` returns :data:`autograd_namespace`, autograd.numpy spoken with the Array
+  API's names. That is how an *undecorated* forward is traced by autograd.numpy, giving a second,
+  independent derivation of every gradient for the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import array_api_compat
+import array_api_compat.numpy
+import numpy as np
+from autograd.extend import Box, VSpace, defvjp, primitive
+from autograd.numpy.numpy_boxes import ArrayBox
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "GenericArrayBox",
+    "GenericArrayVSpace",
+    "asarray",
+    "autograd_namespace",
+    "get_backend",
+    "namespace",
+    "register_array_type",
+    "set_backend",
+    "to_numpy",
+    "use_backend",
+    "xp",
+]
+
+BACKENDS = ("numpy", "cupy", "array_api_strict")
+ENV_VAR = "LORA_REF_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (its package is missing, or there is no GPU)."""
+
+
+# --------------------------------------------------------------------------------------------
+# autograd.numpy with Array API names (what `namespace` returns for a traced NumPy value)
+# --------------------------------------------------------------------------------------------
+
+
+class _AutogradNamespace:
+    """autograd.numpy, answering to the Array API names lora_ref's array code uses.
+
+    autograd wraps every NumPy function but defines derivatives only for NumPy's classic names;
+    the few Array API spellings that differ are mapped here onto differentiable equivalents.
+    Everything else falls through to ``autograd.numpy`` unchanged.
+    """
+
+    def __init__(self) -> None:
+        import autograd.numpy as anp
+
+        self._anp = anp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._anp, name)
+
+    def __repr__(self) -> str:
+        return "<lora_ref autograd.numpy namespace (Array API names)>"
+
+    def matrix_transpose(self, x: Any) -> Any:
+        return self._anp.swapaxes(x, -1, -2)
+
+    def concat(self, arrays: Any, /, *, axis: int = 0) -> Any:
+        return self._anp.concatenate(arrays, axis=axis)
+
+    def astype(self, x: Any, dtype: Any, /, *, copy: bool = True) -> Any:
+        return x.astype(dtype)
+
+    def take(self, x: Any, indices: Any, /, *, axis: int | None = None) -> Any:
+        if axis is None:
+            raise ValueError("take: axis is required")
+        index = (slice(None),) * (axis % x.ndim) + (getval(indices),)
+        return x[index]
+
+    def isdtype(self, dtype: Any, kind: Any) -> bool:
+        return array_api_compat.numpy.isdtype(dtype, kind)
+
+
+autograd_namespace = _AutogradNamespace()
+
+
+def getval(x: Any) -> Any:
+    """The raw array under any number of autograd boxes (``x`` itself when it is not boxed)."""
+    while isinstance(x, Box):
+        x = x._value
+    return x
+
+
+def namespace(*arrays: Any) -> Any:
+    """The array namespace of ``arrays`` (None and Python scalars are ignored).
+
+    NumPy arrays give ``array_api_compat.numpy``, CuPy arrays ``array_api_compat.cupy``,
+    ``array_api_strict`` arrays that module. An autograd ``ArrayBox`` (a NumPy value being traced
+    by ``autograd.grad``) gives :data:`autograd_namespace`, so the caller's array code is traced
+    by autograd.numpy. A :class:`GenericArrayBox` gives the namespace of the value it carries:
+    array code that must be differentiated on those backends is an autograd primitive.
+    """
+    present = [a for a in arrays if a is not None and not isinstance(a, (bool, int, float, complex))]
+    if not present:
+        raise TypeError("namespace() needs at least one array")
+    if any(type(a) is ArrayBox for a in present):
+        return autograd_namespace
+    return array_api_compat.array_namespace(*[getval(a) for a in present])
+
+
+# --------------------------------------------------------------------------------------------
+# The backend switch: where new arrays are created
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends are {', '.join(BACKENDS)}")
+    return name
+
+
+def _import_backend(name: str) -> Any:
+    """The Array-API namespace used to create arrays on backend ``name`` (imports it)."""
+    if name == "numpy":
+        return array_api_compat.numpy
+    if name == "array_api_strict":
+        try:
+            import array_api_strict
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "backend 'array_api_strict' needs the array-api-strict package, which is not "
+                "installed: pip install 'lora-ref[test]'"
+            ) from exc
+        register_array_type(array_api_strict.Array if hasattr(array_api_strict, "Array")
+                            else type(array_api_strict.asarray(0.0)))
+        return array_api_strict
+    # cupy: two distinct failures, two distinct messages.
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "backend 'cupy' needs CuPy, which is not installed: pip install 'lora-ref[gpu]' "
+            "(CuPy wheels are built per CUDA version; see docs/backends.md)"
+        ) from exc
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError, or a driver/library that fails to load
+        raise BackendUnavailableError(
+            f"backend 'cupy': CuPy is installed but no usable CUDA GPU was found ({exc})"
+        ) from exc
+    if n_gpus < 1:
+        raise BackendUnavailableError("backend 'cupy': CuPy is installed but no CUDA GPU is visible")
+    from array_api_compat import cupy as compat_cupy
+
+    register_array_type(cupy.ndarray)
+    return compat_cupy
+
+
+_state: dict[str, Any] = {"name": None, "xp": None}
+
+
+def set_backend(name: str) -> None:
+    """Create new arrays on backend ``name`` from now on (``numpy``, ``cupy``, ``array_api_strict``).
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
+    backend's package is missing or (for ``cupy``) when there is no usable GPU.
+    """
+    _check_name(name)
+    module = _import_backend(name)
+    _state["name"], _state["xp"] = name, module
+
+
+def get_backend() -> str:
+    """The name of the current backend (initially ``$LORA_REF_BACKEND``, else ``numpy``)."""
+    if _state["name"] is None:
+        set_backend(os.environ.get(ENV_VAR, "numpy") or "numpy")
+    return _state["name"]
+
+
+def xp() -> Any:
+    """The namespace in which new arrays are created (that of the current backend)."""
+    get_backend()
+    return _state["xp"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Any]:
+    """Context manager: create arrays on backend ``name`` inside the block; yields its namespace."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield _state["xp"]
+    finally:
+        set_backend(previous)
+
+
+def asarray(obj: Any, dtype: Any = None) -> Any:
+    """``obj`` (a NumPy array, nested list, scalar, or an array of any backend) as an array of the
+    current backend. ``dtype`` may be a NumPy dtype or a name ("float32", "float64", "int64")."""
+    module = xp()
+    if dtype is not None:
+        dtype = getattr(module, np.dtype(dtype).name)
+    if not isinstance(obj, np.ndarray) and not np.isscalar(obj) and not isinstance(obj, list | tuple):
+        obj = to_numpy(obj)  # another backend's array: through host memory
+    if _state["name"] == "numpy":
+        return np.asarray(obj, dtype=dtype)
+    return module.asarray(np.asarray(obj) if isinstance(obj, list | tuple) else obj, dtype=dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy an array of any backend (or an autograd box of one) to a NumPy ndarray."""
+    x = getval(x)
+    if isinstance(x, np.ndarray):
+        return x
+    if np.isscalar(x):
+        return np.asarray(x)
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def dtype_name(dtype: Any) -> str:
+    """A backend's dtype object as NumPy's name for it ("float32", "int64", ...)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).split(".")[-1].strip("'>")
+
+
+# --------------------------------------------------------------------------------------------
+# autograd's engine on arrays that are not NumPy's
+# --------------------------------------------------------------------------------------------
+
+
+def _unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
+    """Sum ``g`` down to ``shape``: the VJP of broadcasting a value of that shape."""
+    mod = namespace(g)
+    while g.ndim > len(shape):
+        g = mod.sum(g, axis=0)
+    for axis, size in enumerate(shape):
+        if size == 1 and g.shape[axis] != 1:
+            g = mod.sum(g, axis=axis, keepdims=True)
+    return g
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+@primitive
+def _add(x: Any, y: Any) -> Any:
+    return x + y
+
+
+@primitive
+def _multiply(x: Any, y: Any) -> Any:
+    return x * y
+
+
+@primitive
+def _matmul(x: Any, y: Any) -> Any:
+    return x @ y
+
+
+@primitive
+def _getitem(x: Any, index: Any) -> Any:
+    return x[index]
+
+
+@primitive
+def _reshape(x: Any, shape: tuple[int, ...]) -> Any:
+    return namespace(x).reshape(x, shape)
+
+
+def _getitem_vjp(ans: Any, x: Any, index: Any) -> Any:
+    def vjp(g: Any) -> Any:
+        # A zero array with g written into the indexed places, built without in-place writes is
+        # not expressible for a general index in the Array API; the backends that reach here
+        # (CuPy, array_api_strict) both allow __setitem__ on a fresh array.
+        out = namespace(x).zeros(x.shape, dtype=x.dtype)
+        out[index] = g
+        return out
+
+    return vjp
+
+
+defvjp(_add, lambda ans, x, y: lambda g: _unbroadcast(g, _shape_of(x)),
+       lambda ans, x, y: lambda g: _unbroadcast(g, _shape_of(y)))
+defvjp(_multiply, lambda ans, x, y: lambda g: _unbroadcast(g * y, _shape_of(x)),
+       lambda ans, x, y: lambda g: _unbroadcast(g * x, _shape_of(y)))
+defvjp(_matmul, lambda ans, x, y: lambda g: g @ namespace(y).matrix_transpose(y),
+       lambda ans, x, y: lambda g: namespace(x).matrix_transpose(x) @ g)
+defvjp(_getitem, _getitem_vjp)
+defvjp(_reshape, lambda ans, x, shape: lambda g: namespace(g).reshape(g, x.shape))
+
+
+class GenericArrayBox(Box):
+    """autograd's box for a non-NumPy array (CuPy, array_api_strict).
+
+    It supports what lora_ref's code does *between* primitives: ``+``, ``-``, ``*`` and ``/``
+    (with arrays or Python scalars), ``@``, indexing, ``.reshape``, and the read-only attributes
+    ``shape``, ``dtype``, ``ndim``, ``mT``. Anything else belongs inside a primitive.
+    """
+
+    __slots__ = []
+
+    shape = property(lambda self: getval(self).shape)
+    dtype = property(lambda self: getval(self).dtype)
+    ndim = property(lambda self: getval(self).ndim)
+    size = property(lambda self: math.prod(getval(self).shape))
+    mT = property(lambda self: _matmul_transpose(self))
+
+    def __array_namespace__(self, *, api_version: str | None = None) -> Any:
+        return getval(self).__array_namespace__(api_version=api_version)
+
+    def __add__(self, other: Any) -> Any:
+        return _add(self, other)
+
+    def __radd__(self, other: Any) -> Any:
+        return _add(other, self)
+
+    def __sub__(self, other: Any) -> Any:
+        return _add(self, _multiply(other, -1.0))
+
+    def __rsub__(self, other: Any) -> Any:
+        return _add(other, _multiply(self, -1.0))
+
+    def __mul__(self, other: Any) -> Any:
+        return _multiply(self, other)
+
+    def __rmul__(self, other: Any) -> Any:
+        return _multiply(other, self)
+
+    def __truediv__(self, other: Any) -> Any:
+        if isinstance(other, (int, float)):
+            return _multiply(self, 1.0 / other)
+        raise TypeError("a traced non-NumPy array can only be divided by a Python scalar")
+
+    def __neg__(self) -> Any:
+        return _multiply(self, -1.0)
+
+    def __matmul__(self, other: Any) -> Any:
+        return _matmul(self, other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return _matmul(other, self)
+
+    def __getitem__(self, index: Any) -> Any:
+        return _getitem(self, index)
+
+    def reshape(self, *shape: Any) -> Any:
+        if len(shape) == 1 and isinstance(shape[0], tuple):
+            shape = shape[0]
+        return _reshape(self, tuple(shape))
+
+
+@primitive
+def _matmul_transpose(x: Any) -> Any:
+    return namespace(x).matrix_transpose(x)
+
+
+defvjp(_matmul_transpose, lambda ans, x: lambda g: namespace(g).matrix_transpose(g))
+
+
+class GenericArrayVSpace(VSpace):
+    """autograd's vector space for a non-NumPy array: zeros, ones, sums and inner products."""
+
+    def __init__(self, value: Any) -> None:
+        self.shape = tuple(value.shape)
+        self.dtype = value.dtype
+        self._ns = array_api_compat.array_namespace(value)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def zeros(self) -> Any:
+        return self._ns.zeros(self.shape, dtype=self.dtype)
+
+    def ones(self) -> Any:
+        return self._ns.ones(self.shape, dtype=self.dtype)
+
+    def _mut_add(self, x: Any, y: Any) -> Any:
+        return x + y  # functional: never writes into a gradient another node may still hold
+
+    def _inner_prod(self, x: Any, y: Any) -> Any:
+        return self._ns.sum(x * y)
+
+    def __eq__(self, other: object) -> bool:
+        return (type(self) is type(other) and self.shape == other.shape
+                and self.dtype == other.dtype)
+
+
+_registered: set[type] = set()
+
+
+def register_array_type(array_type: type) -> None:
+    """Teach autograd's engine an array type (idempotent).
+
+    After this, ``autograd.grad`` can differentiate through lora_ref's primitives for arrays of
+    that type. CuPy and array_api_strict are registered automatically when their backend is
+    selected, or here if they are already imported; call this yourself only for CuPy arrays you
+    create without ever selecting the ``cupy`` backend.
+    """
+    if array_type in _registered or array_type is np.ndarray:
+        return
+    GenericArrayBox.register(array_type)
+    VSpace.register(array_type, GenericArrayVSpace)
+    _registered.add(array_type)
+
+
+def _register_imported() -> None:
+    if "array_api_strict" in sys.modules or _importable("array_api_strict"):
+        with contextlib.suppress(ImportError):
+            import array_api_strict
+
+            register_array_type(type(array_api_strict.asarray(0.0)))
+    if "cupy" in sys.modules:
+        register_array_type(sys.modules["cupy"].ndarray)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+_register_imported()
