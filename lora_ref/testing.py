@@ -1,4 +1,4 @@
-"""The oracle kit: tolerances, error bounds and assertions for testing a LoRA implementation.
+"""The oracle kit: tolerances, error bounds and checks for testing a LoRA implementation.
 
 Tolerances
 ----------
@@ -12,25 +12,67 @@ the dtype's unit roundoff ``u = eps / 2`` by the standard rounding-error analysi
   most ``2 gamma_n * M``, where ``M`` is the value computed with every term replaced by its
   absolute value (:func:`lora_linear_magnitude` computes M for the LoRA layer).
 
-These bounds are rigorous (any summation order, with or without FMA), so a test that uses them
-never fails spuriously; and they are far below the size of any real mistake (a wrong scale, a
-forgotten transpose), so they still catch those.
+These bounds are rigorous (any summation order, with or without FMA, as long as nothing
+overflows or underflows into the subnormals), so a test that uses them never fails spuriously;
+and they are far below the size of any real mistake (a wrong scale, a forgotten transpose), so
+they still catch those.
+
+Checking another implementation
+-------------------------------
+:func:`check_lora_linear` runs a fixed set of named properties (:data:`PROPERTIES`) against
+your implementation, given as a Python callable on NumPy arrays, in float64 and float32, and
+returns a :class:`LoraCheckReport`; :func:`assert_lora_linear_matches` raises ``AssertionError``
+with that report for use in pytest. Every property compares your output with lora-ref's, computed
+in float64 from the same inputs, within the bound :func:`reference_rtol` derives. The contract
+of the callables is in :func:`check_lora_linear`; ``docs/oracle.md`` walks through an example.
+
+The kit speaks NumPy: it is the boundary where other implementations' numbers come in, so unlike
+the rest of lora_ref it does not follow the backend switch.
+
+Hypothesis strategies (:mod:`lora_ref.strategies`: ``lora_cases``, ``dims``, ``ranks``, ...) are
+importable from here too; they load on first use, because hypothesis is a test extra
+(``pip install 'lora-ref[test]'``) and this module must import without it.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from autograd import make_vjp
 
 from .backend import dtype_name, to_numpy
+from .lora import delta_weight, lora_linear, lora_scale, merge as _ref_merge
 
 __all__ = [
+    "DEFAULT_PROPERTIES",
+    "PROPERTIES",
+    "LoraCheckReport",
+    "PropertyResult",
+    "assert_lora_linear_matches",
     "assert_within",
+    "check_lora_linear",
+    "compare_to_reference",
     "lora_linear_magnitude",
+    "lora_magnitudes",
+    "reference_outputs",
+    "reference_rtol",
+    "rounding_counts",
     "tolerance",
     "unit_roundoff",
 ]
+
+
+# ============================================================================================
+# Tolerances
+# ============================================================================================
 
 
 def unit_roundoff(dtype: Any) -> float:
@@ -56,23 +98,129 @@ def tolerance(dtype: Any, n: int = 1) -> float:
     return n * u / (1.0 - n * u)
 
 
+def rounding_counts(d_in: int, d_out: int, r: int, n_tokens: int, n_enabled: int = 1) -> dict[str, int]:
+    """How many roundings any one term of each LoRA output can suffer, in any evaluation order.
+
+    ``r`` is the rank of one block (``B.shape[1]``), ``n_enabled`` the number of enabled blocks
+    of a fused (``enable_lora``) adapter, ``n_tokens`` the number N of rows of x once its leading
+    dimensions are flattened. Each count is ``L1 + L2 + 6``, where L1 and L2 are the lengths of
+    the (at most two) chained sums the quantity is made of. A term of the longest chain, the
+    adapter branch of y ``s * mask_j x_j A_kj B_ik``, goes through ``L1 - 1 + L2 - 1`` additions
+    inside the two sums, 3 multiplications (by the mask, by A, by B), the multiplication by s,
+    the rounding of s itself (at most 3: the square root of rsLoRA, the division, the cast to the
+    dtype) and the one addition joining it to the base branch: ``L1 + L2 + 6``. Every other term
+    (the base branch, the bias, a merged weight's entries) goes through fewer. Evaluating through
+    the merged weight ``x (W + s B A)^T`` instead needs the same count.
+
+    ===========  ==========================  ====================================================
+    output       chained sums                count
+    ===========  ==========================  ====================================================
+    y            d_in, then r                ``d_in + r + 6``
+    W_merged     r                           ``r + 6``
+    dx           d_out, then n_enabled r     ``d_out + n_enabled r + 6``
+    dA           d_out, then N               ``d_out + N + 6``
+    dB           d_in, then N                ``d_in + N + 6``
+    ===========  ==========================  ====================================================
+    """
+    for value, name in ((d_in, "d_in"), (d_out, "d_out"), (r, "r"), (n_tokens, "n_tokens"),
+                        (n_enabled, "n_enabled")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return {"y": d_in + r + 6, "W_merged": r + 6, "dx": d_out + n_enabled * r + 6,
+            "dA": d_out + n_tokens + 6, "dB": d_in + n_tokens + 6}
+
+
+def reference_rtol(dtype: Any, n: int) -> float:
+    """The bound on ``|yours - reference| / magnitude`` for a quantity of ``n`` roundings.
+
+    Your implementation computes in ``dtype`` (error at most ``gamma_n(dtype) * M``); lora-ref's
+    reference computes in float64 from the same inputs (at most ``gamma_n(float64) * M``); and
+    the magnitude M is itself a float64 sum of non-negative terms, computed low by at most a
+    factor ``1 - gamma_n(float64)``. Hence::
+
+        rtol = (gamma_n(dtype) + gamma_n(float64)) / (1 - gamma_n(float64))
+
+    and the check is ``|yours - reference| <= rtol * M`` entry by entry.
+    """
+    g64 = tolerance("float64", n)
+    return (tolerance(dtype, n) + g64) / (1.0 - g64)
+
+
+# ============================================================================================
+# Magnitudes: the computation with every term replaced by its absolute value
+# ============================================================================================
+
+
 def lora_linear_magnitude(x: Any, W: Any, A: Any = None, B: Any = None, scale: float = 1.0,
-                          bias: Any = None, dropout_mask: Any = None) -> np.ndarray:
+                          bias: Any = None, dropout_mask: Any = None,
+                          enable_lora: tuple[bool, ...] | None = None) -> np.ndarray:
     """``M = |x| |W|^T + |bias| + |s| (|x * mask| |A|^T) |B|^T`` in float64, shape (..., d_out).
 
     The magnitude against which rounding errors of :func:`lora_ref.lora_linear` (either
-    evaluation order, merged or not) are measured. For a fused ``enable_lora`` adapter pass the
-    dense ``delta_weight`` instead, as ``A=delta, B=identity`` is not needed: use ``W + |dW|``.
+    evaluation order, merged or not) are measured. ``W`` is (d_out, d_in). With ``enable_lora``
+    (a fused adapter) the adapter term is summed block by block, as :func:`lora_ref.lora_linear`
+    does, so disabled blocks contribute nothing.
     """
-    x, W = (np.abs(to_numpy(t).astype(np.float64)) for t in (x, W))
-    M = x @ W.T
-    if bias is not None:
-        M = M + np.abs(to_numpy(bias).astype(np.float64))
-    if A is not None:
-        xd = x if dropout_mask is None else x * np.abs(to_numpy(dropout_mask).astype(np.float64))
-        A_, B_ = (np.abs(to_numpy(t).astype(np.float64)) for t in (A, B))
-        M = M + abs(scale) * ((xd @ A_.T) @ B_.T)
-    return M
+    return lora_magnitudes(x, W, A, B, scale, bias=bias, dropout_mask=dropout_mask,
+                           enable_lora=enable_lora)["y"]
+
+
+def lora_magnitudes(x: Any, W: Any, A: Any, B: Any, scale: float, *, bias: Any = None,
+                    dropout_mask: Any = None, enable_lora: tuple[bool, ...] | None = None,
+                    dy: Any = None) -> dict[str, np.ndarray]:
+    """Magnitudes of every LoRA output: the reference evaluated on absolute values, in float64.
+
+    Every LoRA output is a sum of products of the inputs, so evaluating the same formulas on
+    ``|x|, |W|, |A|, |B|, |s|, |bias|, |mask|`` (and ``|dy|``) gives the sum of the absolute values
+    of its terms, the ``M`` of the error bounds. ``W`` is (d_out, d_in). Returns a dict with
+    ``"y"`` (..., d_out) and ``"W_merged"`` (d_out, d_in), plus, when the upstream gradient ``dy``
+    (..., d_out) is given, ``"dx"`` (..., d_in), ``"dA"`` (n r, d_in) and ``"dB"`` (n q, r).
+    ``A`` and ``B`` may be None (no adapter: only ``"y"`` and ``"W_merged"`` = ``|W|``).
+    """
+    absf = lambda t: None if t is None else np.abs(np.asarray(to_numpy(t), dtype=np.float64))  # noqa: E731
+    x_, W_, A_, B_, b_, m_ = (absf(t) for t in (x, W, A, B, bias, dropout_mask))
+    s = abs(float(scale))
+    out = {"y": lora_linear(x_, W_, A_, B_, s, b_, m_, enable_lora)}
+    if A_ is None:
+        out["W_merged"] = W_
+        return out
+    out["W_merged"] = W_ + delta_weight(A_, B_, s, enable_lora, d_out=W_.shape[0] if enable_lora else None)
+    if dy is not None:
+        vjp, _ = make_vjp(lambda xx, AA, BB: lora_linear(xx, W_, AA, BB, s, b_, m_, enable_lora),
+                          argnum=(0, 1, 2))(x_, A_, B_)
+        out["dx"], out["dA"], out["dB"] = vjp(absf(dy))
+    return out
+
+
+def reference_outputs(x: Any, W: Any, A: Any, B: Any, scale: float, *, bias: Any = None,
+                      dropout_mask: Any = None, enable_lora: tuple[bool, ...] | None = None,
+                      fan_in_fan_out: bool = False, dy: Any = None) -> dict[str, np.ndarray]:
+    """lora-ref's outputs in float64 (inputs are upcast exactly), with their magnitudes.
+
+    ``W`` is in the base model's layout: (d_out, d_in), or (d_in, d_out) when ``fan_in_fan_out``.
+    Returns ``"y"`` (..., d_out), ``"W_merged"`` (in W's layout) and, when ``dy`` (..., d_out) is
+    given, ``"dx"``, ``"dA"``, ``"dB"`` (the vector-Jacobian products of y at dy, i.e. the
+    gradients of ``sum(y * dy)``); and ``"magnitude.<name>"`` for each (see :func:`lora_magnitudes`).
+    """
+    f64 = lambda t: None if t is None else np.asarray(to_numpy(t), dtype=np.float64)  # noqa: E731
+    x, W, A, B, bias, mask, dy = (f64(t) for t in (x, W, A, B, bias, dropout_mask, dy))
+    W_math = W.T if fan_in_fan_out else W                                   # (d_out, d_in)
+    out = {"y": lora_linear(x, W_math, A, B, scale, bias, mask, enable_lora),
+           "W_merged": _ref_merge(W, A, B, scale, enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)}
+    if dy is not None:
+        vjp, _ = make_vjp(lambda xx, AA, BB: lora_linear(xx, W_math, AA, BB, scale, bias, mask, enable_lora),
+                          argnum=(0, 1, 2))(x, A, B)
+        out["dx"], out["dA"], out["dB"] = vjp(dy)
+    mags = lora_magnitudes(x, W_math, A, B, scale, bias=bias, dropout_mask=mask, enable_lora=enable_lora, dy=dy)
+    if fan_in_fan_out:
+        mags["W_merged"] = mags["W_merged"].T                               # back to (d_in, d_out)
+    out.update({f"magnitude.{k}": v for k, v in mags.items()})
+    return out
+
+
+# ============================================================================================
+# Assertions and results
+# ============================================================================================
 
 
 def assert_within(actual: Any, expected: Any, bound: Any, *, what: str = "value") -> float:
@@ -101,3 +249,408 @@ def assert_within(actual: Any, expected: Any, bound: Any, *, what: str = "value"
             f"error {err[idx]:.3e} > bound {bound[idx]:.3e} (actual {a[idx]!r}, expected {e[idx]!r}); "
             f"max error {err.max():.3e}")
     return worst
+
+
+@dataclass(frozen=True)
+class PropertyResult:
+    """One property checked in one dtype.
+
+    ``error`` is the largest ``|yours - reference| / magnitude`` over the entries (``inf`` when
+    an entry with zero magnitude is nonzero, or when no comparable output came back); ``bound``
+    the largest it may be (:func:`reference_rtol`); ``passed`` whether ``error <= bound`` and the
+    output had the expected shape and dtype; ``detail`` says what went wrong ("" when passed).
+    """
+
+    name: str
+    dtype: str
+    error: float
+    bound: float
+    passed: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        status = "pass" if self.passed else "FAIL"
+        row = f"{self.name:<22} {self.dtype:<8} {self.error:>10.2e} {self.bound:>10.2e}  {status}"
+        return row + (f"  {self.detail}" if self.detail else "")
+
+
+class LoraCheckReport(Sequence):
+    """The results of a check: a sequence of :class:`PropertyResult`, one per property and dtype.
+
+    ``report.ok`` is True when every result passed (``bool(report)`` is the same, so
+    ``assert report`` works); ``report.failed`` lists the failures; ``str(report)`` is a table;
+    :meth:`summary` is one line.
+    """
+
+    def __init__(self, results: Iterable[PropertyResult]) -> None:
+        self._results = tuple(results)
+        for res in self._results:
+            if not isinstance(res, PropertyResult):
+                raise TypeError(f"results must be PropertyResult objects, got {type(res).__name__}")
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._results[index]
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __iter__(self) -> Iterator[PropertyResult]:
+        return iter(self._results)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def ok(self) -> bool:
+        """True when every property passed (and at least one was checked)."""
+        return bool(self._results) and all(r.passed for r in self._results)
+
+    @property
+    def failed(self) -> tuple[PropertyResult, ...]:
+        """The results that did not pass."""
+        return tuple(r for r in self._results if not r.passed)
+
+    @property
+    def failed_names(self) -> tuple[str, ...]:
+        """The names of the failed properties, each once, in check order."""
+        return tuple(dict.fromkeys(r.name for r in self.failed))
+
+    def summary(self) -> str:
+        """One line: how many results passed, and the failed properties with their dtypes."""
+        n, bad = len(self._results), self.failed
+        if not bad:
+            return f"{n} checks, all passed"
+        names = {}
+        for res in bad:
+            names.setdefault(res.name, []).append(res.dtype)
+        listed = ", ".join(f"{k} ({', '.join(v)})" for k, v in names.items())
+        return f"{n} checks, {len(bad)} failed: {listed}"
+
+    def __str__(self) -> str:
+        head = f"{'property':<22} {'dtype':<8} {'rel. error':>10} {'bound':>10}  result"
+        return "\n".join([self.summary(), head] + [str(r) for r in self._results])
+
+    def __repr__(self) -> str:
+        return f"<LoraCheckReport: {self.summary()}>"
+
+
+def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarray, magnitude: np.ndarray,
+                         rtol: float) -> PropertyResult:
+    """Compare ``actual`` with ``expected`` entry by entry: pass when ``|a - e| <= rtol * magnitude``.
+
+    ``actual`` must have ``expected``'s shape and the dtype ``dtype`` (the dtype the inputs had);
+    it may be anything :func:`numpy.asarray` accepts. ``expected`` and ``magnitude`` are float64
+    (from :func:`reference_outputs`). Never raises for a bad ``actual``: the result says what
+    is wrong with it.
+    """
+    dtype = dtype_name(dtype)
+    expected, magnitude = np.asarray(expected, dtype=np.float64), np.asarray(magnitude, dtype=np.float64)
+    if expected.shape != magnitude.shape:
+        raise ValueError(f"magnitude has shape {magnitude.shape} but expected has shape {expected.shape}")
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0.0 <= float(rtol) < math.inf:
+        raise ValueError(f"rtol must be a finite non-negative number, got {rtol!r}")
+    try:
+        a = np.asarray(actual)
+    except Exception as exc:  # noqa: BLE001 - whatever the implementation returned, report it
+        return PropertyResult(name, dtype, math.inf, rtol, False,
+                              f"output could not be read as an array: {type(exc).__name__}: {exc}")
+    if a.shape != expected.shape:
+        return PropertyResult(name, dtype, math.inf, rtol, False,
+                              f"output has shape {a.shape}, expected {expected.shape}")
+    if a.dtype.kind != "f":
+        return PropertyResult(name, dtype, math.inf, rtol, False, f"output has dtype {a.dtype}, expected {dtype}")
+    a64 = a.astype(np.float64)
+    err = np.abs(a64 - expected)
+    err = np.where(np.isnan(err), np.inf, err)                      # NaN or inf outputs fail
+    ratio = np.where(magnitude > 0, err / np.where(magnitude > 0, magnitude, 1.0),
+                     np.where(err > 0, np.inf, 0.0))
+    worst = float(ratio.max()) if ratio.size else 0.0
+    problems = []
+    if a.dtype.name != dtype:
+        problems.append(f"output has dtype {a.dtype.name} for {dtype} inputs")
+    if not worst <= rtol:
+        idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        where = tuple(int(i) for i in idx)
+        problems.append(f"worst at {where}: got {a64[idx]:.6g}, expected {expected[idx]:.6g}")
+    return PropertyResult(name, dtype, worst, rtol, not problems, "; ".join(problems))
+
+
+# ============================================================================================
+# The kit: named properties run against a user's implementation
+# ============================================================================================
+
+PROPERTIES: dict[str, str] = {
+    "forward": "y = x W^T + bias + (alpha/r) (x A^T) B^T, x with two leading dims",
+    "forward_rslora": "the same with use_rslora=True: scale alpha/sqrt(r) (r=4, so it differs from alpha/r)",
+    "zero_B_identity": "B = 0: the output equals the base layer's x W^T + bias",
+    "fan_in_fan_out": "W given as (d_in, d_out) (GPT-2 Conv1D layout), square so a missed transpose is not a shape error",
+    "dropout": "a dropout mask (entries 0 and 1/(1-p)) multiplies x on the adapter branch only",
+    "rank_above_dim": "r = 6 above min(d_in, d_out) = 3",
+    "fused_enable_lora": "loralib MergedLinear: enable_lora=(True, False, True) on a fused (12, 5) weight",
+    "merge": "merge(W, A, B) = W + (alpha/r) B A",
+    "merge_rslora": "merge with use_rslora=True: W + (alpha/sqrt(r)) B A",
+    "merge_fan_in_fan_out": "merge with W stored (d_in, d_out): W + s (B A)^T, square W",
+    "merge_fused": "merge with enable_lora=(True, False, True): each enabled row block gets s B_k A_k",
+    "grad_x": "dL/dx for L = sum(y * dy), with bias and a dropout mask",
+    "grad_A": "dL/dA, same case",
+    "grad_B": "dL/dB, same case",
+}
+"""Every property the kit knows, with what it checks."""
+
+DEFAULT_PROPERTIES = ("forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout",
+                      "rank_above_dim", "merge", "merge_rslora", "merge_fan_in_fan_out",
+                      "grad_x", "grad_A", "grad_B")
+"""The properties checked when ``properties`` is not given (those needing ``merge`` or ``grad`` only
+when that callable is given). The fused (``enable_lora``) ones are opt-in, as many implementations
+have no fused layer."""
+
+_NEEDS = {"merge": "merge", "merge_rslora": "merge", "merge_fan_in_fan_out": "merge", "merge_fused": "merge",
+          "grad_x": "grad", "grad_A": "grad", "grad_B": "grad"}
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The data of one property: shapes (d_out, d_in), rank, scale settings and options."""
+
+    d_in: int
+    d_out: int
+    r: int
+    alpha: float
+    batch: tuple[int, ...] = (2, 3)
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    bias: bool = True
+    dropout_p: float | None = None
+    zero_B: bool = False
+    enable_lora: tuple[bool, ...] | None = None
+
+
+_FORWARD = _Setup(d_in=7, d_out=5, r=3, alpha=6.0)
+_RSLORA = _Setup(d_in=7, d_out=5, r=4, alpha=8.0, use_rslora=True)
+_SQUARE_FIFO = _Setup(d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True)
+_DROPOUT = _Setup(d_in=7, d_out=5, r=3, alpha=6.0, dropout_p=0.5)
+_FUSED = _Setup(d_in=5, d_out=12, r=2, alpha=4.0, enable_lora=(True, False, True))
+_SETUPS = {
+    "forward": _FORWARD, "forward_rslora": _RSLORA,
+    "zero_B_identity": _Setup(d_in=7, d_out=5, r=3, alpha=6.0, zero_B=True),
+    "fan_in_fan_out": _SQUARE_FIFO, "dropout": _DROPOUT,
+    "rank_above_dim": _Setup(d_in=3, d_out=4, r=6, alpha=3.0, batch=(5,), bias=False),
+    "fused_enable_lora": _FUSED,
+    "merge": _FORWARD, "merge_rslora": _RSLORA, "merge_fan_in_fan_out": _SQUARE_FIFO, "merge_fused": _FUSED,
+    "grad_x": _DROPOUT, "grad_A": _DROPOUT, "grad_B": _DROPOUT,
+}
+
+
+def _draw(setup: _Setup, rng: np.random.Generator) -> dict[str, Any]:
+    """Float64 data for a setup (cast to each dtype later), standard normal entries."""
+    enable = setup.enable_lora
+    n = 1 if enable is None else sum(enable)
+    q = setup.d_out if enable is None else setup.d_out // len(enable)
+    x = rng.standard_normal(setup.batch + (setup.d_in,))                       # (*batch, d_in)
+    W = rng.standard_normal((setup.d_out, setup.d_in)) / math.sqrt(setup.d_in)  # (d_out, d_in)
+    A = rng.standard_normal((n * setup.r, setup.d_in))                         # (n r, d_in)
+    B = rng.standard_normal((n * q, setup.r))                                  # (n q, r)
+    data = {"x": x, "W": W, "A": A, "B": np.zeros_like(B) if setup.zero_B else B,
+            "bias": rng.standard_normal(setup.d_out) if setup.bias else None,
+            "dropout_mask": None, "dy": rng.standard_normal(setup.batch + (setup.d_out,))}
+    if setup.dropout_p is not None:
+        keep = rng.random(x.shape) >= setup.dropout_p
+        data["dropout_mask"] = keep / (1.0 - setup.dropout_p)                  # 0 or 1/(1-p)
+    return data
+
+
+def _check_callable(value: Any, name: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
+
+
+def _select(properties: Iterable[str] | None, merge: Any, grad: Any) -> tuple[str, ...]:
+    if properties is None:
+        given = {"merge": merge is not None, "grad": grad is not None}
+        return tuple(p for p in DEFAULT_PROPERTIES if p not in _NEEDS or given[_NEEDS[p]])
+    if isinstance(properties, str):
+        raise TypeError(f"properties must be a list of property names, got the string {properties!r}")
+    chosen = tuple(properties)
+    unknown = [p for p in chosen if p not in PROPERTIES]
+    if unknown or not chosen:
+        raise ValueError(f"properties must be names from {', '.join(PROPERTIES)}; got {list(chosen)!r}")
+    for p in chosen:
+        needed = _NEEDS.get(p)
+        if needed and {"merge": merge, "grad": grad}[needed] is None:
+            raise ValueError(f"property {p!r} needs the {needed} callable, but {needed}=None")
+    return chosen
+
+
+def _run_property(name: str, dtype: str, data: dict[str, Any], setup: _Setup, impl: Callable,
+                  merge: Callable | None, grad: Callable | None) -> list[PropertyResult]:
+    cast = lambda t: None if t is None else np.ascontiguousarray(t.astype(dtype))  # noqa: E731
+    x, W, A, B, bias, mask, dy = (cast(data[k]) for k in ("x", "W", "A", "B", "bias", "dropout_mask", "dy"))
+    fifo = setup.fan_in_fan_out
+    W_stored = np.ascontiguousarray(W.T) if fifo else W                # the layout fan_in_fan_out says
+    s = lora_scale(setup.alpha, setup.r, setup.use_rslora)
+    is_grad = name.startswith("grad_")
+    ref = reference_outputs(x, W_stored, A, B, s, bias=bias, dropout_mask=mask, enable_lora=setup.enable_lora,
+                            fan_in_fan_out=fifo, dy=dy if is_grad else None)
+    n_tokens = math.prod(x.shape[:-1])
+    n_enabled = 1 if setup.enable_lora is None else sum(setup.enable_lora)
+    counts = rounding_counts(setup.d_in, setup.d_out, setup.r, n_tokens, n_enabled)
+    options = {"alpha": setup.alpha, "r": setup.r, "use_rslora": setup.use_rslora, "fan_in_fan_out": fifo}
+    if setup.enable_lora is not None:
+        options["enable_lora"] = setup.enable_lora
+    if name.startswith("merge"):
+        fn, args, kwargs, outputs = merge, (W_stored, A, B), options, ("W_merged",)
+    else:
+        kwargs = dict(options, bias=bias, dropout_mask=mask)
+        if is_grad:
+            fn, args, outputs = grad, (x, W_stored, A, B, dy), ("dx", "dA", "dB")
+        else:
+            fn, args, outputs = impl, (x, W_stored, A, B), ("y",)
+    copies = [None if a is None else a.copy() for a in args]
+    kw_copies = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    pick = {"dx": 0, "dA": 1, "dB": 2}
+    wanted = outputs if not is_grad else ({"grad_x": "dx", "grad_A": "dA", "grad_B": "dB"}[name],)
+    rtol = {o: reference_rtol(dtype, counts[o]) for o in wanted}
+    try:
+        got = fn(*copies, **kw_copies)
+    except Exception as exc:  # noqa: BLE001 - a crash is a failed property, reported by name
+        return [PropertyResult(name, dtype, math.inf, rtol[o], False, f"raised {type(exc).__name__}: {exc}")
+                for o in wanted]
+    changed = [n for n, a, c in zip(("x", "W", "A", "B", "dy"), args, copies) if a is not None and
+               not np.array_equal(a, c, equal_nan=True)]
+    changed += [k for k, v in kwargs.items() if isinstance(v, np.ndarray) and not np.array_equal(v, kw_copies[k])]
+    results = []
+    for o in wanted:
+        if is_grad:
+            if not isinstance(got, tuple | list) or len(got) != 3:
+                results.append(PropertyResult(name, dtype, math.inf, rtol[o], False,
+                                              f"grad must return a tuple (dx, dA, dB), got {type(got).__name__}"))
+                continue
+            value = got[pick[o]]
+        else:
+            value = got
+        res = compare_to_reference(name, dtype, value, ref[o], ref[f"magnitude.{o}"], rtol[o])
+        if changed:
+            detail = "; ".join(filter(None, [res.detail, f"modified its input {', '.join(changed)} in place"]))
+            res = PropertyResult(res.name, res.dtype, res.error, res.bound, False, detail)
+        results.append(res)
+    return results
+
+
+def check_lora_linear(impl: Callable, *, merge: Callable | None = None, grad: Callable | None = None,
+                      properties: Iterable[str] | None = None,
+                      dtypes: Sequence[str] = ("float64", "float32"), seed: int = 0) -> LoraCheckReport:
+    """Run the reference properties of a LoRA linear layer against your implementation.
+
+    Parameters
+    ----------
+    impl : callable
+        ``impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out) -> y``,
+        the adapted layer's forward pass on NumPy arrays, all of one dtype (float32 or float64):
+
+        * ``x`` (*batch, d_in), any number of leading dimensions (the kit uses 1 and 2);
+        * ``W`` the frozen weight, (d_out, d_in), or (d_in, d_out) when ``fan_in_fan_out`` is
+          True (the GPT-2 Conv1D layout); ``A`` (r, d_in) and ``B`` (d_out, r) in either case;
+        * ``alpha`` (float) and ``r`` (int, equal to ``B.shape[1]``): the scale is ``alpha / r``,
+          or ``alpha / sqrt(r)`` when ``use_rslora`` is True; computing it is your job;
+        * ``bias`` (d_out,) or None;
+        * ``dropout_mask``: None, or an array of x's shape with entries 0 and ``1/(1-p)``; the
+          adapter branch must use ``x * dropout_mask`` in place of x, the base branch plain x;
+        * for the fused properties only, a keyword ``enable_lora`` (a tuple of bools, loralib's
+          ``MergedLinear``): W's rows are ``len(enable_lora)`` equal blocks of q rows; with n
+          enabled, A is (n r, d_in), B is (n q, r), and the k-th enabled block gets
+          ``s B_k A_k`` with ``A_k = A[k r:(k+1) r]``, ``B_k = B[k q:(k+1) q]``; disabled blocks
+          get nothing. The keyword is passed only then, so an implementation without fused
+          layers need not accept it.
+
+        Return y (*batch, d_out) as a NumPy array (or anything ``numpy.asarray`` reads, e.g. a
+        CPU torch tensor without grad) of the inputs' dtype. Do not modify the inputs.
+    merge : callable, optional
+        ``merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out) -> W_merged`` in W's layout:
+        ``W + s B A``, or ``W + s (B A)^T`` under ``fan_in_fan_out`` (plus ``enable_lora`` for
+        ``merge_fused``). Enables the ``merge*`` properties.
+    grad : callable, optional
+        ``grad(x, W, A, B, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out)
+        -> (dx, dA, dB)``: the gradients of ``L = sum(y * dy)`` with respect to x, A and B, for
+        the upstream gradient ``dy`` (*batch, d_out). Enables the ``grad_*`` properties.
+    properties : iterable of str, optional
+        Which properties to run (names from :data:`PROPERTIES`); default
+        :data:`DEFAULT_PROPERTIES`, less those whose callable is not given.
+    dtypes : sequence of str
+        The dtypes each property runs in (default float64, then float32).
+    seed : int
+        Seeds the (standard normal) data; each property draws its own.
+
+    Returns
+    -------
+    LoraCheckReport
+        One :class:`PropertyResult` per property and dtype: ``|yours - reference|`` against
+        ``rtol * M`` (:func:`reference_rtol` with :func:`rounding_counts`; M from
+        :func:`lora_magnitudes`), where the reference is lora-ref in float64 on the same inputs.
+        An exception, a wrong shape or dtype, a non-finite value or an input modified in place
+        fails the property, with the reason in ``detail``. Nothing is raised for a failure.
+    """
+    if not callable(impl):
+        raise TypeError(f"impl must be a callable, got {type(impl).__name__}")
+    _check_callable(merge, "merge")
+    _check_callable(grad, "grad")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(dtypes, str):
+        raise TypeError(f"dtypes must be a list of dtype names, got the string {dtypes!r}")
+    dtypes = tuple(dtype_name(d) for d in dtypes)
+    bad = [d for d in dtypes if d not in ("float32", "float64")]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes must be 'float32' and/or 'float64', got {list(dtypes)!r}")
+    chosen = _select(properties, merge, grad)
+    results = []
+    for name in chosen:
+        data = _draw(_SETUPS[name], np.random.default_rng([int(seed), list(PROPERTIES).index(name)]))
+        for dtype in dtypes:
+            results.extend(_run_property(name, dtype, data, _SETUPS[name], impl, merge, grad))
+    return LoraCheckReport(results)
+
+
+def assert_lora_linear_matches(impl: Callable, **kwargs: Any) -> LoraCheckReport:
+    """:func:`check_lora_linear`, raising ``AssertionError`` with the report's table on a failure.
+
+    Takes the same arguments; returns the report when every property passed.
+    """
+    report = check_lora_linear(impl, **kwargs)
+    if not report.ok:
+        raise AssertionError(f"the implementation does not match lora-ref:\n{report}")
+    return report
+
+
+# ============================================================================================
+# Hypothesis strategies, re-exported lazily (hypothesis is a test extra)
+# ============================================================================================
+
+
+def _strategy_names() -> tuple[str, ...]:
+    """``lora_ref.strategies.__all__``, read from its source without importing hypothesis."""
+    path = Path(__file__).with_name("strategies.py")
+    if not path.exists():
+        return ()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            try:
+                return tuple(ast.literal_eval(node.value))
+            except ValueError:
+                return ()
+    return ()
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__") or name not in _strategy_names():
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        strategies = importlib.import_module("lora_ref.strategies")
+    except ImportError as exc:
+        raise ImportError(
+            f"lora_ref.testing.{name} is a hypothesis strategy (from lora_ref.strategies) and needs "
+            f"hypothesis, which could not be imported ({exc}): pip install 'lora-ref[test]'") from exc
+    return getattr(strategies, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_strategy_names()))
