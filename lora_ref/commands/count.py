@@ -1,0 +1,344 @@
+"""``lora-ref count``: LoRA vs full fine-tuning in parameters, checkpoint bytes and Adam state.
+
+``lora-ref count MODEL [--targets q,v] [--rank 4]`` counts a preset of the paper (roberta-base,
+roberta-large, deberta-xxlarge, gpt2-medium, gpt2-large, gpt3-175b);
+``lora-ref count --d-model D --layers L [--ffn F] ...`` counts any size (LoRA side only: the full
+model needs an architecture). ``lora-ref count --paper`` recomputes the paper's reported figures
+and flags those that do not recompute under the configuration the paper states. ``--json`` prints
+the same result machine-readably. Flags are information: the audit exits 0.
+
+The LoRA counts come from :mod:`transformer_ref.count` (imported here, lazily: the one place where
+lora_ref reaches into transformer_ref); presets, byte accounting and the paper's figures from
+:mod:`lora_ref.counting`. Accounting: docs/counting.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+HELP = "parameters, checkpoint bytes and Adam state of LoRA vs full fine-tuning; --paper audits the paper's counts"
+
+_DEFAULT_TARGETS = "q,v"
+_DEFAULT_RANK = 4
+_STATUS_NOTE = {"ok": "", "truncated": "flag", "mismatch": "FLAG", "n/a": ""}
+_QUANTITY_LABEL = {"lora": "LoRA params", "full": "full params", "lora_fp16_bytes": "LoRA ckpt fp16",
+                   "full_fp16_bytes": "full ckpt fp16"}
+
+
+class _Usage(ValueError):
+    """A bad command line: reported on stderr, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..counting import PRESETS
+
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help=f"a model preset: {', '.join(PRESETS)} (or give --d-model and --layers)")
+    parser.add_argument("--d-model", type=int, metavar="D", help="model width d_model, for a model without a preset")
+    parser.add_argument("--layers", type=int, metavar="L", help="number of layers, with --d-model")
+    parser.add_argument("--ffn", type=int, metavar="F",
+                        help="MLP width, used by the mlp targets (default 4 x d_model; presets know theirs)")
+    parser.add_argument("--targets", metavar="LIST",
+                        help="comma-separated matrices to adapt in every layer: q, k, v, o (attention), "
+                             f"mlp_in, mlp_out, mlp (both) (default {_DEFAULT_TARGETS})")
+    parser.add_argument("--rank", type=int, metavar="R", help=f"LoRA rank r (default {_DEFAULT_RANK})")
+    parser.add_argument("--paper", action="store_true",
+                        help="recompute the LoRA paper's reported counts and flag those that do not recompute")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = _paper_audit(args) if args.paper else _count(args)
+    except _Usage as exc:
+        print(f"lora-ref count: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.paper:
+        _print_audit(result)
+    else:
+        _print_count(result)
+    return 0
+
+
+# ============================================================================================
+# Counting
+# ============================================================================================
+
+
+def _lora_by_target(d_model: int, layers: int, ffn: int, targets: tuple[str, ...], rank: int,
+                    gpt2: dict | None = None) -> dict[str, int]:
+    """``{target: A and B parameters over all layers}``, by transformer_ref's shape-only counter.
+
+    For a GPT-2 preset its own config is counted; otherwise a GPT-2-shaped stand-in with the same
+    d_model, layers and MLP width: LoRA's count depends on nothing else (the vocabulary, heads and
+    positions only change the base model), so it is the same for an encoder's separate q/k/v/o
+    projections as for GPT-2's fused c_attn.
+    """
+    from transformer_ref.config import GPTConfig
+    from transformer_ref.count import count_parameters, lora_config_for
+
+    config = GPTConfig(**gpt2) if gpt2 is not None else GPTConfig(
+        n_embd=d_model, n_layer=layers, n_head=1, n_inner=ffn, vocab_size=1, n_positions=1)
+    by_type = count_parameters(config, lora_config_for(targets, rank))["lora_by_type"]
+    return {t: by_type[t] for t in targets}
+
+
+def _full_params(preset: Any) -> tuple[int | None, bool]:
+    """``(parameters of the full model, exact?)`` for a preset."""
+    from ..counting import deberta_v2_parameters, parse_reported, roberta_parameters
+
+    if preset.family == "gpt2":
+        from transformer_ref.config import GPTConfig
+        from transformer_ref.count import count_parameters
+
+        return count_parameters(GPTConfig(**preset.config))["base"], True
+    if preset.family == "roberta":
+        return roberta_parameters(preset.config), True
+    if preset.family == "deberta-v2":
+        return deberta_v2_parameters(preset.config), True
+    return parse_reported(preset.reported_full).value, False
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int]:
+    """``(preset or None, d_model, layers, ffn)`` from the command line, validated."""
+    from ..counting import PRESETS
+
+    for name in ("d_model", "layers", "ffn"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise _Usage(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.model is not None:
+        if args.model not in PRESETS:
+            raise _Usage(f"unknown model {args.model!r}; the presets are {', '.join(PRESETS)} "
+                         "(or give --d-model and --layers instead)")
+        given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn") if getattr(args, n) is not None]
+        if given:
+            raise _Usage(f"give a preset or {'/'.join(given)}, not both: {args.model!r} fixes the sizes")
+        preset = PRESETS[args.model]
+        return preset, preset.d_model, preset.layers, preset.ffn_width
+    if args.d_model is None or args.layers is None:
+        missing = [f for f, v in (("--d-model", args.d_model), ("--layers", args.layers)) if v is None]
+        raise _Usage(f"give a model preset ({', '.join(PRESETS)}) or both --d-model and --layers; "
+                     f"missing {' and '.join(missing)}")
+    return None, args.d_model, args.layers, args.ffn if args.ffn is not None else 4 * args.d_model
+
+
+def _targets_and_rank(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
+    from ..counting import parse_targets
+
+    try:
+        targets = parse_targets(_DEFAULT_TARGETS if args.targets is None else args.targets)
+    except ValueError as exc:
+        raise _Usage(f"--targets: {exc}") from None
+    rank = _DEFAULT_RANK if args.rank is None else args.rank
+    if rank < 1:
+        raise _Usage(f"--rank must be a positive integer, got {rank}")
+    return targets, rank
+
+
+def _check_rank(rank: int, targets: tuple[str, ...], d_model: int, ffn: int) -> None:
+    """A rank above min(d_in, d_out) of an adapted matrix cannot raise the rank of B A: refuse it."""
+    limit = min(d_model if t in ("q", "k", "v", "o") else min(d_model, ffn) for t in targets)
+    if rank > limit:
+        raise _Usage(f"--rank must be at most {limit}, min(d_out, d_in) of the adapted matrices "
+                     f"(B A has rank at most that), got {rank}")
+
+
+def _sizes(n_params: int) -> dict[str, Any]:
+    from ..counting import adam_state_bytes, checkpoint_bytes
+
+    return {"checkpoint_bytes": {"fp16": checkpoint_bytes(n_params, "fp16"),
+                                 "fp32": checkpoint_bytes(n_params, "fp32")},
+            "adam_state_bytes": adam_state_bytes(n_params)}
+
+
+def _count(args: argparse.Namespace) -> dict[str, Any]:
+    preset, d_model, layers, ffn = _resolve(args)
+    targets, rank = _targets_and_rank(args)
+    _check_rank(rank, targets, d_model, ffn)
+    gpt2 = dict(preset.config) if preset is not None and preset.family == "gpt2" else None
+    by_target = _lora_by_target(d_model, layers, ffn, targets, rank, gpt2)
+    lora = sum(by_target.values())
+    result: dict[str, Any] = {
+        "model": preset.name if preset else None,
+        "label": preset.label if preset else None,
+        "d_model": d_model, "layers": layers, "ffn_width": ffn,
+        "config_source": preset.source if preset else "given on the command line",
+        "targets": list(targets), "rank": rank,
+        "lora": {"params": lora, "params_by_target": by_target, **_sizes(lora)},
+    }
+    if preset is None:
+        result["full"] = {"params": None, "exact": False,
+                          "counted": "n/a: the full model needs an architecture; use a preset"}
+        result["full_over_lora"] = result["lora_fraction"] = None
+        return result
+    full, exact = _full_params(preset)
+    result["full"] = {"params": full, "exact": exact, "counted": preset.counted,
+                      "reported": None if exact else preset.reported_full, **_sizes(full)}
+    result["full_over_lora"] = full / lora
+    result["lora_fraction"] = lora / full
+    return result
+
+
+def _print_count(res: dict[str, Any]) -> None:
+    from ..counting import format_size
+
+    name = f"{res['model']} ({res['label']})" if res["model"] else "model"
+    print(f"{name}: d_model {res['d_model']}, {res['layers']} layers, MLP width {res['ffn_width']} "
+          f"[{res['config_source']}]")
+    lora = res["lora"]
+    parts = " + ".join(f"{t} {n:,}" for t, n in lora["params_by_target"].items())
+    print(f"LoRA rank {res['rank']} on {','.join(res['targets'])} in every layer: {parts} "
+          f"= {lora['params']:,} parameters (A and B)")
+    full = res["full"]
+
+    def size(n: int, exact: bool) -> str:
+        text = f"{format_size(n)} ({format_size(n, binary=True)})"
+        return f"{n:,} B = {text}" if exact else f"~{text}"
+
+    rows = [("parameters", f"{lora['params']:,}",
+             "n/a" if full["params"] is None else
+             f"{full['params']:,}" if full["exact"] else f"~{full['params']:,} (reported as {full['reported']})")]
+    for label, get in (("checkpoint, fp16", lambda d: d["checkpoint_bytes"]["fp16"]),
+                       ("checkpoint, fp32", lambda d: d["checkpoint_bytes"]["fp32"]),
+                       ("Adam state, 2 x fp32", lambda d: d["adam_state_bytes"])):
+        rows.append((label, size(get(lora), True), "n/a" if full["params"] is None else size(get(full), full["exact"])))
+    print()
+    print(f"{'':<22}{'LoRA (A and B only)':<38}full model")
+    for label, a, b in rows:
+        print(f"{label:<22}{a:<38}{b}")
+    print()
+    if full["params"] is not None:
+        print(f"full / LoRA = {res['full_over_lora']:,.1f}x: LoRA trains {100 * res['lora_fraction']:.4g}% "
+              "of the model's parameter count.")
+    print(f"full model: {full['counted']}.")
+
+
+# ============================================================================================
+# The paper's figures
+# ============================================================================================
+
+
+def _config_text(targets: tuple[str, ...], rank: int) -> str:
+    return f"r={rank} on {','.join(targets)}"
+
+
+def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
+    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, parse_reported, round_reported
+
+    extra = [flag for flag, value in (("MODEL", args.model), ("--d-model", args.d_model), ("--layers", args.layers),
+                                      ("--ffn", args.ffn), ("--targets", args.targets), ("--rank", args.rank))
+             if value is not None]
+    if extra:
+        raise _Usage(f"--paper audits fixed configurations and takes no {', '.join(extra)}")
+
+    def lora_count(model: str, targets: tuple[str, ...], rank: int) -> int:
+        p = PRESETS[model]
+        gpt2 = dict(p.config) if p.family == "gpt2" else None
+        return sum(_lora_by_target(p.d_model, p.layers, p.ffn_width, targets, rank, gpt2).values())
+
+    claims = []
+    for c in PAPER_CLAIMS:
+        preset, rep = PRESETS[c.model], c.reported_parsed
+        is_bytes = c.quantity.endswith("_bytes")
+        if c.quantity.startswith("lora"):
+            recomputed, exact = lora_count(c.model, c.targets, c.rank) * (2 if is_bytes else 1), True
+        else:
+            recomputed, exact = _full_params(preset)
+            if is_bytes and recomputed is not None:
+                recomputed *= 2
+            if not exact and not is_bytes:
+                recomputed = None       # a reported figure cannot check itself
+        status = classify(rep, recomputed)
+        row: dict[str, Any] = {
+            "source": c.source, "model": c.model, "label": preset.label, "quantity": c.quantity,
+            "stated": {"targets": list(c.targets), "rank": c.rank, "in": c.stated_in} if c.rank else None,
+            "reported": c.reported, "reported_value": rep.value,
+            "recomputed": recomputed, "recomputed_exact": exact if recomputed is not None else None,
+            "recomputed_as_reported": None if recomputed is None else round_reported(recomputed, rep),
+            "status": status, "flagged": status in ("truncated", "mismatch"), "alternative": None,
+        }
+        unit = " bytes" if is_bytes else ""
+        say = f"{_config_text(c.targets, c.rank)} ({c.stated_in}) gives " if c.rank else (
+            f"{preset.reported_full} (reported) x 2 bytes = " if is_bytes and not exact else "the model has ")
+        if status == "ok":
+            why = f"{say}{recomputed:,}{unit}, which rounds to {c.reported}"
+        elif status == "truncated":
+            why = f"{say}{recomputed:,}{unit}, which rounds to {row['recomputed_as_reported']}; {c.reported} truncates it"
+        elif status == "mismatch":
+            why = f"{say}{recomputed:,}{unit} = {row['recomputed_as_reported']}"
+            if is_bytes:
+                why += f" = {round_reported(recomputed, rep, binary=True)}"
+            why += f", not {c.reported}"
+            if c.alternative is not None:
+                alt_targets, alt_rank = c.alternative
+                alt = lora_count(c.model, alt_targets, alt_rank)
+                row["alternative"] = {"targets": list(alt_targets), "rank": alt_rank, "recomputed": alt,
+                                      "status": classify(rep, alt)}
+                why += f"; {_config_text(alt_targets, alt_rank)} gives {alt:,} = {round_reported(alt, rep)}"
+            elif c.quantity == "lora":
+                why += f"; no integer rank gives it (r = {rep.value * c.rank / recomputed:.2f} would)"
+        else:
+            why = ""
+        row["explanation"] = "; ".join(s for s in (why, c.remark) if s)
+        claims.append(row)
+
+    gpt3 = PRESETS["gpt3-175b"]
+    lora = lora_count("gpt3-175b", ("q", "v"), 4)
+    full, _ = _full_params(gpt3)
+    headline = {
+        "source": "Section 4.2", "paper": "checkpoint 350GB -> 35MB, reduced roughly 10,000x (r=4 on q,v)",
+        "formula": f"2 x {gpt3.layers} layers x {gpt3.d_model} x r=4 x 2 matrices",
+        "lora_params": lora, "lora_fp16_bytes": 2 * lora,
+        "lora_fp16": format_size(2 * lora), "lora_fp16_binary": format_size(2 * lora, binary=True),
+        "full_params_reported": gpt3.reported_full, "full_fp16_bytes": 2 * full,
+        "full_fp16": format_size(2 * full), "ratio": full / lora,
+    }
+    return {
+        "paper": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685v2",
+        "formula": "|Theta| = 2 x L x d_model x r per adapted d_model x d_model matrix type (Section 5.1)",
+        "claims": claims, "flagged": sum(r["flagged"] for r in claims), "headline": headline,
+    }
+
+
+def _print_audit(res: dict[str, Any]) -> None:
+    print(f"The LoRA paper's counts, recomputed ({res['paper'].split(',')[0]}, arXiv 2106.09685v2)")
+    print(res["formula"])
+    print()
+    print(f"{'source':<13}{'model':<14}{'quantity':<16}{'stated config':<30}{'reported':>11}  "
+          f"{'recomputed':<17}status")
+    for r in res["claims"]:
+        cfg = "" if r["stated"] is None else f"{_config_text(r['stated']['targets'], r['stated']['rank'])} ({r['stated']['in']})"
+        if r["recomputed"] is None:
+            rec = "n/a"
+        else:
+            rec = ("" if r["recomputed_exact"] else "~") + f"{r['recomputed']:,}"
+        flag = _STATUS_NOTE[r["status"]]
+        print(f"{r['source']:<13}{r['label']:<14}{_QUANTITY_LABEL[r['quantity']]:<16}{cfg:<30}{r['reported']:>11}  "
+              f"{rec:<17}{r['status']}{'  <- ' + flag if flag else ''}")
+    print()
+    n_mis = sum(r["status"] == "mismatch" for r in res["claims"])
+    print(f"{res['flagged']} figures do not recompute as printed ({n_mis} mismatch, {res['flagged'] - n_mis} "
+          "truncated); information, not an error:")
+    for r in res["claims"]:
+        if r["flagged"]:
+            print(f"  {r['source']}, {r['label']}, {r['reported']}: {r['explanation']}.")
+    print("Not checkable:")
+    for r in res["claims"]:
+        if r["status"] == "n/a":
+            print(f"  {r['source']}, {r['label']}, {r['reported']}: {r['explanation']}.")
+    h = res["headline"]
+    print()
+    print(f"Headline ({h['source']}): GPT-3 175B, {h['paper']}")
+    print(f"  LoRA: {h['formula']} = {h['lora_params']:,} parameters; fp16 {h['lora_fp16_bytes']:,} bytes "
+          f"= {h['lora_fp16']} = {h['lora_fp16_binary']}")
+    print(f"  full: {h['full_params_reported']} parameters (Table 4); fp16 {h['full_fp16_bytes']:,} bytes = {h['full_fp16']}")
+    print(f"  ratio {h['ratio']:,.0f}x: the paper's 35MB is neither {h['lora_fp16']} nor {h['lora_fp16_binary']}, "
+          f"and 'roughly 10,000x' rounds {h['ratio']:,.0f}x up.")
+    print("Legend: ok = rounds to the reported figure; truncated = only dropping digits gives it; "
+          "mismatch = neither; n/a = nothing exact to compare with.")

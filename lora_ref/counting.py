@@ -1,0 +1,451 @@
+"""Parameter and memory accounting for ``lora-ref count``: model presets and the paper's figures.
+
+Nothing here allocates an array: every count is arithmetic on shapes. The LoRA counts themselves
+come from :mod:`transformer_ref.count` (the command imports it lazily; ``lora_ref`` never imports
+``transformer_ref`` at module level); this module holds what is specific to the audit:
+
+* :data:`PRESETS`: the six models of the paper, each with the configuration values it is counted
+  from and where those values come from;
+* the base-model counters for the two encoder families (:func:`roberta_parameters`,
+  :func:`deberta_v2_parameters`), written from their Hugging Face architectures;
+* the byte accounting (:func:`checkpoint_bytes`, :func:`adam_state_bytes`);
+* :data:`PAPER_CLAIMS`: the paper's reported counts and sizes, with the configuration the paper
+  states for each, and :func:`classify`, which decides whether a reported string recomputes.
+
+Accounting (Hu et al. 2021, Section 5.1): an adapter on a ``(d_out, d_in)`` weight is ``A`` of
+shape ``(r, d_in)`` plus ``B`` of shape ``(d_out, r)``, so ``r (d_in + d_out)`` parameters; for a
+``d_model x d_model`` attention matrix in each of ``L`` layers that is ``|Theta| = 2 L d_model r``
+per adapted matrix type. A LoRA checkpoint holds A and B only; a full checkpoint holds every
+parameter of the model. Adam keeps two moments (``m`` and ``v``) per trainable parameter, in fp32.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "ADAM_MOMENTS",
+    "BYTES_PER_PARAMETER",
+    "MATRIX_TARGETS",
+    "PAPER_CLAIMS",
+    "PRESETS",
+    "ModelPreset",
+    "PaperClaim",
+    "Reported",
+    "adam_state_bytes",
+    "checkpoint_bytes",
+    "classify",
+    "deberta_v2_parameters",
+    "format_size",
+    "parse_reported",
+    "parse_targets",
+    "roberta_parameters",
+    "round_reported",
+]
+
+BYTES_PER_PARAMETER = MappingProxyType({"fp16": 2, "bf16": 2, "fp32": 4})
+ADAM_MOMENTS = 2                      # Adam's m and v, one of each per trainable parameter
+ADAM_STATE_BYTES_PER_MOMENT = 4       # kept in fp32 (also under mixed precision)
+
+# Weight-matrix types a rank can be put on (names of transformer_ref.count.MATRIX_TYPES):
+# q, k, v, o are the d_model x d_model attention projections; mlp_in (F, d_model) and mlp_out
+# (d_model, F) the two MLP projections. "mlp" on the command line means both.
+MATRIX_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+_TARGET_ALIASES = {"mlp": ("mlp_in", "mlp_out")}
+
+
+# ============================================================================================
+# Model presets
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One model of the paper and the configuration values it is counted from.
+
+    ``family`` says how the full model is counted: ``"gpt2"`` by :mod:`transformer_ref.count`
+    from a GPT-2 config, ``"roberta"`` / ``"deberta-v2"`` by this module's encoder counters,
+    ``"gpt3"`` not at all (the figure the paper reports is used, marked as reported).
+    ``config`` holds Hugging Face ``config.json`` keys with the values used, ``source`` says
+    where they are from.
+    """
+
+    name: str
+    label: str
+    family: str
+    d_model: int
+    layers: int
+    ffn_width: int
+    config: Mapping[str, Any]
+    source: str
+    counted: str
+    reported_full: str | None = None
+
+
+PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
+    ModelPreset(
+        name="roberta-base", label="RoBERTa base", family="roberta", d_model=768, layers=12, ffn_width=3072,
+        config=MappingProxyType({"vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
+                                 "num_attention_heads": 12, "intermediate_size": 3072,
+                                 "max_position_embeddings": 514, "type_vocab_size": 1}),
+        source="Hugging Face roberta-base config.json",
+        counted="RobertaModel encoder: word (50265), position (514) and token-type (1) embeddings with "
+                "their LayerNorm, 12 layers; no pooler, no LM or classification head"),
+    ModelPreset(
+        name="roberta-large", label="RoBERTa large", family="roberta", d_model=1024, layers=24, ffn_width=4096,
+        config=MappingProxyType({"vocab_size": 50265, "hidden_size": 1024, "num_hidden_layers": 24,
+                                 "num_attention_heads": 16, "intermediate_size": 4096,
+                                 "max_position_embeddings": 514, "type_vocab_size": 1}),
+        source="Hugging Face roberta-large config.json",
+        counted="RobertaModel encoder: word (50265), position (514) and token-type (1) embeddings with "
+                "their LayerNorm, 24 layers; no pooler, no LM or classification head"),
+    ModelPreset(
+        name="deberta-xxlarge", label="DeBERTa XXL", family="deberta-v2", d_model=1536, layers=48, ffn_width=6144,
+        config=MappingProxyType({"vocab_size": 128100, "hidden_size": 1536, "num_hidden_layers": 48,
+                                 "num_attention_heads": 24, "attention_head_size": 64,
+                                 "intermediate_size": 6144, "type_vocab_size": 0,
+                                 "position_biased_input": False, "relative_attention": True,
+                                 "position_buckets": 256, "norm_rel_ebd": "layer_norm",
+                                 "share_att_key": True, "pos_att_type": "p2c|c2p",
+                                 "conv_kernel_size": 3}),
+        source="Hugging Face microsoft/deberta-v2-xxlarge config.json",
+        counted="DebertaV2Model: word embeddings (128100) and their LayerNorm, 48 layers (shared "
+                "attention keys: no separate position projections), relative-position embeddings "
+                "(2 x 256 buckets) with their LayerNorm, the convolution after layer 0 with its "
+                "LayerNorm; no pooler, no classification head"),
+    ModelPreset(
+        name="gpt2-medium", label="GPT-2 M", family="gpt2", d_model=1024, layers=24, ffn_width=4096,
+        config=MappingProxyType({"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 50257,
+                                 "n_positions": 1024}),
+        source="Hugging Face gpt2-medium config.json",
+        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
+                "embeddings, 24 blocks, final LayerNorm; lm_head tied to wte, counted once"),
+    ModelPreset(
+        name="gpt2-large", label="GPT-2 L", family="gpt2", d_model=1280, layers=36, ffn_width=5120,
+        config=MappingProxyType({"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257,
+                                 "n_positions": 1024}),
+        source="Hugging Face gpt2-large config.json",
+        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
+                "embeddings, 36 blocks, final LayerNorm; lm_head tied to wte, counted once"),
+    ModelPreset(
+        name="gpt3-175b", label="GPT-3 175B", family="gpt3", d_model=12288, layers=96, ffn_width=49152,
+        config=MappingProxyType({"n_embd": 12288, "n_layer": 96, "n_head": 96, "n_ctx": 2048}),
+        source="Brown et al. 2020 (GPT-3), Table 2.1 (d_ff = 4 d_model, Section 2.1)",
+        counted="not recomputed: GPT-3's paper does not publish every detail an exact count needs "
+                "(vocabulary, biases, tying); the LoRA paper's own count (Table 4, GPT-3 FT) is used",
+        reported_full="175,255.8M"),
+)})
+
+
+# ============================================================================================
+# Base-model counts for the encoders (Hugging Face architectures)
+# ============================================================================================
+
+
+def roberta_parameters(config: Mapping[str, Any]) -> int:
+    """Parameters of Hugging Face ``RobertaModel(config, add_pooling_layer=False)``.
+
+    With C = ``hidden_size``, F = ``intermediate_size``, L = ``num_hidden_layers``:
+    embeddings ``(vocab + positions + token types) C`` plus their LayerNorm ``2C``; per layer the
+    four attention projections ``4 (C^2 + C)``, two LayerNorms ``4C`` and the MLP
+    ``(F C + F) + (C F + C)``. The pooler (``C^2 + C``) and task heads are not included.
+    """
+    vocab, C, L, F, positions, types = (_config_int(config, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+        "max_position_embeddings", "type_vocab_size"))
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"config position_embedding_type must be 'absolute', got {config['position_embedding_type']!r}")
+    if config.get("embedding_size", C) != C:
+        raise ValueError(f"config embedding_size must equal hidden_size={C}, got {config['embedding_size']!r}")
+    embeddings = (vocab + positions + types) * C + 2 * C
+    return embeddings + L * _encoder_layer(C, F)
+
+
+def deberta_v2_parameters(config: Mapping[str, Any]) -> int:
+    """Parameters of Hugging Face ``DebertaV2Model(config)`` (which has no pooler).
+
+    Supports the configuration family of the DeBERTa-v2 checkpoints: relative attention with
+    shared keys (``share_att_key``: no separate position projections), no absolute position or
+    token-type embeddings, ``embedding_size == hidden_size``. With C, F, L as in
+    :func:`roberta_parameters` and k = ``conv_kernel_size``: word embeddings ``vocab C`` and their
+    LayerNorm ``2C``; L layers as in RoBERTa; relative-position embeddings ``2 buckets C`` (buckets
+    = ``position_buckets``, or ``max_relative_positions`` / ``max_position_embeddings`` without
+    bucketing) and, with ``norm_rel_ebd="layer_norm"``, their LayerNorm ``2C``; with ``k > 0`` the
+    convolution after the first layer ``k C^2 + C`` and its LayerNorm ``2C``.
+    """
+    vocab, C, L, F = (_config_int(config, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"))
+    unsupported = {"relative_attention": True, "share_att_key": True, "position_biased_input": False,
+                   "type_vocab_size": 0}
+    for key, needed in unsupported.items():
+        if config.get(key) != needed:
+            raise ValueError(f"config {key} must be {needed!r} (the DeBERTa-v2 checkpoints' setting), "
+                             f"got {config.get(key)!r}")
+    if config.get("embedding_size", C) != C:
+        raise ValueError(f"config embedding_size must equal hidden_size={C}, got {config['embedding_size']!r}")
+    if config.get("conv_groups", 1) != 1:
+        raise ValueError(f"config conv_groups must be 1, got {config['conv_groups']!r}")
+    buckets = config.get("position_buckets", -1)
+    if buckets is None or buckets <= 0:
+        buckets = config.get("max_relative_positions", -1)
+        if buckets is None or buckets < 1:
+            buckets = _config_int(config, "max_position_embeddings")
+    total = vocab * C + 2 * C + L * _encoder_layer(C, F)
+    total += 2 * int(buckets) * C
+    if "layer_norm" in str(config.get("norm_rel_ebd", "none")).lower():
+        total += 2 * C
+    k = int(config.get("conv_kernel_size", 0) or 0)
+    if k > 0:
+        total += k * C * C + C + 2 * C
+    return total
+
+
+def _encoder_layer(C: int, F: int) -> int:
+    attention = 4 * (C * C + C)            # query, key, value, output dense
+    mlp = (F * C + F) + (C * F + C)        # intermediate dense (F, C), output dense (C, F)
+    return attention + mlp + 2 * (2 * C)   # + the two LayerNorms
+
+
+def _config_int(config: Mapping[str, Any], key: str) -> int:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping of config.json keys, got {type(config).__name__}")
+    if key not in config:
+        raise ValueError(f"config is missing {key!r}")
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"config {key} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+# ============================================================================================
+# Bytes
+# ============================================================================================
+
+
+def checkpoint_bytes(n_params: int, dtype: str) -> int:
+    """Bytes of a checkpoint holding ``n_params`` parameters in ``dtype`` (fp16, bf16 or fp32).
+
+    Only the tensors' data: a file format's header (a few kB in safetensors) is not included.
+    """
+    _check_count(n_params, "n_params")
+    if dtype not in BYTES_PER_PARAMETER:
+        raise ValueError(f"dtype must be one of {', '.join(BYTES_PER_PARAMETER)}, got {dtype!r}")
+    return n_params * BYTES_PER_PARAMETER[dtype]
+
+
+def adam_state_bytes(n_trainable: int) -> int:
+    """Bytes of Adam's state for ``n_trainable`` parameters: two fp32 moments each (8 bytes).
+
+    Gradients, fp32 master weights under mixed precision and activations are not included.
+    """
+    _check_count(n_trainable, "n_trainable")
+    return n_trainable * ADAM_MOMENTS * ADAM_STATE_BYTES_PER_MOMENT
+
+
+def format_size(n_bytes: int | float, binary: bool = False) -> str:
+    """``37748736 -> '37.7 MB'`` (powers of 1000) or, with ``binary``, ``'36.0 MiB'`` (powers of 1024)."""
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (numbers.Integral, numbers.Real)) or n_bytes < 0:
+        raise ValueError(f"n_bytes must be a non-negative number, got {n_bytes!r}")
+    base = 1024 if binary else 1000
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB") if binary else ("kB", "MB", "GB", "TB", "PB")
+    if n_bytes < base:
+        return f"{int(n_bytes)} B"
+    value, unit = float(n_bytes), "B"
+    for unit in units:
+        value /= base
+        if value < base or unit == units[-1]:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _check_count(n: Any, name: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+
+
+# ============================================================================================
+# Targets
+# ============================================================================================
+
+
+def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``"q,v" -> ("q", "v")``; ``"mlp"`` expands to ``("mlp_in", "mlp_out")``.
+
+    Accepts q, k, v, o (the attention matrices), mlp_in, mlp_out and mlp; order is kept,
+    a name given twice (also through ``mlp``) is an error.
+    """
+    if isinstance(text, str):
+        names = [t.strip() for t in text.split(",")]
+    else:
+        names = [str(t).strip() for t in text]
+    if not names or any(not t for t in names):
+        raise ValueError(f"targets must be a comma-separated list such as 'q,v', got {text!r}")
+    out: list[str] = []
+    for name in names:
+        expanded = _TARGET_ALIASES.get(name, (name,))
+        for t in expanded:
+            if t not in MATRIX_TARGETS:
+                raise ValueError(f"unknown target {name!r}: expected some of q, k, v, o (attention), "
+                                 f"mlp_in, mlp_out or mlp (both), got {text!r}")
+            if t in out:
+                raise ValueError(f"target {t!r} is listed twice in {text!r}")
+            out.append(t)
+    return tuple(out)
+
+
+# ============================================================================================
+# The paper's figures
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A figure as printed in the paper: ``"0.35M"`` is 0.35 (2 places) x 10^6 parameters."""
+
+    text: str
+    number: Decimal
+    unit: str       # "M" (parameters), "MB" or "GB" (bytes)
+    scale: int      # 10**6 or 10**9
+    places: int     # digits after the decimal point
+
+    @property
+    def value(self) -> int:
+        """The figure as a plain integer (``175,255.8M -> 175255800000``)."""
+        return int(self.number * self.scale)
+
+
+_UNITS = {"MB": 10**6, "GB": 10**9, "M": 10**6}
+_BINARY = {"MB": 2**20, "GB": 2**30}
+
+
+def parse_reported(text: str) -> Reported:
+    """Parse ``"0.35M"``, ``"175,255.8M"``, ``"35MB"``, ``"350GB"`` into a :class:`Reported`."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str such as '0.35M', got {type(text).__name__}")
+    s = text.strip().replace(",", "")
+    unit = next((u for u in _UNITS if s.endswith(u)), None)
+    if unit is None:
+        raise ValueError(f"text must end in one of {', '.join(_UNITS)}, got {text!r}")
+    number = s[: -len(unit)].strip()
+    try:
+        value = Decimal(number)
+    except ArithmeticError:
+        raise ValueError(f"text must be a number followed by a unit, got {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"text must be a non-negative number followed by a unit, got {text!r}")
+    places = len(number.split(".")[1]) if "." in number else 0
+    return Reported(text=text, number=value, unit=unit, scale=_UNITS[unit], places=places)
+
+
+def _rounded(exact: int, reported: Reported, mode: str, binary: bool) -> Decimal:
+    scale = _BINARY[reported.unit] if binary else reported.scale
+    quantum = Decimal(1).scaleb(-reported.places)
+    return (Decimal(exact) / Decimal(scale)).quantize(quantum, ROUND_HALF_UP if mode == "round" else ROUND_DOWN)
+
+
+def round_reported(exact: int, reported: Reported, mode: str = "round", binary: bool = False) -> str:
+    """``exact`` written the way ``reported`` is: same unit, same number of decimals.
+
+    ``mode="round"`` rounds half up, ``mode="truncate"`` drops the extra digits. With ``binary``
+    a byte figure is written in powers of 1024 (``MiB``, ``GiB``). ``393216`` as ``"0.35M"`` is
+    ``"0.39M"``; ``37748736`` as ``"35MB"`` is ``"38MB"``, or ``"36MiB"`` with ``binary``.
+    """
+    _check_count(exact, "exact")
+    if mode not in ("round", "truncate"):
+        raise ValueError(f"mode must be 'round' or 'truncate', got {mode!r}")
+    if binary and reported.unit not in _BINARY:
+        raise ValueError(f"binary applies to byte figures (MB, GB), got {reported.text!r}")
+    unit = reported.unit[0] + "iB" if binary else reported.unit
+    return f"{_rounded(exact, reported, mode, binary):,}{unit}"
+
+
+def classify(reported: Reported, exact: int | None) -> str:
+    """Does a reported figure recompute? ``"ok"``, ``"truncated"``, ``"mismatch"`` or ``"n/a"``.
+
+    ``"ok"``: ``exact`` rounded (half up) to the reported precision gives the reported number (for
+    bytes, in powers of 1000 or of 1024). ``"truncated"``: only dropping digits gives it.
+    ``"mismatch"``: neither. ``"n/a"``: nothing to compare with (``exact`` is None).
+    """
+    if not isinstance(reported, Reported):
+        raise TypeError(f"reported must be a Reported (see parse_reported), got {type(reported).__name__}")
+    if exact is None:
+        return "n/a"
+    _check_count(exact, "exact")
+    binaries = (False, True) if reported.unit in _BINARY else (False,)
+    for mode, status in (("round", "ok"), ("truncate", "truncated")):
+        if any(_rounded(exact, reported, mode, b) == reported.number for b in binaries):
+            return status
+    return "mismatch"
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    """One figure of the paper, the configuration the paper states for it, and where.
+
+    ``quantity``: ``"lora"`` (trainable LoRA parameters), ``"full"`` (parameters of the model),
+    ``"lora_fp16_bytes"`` / ``"full_fp16_bytes"`` (checkpoint sizes at 2 bytes per parameter).
+    ``targets``/``rank``: the stated LoRA configuration (for lora quantities). ``alternative``:
+    ``(targets, rank)`` that does give the figure, when one is known. ``remark``: what the
+    numbers alone do not say (one short clause).
+    """
+
+    source: str
+    model: str
+    quantity: str
+    reported: str
+    targets: tuple[str, ...] = ()
+    rank: int | None = None
+    stated_in: str = ""
+    alternative: tuple[tuple[str, ...], int] | None = None
+    remark: str = ""
+    reported_parsed: Reported = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reported_parsed", parse_reported(self.reported))
+
+
+# Reported strings verbatim from arXiv 2106.09685v2. Configurations: Tables 9-12 and Appendix D.
+PAPER_CLAIMS: tuple[PaperClaim, ...] = (
+    PaperClaim("Table 2", "roberta-base", "lora", "0.3M", ("q", "v"), 8, "Table 9",
+               remark="the released scripts also pass --lora_r 8"),
+    PaperClaim("Table 2", "roberta-large", "lora", "0.8M", ("q", "v"), 8, "Table 9"),
+    PaperClaim("Table 2", "deberta-xxlarge", "lora", "4.7M", ("q", "v"), 8, "Table 10",
+               alternative=(("q", "v"), 16),
+               remark="r=16 is what microsoft/LoRA's examples/NLU/deberta_v2_xxlarge_*.sh pass (--lora_r 16)"),
+    PaperClaim("Table 3", "gpt2-medium", "lora", "0.35M", ("q", "v"), 4, "Table 11",
+               remark="0.35M is also the PreLayer baseline's figure in the same table"),
+    PaperClaim("Table 3", "gpt2-large", "lora", "0.77M", ("q", "v"), 4, "Table 11",
+               remark="0.77M is also the PreLayer baseline's figure in the same table"),
+    PaperClaim("Table 4", "gpt3-175b", "lora", "4.7M", ("q", "v"), 1, "Appendix D.4"),
+    PaperClaim("Table 4", "gpt3-175b", "lora", "37.7M", ("q", "v"), 8, "Appendix D.4"),
+    PaperClaim("Appendix D.4", "gpt3-175b", "lora", "37.7M", ("q", "k", "v", "o"), 2, "Appendix D.4",
+               alternative=(("q", "k", "v", "o"), 4),
+               remark="Table 15 lists r=2 on all four as 18.8M and r=4 on all four as 37.7M"),
+    PaperClaim("Section 7.1", "gpt3-175b", "lora", "18M", ("q", "v"), 4, "Section 7.1",
+               remark="it is Table 5's budget, which r=8 on one type, r=4 on two and r=2 on four all meet exactly"),
+    PaperClaim("Table 15", "gpt3-175b", "lora", "18.8M", ("q", "v"), 4, "Table 15"),
+    PaperClaim("Table 15", "gpt3-175b", "lora", "18.8M", ("q", "k", "v", "o"), 2, "Table 15"),
+    PaperClaim("Table 15", "gpt3-175b", "lora", "301.9M", ("q", "v"), 64, "Table 15"),
+    PaperClaim("Table 15", "gpt3-175b", "lora", "603.8M", ("q", "k", "v", "o"), 64, "Table 15"),
+    PaperClaim("Section 4.2", "gpt3-175b", "lora_fp16_bytes", "35MB", ("q", "v"), 4, "Section 4.2",
+               remark="the paper says 'roughly'; Section 7.1 calls 18M parameters 'roughly 35MB' in fp16"),
+    PaperClaim("Section 4.2", "gpt3-175b", "full_fp16_bytes", "350GB",
+               remark="350GB is the nominal 175B x 2 bytes"),
+    PaperClaim("Table 2", "roberta-base", "full", "125.0M",
+               remark="RoBERTa base's nominal size, quoted from prior work (*), not a count"),
+    PaperClaim("Table 2", "roberta-large", "full", "355.0M",
+               remark="RoBERTa large's nominal size, quoted from prior work (*), not a count"),
+    PaperClaim("Table 2", "deberta-xxlarge", "full", "1500.0M",
+               remark="the model card's nominal 1.5B, quoted from prior work (*), not a count"),
+    PaperClaim("Table 3", "gpt2-medium", "full", "354.92M",
+               remark="quoted from prior work (Li & Liang 2021, marked *)"),
+    PaperClaim("Table 3", "gpt2-large", "full", "774.03M",
+               remark="quoted from prior work (Li & Liang 2021, marked *)"),
+    PaperClaim("Table 4", "gpt3-175b", "full", "175,255.8M",
+               remark="not recomputable: GPT-3's exact architecture (vocabulary, biases, tying) is unpublished"),
+)
