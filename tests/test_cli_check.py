@@ -1,0 +1,156 @@
+"""``lora-ref check ADAPTER_DIR --base MODEL_DIR`` (no PyTorch): a tiny GPT-2 written by
+``save_hf_gpt2``, adapters written by ``save_peft_adapter``, the command run in-process.
+
+The printed numbers are checked against an independent computation formatted the same way:
+the scale from PEFT's formula (alpha / r, or alpha / sqrt(r)), and the relative change from the
+dense product, ``|s B A|_F / |W|_F`` with ``numpy.linalg.norm`` (the command itself never forms
+B A). Both are printed to 4 significant digits, far coarser than the float64 rounding that
+separates the two computations, so the strings agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import transformer_ref as tr
+from lora_ref import LoraConfig
+from lora_ref.cli import main
+from lora_ref.peft_io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, save_peft_adapter
+from transformer_ref.gpt2_io import save_hf_gpt2
+
+CONFIG = tr.GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    params = tr.init_params(CONFIG, seed=0, dtype="float64")
+    path = tmp_path_factory.mktemp("base") / "gpt2"
+    save_hf_gpt2(path, CONFIG, params)
+    return path, params
+
+
+def write_adapter(path, params, lcfg, seed=0):
+    """Adapters from add_adapters with B scaled by 2**-10 (exactly), so that |s B A| is a small
+    fraction of |W| as after training (init "random" draws B ~ U(+-1/sqrt(r)), as large as A)."""
+    adapters = tr.add_adapters(params, CONFIG, lcfg, rng=seed)
+    adapters = {m: {"A": p["A"], "B": p["B"] * 2.0**-10} for m, p in adapters.items()}
+    save_peft_adapter(path, lcfg, adapters)
+    return adapters
+
+
+def run_check(capsys, adapter, base_path):
+    code = main(["check", str(adapter), "--base", str(base_path)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    """The module table: module name -> its columns."""
+    return {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("transformer.h.")}
+
+
+def test_valid_adapter_reports_scales_and_changes(base, tmp_path, capsys):
+    base_path, params = base
+    lcfg = LoraConfig(r=2, alpha=6.0, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True, init="random",
+                      rank_pattern={"h.1.attn.c_attn": 3}, alpha_pattern={"mlp.c_proj": 1.5})
+    adapters = write_adapter(tmp_path / "ad", params, lcfg)
+    code, out, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 0, err
+    table = rows(out)
+    assert sorted(table) == sorted(adapters)
+    for module, pair in adapters.items():
+        alpha = 1.5 if module.endswith("mlp.c_proj") else 6.0                 # alpha_pattern, else lora_alpha
+        r = 3 if module == "transformer.h.1.attn.c_attn" else 2               # rank_pattern, else r
+        W = params[module + ".weight"]
+        change = np.linalg.norm((alpha / r) * (pair["B"] @ pair["A"])) / np.linalg.norm(W)
+        _, shape_out, _, shape_in, r_col, alpha_col, scale_col, change_col = table[module]
+        assert (int(shape_out), int(shape_in)) == W.shape and int(r_col) == r
+        assert alpha_col == f"{alpha:g}" and scale_col == f"{alpha / r:.4g}" and change_col == f"{change:.3e}"
+    assert "OK: the adapter is valid for this base model (0 warnings)" in out
+    assert "warnings (" not in out
+
+
+def test_untrained_adapter_and_large_rank_and_rslora_are_flagged(base, tmp_path, capsys):
+    base_path, params = base
+    lcfg = LoraConfig(r=9, alpha=3.0, target_modules=["attn.c_proj"], fan_in_fan_out=True, use_rslora=True,
+                      init="kaiming")                                       # B = 0; r = 9 > n_embd = 8
+    write_adapter(tmp_path / "ad", params, lcfg)
+    code, out, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 0, err
+    for i in range(CONFIG.n_layer):
+        assert f"transformer.h.{i}.attn.c_proj: B is all zero" in out
+        assert f"transformer.h.{i}.attn.c_proj: rank 9 exceeds min(d_out, d_in) = 8" in out
+    assert f"alpha/sqrt(r) = {3 / math.sqrt(9):.4g} vs alpha/r = {3 / 9:.4g}" in out
+    assert "some inference engines ignore use_rslora" in out
+    assert re.search(r"OK: the adapter is valid for this base model \(5 warnings\)", out)
+
+
+def test_fan_in_fan_out_false_is_flagged(base, tmp_path, capsys):
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_fc"], init="random"))
+    code, out, _ = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 0 and "fan_in_fan_out is false" in out
+
+
+def test_adapter_for_another_model_is_invalid(base, tmp_path, capsys):
+    base_path, _ = base
+    wide = tr.GPTConfig(vocab_size=16, n_positions=8, n_embd=12, n_layer=2, n_head=2)
+    lcfg = LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"], fan_in_fan_out=True, init="random")
+    save_peft_adapter(tmp_path / "ad", lcfg, tr.add_adapters(tr.init_params(wide, seed=1), wide, lcfg, rng=1))
+    code, out, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 1 and "OK" not in out
+    assert re.search(r"transformer\.h\.0\.attn\.c_attn.*\(24, 8\).*A must be \(2, 8\).*got A \(2, 12\)", err)
+    assert "INVALID" in err
+
+
+def test_unimplemented_feature_is_invalid(base, tmp_path, capsys):
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"], init="random"))
+    raw = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    raw["use_dora"] = True
+    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(raw))
+    code, _, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 1 and "use_dora=True is not implemented" in err
+
+
+def test_non_finite_values_are_invalid(base, tmp_path, capsys):
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_fc"], init="random"))
+    tensors = safetensors.numpy.load_file(str(tmp_path / "ad" / WEIGHTS_NAME))
+    key = f"{KEY_PREFIX}transformer.h.1.mlp.c_fc.lora_A.weight"
+    tensors[key] = np.where(np.eye(*tensors[key].shape) > 0, np.nan, tensors[key])
+    safetensors.numpy.save_file(tensors, str(tmp_path / "ad" / WEIGHTS_NAME))
+    code, _, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 1 and key in err and "2 non-finite value(s)" in err
+
+
+def test_missing_directories_are_reported(base, tmp_path, capsys):
+    base_path, _ = base
+    code, _, err = run_check(capsys, tmp_path / "nothing", base_path)
+    assert code == 1 and "does not exist" in err
+    code, _, err = run_check(capsys, tmp_path / "nothing", tmp_path / "no-base")
+    assert code == 1 and "base model" in err and "does not exist" in err
+
+
+def test_base_is_required(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check", "somewhere"])
+    assert info.value.code == 2 and "--base" in capsys.readouterr().err
+
+
+def test_change_larger_than_the_weight_is_flagged(base, tmp_path, capsys):
+    base_path, params = base
+    lcfg = LoraConfig(r=2, alpha=64.0, target_modules=["attn.c_proj"], fan_in_fan_out=True, init="random")
+    adapters = tr.add_adapters(params, CONFIG, lcfg, rng=2)  # B ~ U(+-1/sqrt(2)), s = 32, |W| ~ 0.02 per entry
+    save_peft_adapter(tmp_path / "ad", lcfg, adapters)
+    code, out, _ = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 0
+    for module, pair in adapters.items():
+        change = np.linalg.norm(32.0 * pair["B"] @ pair["A"]) / np.linalg.norm(params[module + ".weight"])
+        assert change > 1 and f"{module}: merging would change W by {change:.3g} times its own norm" in out

@@ -1,0 +1,715 @@
+"""PEFT adapter files and GPT-2 checkpoint files without PyTorch: round trips, validation, refusal
+of unimplemented features, a fuzzer, and atomic saves.
+
+What the oracles are: round trips are compared bit for bit (writing and reading a float is exact);
+a mutated file that still loads is compared bit for bit with an independent reader written here
+(``struct`` + ``json`` + ``numpy.frombuffer``, no safetensors), so "loads" can never mean "loads
+something else". No tolerances are needed anywhere in this file: nothing is computed, only moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from lora_ref import LoraConfig, init_lora, peft_io
+from lora_ref.peft_io import (
+    CONFIG_FIELDS,
+    CONFIG_NAME,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    AdapterFormatError,
+    config_from_peft_dict,
+    config_to_peft_dict,
+    load_peft_adapter,
+    save_peft_adapter,
+    validate_adapter,
+)
+from transformer_ref import GPTConfig, param_shapes
+from transformer_ref.gpt2_io import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
+
+TINY = GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+
+
+def tiny_params(dtype: str = "float64", seed: int = 0, config: GPTConfig = TINY) -> dict[str, np.ndarray]:
+    """Random parameters in lora-ref's layout (projection weights (d_out, d_in))."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=shape).astype(dtype) for name, shape in param_shapes(config).items()}
+
+
+def make_adapters(params: dict, cfg: LoraConfig, seed: int = 0) -> dict:
+    """Non-zero adapters (init "random": B != 0) for every module ``cfg`` targets in ``params``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, W in params.items():
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and W.ndim == 2 and cfg.targets(module):
+            d_out, d_in = W.shape
+            A, B = init_lora(d_in, d_out, cfg.rank_for(module), init="random", rng=rng, dtype=W.dtype)
+            out[module] = {"A": A, "B": B}
+    return out
+
+
+def reference_read(path: Path) -> dict[str, np.ndarray]:
+    """An independent safetensors reader (no safetensors library): 8-byte little-endian header
+    length, JSON header, raw little-endian data. Used only on files the loader accepted."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header.pop("__metadata__", None)
+    data = blob[8 + n:]
+    kinds = {"F32": "<f4", "F64": "<f8", "F16": "<f2"}
+    return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], dtype=kinds[v["dtype"]]).reshape(v["shape"])
+            for k, v in header.items()}
+
+
+def write_raw_safetensors(path: Path, entries: dict[str, tuple[str, list[int], bytes]], metadata=None) -> None:
+    """Write a safetensors file by hand (for dtypes and layouts the NumPy API cannot produce)."""
+    header, offset, data = {}, 0, b""
+    for name, (code, shape, raw) in entries.items():
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        data += raw
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+BASE_CFG = LoraConfig(r=2, alpha=4.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init="random",
+                      rank_pattern={"h.1.attn.c_attn": 3}, alpha_pattern={"mlp.c_fc": 8.0})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One valid adapter directory (float64, rank_pattern and alpha_pattern), with its sources."""
+    params = tiny_params()
+    adapters = make_adapters(params, BASE_CFG)
+    path = tmp_path_factory.mktemp("adapter") / "ad"
+    save_peft_adapter(path, BASE_CFG, adapters, base_model_name_or_path="tiny-gpt2")
+    return Saved((path, params, adapters))
+
+
+class Saved(tuple):
+    """(path, params, adapters), with a short repr for hypothesis's failure reports."""
+
+    def __repr__(self) -> str:
+        return f"Saved({str(self[0])!r})"
+
+
+def assert_same_adapters(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for module in expected:
+        for factor in ("A", "B"):
+            a, e = np.asarray(got[module][factor]), np.asarray(expected[module][factor])
+            assert a.dtype == e.dtype and a.shape == e.shape, (module, factor, a.dtype, e.dtype, a.shape, e.shape)
+            assert np.array_equal(a, e), (module, factor)  # moved, not computed: bit-for-bit
+
+
+# ============================================================================================
+# Round trips
+# ============================================================================================
+
+
+def test_saved_files_have_peft_layout(saved):
+    path, _, adapters = saved
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    # The values below are BASE_CFG's, renamed as PEFT names them.
+    assert raw["peft_type"] == "LORA" and raw["r"] == 2 and raw["lora_alpha"] == 4
+    assert raw["target_modules"] == ["c_attn", "c_fc"] and raw["fan_in_fan_out"] is True
+    assert raw["rank_pattern"] == {"h.1.attn.c_attn": 3} and raw["alpha_pattern"] == {"mlp.c_fc": 8}
+    assert raw["init_lora_weights"] is False and raw["bias"] == "none" and raw["use_dora"] is False
+    assert raw["base_model_name_or_path"] == "tiny-gpt2"
+    assert set(raw) == set(CONFIG_FIELDS) - {"runtime_config"}  # every PEFT field, as PEFT writes them
+    tensors = reference_read(path / WEIGHTS_NAME)
+    expected = {f"{KEY_PREFIX}{m}.lora_{f}.weight": adapters[m][f] for m in adapters for f in ("A", "B")}
+    assert sorted(tensors) == sorted(expected)
+    for key, value in expected.items():
+        assert np.array_equal(tensors[key], value)
+    # h.1's c_attn has rank 3 from rank_pattern, the others r = 2.
+    assert tensors[f"{KEY_PREFIX}transformer.h.1.attn.c_attn.lora_A.weight"].shape == (3, 8)
+    assert tensors[f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"].shape == (24, 2)
+
+
+def test_load_returns_what_was_saved(saved):
+    path, params, adapters = saved
+    cfg, loaded = load_peft_adapter(path, params)
+    assert cfg == BASE_CFG
+    assert_same_adapters(loaded, adapters)
+
+
+configs = st.builds(
+    lambda targets, r, alpha, rslora, layers, rank_extra, alpha_extra, fan: LoraConfig(
+        r=r, alpha=alpha, use_rslora=rslora, target_modules=targets, fan_in_fan_out=fan, init="random",
+        layers_to_transform=layers, rank_pattern=rank_extra, alpha_pattern=alpha_extra),
+    targets=st.lists(st.sampled_from(["c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"]),
+                     min_size=1, max_size=3, unique=True),
+    r=st.integers(1, 9), alpha=st.sampled_from([0.5, 1.0, 3.0, 16.0, 24.5]), rslora=st.booleans(),
+    layers=st.none() | st.just([0]) | st.just([1]) | st.just([0, 1]),
+    rank_extra=st.dictionaries(st.sampled_from(["h.0.attn.c_attn", "c_fc", "^transformer.h.1.mlp.c_proj"]),
+                               st.integers(1, 9), max_size=2),
+    alpha_extra=st.dictionaries(st.sampled_from(["c_attn", "h.1.mlp.c_fc"]), st.sampled_from([2.0, 5.0]), max_size=2),
+    fan=st.booleans())
+
+
+@given(cfg=configs, dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip_any_config(cfg, dtype, seed):
+    params = tiny_params(dtype, seed)
+    adapters = make_adapters(params, cfg, seed)
+    if not adapters:
+        with pytest.raises(ValueError, match="empty"):
+            save_peft_adapter(Path(tempfile.gettempdir()) / "never-written", cfg, adapters)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_peft_adapter(Path(tmp) / "ad", cfg, adapters)
+        loaded_cfg, loaded = load_peft_adapter(Path(tmp) / "ad", params)
+    assert loaded_cfg == cfg
+    assert_same_adapters(loaded, adapters)
+    # What PEFT would compute from the loaded config: the scale of every module is the saved one.
+    for module in adapters:
+        assert loaded_cfg.scale_for(module) == cfg.scale_for(module)
+
+
+def test_float16_and_bfloat16_need_dtype_and_widen_exactly(tmp_path, saved):
+    path, _, adapters = saved
+    cfg_text = (path / CONFIG_NAME).read_text()
+    # bfloat16 keeps the top 16 bits of a float32: values with 8 significant bits round-trip.
+    rng = np.random.default_rng(1)
+    values = {m: {f: (np.round(rng.normal(size=a.shape) * 64) / 64).astype(np.float32) for f, a in p.items()}
+              for m, p in adapters.items()}
+    for code in ("F16", "BF16"):
+        entries = {}
+        for m, pair in values.items():
+            for f, arr in pair.items():
+                raw = arr.astype("<f2").tobytes() if code == "F16" else (arr.view("<u4") >> 16).astype("<u2").tobytes()
+                entries[f"{KEY_PREFIX}{m}.lora_{f}.weight"] = (code, list(arr.shape), raw)
+        folder = tmp_path / code
+        folder.mkdir()
+        (folder / CONFIG_NAME).write_text(cfg_text)
+        write_raw_safetensors(folder / WEIGHTS_NAME, entries)
+        with pytest.raises(AdapterFormatError, match=f"stored as {code}.*dtype="):
+            load_peft_adapter(folder)
+        _, loaded = load_peft_adapter(folder, dtype="float64")
+        assert_same_adapters(loaded, {m: {f: a.astype(np.float64) for f, a in p.items()} for m, p in values.items()})
+
+
+# ============================================================================================
+# adapter_config.json: every field honoured, ignored, or refused
+# ============================================================================================
+
+
+def peft_dict(**changes):
+    d = config_to_peft_dict(BASE_CFG)
+    d.update(changes)
+    return d
+
+
+# A value that switches each refused field on (a PEFT-valid setting of it).
+SET_VALUES = {
+    "exclude_modules": ["c_fc"], "modules_to_save": ["lm_head"], "megatron_config": {"tensor_model_parallel_size": 2},
+    "trainable_token_indices": [1, 2], "use_dora": True, "velora_config": {}, "alora_invocation_tokens": [5, 6],
+    "use_qalora": True, "monteclora_config": {}, "layer_replication": [[0, 1]], "lora_bias": True,
+    "target_parameters": ["mlp.experts.weight"], "use_bdlora": {}, "arrow_config": {}, "kasa_config": {},
+}
+
+
+def test_every_refused_field_has_a_set_value():
+    assert set(SET_VALUES) == {k for k, (d, _) in CONFIG_FIELDS.items() if d == "refused"}
+
+
+@pytest.mark.parametrize("field", sorted(SET_VALUES))
+def test_refused_fields_raise_naming_the_field(field):
+    with pytest.raises(NotImplementedError, match=field):
+        config_from_peft_dict(peft_dict(**{field: SET_VALUES[field]}))
+
+
+@pytest.mark.parametrize("field", sorted(k for k, (d, _) in CONFIG_FIELDS.items() if d == "ignored"))
+def test_ignored_fields_do_not_change_the_config(field):
+    assert config_from_peft_dict(peft_dict(**{field: {"any": ["value", 1]}})) == BASE_CFG
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"peft_type": "IA3"}, "peft_type"), ({"bias": "all"}, "bias"), ({"bias": "lora_only"}, "bias"),
+    ({"init_lora_weights": "pissa"}, "pissa"), ({"init_lora_weights": "pissa_niter_4"}, "pissa"),
+    ({"init_lora_weights": "OLoRA"}, "OLoRA"), ({"init_lora_weights": "corda"}, "corda"),
+    ({"init_lora_weights": "loftq"}, "loftq"), ({"init_lora_weights": "lora_ga"}, "lora_ga"),
+    ({"init_lora_weights": "unheard-of"}, "unheard-of"), ({"target_modules": None}, "target_modules"),
+    ({"target_modules": "all-linear"}, "all-linear"), ({"use_magic": 3}, "use_magic"),
+])
+def test_unimplemented_settings_raise_naming_them(changes, field):
+    with pytest.raises(NotImplementedError, match=field):
+        config_from_peft_dict(peft_dict(**changes))
+
+
+@pytest.mark.parametrize("init, expected", [(True, "kaiming"), (False, "random"), ("gaussian", "gaussian"),
+                                            ("eva", "kaiming"), ("orthogonal", "kaiming"), ("mica", "kaiming")])
+def test_init_schemes_that_leave_the_base_alone_are_accepted(init, expected):
+    assert config_from_peft_dict(peft_dict(init_lora_weights=init)).init == expected
+
+
+def test_unknown_fields_that_are_off_are_accepted():
+    assert config_from_peft_dict(peft_dict(future_feature=None, other=False, more=[])) == BASE_CFG
+
+
+def test_peft_conventions_for_empty_layer_settings():
+    # PEFT: layers_to_transform=[] means every layer; layers_pattern "" means any container.
+    assert config_from_peft_dict(peft_dict(layers_to_transform=[], layers_pattern="")).layers_to_transform is None
+    assert config_from_peft_dict(peft_dict(layers_to_transform=1)).layers_to_transform == (1,)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"r": "4"}, "r must be a positive int"), ({"r": 4.0}, "r must be a positive int"), ({"r": 0}, "r must be"),
+    ({"lora_alpha": None}, "alpha"), ({"lora_alpha": float("nan")}, "alpha must be finite"),
+    ({"lora_dropout": 1.5}, "dropout"), ({"target_modules": [1]}, "target_modules"),
+    ({"target_modules": "("}, "regex"), ({"target_modules": []}, "target_modules"),
+    ({"rank_pattern": ["c_attn"]}, "rank_pattern"), ({"rank_pattern": {"c_attn": 2.5}}, "rank_pattern"),
+    ({"alpha_pattern": {"(": 2}}, "alpha_pattern"), ({"use_rslora": "yes"}, "use_rslora"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out"), ({"layers_to_transform": [-1]}, "layers_to_transform"),
+    ({"layers_to_transform": ["0"]}, "layers_to_transform"), ({"peft_type": None}, "peft_type"),
+    ({"target_modules": "c_.*", "layers_to_transform": [0]}, "regex target_modules"),
+    ({"layers_pattern": "h", "layers_to_transform": None}, "layers_to_transform"),
+    ({"init_lora_weights": 1}, "init_lora_weights"), ({"bias": 0}, "bias"),
+])
+def test_invalid_values_raise_adapter_format_error_naming_the_field(changes, words):
+    with pytest.raises(AdapterFormatError, match=words) as info:
+        config_from_peft_dict(peft_dict(**changes), source="somewhere/adapter_config.json")
+    assert "somewhere/adapter_config.json" in str(info.value)
+
+
+def test_config_json_must_be_an_object_without_duplicates(tmp_path, saved):
+    path = tmp_path / "ad"
+    path.mkdir()
+    (path / WEIGHTS_NAME).write_bytes((saved[0] / WEIGHTS_NAME).read_bytes())
+    for text, words in (("[1, 2]", "JSON object"), ('{"r": 2, "r": 3}', "duplicate key 'r'"), ("{", "not valid JSON")):
+        (path / CONFIG_NAME).write_text(text)
+        with pytest.raises(AdapterFormatError, match=words):
+            load_peft_adapter(path)
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(target_modules="transformer\\.h\\.0\\..*", layers_to_transform=[0]), "regex target_modules"),
+    (dict(target_modules=["c_attn"], layers_pattern="h"), "without layers_to_transform"),
+    (dict(target_modules=None), "target_modules is None"),
+])
+def test_configs_peft_refuses_are_not_saved(tmp_path, settings, words):
+    with pytest.raises(ValueError, match=words):
+        save_peft_adapter(tmp_path / "ad", LoraConfig(r=2, alpha=2.0, **settings), {})
+    assert not (tmp_path / "ad").exists()
+
+
+def test_enable_lora_cannot_be_saved_in_peft_format(tmp_path):
+    cfg = LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"], enable_lora={"c_attn": (True, False, True)})
+    with pytest.raises(ValueError, match="enable_lora.*MergedLinear"):
+        save_peft_adapter(tmp_path / "ad", cfg, {})
+    assert not (tmp_path / "ad").exists()
+
+
+# ============================================================================================
+# adapter_model.safetensors: keys, shapes, dtypes, values
+# ============================================================================================
+
+
+def rewrite_weights(path: Path, change) -> None:
+    tensors = reference_read(path / WEIGHTS_NAME)
+    tensors = change({k: np.array(v) for k, v in tensors.items()})
+    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_NAME))
+
+
+@pytest.fixture
+def copy_of(saved, tmp_path):
+    path = tmp_path / "ad"
+    path.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (path / name).write_bytes((saved[0] / name).read_bytes())
+    return path
+
+
+A0 = f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_A.weight"
+B0 = f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"
+
+
+def renamed(old, new):
+    return lambda t: {(new if k == old else k): v for k, v in t.items()}
+
+
+def added(key, value):
+    return lambda t: {**t, key: value}
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (renamed(A0, A0[len(KEY_PREFIX):]), AdapterFormatError, "does not start with 'base_model.model.'"),
+    (lambda t: {k: v for k, v in t.items() if k != B0}, AdapterFormatError, "has no partner.*lora_B"),
+    (lambda t: {**t, f"{KEY_PREFIX}transformer.h.0.attn.c_proj.lora_A.weight": np.zeros((2, 8)),
+                f"{KEY_PREFIX}transformer.h.0.attn.c_proj.lora_B.weight": np.zeros((8, 2))},
+     AdapterFormatError, "does not target"),
+    (added(f"{KEY_PREFIX}transformer.wte.lora_embedding_A", np.zeros((2, 16))), NotImplementedError, "embedding"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_magnitude_vector", np.zeros(24)), NotImplementedError, "DoRA"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_B.bias", np.zeros(24)), NotImplementedError, "lora_bias"),
+    (added(f"{KEY_PREFIX}lm_head.modules_to_save.weight", np.zeros((16, 8))), NotImplementedError, "modules_to_save"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.bias", np.zeros(24)), NotImplementedError, "base-model weight"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_diag.weight", np.zeros(2)), NotImplementedError, "variant"),
+    (lambda t: {**t, A0: t[A0][:1]}, AdapterFormatError, "rank 2.*got A \\(1, 8\\)"),
+    (lambda t: {**t, A0: t[A0].astype(np.float32)}, AdapterFormatError, "mixed dtypes"),
+    (lambda t: {**t, A0: t[A0].astype(np.int64)}, AdapterFormatError, "int64 is not a floating dtype"),
+    (lambda t: {**t, A0: t[A0].reshape(-1)}, AdapterFormatError, "must be 2-D"),
+    (lambda t: {**t, B0: np.where(np.arange(t[B0].size).reshape(t[B0].shape) == 5, np.inf, t[B0])},
+     AdapterFormatError, "lora_B.weight.*1 non-finite"),
+    (lambda t: {}, AdapterFormatError, "no LoRA weights"),
+])
+def test_bad_weights_files_are_refused_naming_file_and_key(copy_of, change, error, words):
+    rewrite_weights(copy_of, change)
+    with pytest.raises(error, match=words) as info:
+        load_peft_adapter(copy_of)
+    assert str(copy_of) in str(info.value)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_peft_adapter(tmp_path / "nowhere")
+    with pytest.raises(AdapterFormatError, match="adapter_config.json is missing"):
+        load_peft_adapter(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(peft_dict()))
+    with pytest.raises(AdapterFormatError, match="adapter_model.safetensors is missing"):
+        load_peft_adapter(tmp_path)
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(NotImplementedError, match="adapter_model.bin"):
+        load_peft_adapter(tmp_path)
+
+
+# ============================================================================================
+# Against the base model
+# ============================================================================================
+
+
+def test_validate_names_the_module_and_the_shapes(saved):
+    _, params, adapters = saved
+    other = GPTConfig(vocab_size=16, n_positions=8, n_embd=12, n_layer=2, n_head=2)
+    with pytest.raises(AdapterFormatError,
+                       match=r"transformer\.h\.0\.attn\.c_attn.*\(36, 12\).*A must be \(2, 12\).*got A \(2, 8\)"):
+        validate_adapter(BASE_CFG, adapters, tiny_params(config=other))
+    with pytest.raises(AdapterFormatError, match=r"no adapter weights: transformer\.h\.1\.mlp\.c_fc"):
+        validate_adapter(BASE_CFG, {k: v for k, v in adapters.items() if k != "transformer.h.1.mlp.c_fc"}, params)
+    with pytest.raises(AdapterFormatError, match="float64 but the base weight is float32"):
+        validate_adapter(BASE_CFG, adapters, tiny_params("float32"))
+    shallow = GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    with pytest.raises(AdapterFormatError, match=r"no weight 'transformer\.h\.1\.attn\.c_attn\.weight'"):
+        validate_adapter(BASE_CFG, adapters, tiny_params(config=shallow))
+    with pytest.raises(TypeError, match="params must be a mapping"):
+        validate_adapter(BASE_CFG, adapters, [1, 2])
+
+
+def test_loader_validates_against_params_when_given(saved):
+    path, _, _ = saved
+    other = GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2, n_inner=16)
+    with pytest.raises(AdapterFormatError, match=rf"{WEIGHTS_NAME}.*transformer\.h\.0\.mlp\.c_fc"):
+        load_peft_adapter(path, tiny_params(config=other))
+    cfg, adapters = load_peft_adapter(path, tiny_params("float32"), dtype="float32")
+    assert all(a.dtype == np.float32 for p in adapters.values() for a in p.values())
+
+
+# ============================================================================================
+# Fuzzing: only AdapterFormatError / NotImplementedError, and a file that loads is what it holds
+# ============================================================================================
+
+
+def check_outcome(path: Path, params) -> None:
+    """Load ``path``; accept a clear refusal, or a result equal to the files' contents."""
+    try:
+        cfg, adapters = load_peft_adapter(path, params)
+    except (AdapterFormatError, NotImplementedError) as exc:
+        assert str(exc), "an error without a message"
+        event(f"refused: {type(exc).__name__}")   # --hypothesis-show-statistics shows the mix
+        return
+    event("loaded")
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    tensors = reference_read(path / WEIGHTS_NAME)
+    expected = {}
+    for key, value in tensors.items():
+        module, factor = key[len(KEY_PREFIX):].rsplit(".lora_", 1)
+        expected.setdefault(module, {})[factor[0]] = value
+    assert_same_adapters(adapters, expected)
+    assert cfg.r == raw.get("r", 8) and cfg.alpha == raw.get("lora_alpha", 8)
+    assert cfg.use_rslora == raw.get("use_rslora", False)
+    for module, pair in adapters.items():
+        assert pair["A"].shape[0] == cfg.rank_for(module) and cfg.targets(module)
+
+
+def fresh_copy(saved, tmp: str) -> Path:
+    path = Path(tmp) / "ad"
+    path.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (path / name).write_bytes((saved[0] / name).read_bytes())
+    return path
+
+
+FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(data=st.data(), with_params=st.booleans())
+def test_fuzz_bytes_of_the_weights_file(saved, data, with_params):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fresh_copy(saved, tmp)
+        blob = bytearray((path / WEIGHTS_NAME).read_bytes())
+        header_end = 8 + struct.unpack("<Q", blob[:8])[0]
+        in_header = st.integers(0, header_end - 1)
+        anywhere = st.integers(0, len(blob) - 1)
+        for _ in range(data.draw(st.integers(1, 4), label="flips")):
+            pos = data.draw(in_header | anywhere, label="position")
+            blob[pos] = data.draw(st.integers(0, 255), label="byte")
+        if data.draw(st.booleans(), label="truncate"):
+            blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="length")]
+        (path / WEIGHTS_NAME).write_bytes(bytes(blob))
+        check_outcome(path, saved[1] if with_params else None)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8) | st.sampled_from(["c_attn", "c_fc", "h", "none", "LORA", "gaussian", ".*"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6) | st.just("c_attn"), inner, max_size=3),
+    max_leaves=6)
+
+
+@FUZZ
+@given(data=st.data(), with_params=st.booleans())
+def test_fuzz_config_fields(saved, data, with_params):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fresh_copy(saved, tmp)
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        for _ in range(data.draw(st.integers(1, 3), label="edits")):
+            field = data.draw(st.sampled_from(sorted(CONFIG_FIELDS)) | st.text(max_size=6), label="field")
+            if data.draw(st.booleans(), label="delete") and field in raw:
+                del raw[field]
+            else:
+                raw[field] = data.draw(json_values, label="value")
+        (path / CONFIG_NAME).write_text(json.dumps(raw))
+        check_outcome(path, saved[1] if with_params else None)
+
+
+@FUZZ
+@given(data=st.data(), with_params=st.booleans())
+def test_fuzz_keys_shapes_and_dtypes(saved, data, with_params):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fresh_copy(saved, tmp)
+        tensors = {k: np.array(v) for k, v in reference_read(path / WEIGHTS_NAME).items()}
+        keys = sorted(tensors)
+        for _ in range(data.draw(st.integers(1, 3), label="edits")):
+            key = data.draw(st.sampled_from(keys), label="key")
+            if key not in tensors:
+                continue
+            what = data.draw(st.sampled_from(["rename", "reshape", "dtype", "drop", "value"]), label="edit")
+            value = tensors.pop(key)
+            if what == "rename":
+                module = data.draw(st.sampled_from(["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc",
+                                                    "transformer.h.0.attn.c_proj", "h.0.attn.c_attn", "x"]))
+                suffix = data.draw(st.sampled_from([".lora_A.weight", ".lora_B.weight", ".lora_A", ".weight",
+                                                    ".lora_embedding_B"]))
+                prefix = data.draw(st.sampled_from([KEY_PREFIX, "", "base_model."]))
+                tensors[prefix + module + suffix] = value
+            elif what == "reshape":
+                shape = data.draw(st.lists(st.integers(0, 30), min_size=0, max_size=3), label="shape")
+                tensors[key] = np.random.default_rng(0).normal(size=shape)
+            elif what == "dtype":
+                tensors[key] = value.astype(data.draw(st.sampled_from(["float32", "float16", "int32", "uint8"])))
+            elif what == "value":
+                flat = value.reshape(-1).copy()
+                if flat.size and flat.dtype.kind == "f":
+                    flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.floats(allow_nan=True, allow_infinity=True))
+                tensors[key] = flat.reshape(value.shape)
+        safetensors.numpy.save_file(tensors, str(path / WEIGHTS_NAME))
+        if not tensors:
+            with pytest.raises(AdapterFormatError):
+                load_peft_adapter(path)
+            return
+        check_outcome(path, saved[1] if with_params else None)
+
+
+# ============================================================================================
+# Atomic saves: an interrupted save leaves the previous adapter intact
+# ============================================================================================
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_interrupted_write_leaves_the_previous_adapter(saved, tmp_path, monkeypatch):
+    path, params, adapters = saved
+    target = tmp_path / "ad"
+    save_peft_adapter(target, BASE_CFG, adapters)
+    before = {name: (target / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"A\": ")  # a torn file
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_written)
+    changed = {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()}
+    with pytest.raises(OSError, match="simulated"):
+        save_peft_adapter(target, BASE_CFG, changed)
+    assert {name: (target / name).read_bytes() for name in before} == before
+    assert leftovers(tmp_path) == []
+    monkeypatch.undo()
+    _, loaded = load_peft_adapter(target, params)
+    assert_same_adapters(loaded, adapters)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_replacing_keeps_other_files_and_leaves_no_temporaries(saved, tmp_path, monkeypatch, exchange):
+    _, params, adapters = saved
+    target = tmp_path / "ad"
+    save_peft_adapter(target, BASE_CFG, adapters)
+    (target / "README.md").write_text("model card")
+    if not exchange:
+        monkeypatch.setattr(peft_io, "_exchange", lambda a, b: False)
+    changed = {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()}
+    save_peft_adapter(target, BASE_CFG, changed)
+    assert (target / "README.md").read_text() == "model card"
+    assert leftovers(tmp_path) == []
+    assert_same_adapters(load_peft_adapter(target, params)[1], changed)
+
+
+def test_failure_between_the_two_renames_restores_the_previous_adapter(saved, tmp_path, monkeypatch):
+    _, params, adapters = saved
+    target = tmp_path / "ad"
+    save_peft_adapter(target, BASE_CFG, adapters)
+    monkeypatch.setattr(peft_io, "_exchange", lambda a, b: False)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the move of the new directory into place
+            raise OSError("power cut (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        save_peft_adapter(target, BASE_CFG, {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()})
+    monkeypatch.undo()
+    assert leftovers(tmp_path) == []
+    assert_same_adapters(load_peft_adapter(target, params)[1], adapters)
+
+
+def test_save_refuses_a_file_in_the_way(saved, tmp_path):
+    (tmp_path / "ad").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        save_peft_adapter(tmp_path / "ad", BASE_CFG, saved[2])
+
+
+def test_save_checks_adapters_against_the_config(saved, tmp_path):
+    _, _, adapters = saved
+    cfg = LoraConfig(r=5, alpha=4.0, target_modules=["c_attn", "c_fc"])
+    with pytest.raises(AdapterFormatError, match="rank 5"):
+        save_peft_adapter(tmp_path / "ad", cfg, adapters)
+    with pytest.raises(AdapterFormatError, match="does not target"):
+        save_peft_adapter(tmp_path / "ad", LoraConfig(r=2, alpha=4.0, target_modules=["c_fc"]), adapters)
+    with pytest.raises(TypeError, match="LoraConfig"):
+        save_peft_adapter(tmp_path / "ad", {"r": 2}, adapters)
+    assert not (tmp_path / "ad").exists()
+
+
+# ============================================================================================
+# GPT-2 checkpoints (transformer_ref.gpt2_io) without PyTorch
+# ============================================================================================
+
+
+def test_gpt2_round_trip_and_conv1d_layout(tmp_path):
+    params = tiny_params("float32", 3)
+    save_hf_gpt2(tmp_path / "m", TINY, params)
+    stored = reference_read(tmp_path / "m" / "model.safetensors")
+    # Hugging Face's Conv1D stores (d_in, d_out): the transpose of lora-ref's (d_out, d_in).
+    assert np.array_equal(stored["transformer.h.0.attn.c_attn.weight"], params["transformer.h.0.attn.c_attn.weight"].T)
+    assert np.array_equal(stored["transformer.h.1.mlp.c_proj.weight"], params["transformer.h.1.mlp.c_proj.weight"].T)
+    assert np.array_equal(stored["transformer.wte.weight"], params["transformer.wte.weight"])
+    assert "lm_head.weight" not in stored
+    config, loaded = load_hf_gpt2(tmp_path / "m")
+    assert config == TINY and list(loaded) == list(param_shapes(TINY))
+    for name, value in params.items():
+        assert loaded[name].dtype == value.dtype and np.array_equal(loaded[name], value), name
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+def rewrite_checkpoint(folder: Path, change) -> None:
+    tensors = change({k: np.array(v) for k, v in reference_read(folder / "model.safetensors").items()})
+    safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_gpt2_old_style_files_are_accepted(tmp_path):
+    params = tiny_params("float32", 4)
+    save_hf_gpt2(tmp_path / "m", TINY, params)
+    P = TINY.n_positions
+    mask = np.tril(np.ones((P, P), dtype=np.uint8))[None, None]                  # (1, 1, P, P)
+
+    def old_style(t):  # GPT2Model keys (no "transformer."), causal-mask buffers, a tied lm_head copy
+        out = {k.removeprefix("transformer."): v for k, v in t.items()}
+        out.update({f"h.{i}.attn.bias": mask for i in range(TINY.n_layer)})
+        out.update({f"h.{i}.attn.masked_bias": np.array(-1e4, dtype=np.float32) for i in range(TINY.n_layer)})
+        out["lm_head.weight"] = t["transformer.wte.weight"]
+        return out
+
+    rewrite_checkpoint(tmp_path / "m", old_style)
+    _, loaded = load_hf_gpt2(tmp_path / "m")
+    for name, value in params.items():
+        assert np.array_equal(loaded[name], value), name
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"] + 1}, NotImplementedError, "lm_head.weight differs"),
+    (lambda t: {**t, "transformer.h.0.attn.bias": np.ones((1, 1, 8, 8), dtype=np.uint8)}, NotImplementedError, "not a causal"),
+    (lambda t: {**t, "transformer.h.0.attn.bias": np.ones((1, 1, 4, 4), dtype=np.uint8)}, CheckpointFormatError, "causal mask"),
+    (lambda t: {k: v for k, v in t.items() if k != "transformer.ln_f.bias"}, CheckpointFormatError, "missing 1"),
+    (lambda t: {**t, "score.weight": np.zeros((2, 8), np.float32)}, CheckpointFormatError, "unexpected.*score.weight"),
+    (lambda t: {**t, "transformer.h.0.mlp.c_fc.weight": t["transformer.h.0.mlp.c_fc.weight"].T.copy()},
+     CheckpointFormatError, r"c_fc.weight' has shape \(32, 8\), expected \(8, 32\).*Conv1D"),
+    (lambda t: {**t, "transformer.wpe.weight": t["transformer.wpe.weight"].astype(np.float64)}, CheckpointFormatError, "mixed"),
+    (lambda t: {**t, "transformer.wpe.weight": np.full((8, 8), np.nan, np.float32)}, CheckpointFormatError, "64 non-finite"),
+])
+def test_gpt2_bad_checkpoints(tmp_path, change, error, words):
+    save_hf_gpt2(tmp_path / "m", TINY, tiny_params("float32", 5))
+    rewrite_checkpoint(tmp_path / "m", change)
+    with pytest.raises(error, match=words):
+        load_hf_gpt2(tmp_path / "m")
+
+
+@pytest.mark.parametrize("field, value", [("activation_function", "relu"), ("add_cross_attention", True),
+                                          ("tie_word_embeddings", False), ("model_type", "llama")])
+def test_gpt2_unimplemented_config_fields_are_named(tmp_path, field, value):
+    save_hf_gpt2(tmp_path / "m", TINY, tiny_params("float32", 6))
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw[field] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(NotImplementedError, match=field):
+        load_hf_gpt2(tmp_path / "m")
+
+
+def test_gpt2_save_validates_params(tmp_path):
+    params = tiny_params("float32", 7)
+    with pytest.raises(ValueError, match="missing"):
+        save_hf_gpt2(tmp_path / "m", TINY, {k: v for k, v in params.items() if "ln_f" not in k})
+    params["transformer.h.0.attn.c_attn.weight"] = params["transformer.h.0.attn.c_attn.weight"].T
+    with pytest.raises(ValueError, match=r"c_attn.weight'\] has shape \(8, 24\), expected \(24, 8\)"):
+        save_hf_gpt2(tmp_path / "m", TINY, params)
+    assert not (tmp_path / "m").exists()
+
+
+def test_other_backends_load_and_save(saved, tmp_path):
+    pytest.importorskip("array_api_strict")
+    from lora_ref import to_numpy, use_backend
+
+    path, params, adapters = saved
+    with use_backend("array_api_strict") as xp:
+        cfg, loaded = load_peft_adapter(path, {k: xp.asarray(v) for k, v in params.items()})
+        assert all(type(a).__module__.startswith("array_api_strict") for p in loaded.values() for a in p.values())
+        save_peft_adapter(tmp_path / "strict", cfg, loaded)
+    assert_same_adapters({m: {f: to_numpy(a) for f, a in p.items()} for m, p in loaded.items()}, adapters)
+    assert_same_adapters(load_peft_adapter(tmp_path / "strict")[1], adapters)
