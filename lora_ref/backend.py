@@ -104,6 +104,11 @@ class _AutogradNamespace:
 
 autograd_namespace = _AutogradNamespace()
 
+# autograd's ArrayBox (a NumPy value being traced) lacks NumPy 2's ``.mT``. Give it one, so that
+# array code written with ``.mT`` between primitives traces on NumPy as it does on GenericArrayBox.
+if not hasattr(ArrayBox, "mT"):
+    ArrayBox.mT = property(lambda self: autograd_namespace.matrix_transpose(self))
+
 
 def getval(x: Any) -> Any:
     """The raw array under any number of autograd boxes (``x`` itself when it is not boxed)."""

@@ -224,20 +224,39 @@ class LoraConfig:
         return _pattern_lookup(self.enable_lora, module_name)
 
     def layer_index(self, module_name: str) -> int | None:
-        """The layer index in ``module_name`` (PEFT's rule: the first ``.<pattern>.<digits>.``)."""
-        names = "|".join(re.escape(p) for p in self.layers_pattern) if self.layers_pattern else r"[^.]+"
-        found = re.search(rf"(?:^|\.)(?:{names})\.(\d+)\.", module_name)
+        """The layer index in ``module_name``, by PEFT's rule (``check_target_module_exists``).
+
+        Without ``layers_pattern``: the digits of the first ``.<name>.<digits>.`` that follows at
+        least one dot (``"transformer.h.3.attn"`` -> 3; a bare ``"h.3.attn"`` -> None). With it: for
+        each pattern in order, the first ``<pattern>.<digits>.`` at the start or after a dot; the
+        first pattern that matches wins.
+        """
+        if not self.layers_pattern:
+            found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
+        else:
+            found = None
+            for pattern in self.layers_pattern:
+                found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", module_name)
+                if found:
+                    break
         return int(found.group(1)) if found else None
 
     def targets(self, module_name: str) -> bool:
-        """Whether ``module_name`` gets an adapter (target_modules and layers_to_transform)."""
+        """Whether ``module_name`` gets an adapter, by PEFT's rule (``check_target_module_exists``).
+
+        A regex string must match the whole name (``layers_to_transform`` is then not consulted);
+        a list entry equal to the name selects it; an entry the name ends with (after a dot)
+        selects it if its :meth:`layer_index` is in ``layers_to_transform`` (when that is set).
+        """
         targets = self.target_modules
         if targets is None:
             return False
         if isinstance(targets, str):
             hit = re.fullmatch(targets, module_name) is not None
+        elif module_name in targets:
+            hit = True  # named exactly: PEFT adapts it whatever layers_to_transform says
         else:
-            hit = any(module_name == t or module_name.endswith("." + t) for t in targets)
+            hit = any(module_name.endswith("." + t) for t in targets)
             if hit and self.layers_to_transform is not None:
                 hit = self.layer_index(module_name) in self.layers_to_transform
         return hit
@@ -359,8 +378,8 @@ def _scatter(xp: Any, parts: list[Any], enable: tuple[bool, ...] | None, block_s
 def _lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
                  enable_lora: tuple[bool, ...] | None = None) -> Any:
     """The undecorated forward (see :func:`lora_linear`); autograd.numpy can trace it."""
-    xp = namespace(x, W, A, B, bias, dropout_mask)
     _validate(x, W, A, B, scale, bias, dropout_mask, enable_lora)
+    xp = namespace(x, W, A, B, bias, dropout_mask)
     y = x @ xp.matrix_transpose(W)                                # (..., d_out)   W0 x
     if bias is not None:
         y = y + bias
@@ -502,6 +521,8 @@ def delta_weight(A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | N
     _check_pair(A, B)
     scale = _check_finite_real(scale, "scale")
     if enable_lora is None:
+        if A.shape[0] != B.shape[1]:
+            raise ValueError(f"A has rank {A.shape[0]} (shape {tuple(A.shape)}) but B has rank {B.shape[1]} (shape {tuple(B.shape)})")
         return (B @ A) * scale                                               # (d_out, d_in)
     enable = _check_enable(enable_lora, "enable_lora")
     n, G = sum(enable), len(enable)
