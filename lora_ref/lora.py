@@ -199,6 +199,13 @@ class LoraConfig:
             if not pattern or not all(isinstance(p, str) and p for p in pattern):
                 raise ValueError(f"layers_pattern must be a name or list of names, got {self.layers_pattern!r}")
         set_("layers_pattern", pattern)
+        # PEFT's LoraConfig refuses these combinations rather than ignoring the layer settings.
+        if isinstance(targets, str) and (layers is not None or pattern is not None):
+            raise ValueError(
+                "layers_to_transform and layers_pattern cannot be used when target_modules is a regex "
+                f"string ({targets!r}): put the layer restriction in the regex instead")
+        if pattern is not None and layers is None:
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform as well")
 
     @property
     def scale(self) -> float:

@@ -282,12 +282,9 @@ def config_to_peft_dict(lora_config: LoraConfig, base_model_name_or_path: str | 
     targets = lora_config.target_modules
     if targets is None:
         raise ValueError("lora_config.target_modules is None: a PEFT adapter must name its target modules")
+    # (Layer settings PEFT refuses -- with a regex target, or a pattern without layers -- cannot
+    # reach here: LoraConfig refuses them on construction.)
     pattern = lora_config.layers_pattern
-    if isinstance(targets, str) and (lora_config.layers_to_transform is not None or pattern is not None):
-        raise ValueError(f"layers_to_transform / layers_pattern with a regex target_modules ({targets!r}): PEFT "
-                         "refuses this config (lora-ref's LoraConfig ignores the layers); put the layers into the regex")
-    if pattern is not None and lora_config.layers_to_transform is None:
-        raise ValueError(f"layers_pattern={pattern!r} without layers_to_transform: PEFT refuses this config")
     out: dict[str, Any] = {name: None for name in CONFIG_FIELDS}
     out.update({
         "peft_type": "LORA", "peft_version": PEFT_VERSION, "task_type": None, "auto_mapping": None,

@@ -317,7 +317,6 @@ NAMES = ["transformer.h.1.attn.c_attn", "transformer.h.0.attn.c_attn", "transfor
     ({"target_modules": ["c_attn"], "layers_to_transform": [1]}, {0, 4}),  # "h.1..." has no dot before "h"; "c_attn" is named exactly
     ({"target_modules": ["c_attn"], "layers_to_transform": 1, "layers_pattern": "h"}, {0, 3, 4}),
     ({"target_modules": ["c_attn", "transformer.h.5.attn.c_attn"], "layers_to_transform": [0]}, {1, 2, 4}),  # named exactly
-    ({"target_modules": r".*c_attn", "layers_to_transform": [0]}, {0, 1, 2, 3, 4, 6}),  # regex ignores layers
     ({}, set()),
 ])
 def test_targets(kwargs, selected):
@@ -335,7 +334,9 @@ def test_targets(kwargs, selected):
     ("layers", "transformer.h.3.attn.c_attn", None),
 ])
 def test_layer_index(pattern, name, index):
-    assert LoraConfig(r=1, alpha=1, layers_pattern=pattern).layer_index(name) == index
+    # layers_pattern needs layers_to_transform (PEFT's rule); which layers does not matter here.
+    layers = None if pattern is None else [0]
+    assert LoraConfig(r=1, alpha=1, layers_pattern=pattern, layers_to_transform=layers).layer_index(name) == index
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -610,3 +611,14 @@ def test_rank_above_min_is_legal():
     assert lora_linear(rng.normal(size=(3, 5)), W, A, B, 1.0).shape == (3, 4)
     dW = delta_weight(A, B, 1.0)
     assert np.linalg.matrix_rank(dW) == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_modules": r".*c_attn", "layers_to_transform": [0]}, "cannot be used when target_modules is a regex"),
+    ({"target_modules": r".*c_attn", "layers_to_transform": [0], "layers_pattern": "h"}, "cannot be used when target_modules is a regex"),
+    ({"target_modules": ["c_attn"], "layers_pattern": "h"}, "needs layers_to_transform"),
+])
+def test_layer_settings_peft_refuses(kwargs, message):
+    # PEFT 0.21.2's LoraConfig.__post_init__ raises ValueError for these combinations; so do we.
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(r=2, alpha=4, **kwargs)

@@ -297,8 +297,6 @@ def test_config_json_must_be_an_object_without_duplicates(tmp_path, saved):
 
 
 @pytest.mark.parametrize("settings, words", [
-    (dict(target_modules="transformer\\.h\\.0\\..*", layers_to_transform=[0]), "regex target_modules"),
-    (dict(target_modules=["c_attn"], layers_pattern="h"), "without layers_to_transform"),
     (dict(target_modules=None), "target_modules is None"),
 ])
 def test_configs_peft_refuses_are_not_saved(tmp_path, settings, words):
