@@ -641,7 +641,7 @@ def _check_float_array(arr: Any, name: str) -> None:
     if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
     if not _is_float(arr):
-        raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {dtype_name(arr.dtype)}")
+        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {dtype_name(arr.dtype)}")
 
 
 def _check_same_dtype(*named: tuple[str, Any]) -> None:
