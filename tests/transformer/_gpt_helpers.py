@@ -1,0 +1,110 @@
+"""Shared fixtures-by-function for the transformer_ref tests: tiny models and derived error bounds.
+
+Error bounds follow lora_ref.testing: two computations of the same quantity, each a chain of at
+most ``n`` roundings away from the exact value, differ by at most ``2 gamma_n M`` to first order,
+where ``M`` is the scale of the terms being rounded. For a whole model, ``n`` is the number of
+roundings along the longest path from an input to the output (:func:`chain_length`: every
+dot product and reduction of length k contributes k, every elementwise operation 1), and ``M``
+is a magnitude that bounds the terms on that path's last step (:func:`logit_magnitude` for
+logits; the largest entry of a gradient array for gradients, whose backward path is at most the
+forward path again, so ``2 * chain_length``). These are first-order bounds for a tiny,
+well-conditioned model in float64/float32; a real mistake (a missing scale, a transposed weight,
+a wrong sign) shows up at the size of ``M`` itself, ~1e12 times larger in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lora_ref import to_numpy
+from lora_ref.testing import assert_within, tolerance
+from transformer_ref import GPTConfig, add_adapters, init_params
+
+TINY = GPTConfig(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+
+
+def tiny_model(dtype="float64", seed=0, config=TINY):
+    """Params with non-trivial LayerNorm and biases (so their gradients are exercised), tokens
+    (2, 6) and targets (2, 6) with one ignored target."""
+    rng = np.random.default_rng(seed)
+    params = init_params(config, rng, dtype)
+    # GPT-2 init makes biases 0 and LN weights 1; perturb them so every term of every formula matters,
+    # and scale weights up so the logits are not all near zero.
+    out = {}
+    for name, value in params.items():
+        v = to_numpy(value).astype(np.float64)
+        if name.endswith(".bias") or ".ln_" in name or "ln_f" in name:
+            v = v + 0.3 * rng.standard_normal(v.shape)
+        else:
+            v = v * 10.0
+        out[name] = v.astype(dtype)
+    tokens = rng.integers(0, config.vocab_size, size=(2, 6))
+    targets = rng.integers(0, config.vocab_size, size=(2, 6))
+    targets[0, 0] = -100
+    return out, tokens, targets
+
+
+def random_adapters(params, config, lora_config, seed=1):
+    """Adapters with both A and B random (init="random" semantics whatever the config says)."""
+    from dataclasses import replace
+
+    return add_adapters(params, config, replace(lora_config, init="random"), np.random.default_rng(seed))
+
+
+def chain_length(config: GPTConfig, r: int = 0, T: int | None = None) -> int:
+    """Roundings along the longest input-to-logit path (forward), counted per operation:
+
+    LayerNorm: mean (C) + variance (C) + 4 elementwise           = 2C + 4
+    a projection d_in -> d_out with a rank-r adapter: dot (d_in) + bias + adapter dots (d_in + r)
+        + scale + add                                            = 2 d_in + r + 3
+    attention: scores (D) + scale + max-shift + exp + sum (T) + divide + P V (T) = D + 2T + 4
+    GELU: 8 elementwise;  residual add: 1;  cross-entropy: shift, exp, sum (V), log, subtract,
+    mean (N) = V + N + 4.
+    """
+    C, F, D = config.n_embd, config.mlp_width, config.head_dim
+    T = config.n_positions if T is None else T
+    ln = 2 * C + 4
+
+    def proj(d_in):
+        return 2 * d_in + r + 3
+
+    block = ln + proj(C) + (D + 2 * T + 4) + proj(C) + 1 + ln + proj(C) + 8 + proj(F) + 1
+    N = 2 * T  # batch 2 in these tests
+    return config.n_layer * block + 1 + ln + proj(C) + (config.vocab_size + N + 4)
+
+
+def logit_magnitude(params, config: GPTConfig) -> float:
+    """max_v sum_c |wte[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|): a bound on every
+    |logit| and on the terms summed into it, as LayerNorm's output satisfies |xhat_c| <= sqrt(C)."""
+    wte = np.abs(to_numpy(params["transformer.wte.weight"]).astype(np.float64))
+    g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))
+    b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))
+    return float((wte @ (math.sqrt(config.n_embd) * g + b)).max())
+
+
+def assert_trees_close(actual, expected, dtype, n, *, what):
+    """Every array of two (nested) dicts within ``2 gamma_n max|expected array|``."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{what}: keys differ"
+        for k in expected:
+            assert_trees_close(actual[k], expected[k], dtype, n, what=f"{what}[{k!r}]")
+        return
+    e = to_numpy(expected).astype(np.float64)
+    M = float(np.abs(e).max()) if e.size else 0.0
+    assert_within(actual, e, 2 * tolerance(dtype, n) * M, what=what)
+
+
+def tree_to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: tree_to_numpy(v) for k, v in tree.items()}
+    return to_numpy(tree)
+
+
+def tree_asarray(tree):
+    from lora_ref import asarray
+
+    if isinstance(tree, dict):
+        return {k: tree_asarray(v) for k, v in tree.items()}
+    return asarray(tree)

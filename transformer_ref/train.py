@@ -1,0 +1,274 @@
+"""Training: Adam over any (nested) dict of arrays, and a loop for LoRA or full fine-tuning.
+
+LoRA (``mode="lora"``): the gradient is taken with respect to the adapters alone; the pretrained
+``params`` are closed over, so autograd never asks for, and never computes, a frozen weight's
+gradient (lora_linear's W-VJP is simply not called). Full fine-tuning (``mode="full"``)
+differentiates every parameter. Both are deterministic for a seed.
+
+Run ``python -m transformer_ref.train --bench`` to time one LoRA training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from autograd import value_and_grad
+from tqdm.auto import tqdm
+
+from lora_ref.backend import asarray, dtype_name, getval, namespace
+from lora_ref.lora import LoraConfig, dropout_mask
+
+from .config import GPTConfig
+from .model import add_adapters, loss
+
+__all__ = ["AdamState", "TrainResult", "adam_init", "adam_update", "keep_freed_memory", "train"]
+
+
+# ============================================================================================
+# Adam (Kingma & Ba 2015, Algorithm 1), with optional decoupled weight decay (AdamW)
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """Adam's moments, shaped like the parameters, and the number of steps taken."""
+
+    step: int
+    m: Any
+    v: Any
+
+
+def _tree_map(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Apply ``f`` leaf-wise over nested dicts of arrays (all trees share ``tree``'s keys)."""
+    if isinstance(tree, Mapping):
+        return {k: _tree_map(f, tree[k], *(r[k] for r in rest)) for k in tree}
+    return f(tree, *rest)
+
+
+def adam_init(tree: Any) -> AdamState:
+    """Zero moments for a (nested) dict of arrays."""
+    zeros = _tree_map(lambda p: namespace(p).zeros(p.shape, dtype=p.dtype), tree)
+    return AdamState(0, zeros, _tree_map(lambda p: namespace(p).zeros(p.shape, dtype=p.dtype), tree))
+
+
+def adam_update(tree: Any, grads: Any, state: AdamState, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8, weight_decay: float = 0.0) -> tuple[Any, AdamState]:
+    """One Adam step; returns ``(new_tree, new_state)`` (new arrays, nothing modified in place).
+
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        m_hat = m / (1 - b1^t)           v_hat = v / (1 - b2^t)            (bias correction)
+        p = p - lr (m_hat / (sqrt(v_hat) + eps) + weight_decay p)         (AdamW when decay > 0)
+
+    The constants are Python floats, so float32 parameters stay float32.
+    """
+    b1, b2 = (float(b) for b in betas)
+    lr, eps, wd = float(lr), float(eps), float(weight_decay)
+    t = state.step + 1
+    c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+
+    def leaf(p, g, m, v):
+        xp = namespace(p)
+        m = b1 * m + (1.0 - b1) * g
+        v = b2 * v + (1.0 - b2) * (g * g)
+        update = (m / c1) / (xp.sqrt(v / c2) + eps)
+        if wd:
+            update = update + wd * p
+        return p - lr * update, m, v
+
+    out = _tree_map(leaf, tree, grads, state.m, state.v)               # leaves: (p, m, v)
+    return _tree_map_tuple(out, 0), AdamState(t, _tree_map_tuple(out, 1), _tree_map_tuple(out, 2))
+
+
+def _tree_map_tuple(tree: Any, i: int) -> Any:
+    """Pick element ``i`` of each leaf tuple of a nested dict."""
+    if isinstance(tree, Mapping):
+        return {k: _tree_map_tuple(v, i) for k, v in tree.items()}
+    return tree[i]
+
+
+# ============================================================================================
+# The training loop
+# ============================================================================================
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained parameters, the adapters (None for full
+    fine-tuning) and the loss before each step's update (a list of Python floats)."""
+
+    params: dict[str, Any]
+    adapters: dict[str, dict[str, Any]] | None
+    losses: list[float]
+
+
+def train(params: Mapping[str, Any], config: GPTConfig, task: Any, *, mode: str = "lora",
+          lora_config: LoraConfig | None = None, adapters: Mapping[str, Any] | None = None,
+          steps: int = 100, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+          progress: bool | None = None) -> TrainResult:
+    """Fine-tune with Adam: LoRA (adapters only, base frozen) or full (every parameter).
+
+    Parameters
+    ----------
+    params : dict of arrays
+        The model (e.g. pretrained); never modified.
+    task : object with ``batch(batch_size, rng) -> (inputs, targets)``
+        Integer NumPy arrays (B, T); targets of -100 are not scored (see ``transformer_ref.data``).
+    mode : "lora" or "full"
+        LoRA needs ``lora_config``; its adapters are ``adapters`` if given, else fresh ones from
+        :func:`~transformer_ref.add_adapters`. With ``lora_config.dropout > 0`` each step draws
+        inverted-dropout masks for the adapter inputs. Full fine-tuning takes no adapters.
+    steps, batch_size, lr, betas, eps, weight_decay :
+        The loop's length and Adam's settings.
+    seed : int
+        Seeds one ``numpy.random.Generator`` that draws, in order, the fresh adapters (if any),
+        then each step's batch and dropout masks: the run is a function of its arguments.
+    progress : bool or None
+        Show a tqdm progress bar; None shows it only when stderr is a terminal.
+
+    Returns a :class:`TrainResult` (``losses[k]`` is the loss at step k, before its update).
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    if not hasattr(task, "batch"):
+        raise TypeError(f"task must have a batch(batch_size, rng) method, got {type(task).__name__}")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if name != "batch_size" else 1):
+            raise ValueError(f"{name} must be a {'positive' if name == 'batch_size' else 'non-negative'} int, got {value!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    rng = np.random.default_rng(seed)
+    params = dict(params)
+    if mode == "lora":
+        if not isinstance(lora_config, LoraConfig):
+            raise TypeError(f"mode='lora' needs lora_config, a lora_ref.LoraConfig; got {type(lora_config).__name__}")
+        trainable = add_adapters(params, config, lora_config, rng) if adapters is None else \
+            {k: dict(v) for k, v in adapters.items()}
+    else:
+        if adapters is not None:
+            raise ValueError("mode='full' trains params only; merge the adapters first (merge_adapters)")
+        trainable = params
+    dtype = dtype_name(getval(params["transformer.wte.weight"]).dtype)
+
+    def objective(tree, inputs, targets, masks):
+        if mode == "lora":
+            return loss(params, inputs, targets, config, tree, lora_config, masks)
+        return loss(tree, inputs, targets, config)
+
+    step_fn = value_and_grad(objective)
+    state = adam_init(trainable)
+    losses: list[float] = []
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    bar = tqdm(range(steps), desc=f"{mode} fine-tuning", disable=not show, leave=False)
+    for _ in bar:
+        inputs, targets = task.batch(batch_size, rng)
+        masks = None
+        if mode == "lora" and lora_config.dropout > 0.0:
+            masks = {name: dropout_mask(inputs.shape + (params[name + ".weight"].shape[1],), lora_config.dropout,
+                                        rng, dtype) for name in trainable}
+        value, grads = step_fn(trainable, asarray(inputs), asarray(targets), masks)
+        trainable, state = adam_update(trainable, grads, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        losses.append(float(value))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    if mode == "lora":
+        return TrainResult(params, trainable, losses)
+    return TrainResult(trainable, None, losses)
+
+
+# ============================================================================================
+# Memory reuse: a training step allocates the same large temporaries every time
+# ============================================================================================
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse; returns whether it applied.
+
+    Array code allocates its temporaries afresh on every step. By default glibc serves
+    allocations above a (dynamically raised) threshold with ``mmap`` and returns freed memory at
+    the top of the heap to the operating system, so the same megabytes are page-faulted back in,
+    and zeroed by the kernel, step after step; for elementwise layers (GELU's backward, LayerNorm)
+    that costs more than the arithmetic. This sets ``M_MMAP_THRESHOLD`` to 32 MiB and
+    ``M_TRIM_THRESHOLD`` to 1 GiB (the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+    environment variables do the same at start-up). The price: the process keeps its peak heap
+    until it exits. Process-wide, opt-in, and a no-op returning False where there is no glibc.
+    Nothing numerical changes.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# ============================================================================================
+# python -m transformer_ref.train --bench: milliseconds per LoRA training step
+# ============================================================================================
+
+
+def _bench(argv: list[str] | None = None) -> int:
+    from .count import lora_config_for
+    from .model import init_params
+
+    ap = argparse.ArgumentParser(prog="python -m transformer_ref.train",
+                                 description="Time LoRA training steps (value_and_grad + Adam) on random tokens.")
+    ap.add_argument("--bench", action="store_true", required=True)
+    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64, help="T")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--matrices", default="q,v", help="comma-separated subset of q,k,v,o,mlp_in,mlp_out")
+    ap.add_argument("--mode", choices=("lora", "full"), default="lora")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc settings alone (by default keep_freed_memory() is called)")
+    args = ap.parse_args(argv)
+    tuned = False if args.default_malloc else keep_freed_memory()
+    config = GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
+                       n_head=args.n_head)
+    params = init_params(config, 0, args.dtype)
+    lc = lora_config_for(args.matrices.split(","), r=args.rank, alpha=16.0)
+    rng = np.random.default_rng(0)
+    trainable = add_adapters(params, config, lc, rng) if args.mode == "lora" else params
+    if args.mode == "lora":
+        f = value_and_grad(lambda ad, x, y: loss(params, x, y, config, ad, lc))
+    else:
+        f = value_and_grad(lambda p, x, y: loss(p, x, y, config))
+    state = adam_init(trainable)
+    times = []
+    for i in range(args.warmup + args.steps):
+        x = asarray(rng.integers(0, args.vocab, size=(args.batch, args.seq)))
+        y = asarray(rng.integers(0, args.vocab, size=(args.batch, args.seq)))
+        t0 = time.perf_counter()
+        value, grads = f(trainable, x, y)
+        trainable, state = adam_update(trainable, grads, state, lr=1e-3)
+        float(value)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    ms = [1e3 * t for t in times]
+    print(f"{args.mode} step, {args.dtype}, n_embd={args.n_embd} n_layer={args.n_layer} n_head={args.n_head} "
+          f"T={args.seq} batch={args.batch} vocab={args.vocab} r={args.rank} on {args.matrices}: "
+          f"median {statistics.median(ms):.2f} ms (min {min(ms):.2f}, max {max(ms):.2f}, {len(ms)} steps "
+          f"after {args.warmup} warm-up; keep_freed_memory: {tuned})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_bench())
