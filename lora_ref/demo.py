@@ -49,9 +49,9 @@ import numpy as np
 
 from . import __version__
 from .backend import dtype_name, namespace, to_numpy
-from .testing import rounding_counts, tolerance
+from .testing import tolerance
 
-__all__ = ["DEFAULT", "QUICK", "DemoConfig", "blas_threads", "compute", "logit_magnitude", "logit_rounding_chain",
+__all__ = ["DEFAULT", "QUICK", "DemoConfig", "blas_threads", "compute",
            "report_markdown", "run_demo", "summary_text", "write_report"]
 
 # Table 5/6 row names for the matrix types of transformer_ref.lora_config_for.
@@ -228,47 +228,15 @@ def _astype(tree: Any, dtype: str) -> Any:
 # ============================================================================================
 
 
-def logit_rounding_chain(n_embd: int, n_layer: int, n_head: int, mlp_width: int, n_positions: int, r: int) -> int:
-    """Roundings along the longest input-to-logit path of :func:`transformer_ref.forward`, every
-    projection counted as LoRA-adapted at rank ``r`` (an upper bound for those that are not).
-
-    Per operation (C = n_embd, D = C / n_head, F = mlp_width, T = n_positions), a sum or dot
-    product of length k counting k: LayerNorm: mean (C), subtract it, square, variance (C), add
-    eps, square root, reciprocal, normalise, times weight, plus bias = 2C + 8;
-    a projection d_in -> d_out: ``lora_ref.testing.rounding_counts(...)["y"]`` = d_in + r + 6
-    (base dot product, adapter chain, scale, bias and the join; the same count for the merged
-    weight); attention: scores (D), scale, max shift, exp, sum (T), divide, P V (T) = D + 2T + 4;
-    GELU: 8 elementwise; each residual add: 1. Embeddings add 1; the tied output projection is a
-    dot product of length C.
-    """
-    C, D, F, T = n_embd, n_embd // n_head, mlp_width, n_positions
-    ln = 2 * C + 8
-
-    def proj(d_in: int, d_out: int) -> int:
-        return rounding_counts(d_in, d_out, r, 1)["y"]
-
-    block = (ln + proj(C, 3 * C) + (D + 2 * T + 4) + proj(C, C) + 1
-             + ln + proj(C, F) + 8 + proj(F, C) + 1)
-    return 1 + n_layer * block + ln + C
-
-
-def logit_magnitude(params: Mapping[str, Any], n_embd: int) -> float:
-    """``max_v sum_c |wte[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|)``: a bound on every
-    logit and on the sum of the absolute values of the terms of its last dot product (the
-    LayerNorm output satisfies ``|xhat_c| <= sqrt(C)``)."""
-    wte = np.abs(to_numpy(params["transformer.wte.weight"]).astype(np.float64))      # (V, C)
-    g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))      # (C,)
-    b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))        # (C,)
-    return float((wte @ (math.sqrt(n_embd) * g + b)).max())
-
-
 def _merge_check(tr: Any, params: Mapping[str, Any], adapters: Mapping[str, Any], lora_config: Any,
                  gpt: Any, tokens: Any, r: int) -> dict[str, Any]:
     """max |merged - unmerged| logits in the training dtype and in float64 (the same weights
     widened exactly), each against its bound ``2 gamma_n M``; and how far the adapters move the
     logits at all (so the check is not vacuous)."""
-    n = logit_rounding_chain(gpt.n_embd, gpt.n_layer, gpt.n_head, gpt.mlp_width, gpt.n_positions, r)
-    M = logit_magnitude(params, gpt.n_embd)
+    from transformer_ref.bounds import logit_magnitude, logit_rounding_chain
+
+    n = logit_rounding_chain(gpt, r)
+    M = logit_magnitude(params, gpt)
     out: dict[str, Any] = {"chain_length": n, "magnitude": M}
     dtype = dtype_name(to_numpy(params["transformer.wte.weight"]).dtype)
     for name in dict.fromkeys((dtype, "float64")):
@@ -843,8 +811,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "adapters merged into the weights (`forward(merge_adapters(params, adapters), x)`), in the training "
         "dtype and again in float64 (the same weights, widened exactly). *bound*: `2 gamma_n M`, "
         "`gamma_n = lora_ref.testing.tolerance(dtype, n)`, n the roundings along the longest input-to-logit path "
-        "(`lora_ref.demo.logit_rounding_chain`: every LayerNorm, projection, attention, GELU and residual add "
-        "counted), M a bound on every logit's terms (`logit_magnitude`). It is a first-order bound: each side "
+        "(`transformer_ref.bounds.logit_rounding_chain`: every LayerNorm, projection, attention, GELU and residual add "
+        "counted), M a bound on every logit's terms (`transformer_ref.bounds.logit_magnitude`). It is a first-order bound: each side "
         "is within `gamma_n M` of the exact logits if rounding errors are not amplified along the path "
         "(LayerNorm and softmax are well conditioned here). *adapter effect*: max |logits with adapters - "
         "logits without|, to show the check is not vacuous.")

@@ -18,7 +18,9 @@ import pytest
 
 from lora_ref import demo
 from lora_ref.cli import main
-from lora_ref.demo import DemoConfig, compute, logit_rounding_chain, run_demo, summary_text, write_report
+from lora_ref.demo import DemoConfig, compute, run_demo, summary_text, write_report
+from transformer_ref import GPTConfig
+from transformer_ref.bounds import logit_rounding_chain
 from lora_ref.testing import tolerance
 
 TINY = DemoConfig(n_embd=32, n_layer=1, n_head=2, n_symbols=8, length=4, n_swaps=1, pretrain_steps=40,
@@ -115,10 +117,16 @@ def test_logit_rounding_chain_counts_every_operation():
     # LayerNorm 2C + 8 = 24; a projection from d_in is d_in + r + 6 (15 from C, 39 from F);
     # attention D + 2T + 4 = 16; GELU 8; residual adds 1 each.
     block = 24 + 15 + 16 + 15 + 1 + 24 + 15 + 8 + 39 + 1
-    assert logit_rounding_chain(8, 1, 2, 32, 4, 1) == 1 + block + 24 + 8  # + embeddings' add, ln_f, lm_head (C)
+    def chain(n_layer, r, **kw):
+        return logit_rounding_chain(GPTConfig(vocab_size=5, n_positions=4, n_embd=8, n_layer=n_layer, n_head=2,
+                                              n_inner=32), r, **kw)
+
+    assert chain(1, 1) == 1 + block + 24 + 8  # + embeddings' add, ln_f, lm_head (C)
     # one more block adds one more block's count; one more rank adds one per projection (4 per block)
-    assert logit_rounding_chain(8, 2, 2, 32, 4, 1) - logit_rounding_chain(8, 1, 2, 32, 4, 1) == block
-    assert logit_rounding_chain(8, 1, 2, 32, 4, 2) - logit_rounding_chain(8, 1, 2, 32, 4, 1) == 4
+    assert chain(2, 1) - chain(1, 1) == block
+    assert chain(1, 2) - chain(1, 1) == 4
+    # the mean cross-entropy over N positions adds shift, exp, sum (V), log, subtract, mean (N)
+    assert chain(1, 1, loss_batch=6) - chain(1, 1) == 5 + 6 + 4
 
 
 def test_merge_check_is_within_its_bound_and_not_vacuous(tiny):
@@ -128,7 +136,8 @@ def test_merge_check_is_within_its_bound_and_not_vacuous(tiny):
             assert "merge" not in row
             continue
         m = row["merge"]
-        n = logit_rounding_chain(TINY.n_embd, TINY.n_layer, TINY.n_head, 4 * TINY.n_embd, 2 * TINY.length, row["r"])
+        n = logit_rounding_chain(GPTConfig(vocab_size=5, n_positions=2 * TINY.length, n_embd=TINY.n_embd,
+                                           n_layer=TINY.n_layer, n_head=TINY.n_head), row["r"])
         assert m["chain_length"] == n
         for dtype in ("float32", "float64"):
             check = m[dtype]

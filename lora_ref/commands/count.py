@@ -229,7 +229,7 @@ def _config_text(targets: tuple[str, ...], rank: int) -> str:
 
 
 def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
-    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, parse_reported, round_reported
+    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, round_reported
 
     extra = [flag for flag, value in (("MODEL", args.model), ("--d-model", args.d_model), ("--layers", args.layers),
                                       ("--ffn", args.ffn), ("--targets", args.targets), ("--rank", args.rank))

@@ -14,13 +14,14 @@ a wrong sign) shows up at the size of ``M`` itself, ~1e12 times larger in float6
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from lora_ref import to_numpy
 from lora_ref.testing import assert_within, tolerance
 from transformer_ref import GPTConfig, add_adapters, init_params
+from transformer_ref.bounds import logit_magnitude as _logit_magnitude
+from transformer_ref.bounds import logit_rounding_chain
 
 TINY = GPTConfig(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
 
@@ -54,34 +55,16 @@ def random_adapters(params, config, lora_config, seed=1):
 
 
 def chain_length(config: GPTConfig, r: int = 0, T: int | None = None) -> int:
-    """Roundings along the longest input-to-logit path (forward), counted per operation:
-
-    LayerNorm: mean (C) + variance (C) + 4 elementwise           = 2C + 4
-    a projection d_in -> d_out with a rank-r adapter: dot (d_in) + bias + adapter dots (d_in + r)
-        + scale + add                                            = 2 d_in + r + 3
-    attention: scores (D) + scale + max-shift + exp + sum (T) + divide + P V (T) = D + 2T + 4
-    GELU: 8 elementwise;  residual add: 1;  cross-entropy: shift, exp, sum (V), log, subtract,
-    mean (N) = V + N + 4.
-    """
-    C, F, D = config.n_embd, config.mlp_width, config.head_dim
+    """Roundings along the longest input-to-loss path (forward) for these tests' batches of 2
+    sequences: :func:`transformer_ref.bounds.logit_rounding_chain` plus the mean cross-entropy
+    over N = 2T positions."""
     T = config.n_positions if T is None else T
-    ln = 2 * C + 4
-
-    def proj(d_in):
-        return 2 * d_in + r + 3
-
-    block = ln + proj(C) + (D + 2 * T + 4) + proj(C) + 1 + ln + proj(C) + 8 + proj(F) + 1
-    N = 2 * T  # batch 2 in these tests
-    return config.n_layer * block + 1 + ln + proj(C) + (config.vocab_size + N + 4)
+    return logit_rounding_chain(config, r, T=T, loss_batch=2 * T)
 
 
 def logit_magnitude(params, config: GPTConfig) -> float:
-    """max_v sum_c |wte[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|): a bound on every
-    |logit| and on the terms summed into it, as LayerNorm's output satisfies |xhat_c| <= sqrt(C)."""
-    wte = np.abs(to_numpy(params["transformer.wte.weight"]).astype(np.float64))
-    g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))
-    b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))
-    return float((wte @ (math.sqrt(config.n_embd) * g + b)).max())
+    """See :func:`transformer_ref.bounds.logit_magnitude`."""
+    return _logit_magnitude(params, config)
 
 
 def assert_trees_close(actual, expected, dtype, n, *, what):
