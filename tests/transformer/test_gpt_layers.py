@@ -57,23 +57,27 @@ def test_layer_norm_forward_and_vjps(shape, C, seed):
     w, b = rng.standard_normal(C), rng.standard_normal(C)
     g = rng.standard_normal((B, T, C))
     eps = 1e-5
-    # forward vs the textbook formula: both chain mean (C) + variance (C) + 4 elementwise roundings;
-    # magnitude |xhat| |w| + |b| with |xhat| <= sqrt(C).
+    # Magnitudes. xhat = (x - mu) rstd is computed by cancellation: the roundings of mu and of
+    # x - mu are relative to |x| + |mu|, not to |x - mu|, so an error in xhat is bounded relative to
+    # X = (|x| + |mu|) rstd (>= |xhat|; X >> |xhat| when the row's spread is small against its mean).
     mu = x.mean(-1, keepdims=True)
-    xhat = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
-    assert_within(layer_norm(x, w, b, eps), xhat * w + b,
-                  2 * tolerance(F64, 2 * C + 4) * (math.sqrt(C) * np.abs(w) + np.abs(b)), what="layer_norm")
     rstd = 1.0 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mu) * rstd
+    X = (np.abs(x) + np.abs(mu)) * rstd
+    # forward vs the textbook formula: both chain mean (C) + variance (C) + 4 elementwise roundings,
+    # on terms of magnitude X |w| + |b|.
+    assert_within(layer_norm(x, w, b, eps), xhat * w + b,
+                  2 * tolerance(F64, 2 * C + 4) * (X * np.abs(w) + np.abs(b)), what="layer_norm")
     gw = np.abs(g * w)
-    # dx = rstd (gw - mean(gw) - xhat mean(gw xhat)): terms bounded by rstd (|gw| + mean|gw| + sqrt(C) mean|gw| sqrt(C));
+    # dx = rstd (gw - mean(gw) - xhat mean(gw xhat)): terms bounded by rstd (|gw| + mean|gw| + X mean(|gw| X));
     # the forward quantities it uses carry 2C + 4 roundings, the formula adds 2C + 6 (two means, five ops).
-    M_dx = rstd * (gw + gw.mean(-1, keepdims=True) * (1.0 + C))
+    M_dx = rstd * (gw + gw.mean(-1, keepdims=True) + X * (gw * X).mean(-1, keepdims=True))
     hand, auto = both_grads(layer_norm, (x, w, b, eps), 0, g)
     assert_within(hand, auto, 2 * tolerance(F64, 4 * C + 10) * M_dx, what="layer_norm dx")
-    # dw = sum over B T of g xhat: B T terms of magnitude |g| sqrt(C), each xhat with 2C + 4 roundings.
+    # dw = sum over B T of g xhat: B T terms of magnitude |g| X, each xhat with 2C + 4 roundings.
     N = B * T
     hand, auto = both_grads(layer_norm, (x, w, b, eps), 1, g)
-    M_dw = (np.abs(g) * math.sqrt(C)).reshape(-1, C).sum(0)
+    M_dw = (np.abs(g) * X).reshape(-1, C).sum(0)
     assert_within(hand, auto, 2 * tolerance(F64, N + 2 * C + 5) * M_dw, what="layer_norm dweight")
     hand, auto = both_grads(layer_norm, (x, w, b, eps), 2, g)
     assert_within(hand, auto, 2 * tolerance(F64, N) * np.abs(g).reshape(-1, C).sum(0), what="layer_norm dbias")
