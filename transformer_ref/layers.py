@@ -9,6 +9,10 @@ The same forward, undecorated (``layer.fun``), is ordinary differentiable array 
 :func:`undecorated` the model calls the undecorated forwards, so ``autograd.numpy`` derives every
 gradient a second time, independently of the hand-written ones (the tests compare the two).
 
+The layers are: embedding, layer_norm, gelu, causal_attention, cross_entropy, and linear (every
+projection: lora_ref.lora_linear's Eq. 3 in a faster order). Where an evaluation order was chosen
+for speed, a comment beside it says what it saves, as measured (benchmarks/, docs/performance.md).
+
 Shapes: B batch, T tokens, C channels, H heads, D = C / H head width, V vocabulary,
 N = B * T rows, ``...`` any leading dimensions.
 """
@@ -26,7 +30,7 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from lora_ref.backend import dtype_name, getval, namespace
-from lora_ref.lora import lora_linear
+from lora_ref.lora import delta_weight
 
 __all__ = [
     "IGNORE_INDEX",
@@ -35,6 +39,7 @@ __all__ = [
     "embedding",
     "gelu",
     "layer_norm",
+    "linear",
     "ops",
     "undecorated",
 ]
@@ -177,10 +182,12 @@ _GELU_K = 0.044715
 def _gelu(x: Any, cache: dict | None = None) -> Any:
     """x (...) -> (...), elementwise."""
     xp = namespace(x)
-    t = xp.tanh(_GELU_C * (x + _GELU_K * (x * x * x)))
+    x2 = x * x
+    t = xp.tanh(_GELU_C * (x + _GELU_K * (x2 * x)))
+    h = 1.0 + t
     if cache is not None:
-        cache["t"] = t
-    return 0.5 * x * (1.0 + t)
+        cache["x2"], cache["h"] = x2, h                   # kept for the backward: 4 fewer passes there
+    return 0.5 * x * h
 
 
 gelu = _layer(_gelu)
@@ -191,12 +198,14 @@ gelu.__doc__ = """GPT-2's GELU (tanh approximation, Hugging Face ``gelu_new``), 
 
 
 # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),  t the tanh above
-# (product rule; d tanh(u) = (1 - tanh(u)^2) du).
+# (product rule; d tanh(u) = (1 - tanh(u)^2) du). With h = 1 + t, 1 - t^2 = (2 - h) h, so
+#       dy/dx = 0.5 h (1 + x (2 - h) (c + 3 c k x^2)),   c = sqrt(2/pi), k = 0.044715:
+# the same value in 9 passes over the array instead of 13 (these layers are memory-bound).
 def _gelu_vjp(ans, x, cache):
     def vjp(g):
-        t = cache["t"]
-        dydx = 0.5 * (1.0 + t) + (0.5 * _GELU_C) * x * (1.0 - t * t) * (1.0 + (3.0 * _GELU_K) * (x * x))
-        return g * dydx
+        x2, h = cache["x2"], cache["h"]
+        inner = x * (2.0 - h) * (_GELU_C + (3.0 * _GELU_C * _GELU_K) * x2)
+        return (0.5 * g) * (h * (1.0 + inner))
     return vjp
 
 
@@ -208,30 +217,40 @@ defvjp(gelu.primitive, _gelu_vjp)
 # ============================================================================================
 
 
+def _causal_bias(xp: Any, T: int, dtype: Any) -> Any:
+    """(T, T) additive mask in the transposed layout [key j, query i]: 0 where j <= i, -inf after.
+
+    Adding it (exact: x + 0 = x) is a plain broadcast add; ``where(mask, S, -inf)`` over the
+    (B, H, T, T) scores measured 6x slower in NumPy.
+    """
+    keep = xp.triu(xp.ones((T, T), dtype=xp.bool))                      # key j <= query i
+    return xp.where(keep, xp.zeros((T, T), dtype=dtype), xp.full((T, T), -math.inf, dtype=dtype))
+
+
 def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
     """qkv (B, T, 3C) = [q | k | v] from ``c_attn`` -> y (B, T, C), heads concatenated.
 
-    The heads are split with transposes and reshapes only (no loop over heads): after
-    ``matrix_transpose`` the channel axis is second to last, and channel c of q, k or v is
-    (head c // D, position c % D) -- Hugging Face's split of n_embd into n_head x head_dim.
+    The heads are split with a reshape and a transpose only (no loop over heads): channel c of
+    q, k or v is (head c // D, position c % D) -- Hugging Face's split of n_embd into
+    n_head x head_dim. The scores are computed transposed, S^T (keys along axis -2), so that the
+    softmax reduces over axis -2: NumPy does that as elementwise max / add of whole rows, 1.5-2x
+    faster than reducing along a short last axis.
     """
     xp = namespace(qkv)
     Bsz, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    qkvT = xp.reshape(xp.matrix_transpose(qkv), (Bsz, 3, n_head, D, T))  # (B, 3, H, D, T)
-    qT, kT, vT = (qkvT[:, i, :, :, :] for i in range(3))                # (B, H, D, T) each
-    S = (xp.matrix_transpose(qT) @ kT) * scale                          # (B, H, T, T)  q k^T / sqrt(D)
-    causal = xp.tril(xp.ones((T, T), dtype=xp.bool))                    # (T, T) key <= query
-    S = xp.where(causal, S, -math.inf)
-    S = S - xp.max(S, axis=-1, keepdims=True)                           # the diagonal is finite
-    E = xp.exp(S)                                                       # masked entries: exp(-inf) = 0
-    P = E / xp.sum(E, axis=-1, keepdims=True)                           # (B, H, T, T)  softmax
-    Y = P @ xp.matrix_transpose(vT)                                     # (B, H, T, D)
+    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                      # (B, T, 3, H, D)
+    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
+    ST = (k @ xp.matrix_transpose(q)) * scale                           # (B, H, T, T)  S^T[j, i] = k_j . q_i / sqrt(D)
+    ST = ST + _causal_bias(xp, T, ST.dtype)                             # -inf where key j > query i
+    ST = ST - xp.max(ST, axis=-2, keepdims=True)                        # per query; finite (key j = i)
+    E = xp.exp(ST)                                                      # masked entries: exp(-inf) = 0
+    PT = E / xp.sum(E, axis=-2, keepdims=True)                          # (B, H, T, T)  P^T, softmax over keys
+    Y = xp.matrix_transpose(PT) @ v                                     # (B, H, T, D)  P V
     if cache is not None:
-        cache["P"], cache["qT"], cache["kT"], cache["vT"] = P, qT, kT, vT
-    y = xp.reshape(xp.matrix_transpose(Y), (Bsz, C, T))                 # (B, C, T): channel = (head, d)
-    return xp.matrix_transpose(y)                                       # (B, T, C)
+        cache["PT"], cache["q"], cache["k"], cache["v"] = PT, q, k, v
+    return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
 
 
 causal_attention = _layer(_causal_attention)
@@ -248,22 +267,21 @@ causal_attention.__doc__ = """Causal multi-head self-attention, every head in on
 #   dV = P^T G            dP = G V^T
 #   dS = P * (dP - rowsum(dP * P))       (softmax's Jacobian; masked entries have P = 0, so dS = 0)
 #   dQ = scale dS K       dK = scale dS^T Q
-# Written transposed, (B, H, D, T), so that the three stack straight back into qkv's layout:
-#   dQ^T = scale K^T dS^T,  dK^T = scale Q^T dS,  dV^T = G^T P.
+# with the transposed scores kept by the forward: dP^T = V G^T, and the row sums of dP * P are
+# sums over axis -2 of dP^T * P^T. The three gradients are stacked straight into qkv's layout.
 def _attention_vjp(ans, qkv, n_head, scale, cache):
     def vjp(g):
         xp = namespace(g)
         Bsz, T, C = g.shape
-        P, qT, kT, vT = cache["P"], cache["qT"], cache["kT"], cache["vT"]
-        GT = xp.reshape(xp.matrix_transpose(g), (Bsz, n_head, C // n_head, T))  # (B, H, D, T) = dL/dY^T
-        dP = xp.matrix_transpose(GT) @ vT                                 # (B, H, T, T)
-        dS = P * (dP - xp.sum(dP * P, axis=-1, keepdims=True))
-        dS = dS * scale
-        dqT = kT @ xp.matrix_transpose(dS)                                # (B, H, D, T)
-        dkT = qT @ dS                                                     # (B, H, D, T)
-        dvT = GT @ P                                                      # (B, H, D, T)
-        d = xp.reshape(xp.stack((dqT, dkT, dvT), axis=1), (Bsz, 3 * C, T))  # (B, 3C, T)
-        return xp.matrix_transpose(d)                                     # (B, T, 3C)
+        PT, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
+        G = xp.permute_dims(xp.reshape(g, (Bsz, T, n_head, C // n_head)), (0, 2, 1, 3))  # (B, H, T, D) dL/dY
+        dPT = v @ xp.matrix_transpose(G)                                  # (B, H, T, T)  dP^T = V G^T
+        dST = PT * (dPT - xp.sum(dPT * PT, axis=-2, keepdims=True)) * scale  # scale dS^T
+        dq = xp.matrix_transpose(dST) @ k                                 # (B, H, T, D)  scale dS K
+        dk = dST @ q                                                      # (B, H, T, D)  scale dS^T Q
+        dv = PT @ G                                                       # (B, H, T, D)  P^T G
+        d = xp.stack([xp.permute_dims(t, (0, 2, 1, 3)) for t in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
     return vjp
 
 
@@ -318,12 +336,152 @@ defvjp(cross_entropy.primitive, _cross_entropy_vjp, None)
 
 
 # ============================================================================================
+# Projections: lora_ref.lora_linear's Eq. 3, y = x W^T + bias + s ((x * mask) A^T) B^T,
+# evaluated in the order that trains fastest
+# ============================================================================================
+#
+# lora_ref.lora_linear is the reference: it never forms B A, and its products keep x's leading
+# (B, T) dimensions. This layer computes the same value and the same gradients (equal up to
+# rounding: tests/transformer/test_speed_paths.py holds it to lora_linear) in another order:
+#
+# * x is folded to (N, d_in), so every product is one (N, d_in) @ (d_in, d_out) matrix
+#   multiplication; NumPy runs a (B, T, d_in) @ (d_in, d_out) product as B smaller ones.
+# * Without dropout, when N (d_in + d_out) >= d_in d_out -- the thin products x A^T and
+#   (x A^T) B^T would cost at least what forming W + s B A does -- the adapter is added to the
+#   weight first: y = x (W + s B A)^T, one product for both branches, and in the backward
+#   dL/dx = G (W + s B A) likewise. For a single token (generation) the thin products stay.
+
+
+def _lora_blocks(enable: tuple[bool, ...] | None, d_out: int, r: int) -> list[tuple[slice, slice, slice]]:
+    """For each adapted block of a fused weight: (rows of A, rows of B, columns of y)."""
+    if enable is None:
+        return [(slice(0, r), slice(0, d_out), slice(0, d_out))]
+    q = d_out // len(enable)
+    enabled = [g for g, on in enumerate(enable) if on]                  # k-th adapted block is block g
+    return [(slice(k * r, (k + 1) * r), slice(k * q, (k + 1) * q), slice(g * q, (g + 1) * q))
+            for k, g in enumerate(enabled)]
+
+
+def _linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
+            enable_lora: tuple[bool, ...] | None = None, cache: dict | None = None) -> Any:
+    """x (..., d_in), W (d_out, d_in), A (n r, d_in) or None, B (n q, r) -> y (..., d_out).
+
+    The arguments are lora_ref.lora_linear's (see there, with enable_lora). Like the other
+    layers here it does not check them: the model checks all its inputs once per forward
+    (``transformer_ref.model``), which matters at ~25 us per call; lora_linear checks its own.
+    """
+    xp = namespace(x, W, A, B, bias, dropout_mask)
+    d_out, d_in = W.shape
+    lead = tuple(x.shape[:-1])
+    X = xp.reshape(x, (-1, d_in))                                        # (N, d_in)
+    N = X.shape[0]
+    fold = A is not None and dropout_mask is None and N * (d_in + d_out) >= d_in * d_out
+    if fold:                                                             # W + s B A  (d_out, d_in)
+        W_run = W + ((B @ A) * scale if enable_lora is None else delta_weight(A, B, scale, enable_lora, d_out))
+    else:
+        W_run = W
+    Y = X @ xp.matrix_transpose(W_run)                                   # (N, d_out)
+    if bias is not None:
+        Y = Y + bias
+    Xd = X
+    if A is not None and not fold:
+        if dropout_mask is not None:                                     # dropout on the adapter branch only
+            Xd = xp.reshape(x * dropout_mask, (-1, d_in))                # (N, d_in)
+        H = Xd @ xp.matrix_transpose(A)                                  # (N, n r)   A x
+        r = B.shape[-1]
+        parts = [H[:, ra] @ xp.matrix_transpose(B[rb, :]) for ra, rb, _ in _lora_blocks(enable_lora, d_out, r)]
+        if enable_lora is None:
+            delta = parts[0]                                             # (N, d_out)  B A x
+        else:
+            q, it = d_out // len(enable_lora), iter(parts)
+            zero = xp.zeros((N, q), dtype=Y.dtype)
+            delta = xp.concat([next(it) if on else zero for on in enable_lora], axis=-1)  # (N, d_out)
+        Y = Y + delta * scale
+    if cache is not None:
+        cache["X"], cache["Xd"], cache["W_run"] = X, Xd, W_run
+    return xp.reshape(Y, lead + (d_out,))                                # (..., d_out)
+
+
+linear = _layer(_linear)
+linear.__doc__ = """The model's projection: lora_ref.lora_linear's Eq. 3, ``x W^T + bias + s ((x * mask) A^T) B^T``.
+
+    Same arguments and value (up to rounding) as :func:`lora_ref.lora_linear`, without its input
+    checks (the model makes them once per forward); computed as one matrix product per call, with
+    ``W + s B A`` formed first when that is cheaper (no dropout, N (d_in + d_out) >= d_in d_out
+    for N tokens). x (..., d_in) -> (..., d_out).
+    """
+
+
+# With G = dL/dy folded to (N, d_out), X = x folded to (N, d_in), Xd = X * mask, H = Xd A^T, and
+# for block k: G_k = G[:, cols_k] (N, q), A_k (r, d_in), B_k (q, r)  (lora_ref.lora's formulas):
+#   dL/dx    = G W + s sum_k ((G_k B_k) A_k) * mask  =  G (W + s B A)  when there is no mask
+#   dL/dW    = G^T X                       (full fine-tuning only: LoRA never asks for it)
+#   dL/dA_k  = s (G_k B_k)^T Xd            dL/dB_k = s G_k^T H_k          dL/dbias = sum_N G
+def _flat_g(g: Any, d_out: int) -> Any:
+    return namespace(g).reshape(g, (-1, d_out))                          # (N, d_out)
+
+
+def _linear_vjp_x(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
+    def vjp(g):
+        xp = namespace(g)
+        G = _flat_g(g, W.shape[0])
+        dX = G @ cache["W_run"]                                          # (N, d_in)  G W (+ s G B A if folded)
+        if A is not None and cache["W_run"] is W:                        # not folded: the adapter branch apart
+            r = B.shape[-1]
+            gB = [G[:, cols] @ B[rb, :] for _, rb, cols in _lora_blocks(enable_lora, W.shape[0], r)]  # (N, r) each
+            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A                              # (N, d_in)
+            if dropout_mask is not None:
+                gBA = xp.reshape(xp.reshape(gBA, x.shape) * dropout_mask, (-1, x.shape[-1]))
+            dX = dX + gBA * scale
+        return xp.reshape(dX, x.shape)                                   # (..., d_in)
+    return vjp
+
+
+def _linear_vjp_W(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
+    return lambda g: namespace(g).matrix_transpose(_flat_g(g, W.shape[0])) @ cache["X"]   # (d_out, d_in)
+
+
+def _linear_vjp_A(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
+    def vjp(g):
+        xp = namespace(g)
+        G, r = _flat_g(g, W.shape[0]), B.shape[-1]
+        gB = [G[:, cols] @ B[rb, :] for _, rb, cols in _lora_blocks(enable_lora, W.shape[0], r)]  # (N, r) each
+        gB = gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)                                    # (N, n r)
+        return (xp.matrix_transpose(gB) @ cache["Xd"]) * scale           # (n r, d_in)
+    return vjp
+
+
+def _linear_vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
+    def vjp(g):
+        xp = namespace(g)
+        G, r = _flat_g(g, W.shape[0]), B.shape[-1]
+        H = cache["Xd"] @ xp.matrix_transpose(A)                         # (N, n r)
+        parts = [xp.matrix_transpose(G[:, cols]) @ H[:, ra] for ra, _, cols in _lora_blocks(enable_lora, W.shape[0], r)]
+        return (parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)) * scale   # (n q, r)
+    return vjp
+
+
+def _linear_vjp_bias(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
+    return lambda g: namespace(g).sum(_flat_g(g, W.shape[0]), axis=0)   # (d_out,)
+
+
+def _linear_not_differentiable(what: str) -> Callable[..., Any]:
+    def maker(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"linear is not differentiable with respect to {what}")
+    return maker
+
+
+defvjp(linear.primitive, _linear_vjp_x, _linear_vjp_W, _linear_vjp_A, _linear_vjp_B,
+       _linear_not_differentiable("scale (a constant)"), _linear_vjp_bias,
+       _linear_not_differentiable("dropout_mask (a constant)"))
+
+
+# ============================================================================================
 # The ops the model calls, and the switch to their undecorated forwards
 # ============================================================================================
 
 ops = SimpleNamespace(embedding=embedding, layer_norm=layer_norm, gelu=gelu,
-                      causal_attention=causal_attention, cross_entropy=cross_entropy,
-                      lora_linear=lora_linear)
+                      causal_attention=causal_attention, cross_entropy=cross_entropy, linear=linear)
 
 
 @contextlib.contextmanager

@@ -5,9 +5,11 @@
     lora_config  lora_ref.LoraConfig: rank, alpha, targeting, and per-module options
 
 ``forward(params, tokens, config, adapters, lora_config)`` is a pure function. Every projection is
-``lora_ref.lora_linear``: ``y = x W^T + b + s ((x A^T) B^T)`` where an adapter exists, ``x W^T + b``
-elsewhere. LoRA training differentiates with respect to ``adapters`` alone, with ``params`` closed
-over, so autograd never computes a gradient for a frozen weight.
+``lora_ref.lora_linear``'s Eq. 3: ``y = x W^T + b + s ((x A^T) B^T)`` where an adapter exists,
+``x W^T + b`` elsewhere, computed by ``layers.linear`` (the same value up to rounding, in the order
+that trains fastest; tests/transformer/test_speed_paths.py holds it to lora_linear). LoRA training
+differentiates with respect to ``adapters`` alone, with ``params`` closed over, so autograd never
+computes a gradient for a frozen weight.
 
 Shapes: B batch, T tokens, C = n_embd, F = MLP width, V = vocab_size, r rank.
 """
@@ -136,10 +138,10 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
     def linear(name, x):  # one projection, y = x W^T + b (+ s B A x where `name` has an adapter)
         W, b = p[name + ".weight"], p[name + ".bias"]
         if name not in adapters:
-            return ops.lora_linear(x, W, None, None, 1.0, b)
+            return ops.linear(x, W, None, None, 1.0, b)
         ad = adapters[name]
-        return ops.lora_linear(x, W, ad["A"], ad["B"], lora_config.scale_for(name), b, dropout.get(name),
-                               lora_config.enable_for(name))
+        return ops.linear(x, W, ad["A"], ad["B"], lora_config.scale_for(name), b, dropout.get(name),
+                          lora_config.enable_for(name))
 
     def ln(name, x):
         return ops.layer_norm(x, p[name + ".weight"], p[name + ".bias"], config.layer_norm_epsilon)
@@ -161,7 +163,7 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
         x = attn(h, i, ln(h + ".ln_1", x)) + x
         x = mlp(h, ln(h + ".ln_2", x)) + x
     x = ln("transformer.ln_f", x)
-    return ops.lora_linear(x, p["transformer.wte.weight"], None, None, 1.0)     # (B, T, V): lm_head = wte
+    return ops.linear(x, p["transformer.wte.weight"], None, None, 1.0)          # (B, T, V): lm_head = wte
 
 
 def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig,

@@ -200,18 +200,20 @@ def test_full_gradients_three_ways():
 
 
 def test_lora_training_never_computes_frozen_weight_gradients(monkeypatch):
-    """autograd asks lora_linear only for VJPs of traced arguments: W's VJP never runs in LoRA mode."""
-    import lora_ref.lora as lora_mod
+    """autograd asks the model's projection (layers.linear, lora_linear's Eq. 3) only for VJPs of
+    traced arguments: W's VJP never runs in LoRA mode."""
     from autograd.core import primitive_vjps
 
+    from transformer_ref.layers import linear
+
     calls = []
-    original = primitive_vjps[lora_mod.lora_linear]   # (argnums, ans, args, kwargs) -> vjp
+    original = primitive_vjps[linear.primitive]       # (argnums, ans, args, kwargs) -> vjp
 
     def spy(argnums, ans, args, kwargs):
         calls.extend(a for a in argnums if a == 1)      # argument 1 is W
         return original(argnums, ans, args, kwargs)
 
-    monkeypatch.setitem(primitive_vjps, lora_mod.lora_linear, spy)
+    monkeypatch.setitem(primitive_vjps, linear.primitive, spy)
     lc = VARIANTS["q,v (enable_lora)"][0]
     params, tokens, targets = tiny_model()
     adapters = random_adapters(params, TINY, lc)

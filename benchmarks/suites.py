@@ -1,0 +1,377 @@
+"""The measurements of issue #7, one function each; every one returns a JSON-ready dict.
+
+Each function builds what it times first (models, steps), checks that the sides it compares
+compute the same thing, then times them with :func:`benchmarks.harness.alternate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import timeit
+import tracemalloc
+from typing import Any
+
+import numpy as np
+
+from .flops import StepShape, memory_accounting, param_counts, step_flops
+from .harness import alternate, paired_ratio, summarize
+from .ref_gpt2 import make_model, make_ref_step
+from .torch_gpt2 import available as torch_available
+from .torch_gpt2 import make_torch_step
+
+__all__ = ["CONFIGS", "TINY", "backends_suite", "delta_svd_suite", "gpu_suite", "inference_suite",
+           "memory_suite", "profile_suite", "training_suite"]
+
+# Issue #7's two configurations (the default), and a tiny one to check the harness quickly.
+CONFIGS = {
+    "small": StepShape(n_embd=128, n_layer=4, seq_len=64, batch=16),
+    "large": StepShape(n_embd=512, n_layer=6, seq_len=128, batch=8),
+}
+TINY = StepShape(n_embd=32, n_layer=2, seq_len=16, batch=2, vocab=64, n_head=2, r=4)
+
+
+def _shape_dict(s: StepShape) -> dict[str, Any]:
+    return {"n_embd": s.n_embd, "n_layer": s.n_layer, "n_head": s.heads, "seq_len": s.seq_len,
+            "batch": s.batch, "vocab": s.vocab, "r": s.r, "lora_alpha": 16.0, "lora_targets": "c_attn",
+            "dtype": "float32"}
+
+
+def _same_function_bound(shape: StepShape) -> float:
+    """Relative bound on the difference of two float32 evaluations of the same logits.
+
+    ``tolerance(float32, n)`` with n the chained roundings of the longest dot products on a
+    logit's path: per block the c_attn/c_proj/c_fc/mlp.c_proj sums (C, C, C, F terms), the
+    attention sums over T keys and D channels, then the LM head's C terms; doubled for two
+    independent evaluations. It is a heuristic scale for a whole network (LayerNorm can amplify
+    errors), used only to prove both sides run the same model: a wrong weight, adapter or scale
+    changes the logits by O(1) relative to their size, thousands of times more.
+    """
+    from lora_ref.testing import tolerance
+
+    C, F, T = shape.n_embd, 4 * shape.n_embd, shape.seq_len
+    n = shape.n_layer * (3 * C + F + T + C // shape.heads) + C
+    return 2.0 * tolerance(np.float32, n)
+
+
+def _check_same_function(steps: dict[str, Any], pairs: list[tuple[str, str]], shape: StepShape) -> dict[str, float]:
+    """max |logits_a - logits_b| / max |logits_a| for each pair; RuntimeError when over the bound."""
+    bound = _same_function_bound(shape)
+    out = {}
+    for a, b in pairs:
+        la, lb = steps[a]["logits"](), steps[b]["logits"]()
+        rel = float(np.max(np.abs(la.astype(np.float64) - lb)) / np.max(np.abs(la)))
+        out[f"{a} vs {b}"] = rel
+        if not rel <= bound:
+            raise RuntimeError(f"{a} and {b} do not compute the same logits: relative difference {rel:.3g} "
+                               f"> bound {bound:.3g}")
+    out["bound"] = bound
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 1-3. The training step: lora-ref vs PyTorch + PEFT, LoRA vs full fine-tuning, FLOP/s
+# --------------------------------------------------------------------------------------------
+
+
+def training_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2, peak_gflops: float | None = None,
+                   with_torch: bool = True, pause: float = 0.05, threads: int | None = None) -> dict[str, Any]:
+    """Time LoRA and full fine-tuning steps of lora-ref and of PyTorch + PEFT, alternated.
+    ``threads``: lora-ref's batch slices (None: what ``train()`` chooses, ``auto_threads``)."""
+    from transformer_ref.model import merge_adapters
+
+    entry: dict[str, Any] = {"size": size, "label": shape.label, "shape": _shape_dict(shape),
+                             "flops": step_flops(shape), "params": param_counts(shape)}
+    model = make_model(shape)
+    steps = {"ref_lora": make_ref_step(model, "lora", threads=threads),
+             "ref_full": make_ref_step(model, "full", threads=threads)}
+    reason = torch_available() if with_torch else "not measured: PyTorch comparison switched off"
+    if reason is None:
+        merged = {k: np.asarray(v) for k, v in merge_adapters(model["params"], model["adapters"],
+                                                               model["lora_config"]).items()}
+        steps["torch_lora"] = make_torch_step(shape, "lora", model["params"], model["adapters"],
+                                              model["tokens"], model["targets"])
+        steps["torch_full"] = make_torch_step(shape, "full", merged, None, model["tokens"], model["targets"])
+    else:
+        entry["torch"] = reason
+    # The same function on every side before any timing: the logits at the starting point agree
+    # (the full fine-tuning sides start from the merged weights, i.e. the same function again).
+    pairs = [("ref_lora", "ref_full")] + ([("ref_lora", "torch_lora"), ("ref_full", "torch_full")]
+                                          if "torch_lora" in steps else [])
+    entry["same_logits"] = _check_same_function(steps, pairs, shape)
+    entry["initial_loss"] = {name: st["loss"]() for name, st in steps.items()}
+    entry["trainable"] = {name: st["trainable"] for name, st in steps.items()}
+    entry["ref_slices"] = {name: st["threads"] for name, st in steps.items() if "threads" in st}
+    times = alternate({name: st["step"] for name, st in steps.items()}, repeats=repeats, warmup=warmup, pause=pause)
+    entry["times"] = {name: summarize(ts) for name, ts in times.items()}
+    ratios = {"ref_lora/ref_full": paired_ratio(times["ref_lora"], times["ref_full"])}
+    if "torch_lora" in times:
+        ratios["ref_lora/torch_lora"] = paired_ratio(times["ref_lora"], times["torch_lora"])
+        ratios["ref_full/torch_full"] = paired_ratio(times["ref_full"], times["torch_full"])
+        ratios["torch_lora/torch_full"] = paired_ratio(times["torch_lora"], times["torch_full"])
+    entry["ratios"] = ratios
+    flops = entry["flops"]
+    entry["efficiency"] = {}
+    for name, ts in times.items():
+        count = flops["lora_step"] if name.endswith("lora") else flops["full_step"]
+        gflops = count / statistics.median(ts) / 1e9
+        entry["efficiency"][name] = {"gflops": gflops,
+                                     "fraction_of_peak": gflops / peak_gflops if peak_gflops else None}
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Inference: merged vs base forward (no added latency), unmerged overhead vs FLOP count
+# --------------------------------------------------------------------------------------------
+
+
+def inference_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2, pause: float = 0.0) -> dict[str, Any]:
+    """Forward passes (logits) of the base model, the merged model and the unmerged LoRA model."""
+    from transformer_ref.model import forward, merge_adapters
+
+    model = make_model(shape)
+    config, lc, params, adapters, tokens = (model[k] for k in ("config", "lora_config", "params", "adapters", "tokens"))
+    merged = merge_adapters(params, adapters, lc)
+    fns = {"base": lambda: forward(params, tokens, config),
+           "merged": lambda: forward(merged, tokens, config),
+           "unmerged": lambda: forward(params, tokens, config, adapters, lc)}
+    times = alternate(fns, repeats=repeats, warmup=warmup, pause=pause)
+    flops = step_flops(shape)
+    return {"size": size, "label": shape.label, "shape": _shape_dict(shape),
+            "times": {k: summarize(v) for k, v in times.items()},
+            "ratios": {"merged/base": paired_ratio(times["merged"], times["base"]),
+                       "unmerged/base": paired_ratio(times["unmerged"], times["base"]),
+                       "unmerged/merged": paired_ratio(times["unmerged"], times["merged"])},
+            "predicted_unmerged_overhead": (flops["lora_forward_overhead_folded"] if flops["lora_forward_folded"]
+                                            else flops["lora_forward_overhead"]),
+            "predicted_unmerged_overhead_reference_order": flops["lora_forward_overhead"],
+            "unmerged_path": ("W + s B A formed once per call (layers.linear)" if flops["lora_forward_folded"]
+                              else "thin products x A^T, (x A^T) B^T"),
+            "flops": {"base_forward": flops["base_forward"], "lora_forward": flops["lora_forward"]}}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Memory: tracemalloc peak of one step, LoRA vs full, beside the byte accounting
+# --------------------------------------------------------------------------------------------
+
+
+def memory_suite(size: str, shape: StepShape) -> dict[str, Any]:
+    """Peak bytes NumPy allocates during one training step (after a warm-up step), LoRA and full."""
+    model = make_model(shape)
+    out: dict[str, Any] = {"size": size, "label": shape.label, "shape": _shape_dict(shape),
+                           "accounting": memory_accounting(shape)}
+    for mode in ("lora", "full"):
+        step = make_ref_step(model, mode)
+        step["step"]()                     # Adam's moments exist from here on, as in training
+        gc.collect()
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            step["step"]()
+            after, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        out[mode] = {"peak_bytes": peak - before, "retained_bytes": after - before}
+        del step
+        gc.collect()
+    out["ratio_lora_full"] = out["lora"]["peak_bytes"] / out["full"]["peak_bytes"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 7. The cost of array_api_strict, of autograd's engine and of array_api_compat's wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def backends_suite(shape: StepShape, *, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Forward of one model on NumPy, on array_api_strict, traced by autograd; per-call costs."""
+    from autograd import make_vjp, value_and_grad
+
+    from lora_ref.backend import asarray, use_backend
+    from transformer_ref.layers import undecorated
+    from transformer_ref.model import forward, loss
+
+    model = make_model(shape)
+    config, lc, params, adapters, tokens, targets = (
+        model[k] for k in ("config", "lora_config", "params", "adapters", "tokens", "targets"))
+    with use_backend("array_api_strict"):
+        s_params = {k: asarray(np.asarray(v)) for k, v in params.items()}
+        s_adapters = {k: {n: asarray(np.asarray(a)) for n, a in v.items()} for k, v in adapters.items()}
+        s_tokens = asarray(tokens)
+
+    def objective(ad: Any) -> Any:
+        return loss(params, tokens, targets, config, ad, lc)
+
+    def traced_undecorated() -> Any:
+        with undecorated():
+            return value_and_grad(objective)(adapters)
+
+    fns = {
+        "numpy": lambda: forward(params, tokens, config, adapters, lc),
+        "array_api_strict": lambda: forward(s_params, s_tokens, config, s_adapters, lc),
+        "autograd trace (forward only)": lambda: make_vjp(objective)(adapters),
+        "autograd value_and_grad (hand-written VJPs)": lambda: value_and_grad(objective)(adapters),
+        "autograd value_and_grad (autograd.numpy VJPs)": traced_undecorated,
+    }
+    times = alternate(fns, repeats=repeats, warmup=warmup)
+    base = statistics.median(times["numpy"])
+    forward_rows = {name: {**summarize(ts), "vs_numpy": statistics.median(ts) / base} for name, ts in times.items()}
+    return {"label": shape.label, "shape": _shape_dict(shape), "forward": forward_rows,
+            "per_call": _per_call_overhead(),
+            "namespace_lookup": _namespace_experiment(model, repeats=3 * repeats),
+            "note": ("The two value_and_grad rows include the backward pass (they are a LoRA step "
+                     "without Adam); autograd.numpy's VJPs are the independent derivation the tests "
+                     "use, not the training path.")}
+
+
+_NAMESPACE_MODULES = ("lora_ref.backend", "lora_ref.lora", "transformer_ref.layers", "transformer_ref.model",
+                      "transformer_ref.train")
+
+
+@contextlib.contextmanager
+def _namespace_replaced(make: Any) -> Any:
+    """Replace ``namespace`` in every module that imported it by ``make(original)``."""
+    import importlib
+
+    from lora_ref import backend
+
+    original = backend.namespace
+    modules = [importlib.import_module(m) for m in _NAMESPACE_MODULES]
+    saved = [(m, m.namespace) for m in modules if hasattr(m, "namespace")]
+    try:
+        for m, _ in saved:
+            m.namespace = make(original)
+        yield
+    finally:
+        for m, fn in saved:
+            m.namespace = fn
+
+
+def _namespace_experiment(model: dict[str, Any], *, repeats: int) -> dict[str, Any]:
+    """Does the namespace lookup matter? A LoRA step with lora_ref.backend.namespace's NumPy fast
+    path (plain ndarrays: array_api_compat.numpy at once) against the same step forced through
+    the generic lookup (array_api_compat.array_namespace), alternated; and the calls per step."""
+    step = make_ref_step(model, "lora")
+    step["step"]()
+    calls = [0]
+
+    def counting(original: Any) -> Any:
+        def ns(*arrays: Any) -> Any:
+            calls[0] += 1
+            return original(*arrays)
+        return ns
+
+    with _namespace_replaced(counting):
+        step["step"]()
+
+    # A trailing Python float is ignored by the lookup but defeats the all-ndarray fast path.
+    def generic(original: Any) -> Any:
+        return lambda *arrays: original(*arrays, 0.0)
+
+    def with_generic() -> None:
+        with _namespace_replaced(generic):
+            step["step"]()
+
+    times = alternate({"fast path": step["step"], "generic lookup": with_generic}, repeats=repeats, warmup=1)
+    ratio = paired_ratio(times["fast path"], times["generic lookup"])
+    return {"calls_per_step": calls[0], "fast_path_ms": 1e3 * statistics.median(times["fast path"]),
+            "generic_ms": 1e3 * statistics.median(times["generic lookup"]), "fast/generic": ratio}
+
+
+def _per_call_overhead(number: int = 20000) -> dict[str, dict[str, float]]:
+    """Microseconds per call on small arrays: NumPy itself vs array_api_compat.numpy's function
+    and lora_ref.backend.namespace's lookup (medians of 5 timeit runs)."""
+    import array_api_compat.numpy as compat
+
+    from lora_ref.backend import namespace
+
+    x = np.ones((8, 8), dtype=np.float32)
+    pairs = {
+        "namespace lookup (lora_ref.backend.namespace vs none)": (lambda: None, lambda: namespace(x)),
+        "matmul": (lambda: np.matmul(x, x), lambda: compat.matmul(x, x)),
+        "matrix_transpose": (lambda: np.swapaxes(x, -1, -2), lambda: compat.matrix_transpose(x)),
+        "zeros": (lambda: np.zeros((8, 8), dtype=np.float32), lambda: compat.zeros((8, 8), dtype=compat.float32)),
+        "astype": (lambda: x.astype(np.float64), lambda: compat.astype(x, compat.float64)),
+        "exp": (lambda: np.exp(x), lambda: compat.exp(x)),
+    }
+    out = {}
+    for name, (plain, wrapped) in pairs.items():
+        t_plain = statistics.median(timeit.repeat(plain, number=number, repeat=5)) / number * 1e6
+        t_wrapped = statistics.median(timeit.repeat(wrapped, number=number, repeat=5)) / number * 1e6
+        out[name] = {"numpy_us": t_plain, "compat_us": t_wrapped}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time goes: lora-ref per layer, PyTorch per operator
+# --------------------------------------------------------------------------------------------
+
+
+def profile_suite(size: str, shape: StepShape, *, repeats: int = 3, with_torch: bool = True) -> dict[str, Any]:
+    """A LoRA step's time per layer type (forward, backward) in lora-ref, on one thread and on
+    every core (thread-milliseconds), and PyTorch's top operators by self CPU time."""
+    from .breakdown import step_breakdown
+
+    model = make_model(shape)
+    out: dict[str, Any] = {"size": size, "label": shape.label}
+    for name, threads in (("lora-ref, 1 thread", 1), ("lora-ref, every core", None)):
+        step = make_ref_step(model, "lora", threads=threads)
+        step["step"]()
+        if threads == 1:
+            from .harness import OPENBLAS
+
+            previous = OPENBLAS.get_threads()
+            OPENBLAS.set_threads(1)
+            try:
+                out[name] = step_breakdown(step["step"], repeats=repeats)
+            finally:
+                OPENBLAS.set_threads(previous)
+        else:
+            out[name] = step_breakdown(step["step"], repeats=repeats)
+    if with_torch and torch_available() is None:
+        out["PyTorch+PEFT"] = _torch_profile(shape, model, repeats)
+    return out
+
+
+def _torch_profile(shape: StepShape, model: dict[str, Any], repeats: int) -> dict[str, Any]:
+    import torch
+
+    step = make_torch_step(shape, "lora", model["params"], model["adapters"], model["tokens"], model["targets"])
+    step["step"]()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step["step"]()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"top_ops_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / repeats for e in rows},
+            "calls_per_step": {e.key: e.count / repeats for e in rows},
+            "note": "self CPU time of each operator on its calling thread (its intra-op threads work inside it)"}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. delta_svd (benchmarks/bench_delta_svd.py) and 8. GPU
+# --------------------------------------------------------------------------------------------
+
+
+def delta_svd_suite(quick: bool) -> dict[str, Any]:
+    """``benchmarks.bench_delta_svd.run(quick)``, or why it could not run."""
+    try:
+        from . import bench_delta_svd
+    except ImportError as exc:
+        return {"not_measured": f"not measured: benchmarks/bench_delta_svd.py is not importable ({exc})"}
+    if not hasattr(bench_delta_svd, "run"):
+        return {"not_measured": "not measured: benchmarks/bench_delta_svd.py has no run(quick) function"}
+    return bench_delta_svd.run(quick=quick)
+
+
+def gpu_suite() -> str:
+    """Whether a GPU could be measured here (CuPy and a CUDA device); the reason when not."""
+    from lora_ref.backend import BackendUnavailableError, use_backend
+
+    try:
+        with use_backend("cupy"):
+            pass
+    except BackendUnavailableError as exc:
+        return f"not measured: no GPU in this session ({exc})"
+    return "not measured: a GPU is present, but the GPU benchmarks are not written yet"
