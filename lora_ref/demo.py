@@ -234,6 +234,7 @@ def _merge_check(tr: Any, params: Mapping[str, Any], adapters: Mapping[str, Any]
     widened exactly), each against its bound ``2 gamma_n M``; and how far the adapters move the
     logits at all (so the check is not vacuous)."""
     from transformer_ref.bounds import logit_magnitude, logit_rounding_chain
+    from transformer_ref.layers import reference_projections
 
     n = logit_rounding_chain(gpt, r)
     M = logit_magnitude(params, gpt)
@@ -241,7 +242,9 @@ def _merge_check(tr: Any, params: Mapping[str, Any], adapters: Mapping[str, Any]
     dtype = dtype_name(to_numpy(params["transformer.wte.weight"]).dtype)
     for name in dict.fromkeys((dtype, "float64")):
         p, ad = (params, adapters) if name == dtype else (_astype(params, name), _astype(adapters, name))
-        unmerged = to_numpy(tr.forward(p, tokens, gpt, ad, lora_config)).astype(np.float64)   # (N, T, V)
+        # the reference order W x + s B (A x): the training path may fold s B A into W first
+        with reference_projections():
+            unmerged = to_numpy(tr.forward(p, tokens, gpt, ad, lora_config)).astype(np.float64)   # (N, T, V)
         merged = to_numpy(tr.forward(tr.merge_adapters(p, ad, lora_config), tokens, gpt)).astype(np.float64)
         base = to_numpy(tr.forward(p, tokens, gpt)).astype(np.float64)
         # Both sides are one forward pass of at most n roundings: |each - exact| <= gamma_n M to

@@ -30,7 +30,7 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from lora_ref.backend import dtype_name, getval, namespace
-from lora_ref.lora import delta_weight
+from lora_ref.lora import delta_weight, lora_linear
 
 __all__ = [
     "IGNORE_INDEX",
@@ -41,6 +41,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "ops",
+    "reference_projections",
     "undecorated",
 ]
 
@@ -500,6 +501,22 @@ def undecorated() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(ops, name, fn)
+
+
+@contextlib.contextmanager
+def reference_projections() -> Iterator[None]:
+    """Inside this block every projection of the model is :func:`lora_ref.lora_linear`, the
+    reference ``W x + b + s B (A x)`` that never forms ``B A``, instead of :func:`linear`, which
+    adds ``s B A`` to the weight first when that is cheaper (and then computes exactly what the
+    merged model computes). Use it whenever "unmerged" must mean the reference evaluation order,
+    e.g. to compare a merged model with an unmerged one.
+    """
+    saved = ops.linear
+    try:
+        ops.linear = lora_linear
+        yield
+    finally:
+        ops.linear = saved
 
 
 # ============================================================================================
