@@ -258,6 +258,20 @@ def dtype_name(dtype: Any) -> str:
         return str(dtype).split(".")[-1].strip("'>")
 
 
+def float_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` (a NumPy dtype, a name, or a backend's dtype object) as NumPy's float32 or float64.
+
+    The precisions lora_ref creates arrays in; anything else raises ``TypeError`` naming it.
+    """
+    try:
+        np_dtype = np.dtype(dtype_name(dtype))
+    except TypeError as exc:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+    if np_dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {np_dtype.name}")
+    return np_dtype
+
+
 # --------------------------------------------------------------------------------------------
 # autograd's engine on arrays that are not NumPy's
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from .backend import asarray, dtype_name, getval, namespace, to_numpy
+from .backend import asarray, dtype_name, float_dtype, getval, namespace, to_numpy
 
 __all__ = [
     "INIT_SCHEMES",
@@ -291,7 +291,7 @@ def init_lora(d_in: int, d_out: int, r: int, *, init: str = "kaiming", rng: np.r
     d_in, d_out, r = (_check_rank(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"), (r, "r")))
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    np_dtype = _check_float_dtype_name(dtype)
+    np_dtype = float_dtype(dtype)
     if init == "kaiming" or init == "random":
         bound = 1.0 / math.sqrt(d_in)
         A = rng.uniform(-bound, bound, size=(r, d_in))
@@ -348,7 +348,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, dty
         raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    np_dtype = _check_float_dtype_name(dtype)
+    np_dtype = float_dtype(dtype)
     keep = rng.random(size=tuple(shape)) >= p
     return asarray((keep / (1.0 - p)).astype(np_dtype))
 
@@ -621,16 +621,6 @@ def _check_finite_real(value: Any, name: str) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
-
-
-def _check_float_dtype_name(dtype: Any) -> np.dtype:
-    try:
-        np_dtype = np.dtype(dtype_name(dtype))
-    except TypeError as exc:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
-    if np_dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {np_dtype.name}")
-    return np_dtype
 
 
 def _is_float(arr: Any) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_ref.backend import asarray, dtype_name, getval, namespace
+from lora_ref.backend import asarray, dtype_name, float_dtype, getval, namespace
 from lora_ref.lora import LoraConfig, init_lora, merge
 
 from .config import GPTConfig, _check_config, param_shapes, projection_names, projection_shape
@@ -50,7 +50,7 @@ def init_params(config: GPTConfig, seed: int | np.random.Generator = 0, dtype: A
     """
     _check_config(config)
     rng = _rng(seed, "seed")
-    np_dtype = _float_dtype(dtype)
+    np_dtype = float_dtype(dtype)
     std = config.initializer_range
     params = {}
     for name, shape in param_shapes(config).items():
@@ -318,13 +318,3 @@ def _rng(seed: Any, name: str) -> np.random.Generator:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int seed or a numpy.random.Generator, got {type(seed).__name__}")
     return np.random.default_rng(int(seed))
-
-
-def _float_dtype(dtype: Any) -> np.dtype:
-    try:
-        np_dtype = np.dtype(dtype_name(dtype))
-    except TypeError as exc:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
-    if np_dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {np_dtype.name}")
-    return np_dtype
