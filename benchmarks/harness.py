@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import glob
 import importlib.metadata
 import os
 import platform
@@ -27,6 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from lora_ref.backend import numpy_openblas
 
 __all__ = [
     "alternate",
@@ -102,19 +103,8 @@ class _OpenBLAS:
     """NumPy's bundled OpenBLAS, found by file name, or None members when it is not found."""
 
     def __init__(self) -> None:
-        self.lib = None
-        roots = [os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs"),
-                 os.path.join(os.path.dirname(np.__file__), ".libs")]
-        for root in roots:
-            for path in sorted(glob.glob(os.path.join(root, "*openblas*.so*"))):
-                try:
-                    self.lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
-                    self.path = os.path.realpath(path)
-                    break
-                except OSError:
-                    continue
-            if self.lib is not None:
-                break
+        found = numpy_openblas()
+        self.lib, self.path = found if found is not None else (None, None)
 
     def _fn(self, *names: str) -> Any:
         for name in names:

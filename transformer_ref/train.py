@@ -28,7 +28,7 @@ import numpy as np
 from autograd import value_and_grad
 from tqdm.auto import tqdm
 
-from lora_ref.backend import asarray, dtype_name, getval, namespace
+from lora_ref.backend import asarray, dtype_name, getval, namespace, numpy_openblas
 from lora_ref.lora import LoraConfig, dropout_mask
 
 from .config import GPTConfig
@@ -121,19 +121,12 @@ def _find_openblas_local() -> Callable[[int], int] | None:
     """``openblas_set_num_threads_local`` of the OpenBLAS that NumPy's wheel bundles (OpenBLAS
     >= 0.3.27: a BLAS thread count for the calling thread only), or None when there is none."""
     import ctypes
-    import glob
-    import os
 
-    here = os.path.dirname(np.__file__)
-    for path in sorted(glob.glob(os.path.join(here, os.pardir, "numpy.libs", "*openblas*"))
-                       + glob.glob(os.path.join(here, ".libs", "*openblas*"))):
-        try:
-            fn = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
+    found = numpy_openblas()
+    fn = getattr(found[0], "openblas_set_num_threads_local", None) if found else None
+    if fn is not None:
         fn.argtypes, fn.restype = (ctypes.c_int,), ctypes.c_int
-        return fn
-    return None
+    return fn
 
 
 _OPENBLAS_LOCAL: list[Any] = []          # [function or None], looked up once
