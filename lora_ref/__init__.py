@@ -1,7 +1,8 @@
 """lora-ref: a reference implementation of LoRA (Hu et al. 2021) in plain array code.
 
-The math lives in :mod:`lora_ref.lora` (read it top to bottom), backends in
-:mod:`lora_ref.backend`, tolerances and the oracle kit in :mod:`lora_ref.testing`.
+The math lives in :mod:`lora_ref.lora` (read it top to bottom), what to adapt in
+:mod:`lora_ref.config`, backends in :mod:`lora_ref.backend`, argument checks in
+:mod:`lora_ref.checks`, tolerances and the oracle kit in :mod:`lora_ref.testing`.
 """
 
 from .backend import (
@@ -15,9 +16,8 @@ from .backend import (
     to_numpy,
     use_backend,
 )
-from .lora import (
+from .lora import (  # first: lora.py imports config.py at its end (see there)
     INIT_SCHEMES,
-    LoraConfig,
     delta_weight,
     dropout_mask,
     init_lora,
@@ -28,6 +28,7 @@ from .lora import (
     pissa_init,
     unmerge,
 )
+from .config import LoraConfig
 
 __version__ = "0.1.0"
 

@@ -46,6 +46,7 @@ __all__ = [
     "namespace",
     "register_array_type",
     "set_backend",
+    "sum_to_shape",
     "to_numpy",
     "use_backend",
     "xp",
@@ -306,14 +307,30 @@ def numpy_openblas() -> tuple[Any, str] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
-    """Sum ``g`` down to ``shape``: the VJP of broadcasting a value of that shape."""
-    mod = namespace(g)
-    while g.ndim > len(shape):
-        g = mod.sum(g, axis=0)
+def sum_to_shape(g: Any, shape: tuple[int, ...]) -> Any:
+    """Sum ``g`` down to ``shape``: the VJP of broadcasting a value of ``shape`` to ``g.shape``.
+
+    The one way lora-ref sums leading and broadcast axes (NumPy broadcasting rules): the leading
+    axes ``g`` has beyond ``len(shape)`` are folded into one, ``(..., *shape) -> (N, *shape)``,
+    and summed in a single reduction; then every axis where ``shape`` has 1 and ``g`` more is
+    summed with ``keepdims``. Returns ``g`` itself when the shapes already agree. A bias
+    gradient is ``sum_to_shape(g, (C,))``, g (..., C). Any backend, boxed or not.
+    """
+    shape = tuple(int(n) for n in shape)
+    if tuple(g.shape) == shape:
+        return g
+    lead = g.ndim - len(shape)
+    if lead < 0:
+        raise ValueError(f"cannot sum an array of shape {tuple(g.shape)} to the larger shape {shape}")
+    xp = namespace(g)
+    if lead:
+        rest = tuple(g.shape[lead:])
+        g = xp.sum(xp.reshape(g, (-1,) + rest), axis=0)                   # (N, *rest) -> rest
     for axis, size in enumerate(shape):
         if size == 1 and g.shape[axis] != 1:
-            g = mod.sum(g, axis=axis, keepdims=True)
+            g = xp.sum(g, axis=axis, keepdims=True)
+    if tuple(g.shape) != shape:
+        raise ValueError(f"an array of shape {tuple(g.shape)} does not broadcast from shape {shape}")
     return g
 
 
@@ -358,10 +375,10 @@ def _getitem_vjp(ans: Any, x: Any, index: Any) -> Any:
     return vjp
 
 
-defvjp(_add, lambda ans, x, y: lambda g: _unbroadcast(g, _shape_of(x)),
-       lambda ans, x, y: lambda g: _unbroadcast(g, _shape_of(y)))
-defvjp(_multiply, lambda ans, x, y: lambda g: _unbroadcast(g * y, _shape_of(x)),
-       lambda ans, x, y: lambda g: _unbroadcast(g * x, _shape_of(y)))
+defvjp(_add, lambda ans, x, y: lambda g: sum_to_shape(g, _shape_of(x)),
+       lambda ans, x, y: lambda g: sum_to_shape(g, _shape_of(y)))
+defvjp(_multiply, lambda ans, x, y: lambda g: sum_to_shape(g * y, _shape_of(x)),
+       lambda ans, x, y: lambda g: sum_to_shape(g * x, _shape_of(y)))
 defvjp(_matmul, lambda ans, x, y: lambda g: g @ namespace(y).matrix_transpose(y),
        lambda ans, x, y: lambda g: namespace(x).matrix_transpose(x) @ g)
 defvjp(_getitem, _getitem_vjp)

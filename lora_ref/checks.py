@@ -32,6 +32,7 @@ __all__ = [
     "is_int",
     "is_integer_array",
     "non_negative_int",
+    "numpy_generator",
     "positive_int",
     "positive_real",
     "probability",
@@ -118,6 +119,13 @@ def boolean(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {_kind(value)}")
     return bool(value)
+
+
+def numpy_generator(value: Any, name: str) -> np.random.Generator:
+    """A ``numpy.random.Generator``, passed through; a seed is refused (the caller owns the stream)."""
+    if not isinstance(value, np.random.Generator):
+        raise TypeError(f"{name} must be a numpy.random.Generator, got {type(value).__name__}")
+    return value
 
 
 def generator(seed: Any, name: str) -> np.random.Generator:

@@ -3,37 +3,46 @@
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685 (v2).
 Read top to bottom; each paper equation is cited by its number.
 
+Eq. 1, full fine-tuning: train every weight Phi of the model,
+    max_Phi  sum_{(x, y) in Z} sum_t log P_Phi(y_t | x, y_<t).
+Eq. 2, LoRA's objective: keep the pretrained Phi_0 frozen and train only a small Theta that
+encodes the update, Phi = Phi_0 + dPhi(Theta):
+    max_Theta  sum_{(x, y) in Z} sum_t log p_{Phi_0 + dPhi(Theta)}(y_t | x, y_<t).
+Eq. 3, the update of one weight matrix is low-rank, dW = B A, so a layer computes
+    h = W0 x + dW x = W0 x + B A x,       with dW x scaled by s (Section 4.1):  h = W0 x + s B A x.
+
+Theta is the (A, B) of every adapted matrix. This file is Eq. 3 for one linear layer: its forward
+(:func:`lora_linear`), the gradients written out (table G1-G5 below), initialisation, merging.
+Training "Theta alone" (Eq. 2) is ``autograd.grad`` with respect to A and B only: W is closed
+over, so its gradient G2 is never computed. (:mod:`lora_ref.config` says which layers get adapters.)
+
 Layout (the same as PEFT's ``lora_A.weight`` / ``lora_B.weight``)::
 
-    W  (d_out, d_in)    frozen pretrained weight,  y = x @ W.T + bias
+    W  (d_out, d_in)    frozen pretrained weight W0,  y = x @ W.T + bias
     A  (r, d_in)        down-projection,  initialised random
     B  (d_out, r)       up-projection,    initialised zero
     x  (..., d_in)      any number of leading (batch, token) dimensions; N = their product
     s                   scale: alpha / r, or alpha / sqrt(r) with rsLoRA
 
-Eq. 3:   h = W0 x + dW x = W0 x + B A x,     with dW x scaled by s:  h = W0 x + s B A x.
+(B is always LoRA's up-projection here, never a batch size.)
 
 Fused projections (GPT-2's ``c_attn`` holds q, k and v in one (3C, C) weight) follow loralib's
 ``MergedLinear``: ``enable_lora=(q, k, v)`` flags which of the G equal row-blocks of W are adapted.
-With n of them enabled, A is (n r, d_in) and B is (n d_out/G, r); enabled block k gets
-``s B_k A_k`` with ``A_k = A[k r:(k+1) r]`` and ``B_k = B[k d_out/G:(k+1) d_out/G]``; disabled blocks
-get nothing. ``enable_lora=None`` is the plain case (one block, enabled).
+With n of them enabled, A is (n r, d_in) and B is (n q, r), q = d_out / G; enabled block k gets
+``s B_k A_k`` with ``A_k = A[k r:(k+1) r]`` and ``B_k = B[k q:(k+1) q]``; disabled blocks get
+nothing. ``enable_lora=None`` is the plain case (one block, enabled).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from .backend import asarray, dtype_name, float_dtype, getval, namespace, to_numpy
+from .backend import asarray, float_dtype, namespace, sum_to_shape, to_numpy
+from .checks import finite_real, float_array, numpy_generator, positive_int, positive_real, probability, same_dtype
 
 __all__ = [
     "INIT_SCHEMES",
@@ -51,8 +60,9 @@ __all__ = [
 
 INIT_SCHEMES = ("kaiming", "gaussian", "random")
 
+
 # ============================================================================================
-# Configuration and scaling
+# The scale s (Section 4.1: "We then scale dW x by alpha / r")
 # ============================================================================================
 
 
@@ -62,211 +72,9 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     ``s = alpha / r`` (LoRA), or ``s = alpha / sqrt(r)`` (rsLoRA, rank-stabilised). Returned as a
     Python float so that a float32 computation stays float32 under NumPy 2's promotion rules.
     """
-    r = _check_rank(r, "r")
-    alpha = _check_finite_real(alpha, "alpha")
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-def _pattern_lookup(pattern: Mapping[str, Any], module_name: str) -> Any | None:
-    """PEFT's rule for rank_pattern / alpha_pattern: the first key ``k`` (in insertion order) for
-    which ``re.match(rf"(.*\\.)?({k})$", module_name)`` matches wins -- that is, the name equals
-    ``k`` or ends with ``"." + k``, with ``k`` read as a regular expression."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return None
-
-
-def _frozen_mapping(value: Any, name: str, check: Any) -> Mapping[str, Any]:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping of module-name pattern to value, got {type(value).__name__}")
-    out = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{name} keys must be strings, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as exc:
-            raise ValueError(f"{name} key {key!r} is not a valid regular expression: {exc}") from exc
-        out[key] = check(item, f"{name}[{key!r}]")
-    return MappingProxyType(out)
-
-
-def _check_enable(value: Any, name: str) -> tuple[bool, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise TypeError(f"{name} must be a non-empty sequence of booleans such as (True, False, True), got {value!r}")
-    flags = tuple(value)
-    if not all(isinstance(f, (bool, np.bool_)) for f in flags):
-        raise TypeError(f"{name} must contain booleans only, got {value!r}")
-    if not any(flags):
-        raise ValueError(f"{name} enables no block: {value!r}; leave the module out of the targets instead")
-    return tuple(bool(f) for f in flags)
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """What to adapt and how: rank, alpha, dropout, scaling, init, targeting. Immutable; validated.
-
-    Parameters
-    ----------
-    r : int
-        The rank (Section 4.1). Any positive integer; a rank above ``min(d_in, d_out)`` is legal
-        (as in PEFT) but wasteful: ``B @ A`` can never exceed rank ``min(d_in, d_out)``.
-    alpha : float
-        ``lora_alpha``; the update is scaled by ``alpha / r`` (or ``alpha / sqrt(r)``).
-    dropout : float
-        Dropout probability on the adapter branch's input, in ``[0, 1)``.
-    use_rslora : bool
-        Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-    init : {"kaiming", "gaussian", "random"}
-        How :func:`init_lora` draws A and B (see there).
-    fan_in_fan_out : bool
-        The *base model* stores weights as (d_in, d_out) (GPT-2's Conv1D). Adapters keep the
-        layout above either way; loaders and :func:`merge` transpose the delta when this is set.
-    target_modules : list of str, str, or None
-        Which modules get adapters. A list matches a module whose name equals an entry or ends
-        with ``"." + entry``; a string is a regular expression matched against the whole name.
-    rank_pattern, alpha_pattern : mapping of str to int / float
-        Per-module overrides of ``r`` / ``alpha`` (see :meth:`rank_for`).
-    layers_to_transform : int or list of int
-        Only modules in these layer indices get adapters.
-    layers_pattern : str or list of str, optional
-        The name of the layer container in module names (``"h"`` for GPT-2), used with
-        ``layers_to_transform``; by default the first ``.<name>.<digits>.`` found is the index.
-    enable_lora : mapping of str to tuple of bool
-        loralib ``MergedLinear`` for fused projections: for modules matching a key (same rule as
-        ``rank_pattern``), adapt only the flagged row-blocks, e.g. ``{"c_attn": (True, False, True)}``
-        adapts q and v of GPT-2's fused qkv, as the paper's GPT-2 experiments did.
-    """
-
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: str = "kaiming"
-    fan_in_fan_out: bool = False
-    target_modules: tuple[str, ...] | str | None = None
-    rank_pattern: Mapping[str, int] = field(default=None)  # type: ignore[assignment]
-    alpha_pattern: Mapping[str, float] = field(default=None)  # type: ignore[assignment]
-    layers_to_transform: tuple[int, ...] | None = None
-    layers_pattern: tuple[str, ...] | None = None
-    enable_lora: Mapping[str, tuple[bool, ...]] = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        set_("r", _check_rank(self.r, "r"))
-        set_("alpha", float(_check_finite_real(self.alpha, "alpha")))
-        dropout = _check_finite_real(self.dropout, "dropout")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        set_("dropout", float(dropout))
-        for flag in ("use_rslora", "fan_in_fan_out"):
-            if not isinstance(getattr(self, flag), (bool, np.bool_)):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-            set_(flag, bool(getattr(self, flag)))
-        if self.init not in INIT_SCHEMES:
-            raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
-        targets = self.target_modules
-        if targets is not None and not isinstance(targets, str):
-            if isinstance(targets, bytes) or not isinstance(targets, Sequence | set | frozenset):
-                raise TypeError(f"target_modules must be a list of names, a regex string, or None, got {targets!r}")
-            targets = tuple(sorted(targets)) if isinstance(targets, set | frozenset) else tuple(targets)
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
-        elif isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                raise ValueError(f"target_modules regex {targets!r} is invalid: {exc}") from exc
-        set_("target_modules", targets)
-        set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", _check_rank))
-        set_("alpha_pattern", _frozen_mapping(self.alpha_pattern, "alpha_pattern",
-                                              lambda v, n: float(_check_finite_real(v, n))))
-        set_("enable_lora", _frozen_mapping(self.enable_lora, "enable_lora", _check_enable))
-        layers = self.layers_to_transform
-        if layers is not None:
-            layers = (layers,) if isinstance(layers, numbers.Integral) else tuple(layers)
-            if not layers or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
-                                     for i in layers):
-                raise ValueError(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
-            layers = tuple(int(i) for i in layers)
-        set_("layers_to_transform", layers)
-        pattern = self.layers_pattern
-        if pattern is not None:
-            pattern = (pattern,) if isinstance(pattern, str) else tuple(pattern)
-            if not pattern or not all(isinstance(p, str) and p for p in pattern):
-                raise ValueError(f"layers_pattern must be a name or list of names, got {self.layers_pattern!r}")
-        set_("layers_pattern", pattern)
-        # PEFT's LoraConfig refuses these combinations rather than ignoring the layer settings.
-        if isinstance(targets, str) and (layers is not None or pattern is not None):
-            raise ValueError(
-                "layers_to_transform and layers_pattern cannot be used when target_modules is a regex "
-                f"string ({targets!r}): put the layer restriction in the regex instead")
-        if pattern is not None and layers is None:
-            raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform as well")
-
-    @property
-    def scale(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (modules without pattern overrides)."""
-        return lora_scale(self.alpha, self.r, self.use_rslora)
-
-    def rank_for(self, module_name: str) -> int:
-        """The rank of ``module_name``'s adapter: ``rank_pattern``'s first matching key, else ``r``."""
-        found = _pattern_lookup(self.rank_pattern, module_name)
-        return self.r if found is None else found
-
-    def alpha_for(self, module_name: str) -> float:
-        """``alpha_pattern``'s first matching key for ``module_name``, else ``alpha``."""
-        found = _pattern_lookup(self.alpha_pattern, module_name)
-        return self.alpha if found is None else found
-
-    def scale_for(self, module_name: str) -> float:
-        """The scale of ``module_name``'s adapter: ``alpha_for / rank_for`` (or ``/ sqrt``)."""
-        return lora_scale(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
-
-    def enable_for(self, module_name: str) -> tuple[bool, ...] | None:
-        """The ``enable_lora`` flags for ``module_name`` (None: the whole weight is adapted)."""
-        return _pattern_lookup(self.enable_lora, module_name)
-
-    def layer_index(self, module_name: str) -> int | None:
-        """The layer index in ``module_name``, by PEFT's rule (``check_target_module_exists``).
-
-        Without ``layers_pattern``: the digits of the first ``.<name>.<digits>.`` that follows at
-        least one dot (``"transformer.h.3.attn"`` -> 3; a bare ``"h.3.attn"`` -> None). With it: for
-        each pattern in order, the first ``<pattern>.<digits>.`` at the start or after a dot; the
-        first pattern that matches wins.
-        """
-        if not self.layers_pattern:
-            found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
-        else:
-            found = None
-            for pattern in self.layers_pattern:
-                found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", module_name)
-                if found:
-                    break
-        return int(found.group(1)) if found else None
-
-    def targets(self, module_name: str) -> bool:
-        """Whether ``module_name`` gets an adapter, by PEFT's rule (``check_target_module_exists``).
-
-        A regex string must match the whole name (``layers_to_transform`` is then not consulted);
-        a list entry equal to the name selects it; an entry the name ends with (after a dot)
-        selects it if its :meth:`layer_index` is in ``layers_to_transform`` (when that is set).
-        """
-        targets = self.target_modules
-        if targets is None:
-            return False
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, module_name) is not None
-        elif module_name in targets:
-            hit = True  # named exactly: PEFT adapts it whatever layers_to_transform says
-        else:
-            hit = any(module_name.endswith("." + t) for t in targets)
-            if hit and self.layers_to_transform is not None:
-                hit = self.layer_index(module_name) in self.layers_to_transform
-        return hit
+    r = positive_int(r, "r")
+    alpha = finite_real(alpha, "alpha")
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 # ============================================================================================
@@ -288,9 +96,8 @@ def init_lora(d_in: int, d_out: int, r: int, *, init: str = "kaiming", rng: np.r
     With B = 0 the adapted layer starts identical to the base (Eq. 3 with B A = 0). Randomness
     comes only from ``rng``; arrays are created on the current backend.
     """
-    d_in, d_out, r = (_check_rank(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"), (r, "r")))
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    d_in, d_out, r = positive_int(d_in, "d_in"), positive_int(d_out, "d_out"), positive_int(r, "r")
+    numpy_generator(rng, "rng")
     np_dtype = float_dtype(dtype)
     if init == "kaiming" or init == "random":
         bound = 1.0 / math.sqrt(d_in)
@@ -319,15 +126,13 @@ def pissa_init(W: Any, r: int, scale: float) -> tuple[Any, Any, Any]:
     import scipy.linalg
 
     W_np = to_numpy(W)
-    _check_float_array(W_np, "W")
+    float_array(W_np, "W")
     if W_np.ndim != 2:
         raise ValueError(f"W must be 2-D (d_out, d_in), got shape {W_np.shape}")
-    r = _check_rank(r, "r")
+    r = positive_int(r, "r")
     if r > min(W_np.shape):
         raise ValueError(f"pissa_init: r={r} exceeds min(d_out, d_in)={min(W_np.shape)} for W of shape {W_np.shape}")
-    scale = _check_finite_real(scale, "scale")
-    if scale <= 0:
-        raise ValueError(f"pissa_init: scale must be positive, got {scale!r}")
+    scale = positive_real(scale, "scale")
     U, S, Vt = scipy.linalg.svd(W_np.astype(np.float64), full_matrices=False)
     root = np.sqrt(S[:r])
     A = (root[:, None] * Vt[:r]) / math.sqrt(scale)              # (r, d_in)
@@ -343,18 +148,15 @@ def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, dty
     Passing this to :func:`lora_linear` applies dropout to the adapter branch only, as PEFT does,
     and keeps the computation deterministic (the randomness is in the mask you pass).
     """
-    p = _check_finite_real(p, "p")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    p = probability(p, "p")
+    numpy_generator(rng, "rng")
     np_dtype = float_dtype(dtype)
     keep = rng.random(size=tuple(shape)) >= p
     return asarray((keep / (1.0 - p)).astype(np_dtype))
 
 
 # ============================================================================================
-# The forward pass (Eq. 3) and its gradients, written out
+# The forward pass (Eq. 3), an autograd primitive
 # ============================================================================================
 
 
@@ -428,19 +230,28 @@ lora_linear.__doc__ = """LoRA's adapted linear layer, Eq. 3: ``y = x W^T + bias 
 
     Never forms ``B @ A``: the adapter branch costs ``r (d_in + d_out)`` multiply-adds per
     token, not ``d_in d_out``. An autograd primitive: gradients for x, W, A, B and bias are the
-    hand-written VJPs below (autograd only asks for those of traced arguments, so a frozen W
+    hand-written VJPs G1-G5 below (autograd only asks for those of traced arguments, so a frozen W
     costs nothing in LoRA training). All arrays must share one floating dtype.
     """
 
 
-# Gradients, with G = dL/dy (..., d_out), X = x flattened to (N, d_in), M the mask, Xd = X * M,
-# H = Xd A^T (N, r), and for block k: G_k = G[:, cols_k], H_k = H[:, rows of A_k]:
-#   dL/dx    = G W + s (sum_k (G_k B_k) A_k) * M
-#   dL/dW    = G^T X                       (only when W is trained: full fine-tuning)
-#   dL/dbias = sum over N of G
-#   dL/dA_k  = s (G_k B_k)^T Xd            (r, d_in)
-#   dL/dB_k  = s G_k^T H_k                 (q, r)
-# At init B = 0, so dL/dA = 0 exactly and dL/dB = s G^T (X A^T): only B moves on the first step.
+# ============================================================================================
+# The gradients, written out (each VJP below names its line)
+# ============================================================================================
+#
+# y = x W^T + bias + s ((x * M) A^T) B^T  (Eq. 3). With G = dL/dy (..., d_out), X = x flattened to
+# (N, d_in), M the dropout mask, Xd = X * M, H = Xd A^T (N, n r), and for enabled block k of a fused
+# projection: G_k = G[:, rows of block k] (N, q), A_k (r, d_in), B_k (q, r), H_k = H[:, rows of A_k]:
+#
+#   G1  dL/dx    = G W + s (sum_k (G_k B_k) A_k) * M     (..., d_in)   y is linear in x through two paths
+#   G2  dL/dW    = G^T X                                 (d_out, d_in) only if W is trained (Eq. 1)
+#   G3  dL/dbias = sum over the N rows of G              (d_out,)
+#   G4  dL/dA_k  = s (G_k B_k)^T Xd                      (r, d_in)     y_k = s (Xd A_k^T) B_k^T
+#   G5  dL/dB_k  = s G_k^T H_k                           (q, r)        y_k = s H_k B_k^T
+#
+# Eq. 2 training asks for G4 and G5 (and G1 to reach earlier layers), never G2. At init B = 0, so
+# G4 = 0 exactly and G5 = s G^T (X A^T): only B moves on the first step. In the plain case
+# (enable_lora=None) there is one block, k = 1, holding all of A, B and G.
 
 
 def _flat(t: Any) -> Any:
@@ -449,25 +260,28 @@ def _flat(t: Any) -> Any:
 
 
 def _vjp_x(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None):
+    """G1: dL/dx = G W + s (sum_k (G_k B_k) A_k) * M."""
     def vjp(g):
         xp = namespace(g)
-        dx = g @ W                                                           # (..., d_in)
+        dx = g @ W                                                           # (..., d_in)   G W
         if A is not None:
             r = B.shape[-1]
-            gB = [g[..., rw] @ B[rb, :] for _, rb, rw in _blocks(enable_lora, W.shape[0], r)]  # (..., r)
-            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A      # (..., d_in)
+            gB = [g[..., rw] @ B[rb, :] for _, rb, rw in _blocks(enable_lora, W.shape[0], r)]  # (..., r) G_k B_k
+            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A      # (..., d_in)   sum_k (G_k B_k) A_k
             if dropout_mask is not None:
                 gBA = gBA * dropout_mask
             dx = dx + gBA * scale
-        return _sum_to_shape(dx, x.shape)
+        return dx             # x's shape: the mask broadcasts *to* x (validated), never beyond it
     return vjp
 
 
 def _vjp_W(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None):
+    """G2: dL/dW = G^T X."""
     return lambda g: namespace(g).matrix_transpose(_flat(g)) @ _flat(x)     # (d_out, d_in)
 
 
 def _vjp_A(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None):
+    """G4: dL/dA_k = s (G_k B_k)^T Xd, stacked over the enabled blocks."""
     def vjp(g):
         xp = namespace(g)
         xd = _flat(x if dropout_mask is None else x * dropout_mask)         # (N, d_in)
@@ -479,6 +293,7 @@ def _vjp_A(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
 
 
 def _vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None):
+    """G5: dL/dB_k = s G_k^T H_k, stacked over the enabled blocks."""
     def vjp(g):
         xp = namespace(g)
         xd = _flat(x if dropout_mask is None else x * dropout_mask)         # (N, d_in)
@@ -490,7 +305,8 @@ def _vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
 
 
 def _vjp_bias(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None):
-    return lambda g: namespace(g).sum(_flat(g), axis=0)                     # (d_out,)
+    """G3: dL/dbias = sum over the N rows of G."""
+    return lambda g: sum_to_shape(g, tuple(bias.shape))                     # (d_out,)
 
 
 def _no_grad(what):
@@ -501,14 +317,6 @@ def _no_grad(what):
 
 defvjp(lora_linear, _vjp_x, _vjp_W, _vjp_A, _vjp_B, _no_grad("scale (a constant)"), _vjp_bias,
        _no_grad("dropout_mask (a constant)"))
-
-
-def _sum_to_shape(t: Any, shape: tuple[int, ...]) -> Any:
-    """dx has x's shape already unless x was broadcast; sum any broadcast leading dims away."""
-    xp = namespace(t)
-    while t.ndim > len(shape):
-        t = xp.sum(t, axis=0)
-    return t
 
 
 # ============================================================================================
@@ -526,12 +334,12 @@ def delta_weight(A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | N
     """
     xp = namespace(A, B)
     _check_pair(A, B)
-    scale = _check_finite_real(scale, "scale")
+    scale = finite_real(scale, "scale")
     if enable_lora is None:
         if A.shape[0] != B.shape[1]:
             raise ValueError(f"A has rank {A.shape[0]} (shape {tuple(A.shape)}) but B has rank {B.shape[1]} (shape {tuple(B.shape)})")
         return (B @ A) * scale                                               # (d_out, d_in)
-    enable = _check_enable(enable_lora, "enable_lora")
+    enable = check_enable_lora(enable_lora, "enable_lora")
     n, G = sum(enable), len(enable)
     r = B.shape[1]
     if A.shape[0] != n * r or B.shape[0] % n:
@@ -546,11 +354,11 @@ def delta_weight(A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | N
 
 def _delta_for(W: Any, A: Any, B: Any, scale: float, enable_lora: Any, fan_in_fan_out: bool) -> Any:
     xp = namespace(W, A, B)
-    _check_float_array(W, "W")
+    float_array(W, "W")
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D, got shape {tuple(W.shape)}")
     d_out, d_in = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
-    _check_same_dtype(("W", W), ("A", A), ("B", B))
+    same_dtype(("W", W), ("A", A), ("B", B))
     if A.shape[-1] != d_in:
         layout = " (W stored (d_in, d_out): fan_in_fan_out=True)" if fan_in_fan_out else ""
         raise ValueError(f"A has d_in={A.shape[-1]} but W{layout} has d_in={d_in}; W shape {tuple(W.shape)}, A shape {tuple(A.shape)}")
@@ -598,63 +406,26 @@ def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
     Section 5.1's ``|Theta| = 2 L d_model r`` is this with d_in = d_out = d_model, summed over
     the L adapted matrices.
     """
-    d_in, d_out, r = (_check_rank(v, n) for v, n in ((d_in, "d_in"), (d_out, "d_out"), (r, "r")))
+    d_in, d_out, r = positive_int(d_in, "d_in"), positive_int(d_out, "d_out"), positive_int(r, "r")
     return r * (d_in + d_out)
 
 
 # ============================================================================================
-# Validation: every public function checks its input and says what is wrong
+# Validation: every public function checks its input and says what is wrong (lora_ref.checks)
 # ============================================================================================
 
 
-def _check_rank(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_finite_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _is_float(arr: Any) -> bool:
-    return dtype_name(getval(arr).dtype) in ("float16", "float32", "float64")
-
-
-def _check_float_array(arr: Any, name: str) -> None:
-    if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
-    if not _is_float(arr):
-        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {dtype_name(arr.dtype)}")
-
-
-def _check_same_dtype(*named: tuple[str, Any]) -> None:
-    present = [(n, a) for n, a in named if a is not None]
-    first_name, first = present[0]
-    for name, arr in present[1:]:
-        if dtype_name(arr.dtype) != dtype_name(first.dtype):
-            raise TypeError(
-                f"{name} is {dtype_name(arr.dtype)} but {first_name} is {dtype_name(first.dtype)}; "
-                "lora_ref does not mix precisions silently: cast them to one dtype first")
-
-
 def _check_pair(A: Any, B: Any) -> None:
-    _check_float_array(A, "A")
-    _check_float_array(B, "B")
+    float_array(A, "A")
+    float_array(B, "B")
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"A must be 2-D (r, d_in) and B 2-D (d_out, r); got A {tuple(A.shape)}, B {tuple(B.shape)}")
-    _check_same_dtype(("A", A), ("B", B))
+    same_dtype(("A", A), ("B", B))
 
 
 def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
-    for name, arr in (("x", x), ("W", W)):
-        _check_float_array(arr, name)
+    float_array(x, "x")
+    float_array(W, "W")
     if x.ndim < 1:
         raise ValueError(f"x must have at least 1 dimension (..., d_in), got shape {tuple(x.shape)}")
     if W.ndim != 2:
@@ -663,17 +434,17 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
     if x.shape[-1] != d_in:
         raise ValueError(f"x has d_in={x.shape[-1]} (shape {tuple(x.shape)}) but W has d_in={d_in} (shape {tuple(W.shape)})")
     if bias is not None:
-        _check_float_array(bias, "bias")
+        float_array(bias, "bias")
         if tuple(bias.shape) != (d_out,):
             raise ValueError(f"bias must have shape ({d_out},) to match W {tuple(W.shape)}, got {tuple(bias.shape)}")
     if (A is None) != (B is None):
         raise ValueError("A and B must both be given or both be None")
     if A is None:
-        _check_same_dtype(("x", x), ("W", W), ("bias", bias))
+        same_dtype(("x", x), ("W", W), ("bias", bias))
         return
     _check_pair(A, B)
-    _check_finite_real(scale, "scale")
-    _check_same_dtype(("x", x), ("W", W), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask))
+    finite_real(scale, "scale")
+    same_dtype(("x", x), ("W", W), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask))
     if A.shape[1] != d_in:
         raise ValueError(f"A has d_in={A.shape[1]} (shape {tuple(A.shape)}) but W has d_in={d_in} (shape {tuple(W.shape)})")
     r = B.shape[1]
@@ -683,7 +454,7 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
         if B.shape[0] != d_out:
             raise ValueError(f"B has d_out={B.shape[0]} (shape {tuple(B.shape)}) but W has d_out={d_out} (shape {tuple(W.shape)})")
     else:
-        enable = _check_enable(enable_lora, "enable_lora")
+        enable = check_enable_lora(enable_lora, "enable_lora")
         G, n = len(enable), sum(enable)
         if d_out % G:
             raise ValueError(f"enable_lora has {G} blocks but W's d_out={d_out} is not divisible by {G}")
@@ -692,7 +463,7 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
                 f"enable_lora={enable} on W {tuple(W.shape)} needs A ({n * r}, {d_in}) and B ({n * (d_out // G)}, {r}); "
                 f"got A {tuple(A.shape)}, B {tuple(B.shape)}")
     if mask is not None:
-        _check_float_array(mask, "dropout_mask")
+        float_array(mask, "dropout_mask")
         try:
             np.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
             ok = np.broadcast_shapes(tuple(mask.shape), tuple(x.shape)) == tuple(x.shape)
@@ -700,3 +471,9 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
             ok = False
         if not ok:
             raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+
+
+# LoraConfig lives in lora_ref.config, which imports lora_scale and INIT_SCHEMES from this module;
+# it is re-exported here (so ``from lora_ref.lora import LoraConfig`` keeps working), last, once
+# everything config.py needs from this module exists. So is the enable_lora flag check.
+from .config import LoraConfig, check_enable_lora  # noqa: E402
