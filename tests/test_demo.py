@@ -16,12 +16,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lora_ref import demo
 from lora_ref.cli import main
-from lora_ref.demo import DemoConfig, compute, run_demo, summary_text, write_report
-from transformer_ref import GPTConfig
-from transformer_ref.bounds import logit_rounding_chain
 from lora_ref.testing import tolerance
+from transformer_ref import GPTConfig, demo
+from transformer_ref.bounds import logit_rounding_chain
+from transformer_ref.demo import DemoConfig, compute, run_demo, summary_text, write_report
+from transformer_ref.machine import blas_threads
 
 TINY = DemoConfig(n_embd=32, n_layer=1, n_head=2, n_symbols=8, length=4, n_swaps=1, pretrain_steps=40,
                   finetune_steps=15, batch_size=8, ranks=(1, 2, 4, 8, 16), budget_rank=4, phi_ranks=(8, 16),
@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def without_timing(result):
     """The result less what is not a function of the configuration (seconds, thread settings)."""
-    r = json.loads(json.dumps(demo._json_ready(result)))
+    r = json.loads(json.dumps(demo.json_ready(result)))
     for key in ("timing", "figures"):
         r.pop(key)
     r["versions"].pop("blas_threads", None)
@@ -231,7 +231,7 @@ def test_report_shows_the_computed_numbers(tiny):
 
 def test_files_written(tiny):
     result, out = tiny
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(demo._json_ready(result)))
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(demo.json_ready(result)))
     assert set(result["figures"]) == FIGURES
     report = (out / "report.md").read_text()
     for name in FIGURES:
@@ -276,7 +276,7 @@ def test_summary_has_the_rank_table_phi_amplification_and_time(tiny):
 
 def test_deterministic_for_a_seed(tiny):
     result, _ = tiny
-    with demo.blas_threads(1):          # as run_demo does: float32 results may depend on BLAS's thread count
+    with blas_threads(1):               # as run_demo does: float32 results may depend on BLAS's thread count
         again = compute(TINY, progress=False)
         other = compute(replace(TINY, seed=1), progress=False)
     assert without_timing(again) == without_timing(result)
@@ -295,7 +295,7 @@ def test_float64_run():
 
 
 def test_cli_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "QUICK", TINY)                       # --quick, made tiny
+    monkeypatch.setitem(demo.PRESETS, "quick", TINY)               # --quick, made tiny
     out = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(out), "--seed", "3", "--no-progress"]) == 0
     text = capsys.readouterr().out
@@ -329,7 +329,9 @@ def test_cli_rejects_a_file_as_out(tmp_path, capsys):
     ({"amplification_ranks": (16, 4)}, "smaller first"),
     ({"dtype": "float16"}, "dtype must be 'float32' or 'float64'"),
     ({"seed": -1}, "seed must be a non-negative int"),
-    ({"lora_lr": 0.0}, "lora_lr must be a positive finite number"),
+    ({"lora_lr": 0.0}, "lora_lr must be positive"),
+    ({"alpha": float("inf")}, "alpha must be finite"),
+    ({"n_layer": 1.5}, "n_layer must be a positive int"),
     ({"n_head": 3}, "n_embd must be divisible by n_head"),
     ({"finetune_steps": 0}, "finetune_steps must be a positive int"),
 ])
@@ -339,7 +341,7 @@ def test_config_validation_names_the_field(change, message):
 
 
 def test_run_demo_validates_its_arguments(tmp_path):
-    with pytest.raises(TypeError, match="config must be a lora_ref.demo.DemoConfig"):
+    with pytest.raises(TypeError, match="config must be a transformer_ref.demo.DemoConfig"):
         run_demo({"n_embd": 32}, tmp_path)
     with pytest.raises(TypeError, match="progress must be True, False or None"):
         run_demo(TINY, tmp_path, progress="yes")
@@ -351,19 +353,8 @@ def test_run_demo_validates_its_arguments(tmp_path):
 
 
 def test_presets_fit_the_issue():
+    assert demo.PRESETS == {"default": demo.DEFAULT, "quick": demo.QUICK}
     for preset in (demo.DEFAULT, demo.QUICK):
         assert preset.ranks == (1, 2, 4, 8, 64) and max(preset.ranks) < preset.n_embd
         assert preset.phi_ranks == (8, 64) and preset.amplification_ranks == (4, 64)
         assert preset.budget_rank == 4                            # W_q r=8, (W_q, W_v) r=4, all four r=2
-
-
-def test_blas_threads_restores_the_setting():
-    libs = demo._openblas_libraries()
-    with demo.blas_threads(None) as how:
-        assert "left as configured" in how
-    if not libs:
-        pytest.skip("no OpenBLAS library found in this process (threadpoolctl or another BLAS)")
-    before = [getter() for _, _, getter in libs]
-    with demo.blas_threads(1):
-        assert [getter() for _, _, getter in libs] == [1] * len(libs)
-    assert [getter() for _, _, getter in libs] == before

@@ -4,7 +4,9 @@ Pretrains a small GPT (transformer_ref) on a cipher task, fine-tunes it with ful
 with LoRA at several ranks and target sets, and writes ``DIR/report.md`` with figures: loss
 curves, loss and accuracy versus rank, trainable parameters and optimizer bytes, the merge
 check, singular-value spectra, subspace similarity (Figure 3) and amplification (Table 7).
-See :mod:`lora_ref.demo` and docs/reproduction.md.
+The experiment lives upstairs, in :mod:`transformer_ref.demo` (it needs a model); this command
+imports it when it runs, so importing ``lora_ref`` never imports ``transformer_ref``. See
+docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 HELP = "pretrain a small GPT, fine-tune it with LoRA and in full, and write a report (the paper's Tables 5-7, Figure 3)"
-
-PRESETS = {"default": "DEFAULT", "quick": "QUICK"}  # names of lora_ref.demo's presets (looked up at run time)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import demo
+    from transformer_ref import demo
 
     if args.seed < 0:
         print(f"lora-ref demo: --seed must be a non-negative integer, got {args.seed}")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         print(f"lora-ref demo: --out must be a directory, but {str(args.out)!r} is a file")
         return 2
-    config = replace(getattr(demo, PRESETS["quick" if args.quick else "default"]), seed=args.seed)
+    config = replace(demo.PRESETS["quick" if args.quick else "default"], seed=args.seed)
     start = time.perf_counter()
     result = demo.run_demo(config, args.out, progress=args.progress, threads=args.threads or None)
     print(demo.summary_text(result, args.out, wall_s=time.perf_counter() - start))

@@ -1,0 +1,25 @@
+"""``lora-ref demo``: the LoRA paper's Tables 5, 6, 7 and Figure 3 in miniature, on a small GPT.
+
+Pretrain a small GPT-2-architecture model on a generated cipher task, fine-tune it on a changed
+cipher with full fine-tuning and with LoRA at several ranks and target sets, measure, and write
+``report.md``, ``results.json`` and figures. docs/reproduction.md describes the experiment.
+
+The demo is split by job:
+
+* :mod:`~transformer_ref.demo.experiment` -- :class:`DemoConfig`, the presets :data:`DEFAULT`
+  and :data:`QUICK`, the runs, and :func:`compute` (every number, nothing written);
+* :mod:`~transformer_ref.demo.report` -- :func:`report_markdown` and :func:`summary_text`;
+* :mod:`~transformer_ref.demo.figures` -- the PNG figures (matplotlib, optional);
+* :mod:`~transformer_ref.demo.run` -- :func:`run_demo` (output folder, BLAS threads, files) and
+  :func:`write_report`.
+
+>>> from transformer_ref.demo import QUICK, run_demo
+>>> result = run_demo(QUICK, "lora-ref-demo")        # doctest: +SKIP
+"""
+
+from .experiment import DEFAULT, PRESETS, QUICK, DemoConfig, compute
+from .report import report_markdown, summary_text
+from .run import json_ready, run_demo, write_report
+
+__all__ = ["DEFAULT", "PRESETS", "QUICK", "DemoConfig", "compute", "json_ready", "report_markdown", "run_demo",
+           "summary_text", "write_report"]
