@@ -22,24 +22,18 @@ Contract
   the file and the key: truncated or corrupt safetensors, bad JSON, missing or extra keys, shapes
   that disagree with the config or with the base model, non-float dtypes, non-finite values.
 * :func:`save_peft_adapter` writes both files into a fresh directory beside the target and then
-  swaps it in with one ``rename`` (see :func:`write_directory_atomically` for exactly what is
-  atomic); an interrupted save leaves the previous adapter as it was.
+  swaps it in with one ``rename`` (see :func:`lora_ref.files.write_directory_atomically` for
+  exactly what is atomic); an interrupted save leaves the previous adapter as it was.
+* The generic parts (safetensors header checks, JSON, atomic writes) are :mod:`lora_ref.files`'s;
+  this module holds the PEFT format only: its config fields and its key names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import json
-import math
 import os
 import re
-import shutil
-import struct
-import sys
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +41,9 @@ import numpy as np
 import safetensors.numpy
 
 from .backend import asarray, dtype_name, to_numpy
-from .lora import LoraConfig
+from .checks import is_int
+from .config import LoraConfig
+from .files import FileFormatError, read_json, read_tensors, write_directory_atomically
 
 __all__ = [
     "CONFIG_FIELDS",
@@ -56,15 +52,11 @@ __all__ = [
     "PEFT_VERSION",
     "WEIGHTS_NAME",
     "AdapterFormatError",
-    "FileFormatError",
     "config_from_peft_dict",
     "config_to_peft_dict",
     "load_peft_adapter",
-    "read_safetensors",
-    "read_safetensors_with_dtypes",
     "save_peft_adapter",
     "validate_adapter",
-    "write_directory_atomically",
 ]
 
 PEFT_VERSION = "0.21.2"            # the PEFT whose LoraConfig fields are classified below
@@ -72,10 +64,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."   # PeftModel's prefix: PeftModel.from_pretrained ignores keys without it
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-
-
-class FileFormatError(ValueError):
-    """A file that lora-ref reads is damaged or inconsistent (the message names the file and key)."""
 
 
 class AdapterFormatError(FileFormatError):
@@ -230,7 +218,7 @@ def config_from_peft_dict(d: Mapping[str, Any], *, source: str = CONFIG_NAME) ->
     for name in ("fan_in_fan_out", "use_rslora"):
         if not isinstance(d.get(name, False), bool):
             raise fail(f'"{name}" must be true or false, got {d.get(name)!r}')
-    if isinstance(layers, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+    if isinstance(layers, list) and not all(is_int(i) for i in layers):
         raise fail(f'"layers_to_transform" must be a layer index or a list of them, got {layers!r}')
     if isinstance(pattern, list) and not all(isinstance(p, str) for p in pattern):
         raise fail(f'"layers_pattern" must be a name or a list of names, got {pattern!r}')
@@ -305,124 +293,6 @@ def config_to_peft_dict(lora_config: LoraConfig, base_model_name_or_path: str | 
 
 
 # ============================================================================================
-# safetensors, read with a header check of our own (so that errors name the file and key)
-# ============================================================================================
-
-# safetensors dtype code -> (little-endian NumPy dtype or None for bfloat16, bytes per element)
-_ST_DTYPES: dict[str, tuple[str | None, int]] = {
-    "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (None, 2),
-    "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
-    "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1), "BOOL": ("?", 1),
-    "C64": ("<c8", 8),
-}
-_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-_MAX_HEADER = 100_000_000                  # the safetensors library's own limit
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _parse_header(blob: bytes, where: str, error: type[FileFormatError]) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """Check a safetensors byte string's header; return ``{name: (dtype, shape, begin, end)}``.
-
-    Format: 8 bytes little-endian u64 N, N bytes of JSON header, then the data buffer. The
-    header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
-    into the buffer) plus an optional ``"__metadata__"`` of strings; the tensors must tile the
-    buffer exactly.
-    """
-    if len(blob) < 8:
-        raise error(f"{where}: truncated: {len(blob)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > _MAX_HEADER or 8 + n > len(blob):
-        raise error(f"{where}: header length {n} does not fit in the file ({len(blob)} bytes): truncated or corrupt")
-    try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{where}: the header is not valid JSON ({exc}): corrupt file") from None
-    if not isinstance(header, dict):
-        raise error(f"{where}: the header must be a JSON object, got {type(header).__name__}")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise error(f"{where}: __metadata__ must map strings to strings, got {meta!r}")
-    size = len(blob) - 8 - n
-    entries = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise error(f"{where}: key {name!r}: entry must have exactly dtype, shape, data_offsets, got {info!r}")
-        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(code, str) or code not in _ST_DTYPES:
-            raise error(f"{where}: key {name!r}: unknown or unsupported dtype {code!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise error(f"{where}: key {name!r}: shape must be a list of non-negative ints, got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise error(f"{where}: key {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
-        if math.prod(shape) * _ST_DTYPES[code][1] != offsets[1] - offsets[0]:
-            raise error(f"{where}: key {name!r}: shape {shape} of {code} needs {math.prod(shape) * _ST_DTYPES[code][1]} "
-                        f"bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}")
-        entries[name] = (code, tuple(shape), offsets[0], offsets[1])
-    position = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
-        if begin != position:
-            raise error(f"{where}: key {name!r}: data starts at byte {begin}, expected {position}: "
-                        "tensors overlap or leave a gap (corrupt file)")
-        position = end
-    if position != size:
-        raise error(f"{where}: the tensors cover {position} bytes of data but the file holds {size}: truncated or corrupt")
-    return entries
-
-
-def read_safetensors(path: str | os.PathLike, *, error: type[FileFormatError] = AdapterFormatError) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a writable NumPy array (native byte order), in file order.
-
-    The header is checked first (each failure names the file and the key); then
-    ``safetensors.numpy.deserialize`` (the safetensors library's own parser) reads the data and
-    must agree. ``BF16`` tensors, which NumPy has no dtype for, come back as float32 (exactly:
-    bfloat16 is the top half of a float32). Raises ``error`` (a :class:`FileFormatError`).
-    """
-    return read_safetensors_with_dtypes(path, error=error)[0]
-
-
-def read_safetensors_with_dtypes(path: str | os.PathLike, *, error: type[FileFormatError] = AdapterFormatError
-                                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """:func:`read_safetensors`, plus each tensor's stored dtype code (``"F32"``, ``"BF16"``, ...)."""
-    where = str(path)
-    try:
-        blob = Path(path).read_bytes()
-    except IsADirectoryError:
-        raise error(f"{where}: is a directory, expected a safetensors file") from None
-    entries = _parse_header(blob, where, error)
-    try:
-        views = safetensors.numpy.deserialize(blob)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError and others
-        raise error(f"{where}: the safetensors library rejects the file: {exc}") from None
-    out: dict[str, np.ndarray] = {}
-    for name, view in views:
-        code, shape, _, _ = entries.get(name, (None, None, 0, 0))
-        if code != view["dtype"] or tuple(view["shape"]) != shape:
-            raise error(f"{where}: key {name!r}: the safetensors library reads {view['dtype']} {view['shape']}, "
-                        f"the header says {code} {shape}")
-        np_dtype = _ST_DTYPES[code][0]
-        if np_dtype is None:               # bfloat16 -> float32: put the 16 bits on top
-            bits = np.frombuffer(view["data"], dtype="<u2").astype(np.uint32) << 16
-            arr = bits.view(np.float32).reshape(shape)
-        else:
-            arr = np.frombuffer(view["data"], dtype=np_dtype).reshape(shape)
-            arr = arr.astype(arr.dtype.newbyteorder("="))   # a writable copy in native byte order
-        out[name] = arr
-    if set(out) != set(entries):
-        raise error(f"{where}: the safetensors library and the header disagree on the keys")
-    return out, {name: entries[name][0] for name in out}
-
-
-# ============================================================================================
 # Validation against the config and against a base model
 # ============================================================================================
 
@@ -486,7 +356,7 @@ def validate_adapter(lora_config: LoraConfig, adapters: Mapping[str, Mapping[str
     """Check that ``adapters`` fits the base model ``params`` under ``lora_config``; return None.
 
     ``params`` maps state-dict names to arrays in lora-ref's layout: a linear module ``m`` has
-    ``params[m + ".weight"]`` of shape (d_out, d_in) (as :func:`transformer_ref.gpt2_io.load_hf_gpt2`
+    ``params[m + ".weight"]`` of shape (d_out, d_in) (as :func:`transformer_ref.load_hf_gpt2`
     returns; ``fan_in_fan_out`` describes the original checkpoint and is not applied here).
     Checked: every adapted module has a 2-D base weight, is targeted by the config, and has
     A (r, d_in), B (d_out, r) with r from ``rank_pattern`` / ``r`` (loralib ``enable_lora``:
@@ -583,15 +453,12 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
             raise NotImplementedError(f"{folder}: only adapter_model.bin (a PyTorch pickle) is present; lora-ref reads "
                                       f"{WEIGHTS_NAME} only (convert it with PEFT: save_pretrained(safe_serialization=True))")
         raise AdapterFormatError(f"{folder}: {WEIGHTS_NAME} is missing")
-    try:
-        raw = json.loads(config_file.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise AdapterFormatError(f"{config_file}: not valid JSON ({exc})") from None
+    raw = read_json(config_file, error=AdapterFormatError)
     lora_config = config_from_peft_dict(raw, source=str(config_file))
-    tensors, stored = read_safetensors_with_dtypes(weights_file, error=AdapterFormatError)
+    stored = read_tensors(weights_file, error=AdapterFormatError)
 
     factors: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
+    for key, (_, arr) in stored.items():
         _check_key(key, weights_file)
         found = _FACTOR.match(key[len(KEY_PREFIX):])
         factors.setdefault(found["module"], {})[found["factor"]] = arr
@@ -603,7 +470,7 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
                                          f"has no partner {KEY_PREFIX + module + '.lora_' + factor + '.weight'!r}")
     if not factors:
         raise AdapterFormatError(f"{weights_file}: holds no LoRA weights")
-    codes = set(stored.values())
+    codes = {code for code, _ in stored.values()}
     if target is None and codes & {"F16", "BF16"}:
         raise AdapterFormatError(f"{weights_file}: the weights are stored as {sorted(codes & {'F16', 'BF16'})[0]}; pass "
                                  "dtype='float32' or 'float64' to widen them (exactly)")
@@ -648,7 +515,7 @@ def save_peft_adapter(path: str | os.PathLike, lora_config: LoraConfig, adapters
     ``adapters`` is ``{module: {"A": (r, d_in), "B": (d_out, r)}}`` (any backend; written as
     NumPy, float32 or float64, keys ``base_model.model.<module>.lora_A.weight``), checked against
     ``lora_config`` first (targets, ranks, one dtype, finite values). The directory ``path``
-    is replaced atomically (:func:`write_directory_atomically`): other files already in it are
+    is replaced atomically (:func:`lora_ref.files.write_directory_atomically`): other files already in it are
     kept. Returns ``path`` as a ``Path``.
 
     Raises ``ValueError`` for a config PEFT cannot express (``enable_lora``, no target_modules)
@@ -675,104 +542,12 @@ def save_peft_adapter(path: str | os.PathLike, lora_config: LoraConfig, adapters
 
 
 # ============================================================================================
-# Atomic directory replacement
+# Names that moved to lora_ref.files, importable from here until every caller imports them there
 # ============================================================================================
 
 
-def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Create or replace directory ``path`` with what ``write(folder)`` puts into a fresh folder.
-
-    1. A temporary directory ``.<name>.tmp-XXXX`` is made in ``path``'s parent (same filesystem),
-       ``write`` fills it, entries of an existing ``path`` that ``write`` did not produce are
-       hard-linked (or copied) in, and every file is flushed to disk (``fsync``).
-    2. The temporary directory takes ``path``'s place with one system call: ``rename`` when
-       ``path`` does not exist; on Linux, ``renameat2(RENAME_EXCHANGE)`` when it does, which
-       swaps the two directories in one atomic step. Where that call is unavailable, two renames
-       (``path`` -> ``.<name>.old-XXXX``, temporary -> ``path``); a crash between them leaves the
-       complete old directory under the ``.old`` name and the complete new one under the ``.tmp``
-       name, never a directory holding a mix.
-    3. The old directory is deleted.
-
-    If ``write`` (or anything before the swap) raises, the temporary directory is removed and
-    ``path`` is untouched. Readers see either the old directory or the new one, each complete.
-    Not atomic: the deletion in step 3 (harmless) and concurrent writers (the last swap wins).
-    """
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        write(tmp)
-        if target.is_dir():
-            for entry in target.iterdir():
-                if not (tmp / entry.name).exists():
-                    _carry_over(entry, tmp / entry.name)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _fsync(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)             # tmp now holds the old directory
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.rename(target, old / "x")   # into a fresh empty folder: never clobbers anything
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old / "x", target)   # put the previous directory back
-                old.rmdir()
-                raise
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    with contextlib.suppress(OSError):
-        _fsync(parent)
-    return target
-
-
-def _carry_over(source: Path, dest: Path) -> None:
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, dest, symlinks=True, copy_function=link_or_copy)
-    elif source.is_symlink():
-        os.symlink(os.readlink(source), dest)
-    else:
-        link_or_copy(str(source), str(dest))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap directories ``a`` and ``b`` atomically (Linux renameat2 RENAME_EXCHANGE); False where
-    the system cannot (then the caller falls back to two renames)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+def read_safetensors_with_dtypes(path: str | os.PathLike, *, error: type[FileFormatError] = AdapterFormatError
+                                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Deprecated: :func:`lora_ref.files.read_tensors`, as ``({name: array}, {name: dtype code})``."""
+    stored = read_tensors(path, error=error)
+    return {k: t.array for k, t in stored.items()}, {k: t.code for k, t in stored.items()}

@@ -21,7 +21,7 @@ import safetensors.numpy
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lora_ref import LoraConfig, init_lora, peft_io
+from lora_ref import LoraConfig, files, init_lora
 from lora_ref.peft_io import (
     CONFIG_FIELDS,
     CONFIG_NAME,
@@ -569,7 +569,7 @@ def test_replacing_keeps_other_files_and_leaves_no_temporaries(saved, tmp_path, 
     save_peft_adapter(target, BASE_CFG, adapters)
     (target / "README.md").write_text("model card")
     if not exchange:
-        monkeypatch.setattr(peft_io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     changed = {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()}
     save_peft_adapter(target, BASE_CFG, changed)
     assert (target / "README.md").read_text() == "model card"
@@ -581,7 +581,7 @@ def test_failure_between_the_two_renames_restores_the_previous_adapter(saved, tm
     _, params, adapters = saved
     target = tmp_path / "ad"
     save_peft_adapter(target, BASE_CFG, adapters)
-    monkeypatch.setattr(peft_io, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     real_rename, calls = os.rename, []
 
     def rename(src, dst):

@@ -1,0 +1,294 @@
+"""Files, read and written with care: validated safetensors reading and atomic directory writes.
+
+Every format lora-ref reads or writes (PEFT adapters in :mod:`lora_ref.peft_io`, Hugging Face
+checkpoints in ``transformer_ref.checkpoints``) is a directory of a JSON config and a
+``.safetensors`` file. This room holds what they share; the formats hold only their own fields
+and key names.
+
+Contract
+--------
+* :func:`read_tensors` checks a safetensors file's header itself before the safetensors library
+  reads the data, so a damaged file raises a :class:`FileFormatError` (a ``ValueError``; each
+  format passes its own subclass as ``error``) naming the file and the key, never a crash deep
+  in a parser, and never an allocation larger than the file. Tensors come back in the order of
+  their data in the file (the header's ``data_offsets``), so a reader's result does not depend
+  on hash-map order.
+* :func:`read_json` reads a UTF-8 JSON file and refuses duplicate keys (JSON parsers disagree on
+  which of two equal keys wins).
+* :func:`write_directory_atomically` replaces a whole directory so that readers see the old one
+  or the new one, each complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import safetensors.numpy
+
+from .checks import is_int
+
+__all__ = ["FileFormatError", "StoredTensor", "read_json", "read_tensors", "write_directory_atomically"]
+
+
+class FileFormatError(ValueError):
+    """A file that lora-ref reads is damaged or inconsistent (the message names the file and key)."""
+
+
+class StoredTensor(NamedTuple):
+    """One tensor of a safetensors file: its stored dtype code and its values.
+
+    ``code`` is the safetensors dtype as written in the file (``"F32"``, ``"F16"``, ``"BF16"``,
+    ``"I64"``, ...); ``array`` a writable NumPy array in native byte order (``BF16`` widened
+    exactly to float32, NumPy having no bfloat16). Unpacks as ``code, array = stored``.
+    """
+
+    code: str
+    array: np.ndarray
+
+
+# ============================================================================================
+# JSON
+# ============================================================================================
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_json(path: str | os.PathLike, *, error: type[FileFormatError] = FileFormatError) -> Any:
+    """The parsed content of a UTF-8 JSON file; ``error`` ("<path>: not valid JSON (...)") for
+    bytes that are not UTF-8, invalid JSON, nesting too deep, or an object with a duplicate key."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
+# ============================================================================================
+# safetensors, read with a header check of our own (so that errors name the file and key)
+# ============================================================================================
+
+# safetensors dtype code -> (little-endian NumPy dtype or None for bfloat16, bytes per element)
+_ST_DTYPES: dict[str, tuple[str | None, int]] = {
+    "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (None, 2),
+    "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
+    "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1), "BOOL": ("?", 1),
+    "C64": ("<c8", 8),
+}
+_MAX_HEADER = 100_000_000                  # the safetensors library's own limit
+
+
+def _parse_header(blob: bytes, where: str, error: type[FileFormatError]) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Check a safetensors byte string's header; return ``{name: (dtype, shape, begin, end)}``.
+
+    Format: 8 bytes little-endian u64 N, N bytes of JSON header, then the data buffer. The
+    header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+    into the buffer) plus an optional ``"__metadata__"`` of strings; the tensors must tile the
+    buffer exactly.
+    """
+    if len(blob) < 8:
+        raise error(f"{where}: truncated: {len(blob)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > _MAX_HEADER or 8 + n > len(blob):
+        raise error(f"{where}: header length {n} does not fit in the file ({len(blob)} bytes): truncated or corrupt")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{where}: the header is not valid JSON ({exc}): corrupt file") from None
+    if not isinstance(header, dict):
+        raise error(f"{where}: the header must be a JSON object, got {type(header).__name__}")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise error(f"{where}: __metadata__ must map strings to strings, got {meta!r}")
+    size = len(blob) - 8 - n
+    entries = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise error(f"{where}: key {name!r}: entry must have exactly dtype, shape, data_offsets, got {info!r}")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(code, str) or code not in _ST_DTYPES:
+            raise error(f"{where}: key {name!r}: unknown or unsupported dtype {code!r}")
+        if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
+            raise error(f"{where}: key {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise error(f"{where}: key {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        if math.prod(shape) * _ST_DTYPES[code][1] != offsets[1] - offsets[0]:
+            raise error(f"{where}: key {name!r}: shape {shape} of {code} needs {math.prod(shape) * _ST_DTYPES[code][1]} "
+                        f"bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        entries[name] = (code, tuple(shape), offsets[0], offsets[1])
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != position:
+            raise error(f"{where}: key {name!r}: data starts at byte {begin}, expected {position}: "
+                        "tensors overlap or leave a gap (corrupt file)")
+        position = end
+    if position != size:
+        raise error(f"{where}: the tensors cover {position} bytes of data but the file holds {size}: truncated or corrupt")
+    return entries
+
+
+def read_tensors(path: str | os.PathLike, *, error: type[FileFormatError] = FileFormatError
+                 ) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file, ``{name: StoredTensor(code, array)}``, in file order.
+
+    File order is the order of the tensors' data (the header's ``data_offsets``). The header is
+    checked first: its length fits the file, it is a JSON object without duplicate keys, each
+    entry has exactly ``dtype`` (a known code), ``shape`` (non-negative ints) and
+    ``data_offsets`` spanning ``prod(shape) * itemsize`` bytes, and the tensors tile the data
+    buffer with no gap or overlap. Then ``safetensors.numpy.deserialize`` (the safetensors
+    library's own parser) reads the data and must agree with the header. Every failure raises
+    ``error`` (a :class:`FileFormatError` subclass of the caller's format) naming the file and,
+    where there is one, the key. The format's own checks (which keys, shapes and dtypes it
+    expects) are the caller's.
+    """
+    where = str(path)
+    try:
+        blob = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise error(f"{where}: is a directory, expected a safetensors file") from None
+    entries = _parse_header(blob, where, error)
+    try:
+        views = dict(safetensors.numpy.deserialize(blob))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError and others
+        raise error(f"{where}: the safetensors library rejects the file: {exc}") from None
+    if set(views) != set(entries):
+        raise error(f"{where}: the safetensors library and the header disagree on the keys")
+    out: dict[str, StoredTensor] = {}
+    for name, (code, shape, _, _) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        view = views[name]
+        if code != view["dtype"] or tuple(view["shape"]) != shape:
+            raise error(f"{where}: key {name!r}: the safetensors library reads {view['dtype']} {view['shape']}, "
+                        f"the header says {code} {shape}")
+        np_dtype = _ST_DTYPES[code][0]
+        if np_dtype is None:               # bfloat16 -> float32: put the 16 bits on top
+            bits = np.frombuffer(view["data"], dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32).reshape(shape)
+        else:
+            arr = np.frombuffer(view["data"], dtype=np_dtype).reshape(shape)
+            arr = arr.astype(arr.dtype.newbyteorder("="))   # a writable copy in native byte order
+        out[name] = StoredTensor(code, arr)
+    return out
+
+
+# ============================================================================================
+# Atomic directory replacement
+# ============================================================================================
+
+
+def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create or replace directory ``path`` with what ``write(folder)`` puts into a fresh folder.
+
+    1. A temporary directory ``.<name>.tmp-XXXX`` is made in ``path``'s parent (same filesystem),
+       ``write`` fills it, entries of an existing ``path`` that ``write`` did not produce are
+       hard-linked (or copied) in, and every file is flushed to disk (``fsync``).
+    2. The temporary directory takes ``path``'s place with one system call: ``rename`` when
+       ``path`` does not exist; on Linux, ``renameat2(RENAME_EXCHANGE)`` when it does, which
+       swaps the two directories in one atomic step. Where that call is unavailable, two renames
+       (``path`` -> ``.<name>.old-XXXX``, temporary -> ``path``); a crash between them leaves the
+       complete old directory under the ``.old`` name and the complete new one under the ``.tmp``
+       name, never a directory holding a mix.
+    3. The old directory is deleted.
+
+    If ``write`` (or anything before the swap) raises, the temporary directory is removed and
+    ``path`` is untouched. Readers see either the old directory or the new one, each complete.
+    Not atomic: the deletion in step 3 (harmless) and concurrent writers (the last swap wins).
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        if target.is_dir():
+            for entry in target.iterdir():
+                if not (tmp / entry.name).exists():
+                    _carry_over(entry, tmp / entry.name)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        _fsync(tmp)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)             # tmp now holds the old directory
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.rename(target, old / "x")   # into a fresh empty folder: never clobbers anything
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old / "x", target)   # put the previous directory back
+                old.rmdir()
+                raise
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with contextlib.suppress(OSError):
+        _fsync(parent)
+    return target
+
+
+def _carry_over(source: Path, dest: Path) -> None:
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, dest, symlinks=True, copy_function=link_or_copy)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), dest)
+    else:
+        link_or_copy(str(source), str(dest))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically (Linux renameat2 RENAME_EXCHANGE); False where
+    the system cannot (then the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
