@@ -1,9 +1,9 @@
 """Parameter and memory accounting for ``lora-ref count``: model presets and the paper's figures.
 
-Nothing here allocates an array: every count is arithmetic on shapes. The LoRA counts themselves
-come from :mod:`transformer_ref.count` (the command imports it lazily; ``lora_ref`` never imports
-``transformer_ref`` at module level); this module holds what is specific to the audit:
+Nothing here allocates an array: every count is arithmetic on shapes. This module holds:
 
+* :func:`lora_parameters`: LoRA's count per adapted matrix type, ``L r (d_in + d_out)`` with the
+  shape of each type (:func:`target_shape`), by :func:`lora_ref.lora_parameter_count`;
 * :data:`PRESETS`: the six models of the paper, each with the configuration values it is counted
   from and where those values come from;
 * the base-model counters for the two encoder families (:func:`roberta_parameters`,
@@ -21,12 +21,14 @@ parameter of the model. Adam keeps two moments (``m`` and ``v``) per trainable p
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from types import MappingProxyType
 from typing import Any
+
+from .checks import finite_real, non_negative_int, positive_int
+from .lora import lora_parameter_count
 
 __all__ = [
     "ADAM_MOMENTS",
@@ -42,17 +44,19 @@ __all__ = [
     "classify",
     "deberta_v2_parameters",
     "format_size",
+    "lora_parameters",
     "parse_reported",
     "parse_targets",
     "roberta_parameters",
     "round_reported",
+    "target_shape",
 ]
 
 BYTES_PER_PARAMETER = MappingProxyType({"fp16": 2, "bf16": 2, "fp32": 4})
 ADAM_MOMENTS = 2                      # Adam's m and v, one of each per trainable parameter
 ADAM_STATE_BYTES_PER_MOMENT = 4       # kept in fp32 (also under mixed precision)
 
-# Weight-matrix types a rank can be put on (names of transformer_ref.count.MATRIX_TYPES):
+# Weight-matrix types a rank can be put on (the names transformer_ref.count.MATRIX_TYPES uses too):
 # q, k, v, o are the d_model x d_model attention projections; mlp_in (F, d_model) and mlp_out
 # (d_model, F) the two MLP projections. "mlp" on the command line means both.
 MATRIX_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
@@ -68,9 +72,10 @@ _TARGET_ALIASES = {"mlp": ("mlp_in", "mlp_out")}
 class ModelPreset:
     """One model of the paper and the configuration values it is counted from.
 
-    ``family`` says how the full model is counted: ``"gpt2"`` by :mod:`transformer_ref.count`
-    from a GPT-2 config, ``"roberta"`` / ``"deberta-v2"`` by this module's encoder counters,
-    ``"gpt3"`` not at all (the figure the paper reports is used, marked as reported).
+    ``family`` says how the full model is counted: ``"gpt2"`` from a GPT-2 config by the GPT-2
+    of :mod:`transformer_ref` (``lora-ref count`` imports it for these presets only),
+    ``"roberta"`` / ``"deberta-v2"`` by this module's encoder counters, ``"gpt3"`` not at all
+    (the figure the paper reports is used, marked as reported).
     ``config`` holds Hugging Face ``config.json`` keys with the values used, ``source`` says
     where they are from.
     """
@@ -216,10 +221,7 @@ def _config_int(config: Mapping[str, Any], key: str) -> int:
         raise TypeError(f"config must be a mapping of config.json keys, got {type(config).__name__}")
     if key not in config:
         raise ValueError(f"config is missing {key!r}")
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"config {key} must be a non-negative int, got {value!r}")
-    return int(value)
+    return non_negative_int(config[key], f"config {key}")
 
 
 # ============================================================================================
@@ -232,7 +234,7 @@ def checkpoint_bytes(n_params: int, dtype: str) -> int:
 
     Only the tensors' data: a file format's header (a few kB in safetensors) is not included.
     """
-    _check_count(n_params, "n_params")
+    n_params = non_negative_int(n_params, "n_params")
     if dtype not in BYTES_PER_PARAMETER:
         raise ValueError(f"dtype must be one of {', '.join(BYTES_PER_PARAMETER)}, got {dtype!r}")
     return n_params * BYTES_PER_PARAMETER[dtype]
@@ -243,13 +245,13 @@ def adam_state_bytes(n_trainable: int) -> int:
 
     Gradients, fp32 master weights under mixed precision and activations are not included.
     """
-    _check_count(n_trainable, "n_trainable")
+    n_trainable = non_negative_int(n_trainable, "n_trainable")
     return n_trainable * ADAM_MOMENTS * ADAM_STATE_BYTES_PER_MOMENT
 
 
 def format_size(n_bytes: int | float, binary: bool = False) -> str:
     """``37748736 -> '37.7 MB'`` (powers of 1000) or, with ``binary``, ``'36.0 MiB'`` (powers of 1024)."""
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (numbers.Integral, numbers.Real)) or n_bytes < 0:
+    if finite_real(n_bytes, "n_bytes") < 0:
         raise ValueError(f"n_bytes must be a non-negative number, got {n_bytes!r}")
     base = 1024 if binary else 1000
     units = ("KiB", "MiB", "GiB", "TiB", "PiB") if binary else ("kB", "MB", "GB", "TB", "PB")
@@ -261,11 +263,6 @@ def format_size(n_bytes: int | float, binary: bool = False) -> str:
         if value < base or unit == units[-1]:
             break
     return f"{value:.1f} {unit}"
-
-
-def _check_count(n: Any, name: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
 
 
 # ============================================================================================
@@ -296,6 +293,44 @@ def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
                 raise ValueError(f"target {t!r} is listed twice in {text!r}")
             out.append(t)
     return tuple(out)
+
+
+# ============================================================================================
+# LoRA's count
+# ============================================================================================
+
+
+def target_shape(target: str, d_model: int, ffn_width: int) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a weight-matrix type: q, k, v, o are ``(d_model, d_model)``, mlp_in is
+    ``(ffn_width, d_model)`` (it widens), mlp_out ``(d_model, ffn_width)``."""
+    d_model = positive_int(d_model, "d_model")
+    ffn_width = positive_int(ffn_width, "ffn_width", "the MLP width")
+    if target not in MATRIX_TARGETS:
+        raise ValueError(f"target must be one of {', '.join(MATRIX_TARGETS)}, got {target!r}")
+    return {"mlp_in": (ffn_width, d_model), "mlp_out": (d_model, ffn_width)}.get(target, (d_model, d_model))
+
+
+def lora_parameters(targets: str | Iterable[str], rank: int, *, d_model: int, layers: int,
+                    ffn_width: int) -> dict[str, int]:
+    """``{target: parameters of A and B over all layers}`` for rank ``rank`` on each target type.
+
+    One adapter on a ``(d_out, d_in)`` weight has ``r (d_in + d_out)`` parameters
+    (:func:`lora_ref.lora_parameter_count`), one per layer: ``layers r (d_in + d_out)``, which for
+    a ``d_model x d_model`` type is Section 5.1's ``2 L d_model r``. ``targets`` as for
+    :func:`parse_targets` (``"q,v"``, ``"mlp"``, or a sequence of names). The count depends on
+    these shapes only: an encoder's separate query / key / value projections and GPT-2's fused
+    ``c_attn`` adapted per block (loralib's MergedLinear) give the same numbers.
+
+    >>> lora_parameters("q,v", 4, d_model=1024, layers=24, ffn_width=4096)   # GPT-2 M, Table 3
+    {'q': 196608, 'v': 196608}
+    """
+    layers = positive_int(layers, "layers")
+    rank = positive_int(rank, "rank")
+    out = {}
+    for t in parse_targets(targets):
+        d_out, d_in = target_shape(t, d_model, ffn_width)
+        out[t] = layers * lora_parameter_count(d_in, d_out, rank)
+    return out
 
 
 # ============================================================================================
@@ -355,7 +390,7 @@ def round_reported(exact: int, reported: Reported, mode: str = "round", binary: 
     a byte figure is written in powers of 1024 (``MiB``, ``GiB``). ``393216`` as ``"0.35M"`` is
     ``"0.39M"``; ``37748736`` as ``"35MB"`` is ``"38MB"``, or ``"36MiB"`` with ``binary``.
     """
-    _check_count(exact, "exact")
+    exact = non_negative_int(exact, "exact")
     if mode not in ("round", "truncate"):
         raise ValueError(f"mode must be 'round' or 'truncate', got {mode!r}")
     if binary and reported.unit not in _BINARY:
@@ -375,7 +410,7 @@ def classify(reported: Reported, exact: int | None) -> str:
         raise TypeError(f"reported must be a Reported (see parse_reported), got {type(reported).__name__}")
     if exact is None:
         return "n/a"
-    _check_count(exact, "exact")
+    exact = non_negative_int(exact, "exact")
     binaries = (False, True) if reported.unit in _BINARY else (False,)
     for mode, status in (("round", "ok"), ("truncate", "truncated")):
         if any(_rounded(exact, reported, mode, b) == reported.number for b in binaries):

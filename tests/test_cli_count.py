@@ -34,10 +34,12 @@ from lora_ref.counting import (
     classify,
     deberta_v2_parameters,
     format_size,
+    lora_parameters,
     parse_reported,
     parse_targets,
     roberta_parameters,
     round_reported,
+    target_shape,
 )
 
 DIMS = {  # preset: (d_model, layers, MLP width F), sources in the module docstring
@@ -367,7 +369,7 @@ def test_bytes_and_sizes():
         checkpoint_bytes(10, "fp8")
     with pytest.raises(ValueError, match="n_params must be a non-negative int, got -1"):
         checkpoint_bytes(-1, "fp16")
-    with pytest.raises(ValueError, match="n_trainable must be a non-negative int"):
+    with pytest.raises(TypeError, match="n_trainable must be a non-negative int"):
         adam_state_bytes(1.5)
 
 
@@ -376,6 +378,34 @@ def test_parse_targets():
     assert parse_targets("o, mlp") == ("o", "mlp_in", "mlp_out")
     with pytest.raises(ValueError, match="unknown target 'W_q'"):
         parse_targets("W_q")
+
+
+def test_lora_parameters_and_target_shapes():
+    assert target_shape("q", 8, 20) == target_shape("o", 8, 20) == (8, 8)
+    assert target_shape("mlp_in", 8, 20) == (20, 8) and target_shape("mlp_out", 8, 20) == (8, 20)
+    # L r (d_in + d_out) per target: Section 5.1 for q, v; an MLP matrix (F, d) or (d, F) has L r (d + F)
+    assert lora_parameters("q,mlp", 3, d_model=8, layers=2, ffn_width=20) == {
+        "q": 2 * 2 * 8 * 3, "mlp_in": 2 * 3 * (8 + 20), "mlp_out": 2 * 3 * (8 + 20)}
+    assert lora_parameters(("v",), 1, d_model=4, layers=1, ffn_width=16) == {"v": 8}
+    with pytest.raises(ValueError, match="target must be one of q, k, v, o, mlp_in, mlp_out, got 'qkv'"):
+        target_shape("qkv", 8, 20)
+    with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
+        lora_parameters("q", 0, d_model=8, layers=2, ffn_width=20)
+    with pytest.raises(TypeError, match="layers must be a positive int"):
+        lora_parameters("q", 1, d_model=8, layers=2.0, ffn_width=20)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2-large"])
+def test_lora_parameters_equal_the_adapters_transformer_ref_allocates(preset):
+    # a second implementation: transformer_ref counts the adapters it would add to the real GPT-2
+    # config (fused c_attn adapted per q/k/v block, o = attn.c_proj, mlp = c_fc and mlp.c_proj)
+    from transformer_ref import GPTConfig
+    from transformer_ref.count import count_parameters, lora_config_for
+
+    p = PRESETS[preset]
+    targets = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+    by_type = count_parameters(GPTConfig(**p.config), lora_config_for(targets, 8))["lora_by_type"]
+    assert lora_parameters(targets, 8, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width) == by_type
 
 
 def test_encoder_counters_match_the_formulas_and_refuse_other_architectures():

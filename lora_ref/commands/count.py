@@ -7,9 +7,10 @@ model needs an architecture). ``lora-ref count --paper`` recomputes the paper's 
 and flags those that do not recompute under the configuration the paper states. ``--json`` prints
 the same result machine-readably. Flags are information: the audit exits 0.
 
-The LoRA counts come from :mod:`transformer_ref.count` (imported here, lazily: the one place where
-lora_ref reaches into transformer_ref); presets, byte accounting and the paper's figures from
-:mod:`lora_ref.counting`. Accounting: docs/counting.md.
+LoRA's counts, presets, byte accounting and the paper's figures come from
+:mod:`lora_ref.counting` (arithmetic on shapes). The full GPT-2 presets are counted by the GPT-2
+of :mod:`transformer_ref`, imported inside :func:`_full_params` for those presets only.
+Accounting: docs/counting.md.
 """
 
 from __future__ import annotations
@@ -70,30 +71,13 @@ def run(args: argparse.Namespace) -> int:
 # ============================================================================================
 
 
-def _lora_by_target(d_model: int, layers: int, ffn: int, targets: tuple[str, ...], rank: int,
-                    gpt2: dict | None = None) -> dict[str, int]:
-    """``{target: A and B parameters over all layers}``, by transformer_ref's shape-only counter.
-
-    For a GPT-2 preset its own config is counted; otherwise a GPT-2-shaped stand-in with the same
-    d_model, layers and MLP width: LoRA's count depends on nothing else (the vocabulary, heads and
-    positions only change the base model), so it is the same for an encoder's separate q/k/v/o
-    projections as for GPT-2's fused c_attn.
-    """
-    from transformer_ref.config import GPTConfig
-    from transformer_ref.count import count_parameters, lora_config_for
-
-    config = GPTConfig(**gpt2) if gpt2 is not None else GPTConfig(
-        n_embd=d_model, n_layer=layers, n_head=1, n_inner=ffn, vocab_size=1, n_positions=1)
-    by_type = count_parameters(config, lora_config_for(targets, rank))["lora_by_type"]
-    return {t: by_type[t] for t in targets}
-
-
 def _full_params(preset: Any) -> tuple[int | None, bool]:
     """``(parameters of the full model, exact?)`` for a preset."""
     from ..counting import deberta_v2_parameters, parse_reported, roberta_parameters
 
     if preset.family == "gpt2":
-        from transformer_ref.config import GPTConfig
+        # GPT-2 is a model transformer_ref implements: its parameter count is that model's.
+        from transformer_ref import GPTConfig
         from transformer_ref.count import count_parameters
 
         return count_parameters(GPTConfig(**preset.config))["base"], True
@@ -143,7 +127,9 @@ def _targets_and_rank(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
 
 def _check_rank(rank: int, targets: tuple[str, ...], d_model: int, ffn: int) -> None:
     """A rank above min(d_in, d_out) of an adapted matrix cannot raise the rank of B A: refuse it."""
-    limit = min(d_model if t in ("q", "k", "v", "o") else min(d_model, ffn) for t in targets)
+    from ..counting import target_shape
+
+    limit = min(min(target_shape(t, d_model, ffn)) for t in targets)
     if rank > limit:
         raise _Usage(f"--rank must be at most {limit}, min(d_out, d_in) of the adapted matrices "
                      f"(B A has rank at most that), got {rank}")
@@ -158,11 +144,12 @@ def _sizes(n_params: int) -> dict[str, Any]:
 
 
 def _count(args: argparse.Namespace) -> dict[str, Any]:
+    from ..counting import lora_parameters
+
     preset, d_model, layers, ffn = _resolve(args)
     targets, rank = _targets_and_rank(args)
     _check_rank(rank, targets, d_model, ffn)
-    gpt2 = dict(preset.config) if preset is not None and preset.family == "gpt2" else None
-    by_target = _lora_by_target(d_model, layers, ffn, targets, rank, gpt2)
+    by_target = lora_parameters(targets, rank, d_model=d_model, layers=layers, ffn_width=ffn)
     lora = sum(by_target.values())
     result: dict[str, Any] = {
         "model": preset.name if preset else None,
@@ -229,7 +216,7 @@ def _config_text(targets: tuple[str, ...], rank: int) -> str:
 
 
 def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
-    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, round_reported
+    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, lora_parameters, round_reported
 
     extra = [flag for flag, value in (("MODEL", args.model), ("--d-model", args.d_model), ("--layers", args.layers),
                                       ("--ffn", args.ffn), ("--targets", args.targets), ("--rank", args.rank))
@@ -239,8 +226,7 @@ def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
 
     def lora_count(model: str, targets: tuple[str, ...], rank: int) -> int:
         p = PRESETS[model]
-        gpt2 = dict(p.config) if p.family == "gpt2" else None
-        return sum(_lora_by_target(p.d_model, p.layers, p.ffn_width, targets, rank, gpt2).values())
+        return sum(lora_parameters(targets, rank, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width).values())
 
     claims = []
     for c in PAPER_CLAIMS:
