@@ -1,32 +1,93 @@
-"""transformer_ref: a minimal GPT-2-architecture decoder, in array code, hosting LoRA projections.
+"""transformer_ref: decoder models in array code, hosting LoRA-wrapped projections.
 
-* :mod:`transformer_ref.config`: :class:`GPTConfig` (Hugging Face GPT-2 ``config.json`` names) and
-  the parameter names (:func:`param_shapes`, :func:`projection_names`).
-* :mod:`transformer_ref.layers`: embedding, layer_norm, causal_attention, gelu, cross_entropy,
-  each a forward plus its hand-written backward.
-* :mod:`transformer_ref.model`: :func:`init_params`, :func:`add_adapters`, :func:`forward`,
-  :func:`loss`, :func:`merge_adapters`.
-* :mod:`transformer_ref.count`: parameter counts from shapes alone (GPT-3 175B included).
+* :mod:`transformer_ref.layers`: embedding, layer_norm, gelu, causal_attention, cross_entropy,
+  each a forward plus its hand-written backward; the op sets :data:`REFERENCE` (the default
+  everywhere) and :func:`traced` (autograd.numpy's independent derivation, for tests).
+* :mod:`transformer_ref.gpt2`: GPT-2 -- :class:`GPTConfig`, parameters, forward, loss.
+* :mod:`transformer_ref.hosting`: what every family shares -- :func:`add_adapters`,
+  :func:`merge_adapters`, targeting, validation -- and the family registry.
+* :mod:`transformer_ref.checkpoints`: Hugging Face checkpoints (:func:`load_hf_gpt2`, :func:`save_hf_gpt2`).
+* :mod:`transformer_ref.fast`: the training-speed op set :data:`FAST`, tested equal to REFERENCE.
+* :mod:`transformer_ref.machine`: BLAS threads, core pinning, allocator settings.
 * :mod:`transformer_ref.train`: Adam and :func:`train` (LoRA or full fine-tuning).
-* :mod:`transformer_ref.data`: small generated tasks and :func:`evaluate`.
+* :mod:`transformer_ref.count`: parameter counts from shapes alone (GPT-3 175B included).
+* :mod:`transformer_ref.data`: small generated tasks and :func:`~transformer_ref.data.evaluate`.
+
+:func:`forward`, :func:`loss`, :func:`init_params`, :func:`param_shapes` and
+:func:`projection_names` dispatch on the config's type to its family's functions, so a new family
+plugs in by registering its :class:`~transformer_ref.hosting.Family` below, without touching GPT-2.
 """
 
-from .config import GPTConfig, param_shapes, projection_names
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from lora_ref.lora import LoraConfig
+
+from . import gpt2, hosting
+from .checkpoints import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
 from .count import adapter_counts, count_parameters, count_trainable, lora_config_for, matrix_shapes
-from .model import add_adapters, forward, init_params, loss, merge_adapters
+from .fast import FAST
+from .gpt2 import GPTConfig
+from .hosting import add_adapters, merge_adapters
+from .layers import REFERENCE, Ops, traced
+from .train import train
+
+# The model families, one registration each: forward & co. below dispatch on the config's type.
+hosting.register(gpt2.FAMILY)
 
 __all__ = [
+    "FAST",
+    "REFERENCE",
+    "CheckpointFormatError",
     "GPTConfig",
+    "Ops",
     "adapter_counts",
     "add_adapters",
     "count_parameters",
     "count_trainable",
     "forward",
     "init_params",
+    "load_hf_gpt2",
     "lora_config_for",
     "loss",
     "matrix_shapes",
     "merge_adapters",
     "param_shapes",
     "projection_names",
+    "save_hf_gpt2",
+    "traced",
+    "train",
 ]
+
+
+def forward(params: Mapping[str, Any], tokens: Any, config: Any, adapters: Mapping[str, Any] | None = None,
+            lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
+            ops: Ops = REFERENCE) -> Any:
+    """Logits ``(B, T, V)``: the forward of ``config``'s family (GPT-2: :func:`gpt2.forward`)."""
+    return hosting.family_of(config).forward(params, tokens, config, adapters, lora_config, dropout, ops)
+
+
+def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: Any, adapters: Mapping[str, Any] | None = None,
+         lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
+         ops: Ops = REFERENCE) -> Any:
+    """Mean next-token cross-entropy (0-d array): the loss of ``config``'s family (:func:`gpt2.loss`)."""
+    return hosting.family_of(config).loss(params, tokens, targets, config, adapters, lora_config, dropout, ops)
+
+
+def init_params(config: Any, seed: int | np.random.Generator = 0, dtype: Any = "float64") -> dict[str, Any]:
+    """Fresh parameters of ``config``'s family (GPT-2: :func:`gpt2.init_params`)."""
+    return hosting.family_of(config).init_params(config, seed, dtype)
+
+
+def param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every parameter's state-dict name and shape, in order (GPT-2: :func:`gpt2.param_shapes`)."""
+    return hosting.family_of(config).param_shapes(config)
+
+
+def projection_names(config: Any) -> list[str]:
+    """The LoRA-adaptable module names of ``config``'s model, block by block."""
+    return hosting.family_of(config).projection_names(config)

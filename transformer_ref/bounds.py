@@ -20,7 +20,7 @@ import numpy as np
 from lora_ref.backend import to_numpy
 from lora_ref.testing import rounding_counts
 
-from .config import GPTConfig
+from .gpt2 import GPTConfig
 
 __all__ = ["logit_magnitude", "logit_rounding_chain"]
 

@@ -29,7 +29,7 @@ from typing import Any
 from lora_ref.backend import getval
 from lora_ref.lora import LoraConfig
 
-from .config import GPTConfig, _check_config, param_shapes, projection_names, projection_shape
+from .gpt2 import FAMILY, GPTConfig, param_shapes
 
 __all__ = ["MATRIX_TYPES", "adapter_counts", "count_parameters", "count_trainable", "lora_config_for",
            "matrix_shapes"]
@@ -45,11 +45,11 @@ _WHOLE_TYPE = {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "mlp_in", "
 
 def matrix_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
     """``(d_out, d_in)`` of each weight-matrix type in one block (q, k, v, qkv, o, mlp_in, mlp_out)."""
-    _check_config(config)
+    FAMILY.check_config(config)
     C = config.n_embd
     shapes = {t: (C, C) for t in ("q", "k", "v")}
-    shapes["qkv"] = projection_shape(config, "attn.c_attn")
-    shapes.update({t: projection_shape(config, m) for t, (m, blk) in MATRIX_TYPES.items() if blk is None})
+    shapes["qkv"] = FAMILY.projection_shape(config, "attn.c_attn")
+    shapes.update({t: FAMILY.projection_shape(config, m) for t, (m, blk) in MATRIX_TYPES.items() if blk is None})
     return shapes
 
 
@@ -107,17 +107,17 @@ def count_parameters(config: GPTConfig, lora_config: LoraConfig | None = None) -
     Targeting follows ``lora_config.targets`` / ``rank_for`` / ``enable_for`` exactly as
     :func:`transformer_ref.add_adapters` does, so the counts equal the sizes it would allocate.
     """
-    _check_config(config)
+    FAMILY.check_config(config)
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a lora_ref.LoraConfig or None, got {type(lora_config).__name__}")
     by_name = {name: math.prod(shape) for name, shape in param_shapes(config).items()}
     by_module: dict[str, int] = {}
     by_type: dict[str, int] = {}
     if lora_config is not None:
-        for name in projection_names(config):
+        for name in FAMILY.projection_names(config):
             if not lora_config.targets(name):
                 continue
-            d_out, d_in = projection_shape(config, name)
+            d_out, d_in = FAMILY.projection_shape(config, name)
             r, enable = lora_config.rank_for(name), lora_config.enable_for(name)
             suffix = next(m for m in _TARGET if name.endswith("." + m))
             if enable is None:

@@ -30,7 +30,6 @@ accuracy 1.0.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +37,12 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import asarray, to_numpy
+from lora_ref.checks import int_in_range, is_int, numpy_generator, positive_int
 from lora_ref.lora import LoraConfig
 
-from .config import GPTConfig
-from .layers import IGNORE_INDEX
-from .model import forward
+from .gpt2 import GPTConfig
+from .hosting import family_of
+from .layers import IGNORE_INDEX, REFERENCE, Ops
 
 __all__ = ["CipherTask", "downstream_task", "evaluate", "pretraining_task"]
 
@@ -79,8 +79,7 @@ class CipherTask:
         if sorted(cipher) != list(range(len(cipher))) or len(cipher) < 2:
             raise ValueError(f"cipher must be a permutation of range(n_symbols) with n_symbols >= 2, got {self.cipher!r}")
         object.__setattr__(self, "cipher", cipher)
-        if isinstance(self.length, bool) or not isinstance(self.length, numbers.Integral) or self.length < 1:
-            raise ValueError(f"length must be a positive int, got {self.length!r}")
+        object.__setattr__(self, "length", positive_int(self.length, "length"))
         if not set(self.changed) <= set(range(len(cipher))):
             raise ValueError(f"changed must list symbols in [0, {len(cipher)}), got {self.changed!r}")
 
@@ -109,10 +108,8 @@ class CipherTask:
 
     def sequences(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """``(batch_size, 2 n + 1)`` int64: ``x, SEP, cipher(x)`` for random strings x."""
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        rng = numpy_generator(rng, "rng")
+        batch_size = positive_int(batch_size, "batch_size")
         x = rng.integers(0, self.n_symbols, size=(batch_size, self.length))      # (B, n)
         y = np.asarray(self.cipher)[x]                                           # (B, n)
         sep = np.full((batch_size, 1), self.sep)
@@ -136,7 +133,7 @@ class CipherTask:
 
 def pretraining_task(n_symbols: int = 16, length: int = 8, seed: int = 0) -> CipherTask:
     """A random cipher over ``n_symbols`` symbols (a permutation drawn from ``seed``)."""
-    if isinstance(n_symbols, bool) or not isinstance(n_symbols, numbers.Integral) or n_symbols < 2:
+    if not is_int(n_symbols) or n_symbols < 2:
         raise ValueError(f"n_symbols must be an int >= 2, got {n_symbols!r}")
     cipher = np.random.default_rng(seed).permutation(int(n_symbols))
     return CipherTask(tuple(int(c) for c in cipher), length=length, name="pretraining")
@@ -150,9 +147,7 @@ def downstream_task(pretraining: CipherTask, n_swaps: int = 2, seed: int = 1) ->
     """
     if not isinstance(pretraining, CipherTask):
         raise TypeError(f"pretraining must be a CipherTask, got {type(pretraining).__name__}")
-    if isinstance(n_swaps, bool) or not isinstance(n_swaps, numbers.Integral) or n_swaps < 1 \
-            or 2 * n_swaps > pretraining.n_symbols:
-        raise ValueError(f"n_swaps must be an int in [1, {pretraining.n_symbols // 2}], got {n_swaps!r}")
+    n_swaps = int_in_range(n_swaps, "n_swaps", 1, pretraining.n_symbols // 2, "disjoint pairs of symbols")
     chosen = np.random.default_rng(seed).choice(pretraining.n_symbols, size=2 * n_swaps, replace=False)
     cipher = list(pretraining.cipher)
     for a, b in chosen.reshape(n_swaps, 2):                                      # (n_swaps, 2) pairs
@@ -163,8 +158,8 @@ def downstream_task(pretraining: CipherTask, n_swaps: int = 2, seed: int = 1) ->
 
 def evaluate(params: Mapping[str, Any], config: GPTConfig, adapters: Mapping[str, Any] | None,
              lora_config: LoraConfig | None, task: CipherTask, n_examples: int = 512,
-             batch_size: int = 256) -> dict[str, float]:
-    """Loss and accuracy on ``task``'s held-out set (no dropout).
+             batch_size: int = 256, ops: Ops = REFERENCE) -> dict[str, float]:
+    """Loss and accuracy on ``task``'s held-out set (no dropout), the model run with ``ops``.
 
     Returns ``{"loss", "accuracy", "changed_accuracy", "sequence_accuracy"}``: mean cross-entropy
     over the answer tokens; the fraction of answer tokens whose argmax is right; the same over
@@ -173,13 +168,14 @@ def evaluate(params: Mapping[str, Any], config: GPTConfig, adapters: Mapping[str
     """
     if not isinstance(task, CipherTask):
         raise TypeError(f"task must be a CipherTask, got {type(task).__name__}")
+    forward = family_of(config).forward
     inputs, targets = task.heldout(n_examples)
     total, correct, kept, seq_ok = 0.0, 0, 0, 0
     changed_correct, changed_kept = 0, 0
     changed = np.isin(inputs[:, : task.length], np.asarray(task.changed, dtype=np.int64))  # (n, length)
     for start in range(0, n_examples, batch_size):
         x, t = inputs[start:start + batch_size], targets[start:start + batch_size]          # (b, T)
-        logits = to_numpy(forward(params, asarray(x), config, adapters, lora_config)).astype(np.float64)
+        logits = to_numpy(forward(params, asarray(x), config, adapters, lora_config, None, ops)).astype(np.float64)
         z = logits - logits.max(axis=-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))                           # (b, T, V)
         mask = t != IGNORE_INDEX

@@ -1,17 +1,20 @@
-"""The layers of GPT-2, each a forward in array code and a backward written out: clean, minimal, reference.
+"""The layers every model family shares, each a forward in array code and a backward written out.
 
 Every layer is an autograd primitive. Its forward runs on any backend (the namespace comes from
 its arrays) and fills a ``cache`` dict with what the backward needs (llm.c's ``forward -> (out,
 cache)``); its VJPs, below it, are the hand-derived gradients with the equations beside the code.
 Autograd only chains them, and only asks for the VJPs of arguments that are being traced.
 
-The same forward, undecorated (``layer.fun``), is ordinary differentiable array code: inside
-:func:`undecorated` the model calls the undecorated forwards, so ``autograd.numpy`` derives every
-gradient a second time, independently of the hand-written ones (the tests compare the two).
+The layers are: embedding, layer_norm, gelu, causal_attention, cross_entropy. A model calls them,
+and its projections, through an op set passed to it as an argument (:class:`Ops`):
 
-The layers are: embedding, layer_norm, gelu, causal_attention, cross_entropy, and linear (every
-projection: lora_ref.lora_linear's Eq. 3 in a faster order). Where an evaluation order was chosen
-for speed, a comment beside it says what it saves, as measured (benchmarks/, docs/performance.md).
+* :data:`REFERENCE` -- these layers and :func:`lora_ref.lora_linear`, Eq. 3 in the order the
+  paper writes it, ``W x + b + s B (A x)``. Every model's default.
+* ``transformer_ref.fast.FAST`` -- the same layers and a projection evaluated in the order that
+  trains fastest; tested equal to REFERENCE. Chosen explicitly by whoever wants speed.
+* ``traced(ops)`` -- each op's *undecorated* forward (``op.fun``): ordinary differentiable array
+  code, so ``autograd.numpy`` derives every gradient a second time, independently of the
+  hand-written VJPs (the tests compare the two). A value like the others, not a switch.
 
 Shapes: B batch, T tokens, C channels, H heads, D = C / H head width, V vocabulary,
 N = B * T rows, ``...`` any leading dimensions.
@@ -19,41 +22,42 @@ N = B * T rows, ``...`` any leading dimensions.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from lora_ref.backend import dtype_name, getval, namespace
-from lora_ref.lora import delta_weight, lora_linear
+from lora_ref.backend import getval, namespace, to_numpy
+from lora_ref.checks import index_array, integer_array
+from lora_ref.lora import lora_linear
 
 __all__ = [
     "IGNORE_INDEX",
+    "REFERENCE",
+    "Ops",
     "causal_attention",
+    "cached_primitive",
     "cross_entropy",
     "embedding",
     "gelu",
     "layer_norm",
-    "linear",
-    "ops",
-    "reference_projections",
-    "undecorated",
+    "traced",
 ]
 
 IGNORE_INDEX = -100  # a target equal to this is left out of the loss (PyTorch's and HF's convention)
 
 
-def _layer(forward: Callable[..., Any]) -> Callable[..., Any]:
+def cached_primitive(forward: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``forward(*args, cache=None)`` an autograd primitive called with a fresh cache dict.
 
-    The returned function has ``.fun`` (the undecorated forward) and ``.primitive`` (the autograd
-    primitive, on which the VJPs are defined). The VJP makers receive the same ``cache`` dict the
-    forward filled, so nothing is computed twice.
+    The returned function has ``.fun`` (the undecorated forward, traceable by autograd.numpy) and
+    ``.primitive`` (the autograd primitive, on which the VJPs are defined with ``defvjp``). The
+    VJP makers receive the same ``cache`` dict the forward filled, so nothing is computed twice;
+    a new dict per call, so nothing is shared between calls or threads.
     """
     p = primitive(forward)
 
@@ -74,13 +78,13 @@ def _layer(forward: Callable[..., Any]) -> Callable[..., Any]:
 def _embedding(table: Any, ids: Any, cache: dict | None = None) -> Any:
     """Rows of ``table`` (V, C) picked by integer ``ids`` (...): returns (..., C)."""
     xp = namespace(table)
-    _check_ids(ids, table.shape[0], "ids")
+    index_array(ids, table.shape[0], "ids")     # CuPy would wrap bad ids silently
     flat = xp.reshape(ids, (-1,))                                   # (N,)
     rows = xp.take(table, flat, axis=0)                             # (N, C)
     return xp.reshape(rows, tuple(ids.shape) + (table.shape[1],))   # (..., C)
 
 
-embedding = _layer(_embedding)
+embedding = cached_primitive(_embedding)
 embedding.__doc__ = """Token (or position) embedding: ``out[..., :] = table[ids[...], :]``.
 
     table : array (V, C), float;  ids : integer array (...) with values in [0, V).
@@ -135,7 +139,7 @@ def _layer_norm(x: Any, weight: Any, bias: Any, eps: float, cache: dict | None =
     return xhat * weight + bias
 
 
-layer_norm = _layer(_layer_norm)
+layer_norm = cached_primitive(_layer_norm)
 layer_norm.__doc__ = """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     x : (..., C); weight, bias : (C,); eps : Python float (GPT-2: 1e-5). Returns (..., C).
@@ -191,7 +195,7 @@ def _gelu(x: Any, cache: dict | None = None) -> Any:
     return 0.5 * x * h
 
 
-gelu = _layer(_gelu)
+gelu = cached_primitive(_gelu)
 gelu.__doc__ = """GPT-2's GELU (tanh approximation, Hugging Face ``gelu_new``), elementwise.
 
     ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; x any shape, float.
@@ -254,7 +258,7 @@ def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = 
     return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
 
 
-causal_attention = _layer(_causal_attention)
+causal_attention = cached_primitive(_causal_attention)
 causal_attention.__doc__ = """Causal multi-head self-attention, every head in one batched matmul.
 
     qkv : (B, T, 3C), the output of the fused ``c_attn`` projection, [q | k | v] along channels.
@@ -313,7 +317,7 @@ def _cross_entropy(logits: Any, targets: Any, cache: dict | None = None) -> Any:
     return xp.sum(per_row) / float(n)
 
 
-cross_entropy = _layer(_cross_entropy)
+cross_entropy = cached_primitive(_cross_entropy)
 cross_entropy.__doc__ = """Mean cross-entropy of ``softmax(logits)`` against integer targets, fused.
 
     logits : (..., V) float;  targets : (...) integers in [0, V), or ``IGNORE_INDEX`` (-100) to
@@ -337,186 +341,49 @@ defvjp(cross_entropy.primitive, _cross_entropy_vjp, None)
 
 
 # ============================================================================================
-# Projections: lora_ref.lora_linear's Eq. 3, y = x W^T + bias + s ((x * mask) A^T) B^T,
-# evaluated in the order that trains fastest
-# ============================================================================================
-#
-# lora_ref.lora_linear is the reference: it never forms B A, and its products keep x's leading
-# (B, T) dimensions. This layer computes the same value and the same gradients (equal up to
-# rounding: tests/transformer/test_speed_paths.py holds it to lora_linear) in another order:
-#
-# * x is folded to (N, d_in), so every product is one (N, d_in) @ (d_in, d_out) matrix
-#   multiplication; NumPy runs a (B, T, d_in) @ (d_in, d_out) product as B smaller ones.
-# * Without dropout, when N (d_in + d_out) >= d_in d_out -- the thin products x A^T and
-#   (x A^T) B^T would cost at least what forming W + s B A does -- the adapter is added to the
-#   weight first: y = x (W + s B A)^T, one product for both branches, and in the backward
-#   dL/dx = G (W + s B A) likewise. For a single token (generation) the thin products stay.
-
-
-def _lora_blocks(enable: tuple[bool, ...] | None, d_out: int, r: int) -> list[tuple[slice, slice, slice]]:
-    """For each adapted block of a fused weight: (rows of A, rows of B, columns of y)."""
-    if enable is None:
-        return [(slice(0, r), slice(0, d_out), slice(0, d_out))]
-    q = d_out // len(enable)
-    enabled = [g for g, on in enumerate(enable) if on]                  # k-th adapted block is block g
-    return [(slice(k * r, (k + 1) * r), slice(k * q, (k + 1) * q), slice(g * q, (g + 1) * q))
-            for k, g in enumerate(enabled)]
-
-
-def _linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
-            enable_lora: tuple[bool, ...] | None = None, cache: dict | None = None) -> Any:
-    """x (..., d_in), W (d_out, d_in), A (n r, d_in) or None, B (n q, r) -> y (..., d_out).
-
-    The arguments are lora_ref.lora_linear's (see there, with enable_lora). Like the other
-    layers here it does not check them: the model checks all its inputs once per forward
-    (``transformer_ref.model``), which matters at ~25 us per call; lora_linear checks its own.
-    """
-    xp = namespace(x, W, A, B, bias, dropout_mask)
-    d_out, d_in = W.shape
-    lead = tuple(x.shape[:-1])
-    X = xp.reshape(x, (-1, d_in))                                        # (N, d_in)
-    N = X.shape[0]
-    fold = A is not None and dropout_mask is None and N * (d_in + d_out) >= d_in * d_out
-    if fold:                                                             # W + s B A  (d_out, d_in)
-        W_run = W + ((B @ A) * scale if enable_lora is None else delta_weight(A, B, scale, enable_lora, d_out))
-    else:
-        W_run = W
-    Y = X @ xp.matrix_transpose(W_run)                                   # (N, d_out)
-    if bias is not None:
-        Y = Y + bias
-    Xd = X
-    if A is not None and not fold:
-        if dropout_mask is not None:                                     # dropout on the adapter branch only
-            Xd = xp.reshape(x * dropout_mask, (-1, d_in))                # (N, d_in)
-        H = Xd @ xp.matrix_transpose(A)                                  # (N, n r)   A x
-        r = B.shape[-1]
-        parts = [H[:, ra] @ xp.matrix_transpose(B[rb, :]) for ra, rb, _ in _lora_blocks(enable_lora, d_out, r)]
-        if enable_lora is None:
-            delta = parts[0]                                             # (N, d_out)  B A x
-        else:
-            q, it = d_out // len(enable_lora), iter(parts)
-            zero = xp.zeros((N, q), dtype=Y.dtype)
-            delta = xp.concat([next(it) if on else zero for on in enable_lora], axis=-1)  # (N, d_out)
-        Y = Y + delta * scale
-    if cache is not None:
-        cache["X"], cache["Xd"], cache["W_run"] = X, Xd, W_run
-    return xp.reshape(Y, lead + (d_out,))                                # (..., d_out)
-
-
-linear = _layer(_linear)
-linear.__doc__ = """The model's projection: lora_ref.lora_linear's Eq. 3, ``x W^T + bias + s ((x * mask) A^T) B^T``.
-
-    Same arguments and value (up to rounding) as :func:`lora_ref.lora_linear`, without its input
-    checks (the model makes them once per forward); computed as one matrix product per call, with
-    ``W + s B A`` formed first when that is cheaper (no dropout, N (d_in + d_out) >= d_in d_out
-    for N tokens). x (..., d_in) -> (..., d_out).
-    """
-
-
-# With G = dL/dy folded to (N, d_out), X = x folded to (N, d_in), Xd = X * mask, H = Xd A^T, and
-# for block k: G_k = G[:, cols_k] (N, q), A_k (r, d_in), B_k (q, r)  (lora_ref.lora's formulas):
-#   dL/dx    = G W + s sum_k ((G_k B_k) A_k) * mask  =  G (W + s B A)  when there is no mask
-#   dL/dW    = G^T X                       (full fine-tuning only: LoRA never asks for it)
-#   dL/dA_k  = s (G_k B_k)^T Xd            dL/dB_k = s G_k^T H_k          dL/dbias = sum_N G
-def _flat_g(g: Any, d_out: int) -> Any:
-    return namespace(g).reshape(g, (-1, d_out))                          # (N, d_out)
-
-
-def _linear_vjp_x(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    def vjp(g):
-        xp = namespace(g)
-        G = _flat_g(g, W.shape[0])
-        dX = G @ cache["W_run"]                                          # (N, d_in)  G W (+ s G B A if folded)
-        if A is not None and cache["W_run"] is W:                        # not folded: the adapter branch apart
-            r = B.shape[-1]
-            gB = [G[:, cols] @ B[rb, :] for _, rb, cols in _lora_blocks(enable_lora, W.shape[0], r)]  # (N, r) each
-            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A                              # (N, d_in)
-            if dropout_mask is not None:
-                gBA = xp.reshape(xp.reshape(gBA, x.shape) * dropout_mask, (-1, x.shape[-1]))
-            dX = dX + gBA * scale
-        return xp.reshape(dX, x.shape)                                   # (..., d_in)
-    return vjp
-
-
-def _linear_vjp_W(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    return lambda g: namespace(g).matrix_transpose(_flat_g(g, W.shape[0])) @ cache["X"]   # (d_out, d_in)
-
-
-def _linear_vjp_A(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    def vjp(g):
-        xp = namespace(g)
-        G, r = _flat_g(g, W.shape[0]), B.shape[-1]
-        gB = [G[:, cols] @ B[rb, :] for _, rb, cols in _lora_blocks(enable_lora, W.shape[0], r)]  # (N, r) each
-        gB = gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)                                    # (N, n r)
-        return (xp.matrix_transpose(gB) @ cache["Xd"]) * scale           # (n r, d_in)
-    return vjp
-
-
-def _linear_vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    def vjp(g):
-        xp = namespace(g)
-        G, r = _flat_g(g, W.shape[0]), B.shape[-1]
-        H = cache["Xd"] @ xp.matrix_transpose(A)                         # (N, n r)
-        parts = [xp.matrix_transpose(G[:, cols]) @ H[:, ra] for ra, _, cols in _lora_blocks(enable_lora, W.shape[0], r)]
-        return (parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)) * scale   # (n q, r)
-    return vjp
-
-
-def _linear_vjp_bias(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    return lambda g: namespace(g).sum(_flat_g(g, W.shape[0]), axis=0)   # (d_out,)
-
-
-def _linear_not_differentiable(what: str) -> Callable[..., Any]:
-    def maker(*args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"linear is not differentiable with respect to {what}")
-    return maker
-
-
-defvjp(linear.primitive, _linear_vjp_x, _linear_vjp_W, _linear_vjp_A, _linear_vjp_B,
-       _linear_not_differentiable("scale (a constant)"), _linear_vjp_bias,
-       _linear_not_differentiable("dropout_mask (a constant)"))
-
-
-# ============================================================================================
-# The ops the model calls, and the switch to their undecorated forwards
+# Op sets: which computation a model runs, passed to it as a value
 # ============================================================================================
 
-ops = SimpleNamespace(embedding=embedding, layer_norm=layer_norm, gelu=gelu,
-                      causal_attention=causal_attention, cross_entropy=cross_entropy, linear=linear)
 
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The callables a model computes with (immutable: build another with ``dataclasses.replace``).
 
-@contextlib.contextmanager
-def undecorated() -> Iterator[None]:
-    """Inside this block the model calls each layer's *undecorated* forward (``layer.fun``).
-
-    ``autograd.grad`` of the model then traces plain array code with ``autograd.numpy`` (NumPy
-    backend only) instead of using the hand-written VJPs: an independent second derivation of
-    every gradient, for tests. Not thread-safe (it swaps module-level references).
+    Each member takes the arguments of the layer of the same name in this module; ``linear``
+    takes :func:`lora_ref.lora_linear`'s ``(x, W, A, B, scale, bias=None, dropout_mask=None,
+    enable_lora=None)`` (A and B None for a projection without an adapter).
     """
-    saved = dict(vars(ops))
-    try:
-        for name, fn in saved.items():
-            setattr(ops, name, fn.fun)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(ops, name, fn)
+
+    embedding: Callable[..., Any]
+    layer_norm: Callable[..., Any]
+    gelu: Callable[..., Any]
+    causal_attention: Callable[..., Any]
+    cross_entropy: Callable[..., Any]
+    linear: Callable[..., Any]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not callable(getattr(self, f.name)):
+                raise TypeError(f"Ops.{f.name} must be callable, got {type(getattr(self, f.name)).__name__}")
 
 
-@contextlib.contextmanager
-def reference_projections() -> Iterator[None]:
-    """Inside this block every projection of the model is :func:`lora_ref.lora_linear`, the
-    reference ``W x + b + s B (A x)`` that never forms ``B A``, instead of :func:`linear`, which
-    adds ``s B A`` to the weight first when that is cheaper (and then computes exactly what the
-    merged model computes). Use it whenever "unmerged" must mean the reference evaluation order,
-    e.g. to compare a merged model with an unmerged one.
+REFERENCE = Ops(embedding=embedding, layer_norm=layer_norm, gelu=gelu, causal_attention=causal_attention,
+                cross_entropy=cross_entropy, linear=lora_linear)
+"""The reference op set: these layers, and every projection :func:`lora_ref.lora_linear` (Eq. 3 as
+the paper writes it, ``W x + b + s B (A x)``, never forming ``B A``). Every model's default."""
+
+
+def traced(ops: Ops) -> Ops:
+    """The op set whose members are ``ops``' undecorated forwards (each primitive's ``.fun``).
+
+    Differentiating a model run with ``traced(ops)`` makes ``autograd.numpy`` trace plain array
+    code (NumPy backend) instead of calling the hand-written VJPs: an independent second
+    derivation of every gradient, for tests. A member that is not a primitive (no ``.fun``) is
+    already plain array code and is kept, so ``traced(traced(ops)) == traced(ops)``.
     """
-    saved = ops.linear
-    try:
-        ops.linear = lora_linear
-        yield
-    finally:
-        ops.linear = saved
+    if not isinstance(ops, Ops):
+        raise TypeError(f"ops must be a transformer_ref.layers.Ops, got {type(ops).__name__}")
+    return Ops(**{f.name: getattr(getattr(ops, f.name), "fun", getattr(ops, f.name)) for f in dataclasses.fields(ops)})
 
 
 # ============================================================================================
@@ -524,36 +391,13 @@ def reference_projections() -> Iterator[None]:
 # ============================================================================================
 
 
-def _is_integer_array(a: Any) -> bool:
-    return hasattr(a, "dtype") and hasattr(a, "shape") and dtype_name(getval(a).dtype) in (
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-
-
-def _check_ids(ids: Any, V: int, what: str, size_name: str = "the table's row count") -> None:
-    """Integer dtype, values in [0, V): ValueError naming the first offending value and position."""
-    if not _is_integer_array(ids):
-        kind = dtype_name(ids.dtype) if hasattr(ids, "dtype") else type(ids).__name__
-        raise TypeError(f"{what} must be an integer array, got {kind}")
-    ids = getval(ids)
-    if math.prod(ids.shape) == 0:
-        return
-    xp = namespace(ids)
-    lo, hi = int(xp.min(ids)), int(xp.max(ids))
-    if lo < 0 or hi >= V:
-        host = _np(ids)
-        bad = tuple(int(i) for i in np.argwhere((host < 0) | (host >= V))[0])
-        raise ValueError(f"{what} must be in [0, {V}) ({size_name} = {V}), got {int(host[bad])} at position {bad}")
-
-
 def _check_targets(targets: Any, shape: tuple[int, ...], V: int) -> int:
     """Targets: integers of ``shape`` in [0, V) or IGNORE_INDEX; returns how many are kept."""
-    if not _is_integer_array(targets):
-        kind = dtype_name(targets.dtype) if hasattr(targets, "dtype") else type(targets).__name__
-        raise TypeError(f"targets must be an integer array, got {kind}")
+    integer_array(targets, "targets")
     targets = getval(targets)
     if tuple(targets.shape) != shape:
         raise ValueError(f"targets must have the logits' leading shape {shape}, got {tuple(targets.shape)}")
-    t = _np(targets)
+    t = to_numpy(targets)
     bad = (t != IGNORE_INDEX) & ((t < 0) | (t >= V))
     if bad.any():
         pos = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -563,8 +407,3 @@ def _check_targets(targets: Any, shape: tuple[int, ...], V: int) -> int:
         raise ValueError(f"targets: every position is {IGNORE_INDEX} (ignored); the mean loss is undefined")
     return n
 
-
-def _np(a: Any) -> np.ndarray:
-    from lora_ref.backend import to_numpy
-
-    return to_numpy(a)

@@ -1,5 +1,5 @@
-"""transformer_ref.model: identity at init, merging, gradients three ways, causality, backends,
-targeting, and bad input.
+"""transformer_ref.gpt2 (through the package's dispatching forward/loss) and transformer_ref.hosting:
+identity at init, merging, gradients three ways, causality, backends, targeting, and bad input.
 
 Bounds come from _gpt_helpers (chain_length: roundings along the longest path; logit_magnitude
 or the largest gradient entry: the magnitude), as ``2 gamma_n M``; exact properties are exact.
@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from lora_ref import LoraConfig, asarray, dropout_mask, to_numpy, use_backend
 from lora_ref.testing import assert_within, tolerance
 from transformer_ref import (
+    FAST,
+    REFERENCE,
     GPTConfig,
     add_adapters,
     count_trainable,
@@ -38,8 +40,8 @@ from transformer_ref import (
     loss,
     merge_adapters,
     projection_names,
+    traced,
 )
-from transformer_ref.layers import reference_projections, undecorated
 
 # Targeting variants: (LoraConfig, the modules it must select in TINY's two blocks).
 H = "transformer.h"
@@ -134,8 +136,7 @@ def test_merged_equals_unmerged(variant, dtype):
     params, tokens, _ = tiny_model(dtype)
     adapters = random_adapters(params, TINY, lc)
     r = max(a["B"].shape[1] for a in adapters.values())
-    with reference_projections():  # W x + s B (A x): ops.linear alone could fold s B A into W first
-        unmerged = forward(params, tokens, TINY, adapters, lc)
+    unmerged = forward(params, tokens, TINY, adapters, lc, ops=REFERENCE)  # W x + s B (A x), never B A
     merged_params = merge_adapters(params, adapters, lc)
     merged = forward(merged_params, tokens, TINY)
     assert merged.dtype == np.dtype(dtype)
@@ -150,28 +151,30 @@ def test_merged_equals_unmerged(variant, dtype):
 # ----------------------------------------------------------------------------------------------
 # Gradients: hand-written VJPs == autograd.numpy on the undecorated forward == finite differences
 # ----------------------------------------------------------------------------------------------
+# traced(ops) is the op set of undecorated forwards: autograd.numpy derives every gradient again.
 
 GRAD_VARIANTS = ["q,v (enable_lora)", "all, rsLoRA", "rank/alpha patterns", "layers_to_transform"]
 
 
+@pytest.mark.parametrize("ops_name", ["REFERENCE", "FAST"])
 @pytest.mark.parametrize("variant", GRAD_VARIANTS)
-def test_lora_gradients_three_ways(variant):
+def test_lora_gradients_three_ways(variant, ops_name):
     lc, _ = VARIANTS[variant]
+    ops = {"REFERENCE": REFERENCE, "FAST": FAST}[ops_name]
     params, tokens, targets = tiny_model()
     adapters = random_adapters(params, TINY, lc)
     masks = {name: dropout_mask((2, 6, params[name + ".weight"].shape[1]), 0.25, np.random.default_rng(2))
              for name in list(adapters)[:1]}
 
-    def objective(ad):
-        return loss(params, tokens, targets, TINY, ad, lc, masks)
+    def objective(ad, ops=ops):
+        return loss(params, tokens, targets, TINY, ad, lc, masks, ops=ops)
 
     hand = autograd.grad(objective)(adapters)
-    with undecorated():
-        traced = autograd.grad(objective)(adapters)
-        assert objective(adapters) == pytest.approx(float(loss(params, tokens, targets, TINY, adapters, lc, masks)),
-                                                    rel=2 * tolerance("float64", chain_length(TINY, 4)))
+    second = autograd.grad(lambda ad: objective(ad, traced(ops)))(adapters)
+    assert float(objective(adapters, traced(ops))) == pytest.approx(
+        float(objective(adapters)), rel=2 * tolerance("float64", chain_length(TINY, 4)))
     r = max(a["B"].shape[1] for a in adapters.values())
-    assert_trees_close(hand, traced, "float64", 2 * chain_length(TINY, r), what=f"dL/dadapters ({variant})")
+    assert_trees_close(hand, second, "float64", 2 * chain_length(TINY, r), what=f"dL/dadapters ({variant}, {ops_name})")
     check_grads(objective, modes=["rev"], order=1)(adapters)
 
 
@@ -186,41 +189,43 @@ def test_lora_gradient_of_fresh_adapter_is_zero_for_A():
         assert np.abs(g["B"]).max() > 0.0, name
 
 
-def test_full_gradients_three_ways():
+@pytest.mark.parametrize("ops_name", ["REFERENCE", "FAST"])
+def test_full_gradients_three_ways(ops_name):
+    ops = {"REFERENCE": REFERENCE, "FAST": FAST}[ops_name]
     params, tokens, targets = tiny_model()
 
-    def objective(p):
-        return loss(p, tokens, targets, TINY)
+    def objective(p, ops=ops):
+        return loss(p, tokens, targets, TINY, ops=ops)
 
     hand = autograd.grad(objective)(params)
-    with undecorated():
-        traced = autograd.grad(objective)(params)
+    second = autograd.grad(lambda p: objective(p, traced(ops)))(params)
     assert set(hand) == set(params)
-    assert_trees_close(hand, traced, "float64", 2 * chain_length(TINY), what="dL/dparams")
+    assert_trees_close(hand, second, "float64", 2 * chain_length(TINY), what=f"dL/dparams ({ops_name})")
     check_grads(objective, modes=["rev"], order=1)(params)
 
 
-def test_lora_training_never_computes_frozen_weight_gradients(monkeypatch):
-    """autograd asks the model's projection (layers.linear, lora_linear's Eq. 3) only for VJPs of
-    traced arguments: W's VJP never runs in LoRA mode."""
+@pytest.mark.parametrize("ops_name", ["REFERENCE", "FAST"])
+def test_lora_training_never_computes_frozen_weight_gradients(ops_name, monkeypatch):
+    """autograd asks the model's projection (REFERENCE: lora_linear, Eq. 3; FAST: fast.linear)
+    only for VJPs of traced arguments: W's VJP never runs in LoRA mode."""
     from autograd.core import primitive_vjps
 
-    from transformer_ref.layers import linear
-
+    ops = {"REFERENCE": REFERENCE, "FAST": FAST}[ops_name]
+    prim = getattr(ops.linear, "primitive", ops.linear)   # fast.linear carries .primitive; lora_linear is one
     calls = []
-    original = primitive_vjps[linear.primitive]       # (argnums, ans, args, kwargs) -> vjp
+    original = primitive_vjps[prim]                       # (argnums, ans, args, kwargs) -> vjp
 
     def spy(argnums, ans, args, kwargs):
         calls.extend(a for a in argnums if a == 1)      # argument 1 is W
         return original(argnums, ans, args, kwargs)
 
-    monkeypatch.setitem(primitive_vjps, linear.primitive, spy)
+    monkeypatch.setitem(primitive_vjps, prim, spy)
     lc = VARIANTS["q,v (enable_lora)"][0]
     params, tokens, targets = tiny_model()
     adapters = random_adapters(params, TINY, lc)
-    autograd.grad(lambda ad: loss(params, tokens, targets, TINY, ad, lc))(adapters)
+    autograd.grad(lambda ad: loss(params, tokens, targets, TINY, ad, lc, ops=ops))(adapters)
     assert calls == []
-    autograd.grad(lambda p: loss(p, tokens, targets, TINY))(params)
+    autograd.grad(lambda p: loss(p, tokens, targets, TINY, ops=ops))(params)
     assert len(calls) == 4 * TINY.n_layer + 1   # every projection and the tied lm_head
 
 
@@ -354,6 +359,8 @@ def test_bad_params_and_config():
         forward({**params, name: params[name].astype(np.float32)}, tokens, TINY)
     with pytest.raises(TypeError, match="config must be a transformer_ref.GPTConfig, got dict"):
         forward(params, tokens, TINY.to_dict())
+    with pytest.raises(TypeError, match=r"ops must be a transformer_ref.layers.Ops \(REFERENCE, FAST, ...\), got str"):
+        forward(params, tokens, TINY, ops="FAST")
     with pytest.raises(TypeError, match="dtype must be float32 or float64, got float16"):
         init_params(TINY, 0, "float16")
     with pytest.raises(TypeError, match="seed must be an int seed or a numpy.random.Generator, got float"):

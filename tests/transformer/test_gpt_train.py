@@ -3,13 +3,16 @@ generated cipher tasks, evaluate)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import numpy as np
 import pytest
 
 from lora_ref.testing import assert_within, tolerance
-from transformer_ref import add_adapters, init_params, lora_config_for
+from transformer_ref import FAST, REFERENCE, add_adapters, init_params, lora_config_for
+from transformer_ref.bounds import logit_magnitude, logit_rounding_chain
 from transformer_ref.data import CipherTask, downstream_task, evaluate, pretraining_task
 from transformer_ref.layers import IGNORE_INDEX
 from transformer_ref.train import adam_init, adam_update, train
@@ -93,7 +96,7 @@ def test_downstream_task_swaps_pairs():
     assert differs == list(down.changed) and len(differs) == 6
     assert sorted(down.cipher) == list(range(16))
     assert down.heldout_seed != pre.heldout_seed
-    with pytest.raises(ValueError, match=r"n_swaps must be an int in \[1, 8\], got 9"):
+    with pytest.raises(ValueError, match=r"n_swaps must be in \[1, 8\] \(disjoint pairs of symbols\), got 9"):
         downstream_task(pre, n_swaps=9)
     with pytest.raises(ValueError, match="cipher must be a permutation"):
         CipherTask((0, 0, 1))
@@ -174,5 +177,40 @@ def test_train_rejects_bad_arguments(pretrained):
         train(params, config, down, mode="full", adapters={})
     with pytest.raises(TypeError, match="task must have a batch"):
         train(params, config, [1, 2], mode="full")
-    with pytest.raises(ValueError, match="lr must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match="lr must be positive, got -1"):
         train(params, config, down, mode="full", lr=-1)
+    with pytest.raises(TypeError, match="ops must be a transformer_ref.layers.Ops"):
+        train(params, config, down, mode="full", ops=None)
+    with pytest.raises(ValueError, match=r"threads must be a positive int \(or None\), got 0"):
+        train(params, config, down, mode="full", threads=0)
+
+
+def _counting(ops):
+    """``ops`` with its projection counted: proves an op set reaches the model."""
+    calls = []
+
+    def linear(*args):
+        calls.append(1)
+        return ops.linear(*args)
+    return dataclasses.replace(ops, linear=linear), calls
+
+
+def test_train_and_evaluate_compute_with_the_op_set_given(pretrained):
+    config, params, _, down = pretrained
+    assert inspect.signature(train).parameters["ops"].default is FAST          # training: the speed order
+    assert inspect.signature(evaluate).parameters["ops"].default is REFERENCE  # evaluation: the reference
+    lc = lora_config_for(["v"], r=2)
+    ops, calls = _counting(REFERENCE)
+    result = train(params, config, down, mode="lora", lora_config=lc, steps=1, batch_size=4, ops=ops, threads=1)
+    assert len(calls) == 4 * config.n_layer + 1                                # one forward: every projection
+    default = train(params, config, down, mode="lora", lora_config=lc, steps=1, batch_size=4, ops=FAST, threads=1)
+    # the first loss (before any update) in two evaluation orders: one forward each, so at most
+    # 2 gamma_n M apart, n the roundings along the longest path to the loss (float64) and M bounding
+    # its terms: shifted logits within 2 max|logit| of 0, log of a sum of V terms <= 1 each
+    n = logit_rounding_chain(config, 2, T=down.seq_len, loss_batch=4 * down.seq_len)
+    M = 2 * logit_magnitude(params, config) + math.log(config.vocab_size)
+    assert_within(result.losses[0], default.losses[0], 2 * tolerance("float64", n) * M,
+                  what="first loss, REFERENCE vs FAST")
+    ops, calls = _counting(FAST)
+    evaluate(params, config, None, None, down, n_examples=8, ops=ops)
+    assert len(calls) == 4 * config.n_layer + 1

@@ -1,9 +1,10 @@
-"""The training path's faster evaluation orders compute what the reference computes.
+"""The training-speed op set (transformer_ref.fast) computes what the reference computes.
 
-* ``transformer_ref.layers.linear`` (the model's projection) against ``lora_ref.lora_linear``:
-  forward value and every gradient, on both of its paths (``W + s B A`` formed first, or the
-  thin products kept), with fused blocks (enable_lora), dropout masks, float64 and float32.
-* ``transformer_ref.train.sharded_value_and_grad`` (the batch split over threads) against one
+* ``fast.linear`` (FAST's projection) against ``lora_ref.lora_linear`` (REFERENCE's): forward
+  value and every gradient, on both of its paths (``W + s B A`` formed first, or the thin
+  products kept), with fused blocks (enable_lora), dropout masks, float64 and float32.
+* the whole model: ``loss(..., ops=FAST)`` against ``ops=REFERENCE``, value and every gradient.
+* ``fast.sharded_value_and_grad`` (the batch split over threads) against one
   ``autograd.value_and_grad`` of the whole batch.
 
 Bounds are ``2 gamma_n M`` (two computations of one exact value), with ``n`` the longest chain
@@ -16,18 +17,17 @@ import autograd
 import numpy as np
 import pytest
 from _gpt_helpers import TINY, assert_trees_close, chain_length, random_adapters, tiny_model
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_ref import delta_weight, dropout_mask, lora_linear, to_numpy
 from lora_ref.strategies import lora_cases
 from lora_ref.testing import assert_within, lora_linear_magnitude, tolerance
-from transformer_ref import lora_config_for, loss
-from transformer_ref.layers import _linear, linear
-from transformer_ref.train import _blas_local, sharded_value_and_grad
+from transformer_ref import FAST, REFERENCE, lora_config_for, loss, machine
+from transformer_ref.fast import _linear, linear, sharded_value_and_grad
 
 # ----------------------------------------------------------------------------------------------
-# layers.linear == lora_ref.lora_linear
+# fast.linear == lora_ref.lora_linear
 # ----------------------------------------------------------------------------------------------
 
 
@@ -117,6 +117,39 @@ def test_linear_float32_stays_float32():
 
 
 # ----------------------------------------------------------------------------------------------
+# The whole model: FAST == REFERENCE, the loss and every gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(matrices=st.sets(st.sampled_from(["q", "k", "v", "o", "mlp_in", "mlp_out"]), min_size=1),
+       r=st.integers(1, 3), dropout=st.booleans(), dtype=st.sampled_from(["float64", "float32"]),
+       seed=st.integers(0, 2**31))
+def test_fast_model_equals_reference_model(matrices, r, dropout, dtype, seed):
+    lc = lora_config_for(sorted(matrices), r=r, alpha=2.0 * r)
+    params, tokens, targets = tiny_model(dtype, seed % 1000)
+    adapters = random_adapters(params, TINY, lc, seed)
+    masks = None if not dropout else {
+        name: dropout_mask((2, 6, params[name + ".weight"].shape[1]), 0.25, np.random.default_rng(seed), dtype)
+        for name in adapters}
+
+    def lora(ops):
+        return autograd.value_and_grad(lambda ad: loss(params, tokens, targets, TINY, ad, lc, masks, ops=ops))(adapters)
+
+    def full(ops):
+        return autograd.value_and_grad(lambda p: loss(p, tokens, targets, TINY, ops=ops))(params)
+
+    # Two computations of one model, forward and backward: 2 * chain_length roundings apart at most
+    # (_gpt_helpers), measured against each value's own size.
+    n = 2 * chain_length(TINY, r)
+    for what, run in (("LoRA", lora), ("full", full)):
+        (value, grads), (ref_value, ref_grads) = run(FAST), run(REFERENCE)
+        assert np.asarray(value).dtype == np.dtype(dtype)
+        assert_within(value, ref_value, 2 * tolerance(dtype, n) * abs(float(ref_value)), what=f"{what} loss")
+        assert_trees_close(grads, ref_grads, dtype, n, what=f"{what} gradients")
+
+
+# ----------------------------------------------------------------------------------------------
 # sharded_value_and_grad == value_and_grad of the whole batch
 # ----------------------------------------------------------------------------------------------
 
@@ -132,8 +165,6 @@ def _objective(params, lc):
 def test_sharded_equals_whole_batch(threads, masks, monkeypatch):
     from autograd.tracer import trace_stack
 
-    import transformer_ref.train as train_mod
-
     lc = lora_config_for(["q", "v"], r=2, alpha=3.0)
     params, tokens, targets = tiny_model()                 # (2, 6); target (0, 0) ignored: slices weigh 5 and 6
     adapters = random_adapters(params, TINY, lc)
@@ -145,13 +176,13 @@ def test_sharded_equals_whole_batch(threads, masks, monkeypatch):
             "shared 2-D": {name: dropout_mask((6, TINY.n_embd), 0.25, rng)}}[masks]
     objective = _objective(params, lc)
     slices = []
-    original_pool = train_mod._pool
-    monkeypatch.setattr(train_mod, "_pool", lambda n: slices.append(n) or original_pool(n))
+    original_pool = machine.worker_pool
+    monkeypatch.setattr(machine, "worker_pool", lambda n: slices.append(n) or original_pool(n))
     top = trace_stack.top
     value, grads = sharded_value_and_grad(objective, threads)(adapters, tokens, targets, mask)
     assert trace_stack.top == top                           # autograd's trace counter is where it was
     ref_value, ref_grads = autograd.value_and_grad(objective)(adapters, tokens, targets, mask)
-    if _blas_local() is not None:
+    if machine.per_thread_blas():
         assert slices == [2]                                # the batch was split (2 rows: 2 slices)
     # Each slice is a forward and backward of the model (chain_length roundings each way), then
     # a weighted sum of two terms (+2): 2 * chain_length + 2, as for the model's own gradients.
@@ -178,7 +209,7 @@ def test_sharded_skips_a_slice_with_nothing_to_score_and_keeps_loss_errors():
     targets[:, :] = -100
     with pytest.raises(ValueError, match="every position is -100"):
         sharded_value_and_grad(objective, 2)(adapters, tokens, targets, None)
-    with pytest.raises(ValueError, match="threads must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match=r"threads must be a positive int \(or None\), got 0"):
         sharded_value_and_grad(objective, 0)
 
 
