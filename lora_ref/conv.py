@@ -64,17 +64,8 @@ from .backend import asarray, float_dtype, namespace, sum_to_shape
 from .checks import (finite_real, float_array, is_int, non_negative_int, numpy_generator, positive_int,
                      same_dtype, shape_of)
 
-__all__ = [
-    "CONV_INIT_SCHEMES",
-    "conv_delta_weight",
-    "conv_nd",
-    "conv_output_shape",
-    "init_lora_conv",
-    "lora_conv",
-    "loralib_conv_delta",
-    "merge_conv",
-    "unmerge_conv",
-]
+__all__ = ["CONV_INIT_SCHEMES", "conv_delta_weight", "conv_nd", "conv_output_shape", "init_lora_conv", "lora_conv",
+           "loralib_conv_delta", "merge_conv", "unmerge_conv"]
 
 CONV_INIT_SCHEMES = ("kaiming", "gaussian", "random")
 
@@ -287,17 +278,17 @@ def _conv_dbias(xp: Any, g: Any) -> Any:
 
 
 def _conv_vjp_x(ans, x, W, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    geo = _geometry(x, W, stride, padding, dilation, groups)
+    geo = _geometry(x, W, stride, padding, dilation, groups)                  # K1
     return lambda g: _conv_dx(namespace(g), g, W, geo, shape_of(x))
 
 
 def _conv_vjp_W(ans, x, W, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    geo = _geometry(x, W, stride, padding, dilation, groups)
+    geo = _geometry(x, W, stride, padding, dilation, groups)                  # K2
     return lambda g: _conv_dW(namespace(g), g, x, geo, shape_of(W))
 
 
 def _conv_vjp_bias(ans, x, W, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return lambda g: _conv_dbias(namespace(g), g)
+    return lambda g: _conv_dbias(namespace(g), g)                              # K3
 
 
 def _no_grad(fun: str, what: str):
@@ -366,12 +357,14 @@ lora_conv.__doc__ = """LoRA's adapted convolution (C2): ``y = conv(x, W, bias) +
 
 
 def _geos(x, W, A, B, stride, padding, dilation, groups):
+    """The geometries of the base conv, of A (the base's, groups 1) and of B (1x1 on H, the base's
+    groups), and H's shape (N, r, *O)."""
     geo = _geometry(x, W, stride, padding, dilation, groups)
     geo_A = _geometry(x, A, stride, padding, dilation, 1, "A")
-    H_shape = (x.shape[0], A.shape[0]) + geo_A.out
-    geo_B = geo_A._replace(stride=(1,) * len(geo.out), padding=(0,) * len(geo.out),
-                           dilation=(1,) * len(geo.out), groups=groups, kernel=shape_of(B)[2:], size=geo_A.out)
-    return geo, geo_A, geo_B, H_shape
+    n = len(geo.out)
+    geo_B = geo_A._replace(stride=(1,) * n, padding=(0,) * n, dilation=(1,) * n, groups=geo.groups,
+                           kernel=shape_of(B)[2:], size=geo_A.out)
+    return geo, geo_A, geo_B, (int(x.shape[0]), int(A.shape[0])) + geo_A.out
 
 
 def _dH(xp, g, B, scale, geo_B, H_shape):
@@ -420,8 +413,7 @@ def _lora_vjp_B(ans, x, W, A, B, scale, bias=None, stride=1, padding=0, dilation
     return vjp
 
 
-def _lora_vjp_bias(ans, x, W, A, B, scale, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                   dropout_mask=None):
+def _lora_vjp_bias(ans, x, W, A, B, scale, bias=None, stride=1, padding=0, dilation=1, groups=1, dropout_mask=None):
     """L3: dL/dbias = K3(G)."""
     return lambda g: _conv_dbias(namespace(g), g)
 
@@ -513,13 +505,8 @@ def _delta_for(W: Any, A: Any, B: Any, scale: float) -> Any:
     same_dtype(("W", W), ("A", A), ("B", B))
     delta = conv_delta_weight(A, B, scale)
     if shape_of(delta) != shape_of(W):
-        if W.ndim == delta.ndim and W.shape[0] == delta.shape[0] and W.shape[1] != delta.shape[1] \
-                and W.shape[1] and delta.shape[1] % int(W.shape[1]) == 0:
-            raise ValueError(f"W {shape_of(W)} is a grouped convolution (groups = {delta.shape[1] // int(W.shape[1])}) "
-                             f"and A {shape_of(A)} reads all {delta.shape[1]} input channels: s B A has no place "
-                             "in W, so this adapter cannot be merged (PEFT refuses too)")
-        raise ValueError(f"s B A has shape {shape_of(delta)} but W has shape {shape_of(W)}; "
-                         f"A {shape_of(A)}, B {shape_of(B)}")
+        raise ValueError(f"s B A has shape {shape_of(delta)} but W has shape {shape_of(W)} (A {shape_of(A)}, "
+                         f"B {shape_of(B)}); a grouped W cannot take an adapter whose A reads all C_in channels")
     return delta
 
 
@@ -602,9 +589,6 @@ def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
     if shape_of(B) != want_B:
         raise ValueError(f"B must be (C_out, r/groups, 1, ...) = {want_B} (PEFT's lora_B: a 1x1 convolution "
                          f"with the base's groups), got B {shape_of(B)}")
-    geo_A = _geometry(x, A, stride, padding, dilation, 1, "A")
-    geo_B = geo_A._replace(stride=(1,) * n, padding=(0,) * n, dilation=(1,) * n, groups=G,
-                           kernel=(1,) * n, size=geo_A.out)
     if mask is not None:
         float_array(mask, "dropout_mask")
         try:
@@ -613,4 +597,4 @@ def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
             ok = False
         if not ok:
             raise ValueError(f"dropout_mask of shape {shape_of(mask)} does not broadcast to x's shape {shape_of(x)}")
-    return geo, geo_A, geo_B
+    return _geos(x, W, A, B, stride, padding, dilation, groups)[:3]
