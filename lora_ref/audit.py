@@ -28,8 +28,10 @@ import autograd
 import numpy as np
 
 from .backend import asarray, get_backend, namespace, to_numpy
+from .cases import LoraCase, uniform_entries
+from .checks import positive_int
+from .config import LoraConfig
 from .lora import (
-    LoraConfig,
     delta_weight,
     init_lora,
     lora_linear,
@@ -161,45 +163,14 @@ def _dev(*arrays: Any) -> list[Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Case:
-    x: np.ndarray
-    W: np.ndarray
-    A: np.ndarray
-    B: np.ndarray
-    bias: np.ndarray | None
-    mask: np.ndarray | None
-    scale: float
-    r: int
-    enable: tuple[bool, ...] | None
-
-    @property
-    def d_in(self) -> int:
-        return self.W.shape[1]
-
-    @property
-    def d_out(self) -> int:
-        return self.W.shape[0]
-
-    @property
-    def N(self) -> int:
-        return int(np.prod(self.x.shape[:-1], dtype=np.int64))
-
-
 def _case(rng: np.random.Generator, dtype: str, *, d_in=48, d_out=36, r=8, batch=(2, 5),
-          enable=None, mask=False, bias=True, alpha=12.0) -> _Case:
-    """A random case with entries uniform in [-1, 1] (host NumPy). The scale is rsLoRA's
-    alpha / sqrt(r), not a power of two, so that rounding it into float32 is exercised."""
-    G = 1 if enable is None else len(enable)
-    n = 1 if enable is None else sum(enable)
-    q = d_out // G
-    u = lambda *shape: rng.uniform(-1.0, 1.0, size=shape).astype(dtype)  # noqa: E731
-    m = None
-    if mask:
-        m = ((rng.random(size=tuple(batch) + (d_in,)) >= 0.25) / 0.75).astype(dtype)  # inverted dropout, p = 1/4
-    return _Case(x=u(*batch, d_in), W=u(d_out, d_in), A=u(n * r, d_in), B=u(n * q, r),
-                 bias=u(d_out) if bias else None, mask=m, scale=lora_scale(alpha, r, use_rslora=True),
-                 r=r, enable=enable)
+          enable=None, mask=False, bias=True, alpha=12.0) -> LoraCase:
+    """A random case with entries uniform in [-1, 1] (host NumPy), drawn from the running ``rng``
+    (mask first). The scale is rsLoRA's alpha / sqrt(r), not a power of two, so that rounding it
+    into float32 is exercised; the mask is inverted dropout with p = 1/4."""
+    case = LoraCase(d_in=d_in, d_out=d_out, r=r, alpha=alpha, batch_shape=batch, use_rslora=True,
+                    has_bias=bias, dropout_p=0.25 if mask else None, enable_lora=enable, dtype=dtype)
+    return case.draw(rng, entries=uniform_entries(), order=("mask", "x", "W", "A", "B", "bias"))
 
 
 QV = (True, False, True)  # loralib MergedLinear on GPT-2's fused qkv: adapt q and v
@@ -245,7 +216,7 @@ def check_zero_init(rng: np.random.Generator, dtype: str) -> list[CheckResult]:
         Gf = _h(G).reshape(-1, c.d_out)                                       # (N, d_out)
         expected = c.scale * (Gf.T @ (X @ _h(A).T))                           # (d_out, r)
         mag = abs(c.scale) * (np.abs(Gf).T @ (np.abs(X) @ _abs(A).T))
-        n = c.d_in + c.N + 3                                                   # + 1: x * mask
+        n = c.d_in + c.n_tokens + 3                                                   # + 1: x * mask
         dB_parts.append((_ratio(np.abs(_h(dB) - expected), mag), 2 * tolerance(dtype, n)))
     return [CheckResult("zero init: output == base output (exact)", dtype, max(out), 0.0),
             CheckResult("zero init: dL/dA == 0 (exact)", dtype, dA_max, 0.0),
@@ -290,8 +261,7 @@ def merge_unmerge_drift(W: Any, A: Any, B: Any, scale: float, cycles: int, *,
     ``|W_k - W| / (|W| + |s B A|)`` entrywise; and its derived bound
     ``k gamma_2 (1 + gamma_{2(k-1)})`` (docs/math.md, "Unmerging").
     """
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"cycles must be a positive int, got {cycles!r}")
+    cycles = positive_int(cycles, "cycles")
     kw = {"enable_lora": enable_lora, "fan_in_fan_out": fan_in_fan_out}
     Wk = W
     for _ in range(cycles):
@@ -348,7 +318,7 @@ def check_vjps_vs_trace(rng: np.random.Generator, dtype: str, variant: str) -> C
     _, traced = _vjps(lora_linear.fun, c.x, c.W, c.A, c.B, c.scale, c.bias, c.mask, enable, G)
     _, mags = _vjps(lora_linear, _abs(c.x), _abs(c.W), _abs(c.A), _abs(c.B), abs(c.scale), _abs(c.bias),
                     _abs(c.mask), enable, np.abs(G.astype(np.float64)))
-    tol = 2 * tolerance(dtype, _grad_roundings(c.N, c.d_in, c.d_out, c.A.shape[0]))
+    tol = 2 * tolerance(dtype, _grad_roundings(c.n_tokens, c.d_in, c.d_out, c.A.shape[0]))
     parts = [(_ratio(np.abs(_h(h) - _h(t)), m), tol) for h, t, m in zip(hand, traced, mags)]
     return _worst(f"VJPs == autograd.numpy trace ({variant})", dtype, parts)
 
@@ -366,7 +336,7 @@ def check_vjps_vs_differences(rng: np.random.Generator, dtype: str) -> CheckResu
     host = [c.x, c.W, c.A, c.B, c.bias]
     dev = _dev(*host, c.mask, G)
     n_fwd = _forward_roundings(c.d_in, c.r, True, True)
-    L = _grad_roundings(c.N, c.d_in, c.d_out, c.A.shape[0])
+    L = _grad_roundings(c.n_tokens, c.d_in, c.d_out, c.A.shape[0])
     _, vjps = _vjps(lora_linear, *dev[:4], c.scale, dev[4], dev[5], QV, dev[6])
     _, mags = _vjps(lora_linear, *[_abs(a) for a in host[:4]], abs(c.scale), _abs(c.bias), _abs(c.mask), QV,
                     np.abs(G.astype(np.float64)))
@@ -456,8 +426,7 @@ def run_audit(*, seed: int = 0, dtypes: Sequence[str] = DTYPES, cycles: int = 50
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"dtypes must be among {', '.join(DTYPES)}, got {dt!r}")
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"cycles must be a positive int, got {cycles!r}")
+    cycles = positive_int(cycles, "cycles")
     rng = np.random.default_rng(seed)
     rows: list[CheckResult] = []
     for dt in dtypes:

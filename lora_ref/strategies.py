@@ -3,9 +3,9 @@
 Importing this module requires `hypothesis <https://hypothesis.readthedocs.io>`_, which is a
 *test* extra (``pip install 'lora-ref[test]'``), not a dependency of the library itself.
 
-The main entry point is :func:`lora_cases`, which draws a complete :class:`LoraCase`
-(``x, W, A, B, scale, bias, mask, enable_lora`` and the settings they came from) as **NumPy**
-arrays; move them to another backend with :func:`lora_ref.asarray`. The smaller strategies
+The main entry point is :func:`lora_cases`, which draws a complete
+:class:`lora_ref.cases.LoraCase` (``x, W, A, B, bias, mask``, the ``scale`` and the settings they
+came from) as **NumPy** arrays; move them to another backend with :func:`lora_ref.asarray`. The smaller strategies
 (:func:`dtypes`, :func:`dims`, :func:`ranks`, :func:`batch_shapes`, :func:`alphas`,
 :func:`enable_flags`) compose into custom cases.
 
@@ -41,15 +41,14 @@ hypothesis draws, so a failing example is reproduced exactly by the seed hypothe
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
 
 from .backend import to_numpy
-from .lora import init_lora, lora_scale
+from .cases import LoraCase
+from .lora import init_lora
 
 __all__ = [
     "DTYPES",
@@ -115,57 +114,6 @@ def bounded_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
     return a.astype(dtype)
 
 
-@dataclass(frozen=True)
-class LoraCase:
-    """One drawn LoRA layer and its input; all arrays are NumPy, all of ``dtype``.
-
-    ``x`` (*batch, d_in), ``W`` (d_out, d_in), ``A`` (n r, d_in), ``B`` (n q, r), ``bias``
-    (d_out,) or None, ``mask`` (broadcastable to x) or None, ``enable_lora`` flags or None.
-    ``scale`` is ``lora_scale(alpha, r, use_rslora)`` as a Python float.
-    """
-
-    x: np.ndarray
-    W: np.ndarray
-    A: np.ndarray
-    B: np.ndarray
-    scale: float
-    bias: np.ndarray | None
-    mask: np.ndarray | None
-    enable_lora: tuple[bool, ...] | None
-    r: int
-    alpha: float
-    use_rslora: bool
-    fan_in_fan_out: bool
-    init: str
-    dtype: str
-    seed: int
-
-    @property
-    def d_in(self) -> int:
-        return self.W.shape[1]
-
-    @property
-    def d_out(self) -> int:
-        return self.W.shape[0]
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[:-1])
-
-    @property
-    def W_stored(self) -> np.ndarray:
-        """W as the base model stores it: (d_in, d_out) under ``fan_in_fan_out``, else (d_out, d_in)."""
-        return np.ascontiguousarray(self.W.T) if self.fan_in_fan_out else self.W
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`lora_ref.lora_linear` besides ``x, W, A, B, scale``."""
-        return {"bias": self.bias, "dropout_mask": self.mask, "enable_lora": self.enable_lora}
-
-    def args(self) -> tuple[Any, ...]:
-        """``(x, W, A, B, scale)``, the positional arguments of :func:`lora_ref.lora_linear`."""
-        return (self.x, self.W, self.A, self.B, self.scale)
-
-
 def _maybe(flag: bool | None) -> st.SearchStrategy[bool]:
     return st.booleans() if flag is None else st.just(bool(flag))
 
@@ -176,7 +124,7 @@ def lora_cases(draw: Any, *, dtype: str | tuple[str, ...] | None = None, max_dim
                dropout: bool | None = None, bias: bool | None = None,
                use_rslora: bool | None = None, fan_in_fan_out: bool | None = None,
                rank_beyond: int = 4) -> LoraCase:
-    """A strategy for :class:`LoraCase`.
+    """A strategy for :class:`lora_ref.cases.LoraCase` with its arrays drawn (``dy`` is not).
 
     Parameters
     ----------
@@ -198,13 +146,13 @@ def lora_cases(draw: Any, *, dtype: str | tuple[str, ...] | None = None, max_dim
         ``enable_lora``); over-complete ranks are legal.
     """
     choices = DTYPES if dtype is None else ((dtype,) if isinstance(dtype, str) else tuple(dtype))
+    if init not in ("random", "kaiming", "gaussian"):
+        raise ValueError(f"init must be 'random', 'kaiming' or 'gaussian', got {init!r}")
     dt = draw(st.sampled_from(choices))
     flags = draw(enable_flags()) if draw(_maybe(enable_lora)) else None
     G = 1 if flags is None else len(flags)
-    n = 1 if flags is None else sum(flags)
     d_in = draw(dims(max_dim))
     q = draw(st.integers(1, max(1, max_dim // G)))          # rows per block
-    d_out = q * G
     r = draw(ranks(d_in, q, beyond=rank_beyond))                   # per block: B_k is (q, r)
     batch = draw(batch_shapes(max_batch_dims))
     alpha = draw(alphas())
@@ -214,28 +162,25 @@ def lora_cases(draw: Any, *, dtype: str | tuple[str, ...] | None = None, max_dim
     with_mask = draw(_maybe(dropout))
     mags = [draw(st.sampled_from(MAGNITUDES)) for _ in range(3)]   # x, W, adapters
     seed = draw(st.integers(min_value=0, max_value=2**32 - 1))
-    rng = np.random.default_rng(seed)
-
-    x = bounded_array(rng, batch + (d_in,), dt, mags[0])              # (*batch, d_in)
-    W = bounded_array(rng, (d_out, d_in), dt, mags[1])                # (d_out, d_in)
-    if init == "random":
-        A = bounded_array(rng, (n * r, d_in), dt, mags[2])            # (n r, d_in)
-        B = bounded_array(rng, (n * q, r), dt, mags[2])               # (n q, r)
-    elif init in ("kaiming", "gaussian"):
-        pairs = [init_lora(d_in, q, r, init=init, rng=rng, dtype=dt) for _ in range(n)]
-        A = np.concatenate([to_numpy(a) for a, _ in pairs], axis=0)   # (n r, d_in)
-        B = np.concatenate([to_numpy(b) for _, b in pairs], axis=0)   # (n q, r)
-    else:
-        raise ValueError(f"init must be 'random', 'kaiming' or 'gaussian', got {init!r}")
-    b = bounded_array(rng, (d_out,), dt, mags[1]) if with_bias else None
-    mask = None
+    p, mask_shape = None, None
     if with_mask:
         p = draw(st.sampled_from((0.1, 0.5)))
         mask_shape = draw(st.sampled_from([batch + (d_in,), (d_in,), (1,) * len(batch) + (d_in,)]))
-        keep = rng.random(size=mask_shape) >= p
-        mask = (keep / (1.0 - p)).astype(dt)
-    scale = lora_scale(alpha, r, rs)
-    if not math.isfinite(scale):  # cannot happen for alpha in [1/16, 64]; guards the contract
-        raise AssertionError(f"scale {scale} is not finite")
-    return LoraCase(x=x, W=W, A=A, B=B, scale=scale, bias=b, mask=mask, enable_lora=flags, r=r,
-                    alpha=alpha, use_rslora=rs, fan_in_fan_out=fifo, init=init, dtype=dt, seed=seed)
+    case = LoraCase(d_in=d_in, d_out=q * G, r=r, alpha=alpha, batch_shape=batch, use_rslora=rs,
+                    fan_in_fan_out=fifo, has_bias=with_bias, dropout_p=p, mask_shape=mask_shape,
+                    enable_lora=flags, dtype=dt, init=init, seed=seed)
+    magnitude = {"x": mags[0], "W": mags[1], "bias": mags[1], "A": mags[2], "B": mags[2]}
+
+    def entries(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return bounded_array(rng, shape, "float64", magnitude[name])
+
+    # One stream, in this order: x, W, then A and B (drawn, or made by init_lora), bias, mask.
+    rng = np.random.default_rng(seed)
+    case = case.draw(rng, entries=entries, order=("x", "W"))
+    if init == "random":
+        case = case.draw(rng, entries=entries, order=("A", "B"))
+    else:
+        pairs = [init_lora(d_in, q, r, init=init, rng=rng, dtype=dt) for _ in range(case.n_enabled)]
+        case = case.with_arrays(A=np.concatenate([to_numpy(a) for a, _ in pairs], axis=0),   # (n r, d_in)
+                                B=np.concatenate([to_numpy(b) for _, b in pairs], axis=0))   # (n q, r)
+    return case.draw(rng, entries=entries, order=("bias", "mask"))

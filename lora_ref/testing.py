@@ -29,27 +29,25 @@ of the callables is in :func:`check_lora_linear`; ``docs/oracle.md`` walks throu
 The kit speaks NumPy: it is the boundary where other implementations' numbers come in, so unlike
 the rest of lora_ref it does not follow the backend switch.
 
-Hypothesis strategies (:mod:`lora_ref.strategies`: ``lora_cases``, ``dims``, ``ranks``, ...) are
-importable from here too; they load on first use, because hypothesis is a test extra
-(``pip install 'lora-ref[test]'``) and this module must import without it.
+The kit's cases are :class:`lora_ref.cases.LoraCase` records. Hypothesis strategies that draw
+random ones are in :mod:`lora_ref.strategies` (``lora_cases``, ``dims``, ``ranks``, ...), which
+needs hypothesis, a test extra (``pip install 'lora-ref[test]'``); this module does not.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from autograd import make_vjp
 
 from .backend import dtype_name, to_numpy
-from .lora import delta_weight, lora_linear, lora_scale, merge as _ref_merge
+from .cases import LoraCase, normal_entries
+from .checks import finite_real, non_negative_int, positive_int
+from .lora import delta_weight, lora_linear, merge as _ref_merge
 
 __all__ = [
     "DEFAULT_PROPERTIES",
@@ -90,8 +88,7 @@ def tolerance(dtype: Any, n: int = 1) -> float:
     values) to get an absolute bound; double it to compare two independent computations.
     Raises ``ValueError`` when ``n u >= 1`` (no bound exists: the dtype is too coarse for ``n``).
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = non_negative_int(n, "n")
     u = unit_roundoff(dtype)
     if n * u >= 1.0:
         raise ValueError(f"n={n} roundings in {dtype_name(dtype)} (u={u:.3g}) admit no error bound: n*u >= 1")
@@ -122,10 +119,8 @@ def rounding_counts(d_in: int, d_out: int, r: int, n_tokens: int, n_enabled: int
     dB           d_in, then N                ``d_in + N + 6``
     ===========  ==========================  ====================================================
     """
-    for value, name in ((d_in, "d_in"), (d_out, "d_out"), (r, "r"), (n_tokens, "n_tokens"),
-                        (n_enabled, "n_enabled")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    d_in, d_out, r = positive_int(d_in, "d_in"), positive_int(d_out, "d_out"), positive_int(r, "r")
+    n_tokens, n_enabled = positive_int(n_tokens, "n_tokens"), positive_int(n_enabled, "n_enabled")
     return {"y": d_in + r + 6, "W_merged": r + 6, "dx": d_out + n_enabled * r + 6,
             "dA": d_out + n_tokens + 6, "dB": d_in + n_tokens + 6}
 
@@ -347,7 +342,8 @@ def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarra
     expected, magnitude = np.asarray(expected, dtype=np.float64), np.asarray(magnitude, dtype=np.float64)
     if expected.shape != magnitude.shape:
         raise ValueError(f"magnitude has shape {magnitude.shape} but expected has shape {expected.shape}")
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0.0 <= float(rtol) < math.inf:
+    rtol = finite_real(rtol, "rtol")
+    if rtol < 0.0:
         raise ValueError(f"rtol must be a finite non-negative number, got {rtol!r}")
     try:
         a = np.asarray(actual)
@@ -408,55 +404,28 @@ _NEEDS = {"merge": "merge", "merge_rslora": "merge", "merge_fan_in_fan_out": "me
           "grad_x": "grad", "grad_A": "grad", "grad_B": "grad"}
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """The data of one property: shapes (d_out, d_in), rank, scale settings and options."""
-
-    d_in: int
-    d_out: int
-    r: int
-    alpha: float
-    batch: tuple[int, ...] = (2, 3)
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    bias: bool = True
-    dropout_p: float | None = None
-    zero_B: bool = False
-    enable_lora: tuple[bool, ...] | None = None
-
-
-_FORWARD = _Setup(d_in=7, d_out=5, r=3, alpha=6.0)
-_RSLORA = _Setup(d_in=7, d_out=5, r=4, alpha=8.0, use_rslora=True)
-_SQUARE_FIFO = _Setup(d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True)
-_DROPOUT = _Setup(d_in=7, d_out=5, r=3, alpha=6.0, dropout_p=0.5)
-_FUSED = _Setup(d_in=5, d_out=12, r=2, alpha=4.0, enable_lora=(True, False, True))
-_SETUPS = {
-    "forward": _FORWARD, "forward_rslora": _RSLORA,
-    "zero_B_identity": _Setup(d_in=7, d_out=5, r=3, alpha=6.0, zero_B=True),
+_FORWARD = LoraCase(d_in=7, d_out=5, r=3, alpha=6.0)
+_RSLORA = LoraCase(d_in=7, d_out=5, r=4, alpha=8.0, use_rslora=True)
+_SQUARE_FIFO = LoraCase(d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True)
+_DROPOUT = LoraCase(d_in=7, d_out=5, r=3, alpha=6.0, dropout_p=0.5)
+_FUSED = LoraCase(d_in=5, d_out=12, r=2, alpha=4.0, enable_lora=(True, False, True))
+_CASES = {
+    "forward": _FORWARD, "forward_rslora": _RSLORA, "zero_B_identity": _FORWARD,
     "fan_in_fan_out": _SQUARE_FIFO, "dropout": _DROPOUT,
-    "rank_above_dim": _Setup(d_in=3, d_out=4, r=6, alpha=3.0, batch=(5,), bias=False),
+    "rank_above_dim": LoraCase(d_in=3, d_out=4, r=6, alpha=3.0, batch_shape=(5,), has_bias=False),
     "fused_enable_lora": _FUSED,
     "merge": _FORWARD, "merge_rslora": _RSLORA, "merge_fan_in_fan_out": _SQUARE_FIFO, "merge_fused": _FUSED,
     "grad_x": _DROPOUT, "grad_A": _DROPOUT, "grad_B": _DROPOUT,
 }
+_DRAW_ORDER = ("x", "W", "A", "B", "bias", "dy", "mask")
 
 
-def _draw(setup: _Setup, rng: np.random.Generator) -> dict[str, Any]:
-    """Float64 data for a setup (cast to each dtype later), standard normal entries."""
-    enable = setup.enable_lora
-    n = 1 if enable is None else sum(enable)
-    q = setup.d_out if enable is None else setup.d_out // len(enable)
-    x = rng.standard_normal(setup.batch + (setup.d_in,))                       # (*batch, d_in)
-    W = rng.standard_normal((setup.d_out, setup.d_in)) / math.sqrt(setup.d_in)  # (d_out, d_in)
-    A = rng.standard_normal((n * setup.r, setup.d_in))                         # (n r, d_in)
-    B = rng.standard_normal((n * q, setup.r))                                  # (n q, r)
-    data = {"x": x, "W": W, "A": A, "B": np.zeros_like(B) if setup.zero_B else B,
-            "bias": rng.standard_normal(setup.d_out) if setup.bias else None,
-            "dropout_mask": None, "dy": rng.standard_normal(setup.batch + (setup.d_out,))}
-    if setup.dropout_p is not None:
-        keep = rng.random(x.shape) >= setup.dropout_p
-        data["dropout_mask"] = keep / (1.0 - setup.dropout_p)                  # 0 or 1/(1-p)
-    return data
+def _draw(name: str, seed: int) -> LoraCase:
+    """The float64 case of property ``name`` (cast to each dtype later): standard normal entries,
+    W scaled by 1/sqrt(d_in); B zeroed for ``zero_B_identity``. Each property has its own stream."""
+    case = replace(_CASES[name], seed=(seed, list(PROPERTIES).index(name)))
+    case = case.draw(entries=normal_entries(scaled=("W",)), order=_DRAW_ORDER)
+    return case.with_arrays(B=np.zeros_like(case.B)) if name == "zero_B_identity" else case
 
 
 def _check_callable(value: Any, name: str) -> None:
@@ -481,22 +450,20 @@ def _select(properties: Iterable[str] | None, merge: Any, grad: Any) -> tuple[st
     return chosen
 
 
-def _run_property(name: str, dtype: str, data: dict[str, Any], setup: _Setup, impl: Callable,
-                  merge: Callable | None, grad: Callable | None) -> list[PropertyResult]:
-    cast = lambda t: None if t is None else np.ascontiguousarray(t.astype(dtype))  # noqa: E731
-    x, W, A, B, bias, mask, dy = (cast(data[k]) for k in ("x", "W", "A", "B", "bias", "dropout_mask", "dy"))
-    fifo = setup.fan_in_fan_out
-    W_stored = np.ascontiguousarray(W.T) if fifo else W                # the layout fan_in_fan_out says
-    s = lora_scale(setup.alpha, setup.r, setup.use_rslora)
+def _run_property(name: str, dtype: str, case: LoraCase, impl: Callable, merge: Callable | None,
+                  grad: Callable | None) -> list[PropertyResult]:
+    case = case.astype(dtype)
+    x, A, B, bias, mask, dy = case.x, case.A, case.B, case.bias, case.mask, case.dy
+    fifo = case.fan_in_fan_out
+    W_stored = case.W_stored                                           # the layout fan_in_fan_out says
+    s = case.scale
     is_grad = name.startswith("grad_")
-    ref = reference_outputs(x, W_stored, A, B, s, bias=bias, dropout_mask=mask, enable_lora=setup.enable_lora,
+    ref = reference_outputs(x, W_stored, A, B, s, bias=bias, dropout_mask=mask, enable_lora=case.enable_lora,
                             fan_in_fan_out=fifo, dy=dy if is_grad else None)
-    n_tokens = math.prod(x.shape[:-1])
-    n_enabled = 1 if setup.enable_lora is None else sum(setup.enable_lora)
-    counts = rounding_counts(setup.d_in, setup.d_out, setup.r, n_tokens, n_enabled)
-    options = {"alpha": setup.alpha, "r": setup.r, "use_rslora": setup.use_rslora, "fan_in_fan_out": fifo}
-    if setup.enable_lora is not None:
-        options["enable_lora"] = setup.enable_lora
+    counts = rounding_counts(case.d_in, case.d_out, case.r, case.n_tokens, case.n_enabled)
+    options = {"alpha": case.alpha, "r": case.r, "use_rslora": case.use_rslora, "fan_in_fan_out": fifo}
+    if case.enable_lora is not None:
+        options["enable_lora"] = case.enable_lora
     if name.startswith("merge"):
         fn, args, kwargs, outputs = merge, (W_stored, A, B), options, ("W_merged",)
     else:
@@ -593,8 +560,7 @@ def check_lora_linear(impl: Callable, *, merge: Callable | None = None, grad: Ca
         raise TypeError(f"impl must be a callable, got {type(impl).__name__}")
     _check_callable(merge, "merge")
     _check_callable(grad, "grad")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = non_negative_int(seed, "seed")
     if isinstance(dtypes, str):
         raise TypeError(f"dtypes must be a list of dtype names, got the string {dtypes!r}")
     dtypes = tuple(dtype_name(d) for d in dtypes)
@@ -604,9 +570,9 @@ def check_lora_linear(impl: Callable, *, merge: Callable | None = None, grad: Ca
     chosen = _select(properties, merge, grad)
     results = []
     for name in chosen:
-        data = _draw(_SETUPS[name], np.random.default_rng([int(seed), list(PROPERTIES).index(name)]))
+        case = _draw(name, int(seed))
         for dtype in dtypes:
-            results.extend(_run_property(name, dtype, data, _SETUPS[name], impl, merge, grad))
+            results.extend(_run_property(name, dtype, case, impl, merge, grad))
     return LoraCheckReport(results)
 
 
@@ -619,38 +585,3 @@ def assert_lora_linear_matches(impl: Callable, **kwargs: Any) -> LoraCheckReport
     if not report.ok:
         raise AssertionError(f"the implementation does not match lora-ref:\n{report}")
     return report
-
-
-# ============================================================================================
-# Hypothesis strategies, re-exported lazily (hypothesis is a test extra)
-# ============================================================================================
-
-
-def _strategy_names() -> tuple[str, ...]:
-    """``lora_ref.strategies.__all__``, read from its source without importing hypothesis."""
-    path = Path(__file__).with_name("strategies.py")
-    if not path.exists():
-        return ()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-            try:
-                return tuple(ast.literal_eval(node.value))
-            except ValueError:
-                return ()
-    return ()
-
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__") or name not in _strategy_names():
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        strategies = importlib.import_module("lora_ref.strategies")
-    except ImportError as exc:
-        raise ImportError(
-            f"lora_ref.testing.{name} is a hypothesis strategy (from lora_ref.strategies) and needs "
-            f"hypothesis, which could not be imported ({exc}): pip install 'lora-ref[test]'") from exc
-    return getattr(strategies, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_strategy_names()))

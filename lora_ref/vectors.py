@@ -40,13 +40,14 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .lora import lora_scale
+from .cases import LoraCase, normal_entries
+from .checks import non_negative_int
 from .testing import (LoraCheckReport, PropertyResult, compare_to_reference, reference_outputs,
                       reference_rtol, rounding_counts)
 
@@ -74,52 +75,35 @@ _COMPARISON = ("pass when |yours - expected| <= rtol * magnitude entry by entry 
                "computation's roundings plus 2 so that comparing in the case's dtype is also safe)")
 
 
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    dtype: str
-    description: str
-    d_in: int
-    d_out: int
-    r: int
-    alpha: float
-    batch: tuple[int, ...] = (2, 3)
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    bias: bool = True
-    dropout_p: float | None = None
-    enable_lora: tuple[bool, ...] | None = None
-
-
-def _specs() -> list[_Spec]:
+def _specs() -> list[LoraCase]:
     both = []
     base = [
-        _Spec("plain", "", "plain LoRA, scale alpha/r = 8", d_in=8, d_out=6, r=2, alpha=16.0),
-        _Spec("rslora", "", "rsLoRA, scale alpha/sqrt(r) = 4 (alpha/r would be 2)", d_in=8, d_out=6, r=4,
-              alpha=8.0, use_rslora=True),
-        _Spec("fan_in_fan_out", "", "W stored (d_in, d_out) as GPT-2's Conv1D; square, so a missed "
-              "transpose is not a shape error", d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True),
-        _Spec("dropout", "", "explicit inverted-dropout mask (p = 0.25) on the adapter branch only",
-              d_in=8, d_out=6, r=2, alpha=16.0, dropout_p=0.25),
-        _Spec("fused_qkv_q_v", "", "GPT-2 c_attn as loralib MergedLinear(enable_lora=[True, False, True], "
-              "fan_in_fan_out=True): q and v adapted, k not", d_in=4, d_out=12, r=2, alpha=4.0,
-              fan_in_fan_out=True, enable_lora=(True, False, True)),
-        _Spec("fused_k_v", "", "loralib MergedLinear(enable_lora=[False, True, True]) on an nn.Linear "
-              "layout weight", d_in=5, d_out=9, r=3, alpha=6.0, enable_lora=(False, True, True)),
-        _Spec("rank_above_dim", "", "rank 6 above min(d_in, d_out) = 3; no bias; x is 2-D", d_in=3, d_out=4,
-              r=6, alpha=3.0, batch=(5,), bias=False),
+        LoraCase(name="plain", description="plain LoRA, scale alpha/r = 8", d_in=8, d_out=6, r=2, alpha=16.0),
+        LoraCase(name="rslora", description="rsLoRA, scale alpha/sqrt(r) = 4 (alpha/r would be 2)", d_in=8,
+                 d_out=6, r=4, alpha=8.0, use_rslora=True),
+        LoraCase(name="fan_in_fan_out", description="W stored (d_in, d_out) as GPT-2's Conv1D; square, so a "
+                 "missed transpose is not a shape error", d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True),
+        LoraCase(name="dropout", description="explicit inverted-dropout mask (p = 0.25) on the adapter branch only",
+                 d_in=8, d_out=6, r=2, alpha=16.0, dropout_p=0.25),
+        LoraCase(name="fused_qkv_q_v", description="GPT-2 c_attn as loralib MergedLinear(enable_lora=[True, "
+                 "False, True], fan_in_fan_out=True): q and v adapted, k not", d_in=4, d_out=12, r=2, alpha=4.0,
+                 fan_in_fan_out=True, enable_lora=(True, False, True)),
+        LoraCase(name="fused_k_v", description="loralib MergedLinear(enable_lora=[False, True, True]) on an "
+                 "nn.Linear layout weight", d_in=5, d_out=9, r=3, alpha=6.0, enable_lora=(False, True, True)),
+        LoraCase(name="rank_above_dim", description="rank 6 above min(d_in, d_out) = 3; no bias; x is 2-D", d_in=3,
+                 d_out=4, r=6, alpha=3.0, batch_shape=(5,), has_bias=False),
     ]
     for spec in base:
         for dtype in ("float64", "float32"):
-            both.append(_Spec(**{**spec.__dict__, "name": f"{spec.name}_{dtype}", "dtype": dtype}))
+            both.append(replace(spec, name=f"{spec.name}_{dtype}", dtype=dtype))
     return both
 
 
-def _formula(spec: _Spec) -> str:
+def _formula(spec: LoraCase) -> str:
     s = "alpha / sqrt(r)" if spec.use_rslora else "alpha / r"
     W = "W.T" if not spec.fan_in_fan_out else "W"
     xd = "(x * dropout_mask)" if spec.dropout_p is not None else "x"
-    bias = " + bias" if spec.bias else ""
+    bias = " + bias" if spec.has_bias else ""
     if spec.enable_lora is None:
         y = f"y = x @ {W}{bias} + s * (({xd} @ A.T) @ B.T)"
         dW = "s * (B @ A).T" if spec.fan_in_fan_out else "s * (B @ A)"
@@ -170,33 +154,22 @@ class GoldenCase:
                                     self.magnitudes[output], self.tolerance[output]["rtol"])
 
 
-def _build(spec: _Spec, seed: int) -> GoldenCase:
-    # Each case has its own stream, so adding a case never changes another one.
-    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
-    enable = spec.enable_lora
-    n = 1 if enable is None else sum(enable)
-    q = spec.d_out if enable is None else spec.d_out // len(enable)
-    W = rng.standard_normal((spec.d_out, spec.d_in)) / math.sqrt(spec.d_in)   # (d_out, d_in)
-    raw = {
-        "x": rng.standard_normal(spec.batch + (spec.d_in,)),                    # (*batch, d_in)
-        "W": W.T if spec.fan_in_fan_out else W,                                 # stored layout
-        "A": rng.standard_normal((n * spec.r, spec.d_in)) / math.sqrt(spec.d_in),  # (n r, d_in)
-        "B": rng.standard_normal((n * q, spec.r)),                              # (n q, r)
-        "bias": rng.standard_normal(spec.d_out) if spec.bias else None,         # (d_out,)
-        "dy": rng.standard_normal(spec.batch + (spec.d_out,)),                  # (*batch, d_out)
-        "dropout_mask": None,
-    }
-    if spec.dropout_p is not None:
-        keep = rng.random(spec.batch + (spec.d_in,)) >= spec.dropout_p
-        raw["dropout_mask"] = keep / (1.0 - spec.dropout_p)                    # 0 or 1/(1-p)
-    inputs = {k: np.ascontiguousarray(v.astype(spec.dtype)) for k, v in raw.items() if v is not None}
-    scale = lora_scale(spec.alpha, spec.r, spec.use_rslora)
+def _build(spec: LoraCase, seed: int) -> GoldenCase:
+    # Each case has its own stream, so adding a case never changes another one. The draw order
+    # (W first) and the entries (W and A scaled by 1/sqrt(d_in)) are fixed: the files depend on them.
+    case = replace(spec, seed=(seed, zlib.crc32(spec.name.encode())))
+    case = case.draw(entries=normal_entries(scaled=("W", "A")), order=("W", "x", "A", "B", "bias", "dy", "mask"))
+    enable = case.enable_lora
+    named = {"x": case.x, "W": case.W_stored, "A": case.A, "B": case.B, "bias": case.bias, "dy": case.dy,
+             "dropout_mask": case.mask}
+    inputs = {k: np.ascontiguousarray(v) for k, v in named.items() if v is not None}
+    scale = case.scale
     ref = reference_outputs(inputs["x"], inputs["W"], inputs["A"], inputs["B"], scale, bias=inputs.get("bias"),
                             dropout_mask=inputs.get("dropout_mask"), enable_lora=enable,
                             fan_in_fan_out=spec.fan_in_fan_out, dy=inputs["dy"])
     expected = {o: np.ascontiguousarray(ref[o]) for o in OUTPUTS}
     magnitudes = {o: np.ascontiguousarray(ref[f"magnitude.{o}"]) for o in OUTPUTS}
-    counts = rounding_counts(spec.d_in, spec.d_out, spec.r, math.prod(spec.batch), n)
+    counts = rounding_counts(case.d_in, case.d_out, case.r, case.n_tokens, case.n_enabled)
     tol = {}
     for o in OUTPUTS:
         nr = counts[o] + EXTRA_ROUNDINGS
@@ -215,9 +188,8 @@ def golden_cases(seed: int = 0) -> list[GoldenCase]:
     Seven kinds (plain, rsLoRA, fan_in_fan_out, dropout, fused q/v with fan_in_fan_out, fused k/v,
     rank above a dimension), each in float64 and float32.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return [_build(spec, int(seed)) for spec in _specs()]
+    seed = non_negative_int(seed, "seed")
+    return [_build(spec, seed) for spec in _specs()]
 
 
 def _sha256(path: Path) -> str:

@@ -388,30 +388,19 @@ def test_lora_ref_in_float32_and_float64_is_within_the_kit_bounds(data):
 
 
 # --------------------------------------------------------------------------------------------
-# Hypothesis strategies, re-exported lazily
+# The kit needs no test extras
 # --------------------------------------------------------------------------------------------
 
 
-def test_strategies_are_reexported_from_testing():
-    strategies = pytest.importorskip("lora_ref.strategies")
-    assert strategies.__all__
-    for name in strategies.__all__:
-        assert getattr(testing, name) is getattr(strategies, name)
-        assert name in dir(testing)
-    with pytest.raises(AttributeError, match="no attribute 'no_such_strategy'"):
-        testing.no_such_strategy  # noqa: B018
-
-
-def test_testing_imports_without_hypothesis():
-    pytest.importorskip("lora_ref.strategies")
+def test_the_kit_imports_without_hypothesis():
     code = ("import sys; sys.modules['hypothesis'] = None\n"      # makes `import hypothesis` fail
-            "import lora_ref.testing as t\n"
-            "assert callable(t.check_lora_linear)\n"
+            "import lora_ref.testing, lora_ref.cases, lora_ref.vectors, lora_ref.audit\n"
+            "report = lora_ref.testing.check_lora_linear(lambda x, W, A, B, **kw: None, properties=['forward'])\n"
+            "assert not report.ok and report.failed_names == ('forward',)\n"
             "try:\n"
-            "    from lora_ref.testing import lora_cases\n"
-            "except ImportError as e:\n"
-            "    print('ImportError:', e)\n")
+            "    import lora_ref.strategies\n"
+            "except ImportError:\n"
+            "    print('strategies need hypothesis')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "ImportError: lora_ref.testing.lora_cases is a hypothesis strategy" in out.stdout
-    assert "pip install 'lora-ref[test]'" in out.stdout
+    assert out.stdout == "strategies need hypothesis\n"
