@@ -6,10 +6,12 @@ by the test suite (except the smoke test, which runs one tiny configuration).
 
 Modules
 -------
-harness      timing (medians of alternated runs), machine facts, BLAS thread control, matmul peak
+harness      timing (medians of alternated runs), machine facts, BLAS thread counts, matmul peak
 flops        the step's floating-point operations and bytes, counted analytically
 torch_gpt2   the PyTorch side: transformers GPT-2 + PEFT LoRA, eager, CPU
-ref_gpt2     the lora-ref side: transformer_ref's model and Adam
+ref_gpt2     the lora-ref side: transformer_ref's model (op set FAST, as train() uses) and Adam
+breakdown    a step's time per layer, from a timed copy of the op set
+step         ``python -m benchmarks.step``: milliseconds per training step, one line
 suites       one function per measurement (training step, inference, memory, backends, ...)
 report       results.json -> docs/performance.md (tables) and docs/performance.png (plot)
 run          the entry point

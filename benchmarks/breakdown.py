@@ -1,10 +1,13 @@
 """Where a lora-ref training step spends its time: per layer type, forward and backward.
 
-The model calls its layers through ``transformer_ref.layers.ops``, and autograd finds each
-layer's hand-written backward in ``autograd.core.primitive_vjps``. :func:`step_breakdown` wraps
-both with timers for the duration of a measurement (and restores them afterwards), so it sees
-exactly the code that runs in training: forward time per layer type, backward time per layer
-type, Adam, and the rest (autograd's bookkeeping, residual additions, gradient accumulation).
+A model computes with the op set it is given (``transformer_ref.layers.Ops``), and autograd finds
+each op's hand-written backward in ``autograd.core.primitive_vjps``. :func:`timed_ops` returns a
+copy of an op set whose members time themselves: each forward call, and each backward through a
+new autograd primitive registered with timed copies of the original's VJPs. Nothing global is
+replaced: a step built with the timed op set (``make_ref_step(..., ops=timed)``) is profiled, any
+other computation in the process is not. It sees exactly the code that runs in training: forward
+time per layer type, backward time per layer type, and the rest (Adam, autograd's bookkeeping,
+residual additions, gradient accumulation).
 
 This is a profile, so timers add a little overhead of their own (two ``perf_counter`` calls
 per layer call); the step time it reports is measured with the timers in place. When the step
@@ -14,39 +17,36 @@ milliseconds), so the parts can add up to more than the step's wall time.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["step_breakdown"]
+__all__ = ["step_breakdown", "timed_ops"]
 
 
-@contextlib.contextmanager
-def _timed_layers(totals: dict[str, float]) -> Iterator[None]:
-    """Wrap every op in ``transformer_ref.layers.ops`` (forward) and its VJPs (backward)."""
+def timed_ops(ops: Any) -> tuple[Any, dict[str, float]]:
+    """``(timed, totals)``: ``ops`` with every member timed into ``totals`` (seconds per
+    ``"<op> forward"`` / ``"<op> backward"``), and that dict (cleared by :func:`step_breakdown`)."""
     from autograd.core import primitive_vjps
+    from autograd.extend import primitive
 
-    from transformer_ref import layers
-
-    saved_ops = dict(vars(layers.ops))
-    saved_vjps = {}
-    try:
-        for name, op in saved_ops.items():
-            prim = getattr(op, "primitive", op)        # layers' ops carry .primitive; lora_linear is one
-            if prim in primitive_vjps and prim not in saved_vjps:
-                saved_vjps[prim] = primitive_vjps[prim]
-                primitive_vjps[prim] = _timed_vjp(saved_vjps[prim], f"{name} backward", totals)
-            setattr(layers.ops, name, _timed(op, f"{name} forward", totals))
-        yield
-    finally:
-        for name, op in saved_ops.items():
-            setattr(layers.ops, name, op)
-        for prim, maker in saved_vjps.items():
-            primitive_vjps[prim] = maker
+    totals: dict[str, float] = defaultdict(float)
+    members = {}
+    for f in dataclasses.fields(ops):
+        op = getattr(ops, f.name)
+        prim = getattr(op, "primitive", op)            # layers' ops carry .primitive; lora_linear is one
+        if prim not in primitive_vjps:                 # plain array code: autograd traces it, forward only
+            members[f.name] = _timed(op, f"{f.name} forward", totals)
+            continue
+        twin = primitive(prim.fun)                     # the same forward, a primitive of its own
+        primitive_vjps[twin] = _timed_vjp(primitive_vjps[prim], f"{f.name} backward", totals)
+        call = (lambda *args, p=twin: p(*args, cache={})) if prim is not op else twin
+        members[f.name] = _timed(call, f"{f.name} forward", totals)
+    return dataclasses.replace(ops, **members), totals
 
 
 _LOCK = threading.Lock()       # the step may run in several threads
@@ -82,22 +82,22 @@ def _timed_vjp(maker: Callable[..., Any], key: str, totals: dict[str, float]) ->
     return timed_maker
 
 
-def step_breakdown(step: Callable[[], Any], *, repeats: int = 3) -> dict[str, Any]:
+def step_breakdown(step: Callable[[], Any], totals: dict[str, float], *, repeats: int = 3) -> dict[str, Any]:
     """Median milliseconds per step of each layer type's forward and backward, and the rest.
 
-    ``step()`` runs one training step (after at least one warm-up step by the caller). Returns
-    ``{"step_ms": ..., "parts_ms": {name: ms}}``: wall time of the step and (thread-)time inside
-    each layer's forward and backward; what is in no layer is autograd's graph walk, residual
-    additions, the combination of the slices' gradients, Adam and Python.
+    ``step()`` runs one training step built with the op set of :func:`timed_ops`, whose ``totals``
+    are given (after at least one warm-up step by the caller). Returns ``{"step_ms": ...,
+    "parts_ms": {name: ms}}``: wall time of the step and (thread-)time inside each layer's
+    forward and backward; what is in no layer is autograd's graph walk, residual additions, the
+    combination of the slices' gradients, Adam and Python.
     """
     per_run: list[dict[str, float]] = []
     step_ms: list[float] = []
     for _ in range(repeats):
-        totals: dict[str, float] = defaultdict(float)
-        with _timed_layers(totals):
-            t0 = time.perf_counter()
-            step()
-            step_ms.append(1e3 * (time.perf_counter() - t0))
+        totals.clear()
+        t0 = time.perf_counter()
+        step()
+        step_ms.append(1e3 * (time.perf_counter() - t0))
         per_run.append(dict(totals))
     names = sorted({k for run in per_run for k in run})
     parts = {k: statistics.median(1e3 * run.get(k, 0.0) for run in per_run) for k in names}

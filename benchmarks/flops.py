@@ -78,7 +78,7 @@ def step_flops(s: StepShape) -> dict[str, float]:
     lora_forward = N * (L * (dense + attn + lora) + head)
     lora_backward = N * (L * (dense + 2 * attn + 2 * lora) - (6 * C * C + 2 * r * C) + head)
     # transformer_ref's projection forms W + s B A first when N (d_in + d_out) >= d_in d_out
-    # (layers.linear): then the adapter costs 2 r d_in d_out per matrix per forward, not per token.
+    # (fast.linear): then the adapter costs 2 r d_in d_out per matrix per forward, not per token.
     folded = s.tokens * (C + 3 * C) >= C * 3 * C
     folded_forward = base_forward + L * 2 * r * C * 3 * C
     return {

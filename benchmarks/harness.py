@@ -14,7 +14,6 @@ meaningful):
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib.metadata
 import os
@@ -27,14 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from lora_ref.backend import numpy_openblas
+from transformer_ref.machine import numpy_openblas
 
 __all__ = [
     "alternate",
     "blas_threads",
     "machine_info",
     "matmul_peak",
+    "numpy_blas_threads",
     "paired_ratio",
+    "set_numpy_blas_threads",
     "summarize",
 ]
 
@@ -95,56 +96,30 @@ def paired_ratio(a: list[float], b: list[float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# OpenBLAS (NumPy's BLAS) through its C API: thread count, kernel name
+# OpenBLAS (NumPy's BLAS): found by transformer_ref.machine, the one place that looks it up
 # --------------------------------------------------------------------------------------------
 
-
-class _OpenBLAS:
-    """NumPy's bundled OpenBLAS, found by file name, or None members when it is not found."""
-
-    def __init__(self) -> None:
-        found = numpy_openblas()
-        self.lib, self.path = found if found is not None else (None, None)
-
-    def _fn(self, *names: str) -> Any:
-        for name in names:
-            fn = getattr(self.lib, name, None) if self.lib is not None else None
-            if fn is not None:
-                return fn
-        return None
-
-    def get_threads(self) -> int | None:
-        fn = self._fn("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads")
-        return int(fn()) if fn else None
-
-    def set_threads(self, n: int) -> None:
-        fn = self._fn("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
-        if fn:
-            fn(ctypes.c_int(n))
-
-    def set_threads_local(self, n: int) -> int | None:
-        """Set the BLAS thread count of the calling thread only (OpenBLAS >= 0.3.27); returns the
-        previous value, or None when this OpenBLAS lacks the call."""
-        fn = self._fn("openblas_set_num_threads_local")
-        if fn is None:
-            return None
-        fn.restype = ctypes.c_int
-        return int(fn(ctypes.c_int(n)))
-
-    def text(self, *names: str) -> str | None:
-        fn = self._fn(*names)
-        if fn is None:
-            return None
-        fn.restype = ctypes.c_char_p
-        return fn().decode()
+OPENBLAS = numpy_openblas()     # transformer_ref.machine.OpenBLAS, or None when NumPy uses another BLAS
 
 
-OPENBLAS = _OpenBLAS()
+def numpy_blas_threads() -> int | None:
+    """NumPy's OpenBLAS thread count, or None when there is no OpenBLAS to ask."""
+    return OPENBLAS.get_threads() if OPENBLAS is not None else None
+
+
+def set_numpy_blas_threads(n: int) -> None:
+    """Set NumPy's OpenBLAS thread count (process-wide); nothing when there is no OpenBLAS."""
+    if OPENBLAS is not None:
+        OPENBLAS.set_threads(n)
+
+
+def _openblas_text(*names: str) -> str | None:
+    return OPENBLAS.text(*names) if OPENBLAS is not None else None
 
 
 def blas_threads() -> dict[str, Any]:
     """Thread counts of every library that computes: NumPy's OpenBLAS, PyTorch (if imported)."""
-    out: dict[str, Any] = {"numpy_openblas": OPENBLAS.get_threads()}
+    out: dict[str, Any] = {"numpy_openblas": numpy_blas_threads()}
     torch = sys.modules.get("torch")
     if torch is not None:
         out["torch_intra_op"] = torch.get_num_threads()
@@ -202,8 +177,8 @@ def machine_info() -> dict[str, Any]:
         "versions": versions,
         "threads": blas_threads(),
         "numpy_blas": {"library": getattr(OPENBLAS, "path", None),
-                       "kernel": OPENBLAS.text("scipy_openblas_get_corename64_", "openblas_get_corename"),
-                       "config": OPENBLAS.text("scipy_openblas_get_config64_", "openblas_get_config")},
+                       "kernel": _openblas_text("scipy_openblas_get_corename64_", "openblas_get_corename"),
+                       "config": _openblas_text("scipy_openblas_get_config64_", "openblas_get_config")},
         "torch_blas": (torch.__config__.parallel_info().splitlines()[-1].strip()
                        if torch is not None else None),
         "environment": {name: os.environ.get(name) for name in _ENV},

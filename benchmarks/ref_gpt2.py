@@ -1,8 +1,9 @@
 """The lora-ref side: transformer_ref's GPT-2, LoRA on ``c_attn``, ``value_and_grad`` and Adam.
 
-This is exactly what ``transformer_ref.train`` does per step (and what a user writes): the loss is
-differentiated with respect to the adapters (LoRA) or to every parameter (full fine-tuning), and
-``adam_update`` returns the new arrays.
+This is exactly what ``transformer_ref.train`` does per step (and what a user writes): the loss,
+computed with the training op set ``transformer_ref.FAST`` (train's default), is differentiated
+with respect to the adapters (LoRA) or to every parameter (full fine-tuning), and ``adam_update``
+returns the new arrays.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> di
     plus a batch of random tokens and targets: ``{"config", "lora_config", "params",
     "adapters", "tokens", "targets"}``. Both sides of a comparison are built from this."""
     from lora_ref import LoraConfig
-    from transformer_ref import GPTConfig
-    from transformer_ref.model import add_adapters, init_params
+    from transformer_ref import GPTConfig, add_adapters, init_params
 
     config = GPTConfig(vocab_size=shape.vocab, n_positions=shape.seq_len, n_embd=shape.n_embd,
                        n_layer=shape.n_layer, n_head=shape.heads)
@@ -38,43 +38,45 @@ def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> di
             "tokens": tokens, "targets": targets}
 
 
-def make_ref_step(model: dict[str, Any], mode: str, *, lr: float = 1e-3, threads: int | None = None) -> dict[str, Any]:
+def make_ref_step(model: dict[str, Any], mode: str, *, lr: float = 1e-3, threads: int | None = None,
+                  ops: Any = None) -> dict[str, Any]:
     """One training step of ``model`` (from :func:`make_model`): LoRA or full fine-tuning.
 
-    The step is ``transformer_ref.train``'s: :func:`~transformer_ref.train.sharded_value_and_grad`
-    (``threads`` slices of the batch at once; None: ``auto_threads``, what ``train`` chooses) then
+    The step is ``transformer_ref.train``'s: :func:`~transformer_ref.fast.sharded_value_and_grad`
+    (``threads`` slices of the batch at once; None: ``auto_threads``, what ``train`` chooses) of
+    the loss computed with ``ops`` (None: ``transformer_ref.FAST``, train's default), then
     ``adam_update``.
 
     Returns ``{"step", "loss", "logits", "trainable"}``: ``step()`` runs forward, backward and
     Adam, keeps the updated arrays for the next call, and returns the loss (float); ``loss()`` and
     ``logits()`` evaluate the current model; ``trainable`` counts the trained parameters.
     """
-    from transformer_ref.model import forward, loss
-    from transformer_ref.train import adam_init, adam_update, auto_threads, sharded_value_and_grad
+    from transformer_ref import FAST, forward, loss, merge_adapters
+    from transformer_ref.fast import auto_threads, sharded_value_and_grad
+    from transformer_ref.train import adam_init, adam_update
 
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
     config, lora_config = model["config"], model["lora_config"]
     params, tokens, targets = model["params"], model["tokens"], model["targets"]
+    ops = FAST if ops is None else ops
     if mode == "lora":
         state = {"tree": {k: dict(v) for k, v in model["adapters"].items()}}
 
         def objective(adapters: Any, x: Any = tokens, y: Any = targets, masks: Any = None) -> Any:
-            return loss(params, x, y, config, adapters, lora_config, masks)
+            return loss(params, x, y, config, adapters, lora_config, masks, ops)
 
         def logits() -> np.ndarray:
-            return np.asarray(forward(params, tokens, config, state["tree"], lora_config))   # (B, T, V)
+            return np.asarray(forward(params, tokens, config, state["tree"], lora_config, ops=ops))   # (B, T, V)
     else:
-        from transformer_ref.model import merge_adapters
-
         # Full fine-tuning of the same function: the adapters folded into the weights.
         state = {"tree": merge_adapters(params, model["adapters"], lora_config)}
 
         def objective(tree: Any, x: Any = tokens, y: Any = targets, masks: Any = None) -> Any:
-            return loss(tree, x, y, config)
+            return loss(tree, x, y, config, ops=ops)
 
         def logits() -> np.ndarray:
-            return np.asarray(forward(state["tree"], tokens, config))                         # (B, T, V)
+            return np.asarray(forward(state["tree"], tokens, config, ops=ops))                # (B, T, V)
 
     threads = auto_threads(config, tokens.shape) if threads is None else threads
     value_grad = sharded_value_and_grad(objective, threads)

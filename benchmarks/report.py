@@ -197,7 +197,7 @@ def write_page(results: dict[str, Any], page: Path = PAGE, plot_name: str | None
                        f"({(machine.get('numpy_blas') or {}).get('config', '?')})"],
         ["PyTorch BLAS", str(machine.get("torch_blas"))],
         ["environment", ", ".join(f"`{k}={v}`" for k, v in env.items()) or "none set"],
-        ["allocator", "glibc keeps freed memory (`transformer_ref.train.keep_freed_memory()`)"
+        ["allocator", "glibc keeps freed memory (`transformer_ref.machine.keep_freed_memory()`)"
                       if meta.get("keep_freed_memory") else "default"],
         ["versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)],
         ["load average (1, 5, 15 min)", f"{_loadavg(machine.get('load_average'))} at start, "
@@ -232,7 +232,7 @@ def write_page(results: dict[str, Any], page: Path = PAGE, plot_name: str | None
         w("LoRA adds no latency once merged (Section 4.1 of the paper): `W + s B A` is one matrix of")
         w("the base model's shape, so the merged forward should cost what the base model's does.")
         w("Unmerged, the reference order (`lora_ref.lora_linear`) adds `2 r (d_in + d_out)` FLOPs per")
-        w("token and adapted matrix; the model's projection (`transformer_ref.layers.linear`) instead")
+        w("token and adapted matrix; the training projection (`transformer_ref.fast.linear`) instead")
         w("forms `W + s B A` once per call when the batch is large enough (`2 r d_in d_out` FLOPs), so")
         w("both predictions are shown. Forward passes, logits only, float32.")
         w("")
@@ -412,16 +412,16 @@ def _speed_notes(w: Any) -> None:
     w("reference (`tests/transformer/test_speed_paths.py`, and the layer tests against textbook")
     w("formulas and finite differences):")
     w("")
-    w("* **Every core, one synchronisation per step.** `transformer_ref.train.sharded_value_and_grad`")
+    w("* **Every core, one synchronisation per step.** `transformer_ref.fast.sharded_value_and_grad`")
     w("  splits the batch into one slice per core; each slice's forward and backward run in their own")
     w("  thread with single-threaded BLAS (NumPy releases the GIL inside BLAS and ufuncs), and the")
     w("  slices' losses and gradients are combined weighted by their scored tokens. `train()` does")
     w("  this by default when the batch is large enough to gain (`auto_threads`); `threads=1` turns")
     w("  it off. The worker threads are pinned to their cores.")
-    w("* **Memory reuse.** `transformer_ref.train.keep_freed_memory()` stops glibc from returning")
+    w("* **Memory reuse.** `transformer_ref.machine.keep_freed_memory()` stops glibc from returning")
     w("  freed megabytes to the OS (and page-faulting them back in) at every step. The runner calls it")
     w("  once, for both libraries in the process; call it in your own training script.")
-    w("* **One matrix product per projection.** `transformer_ref.layers.linear` folds (B, T) into one")
+    w("* **One matrix product per projection.** `transformer_ref.fast.linear` folds (B, T) into one")
     w("  dimension and, when the batch is large enough, adds `s B A` to the frozen weight once per call,")
     w("  so an adapted projection is one GEMM forward and one backward, like a frozen one.")
     w("* **Frozen weights get no gradient.** LoRA training differentiates the adapters only, so")

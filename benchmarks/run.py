@@ -29,7 +29,7 @@ from typing import Any
 
 from . import report
 from .flops import StepShape
-from .harness import blas_threads, machine_info, matmul_peak
+from .harness import blas_threads, machine_info, matmul_peak, set_numpy_blas_threads
 from .suites import (
     CONFIGS,
     TINY,
@@ -59,13 +59,11 @@ def _log(message: str) -> None:
 def _threads(with_torch: bool, threads: int | None) -> int:
     """Give every library the same number of threads: ``threads``, or every core this process may
     use. PyTorch's intra-op threads and NumPy's BLAS threads get that number; lora-ref's batch
-    slices (``transformer_ref.train.sharded_value_and_grad``) too when ``threads`` is given, else
+    slices (``transformer_ref.fast.sharded_value_and_grad``) too when ``threads`` is given, else
     what ``train()`` would choose (``auto_threads``: every core for issue #7's two sizes)."""
-    from .harness import OPENBLAS
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = cores if threads is None else threads
-    OPENBLAS.set_threads(n)
+    set_numpy_blas_threads(n)
     if with_torch:
         try:
             import torch
@@ -84,11 +82,11 @@ def run_all(*, quick: bool = False, configs: Mapping[str, StepShape] | None = No
     ``peak_sizes`` are the matrix sizes of the matmul-peak measurement; ``threads`` the thread
     count of every library (None: every usable core).
 
-    Before measuring, it calls ``transformer_ref.train.keep_freed_memory()`` (glibc keeps freed
+    Before measuring, it calls ``transformer_ref.machine.keep_freed_memory()`` (glibc keeps freed
     memory for reuse instead of page-faulting it in again each step): process-wide, so PyTorch
     runs with the same allocator settings.
     """
-    from transformer_ref.train import keep_freed_memory
+    from transformer_ref.machine import keep_freed_memory
 
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:

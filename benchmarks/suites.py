@@ -6,7 +6,6 @@ compute the same thing, then times them with :func:`benchmarks.harness.alternate
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import timeit
@@ -79,7 +78,7 @@ def training_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2
                    with_torch: bool = True, pause: float = 0.05, threads: int | None = None) -> dict[str, Any]:
     """Time LoRA and full fine-tuning steps of lora-ref and of PyTorch + PEFT, alternated.
     ``threads``: lora-ref's batch slices (None: what ``train()`` chooses, ``auto_threads``)."""
-    from transformer_ref.model import merge_adapters
+    from transformer_ref import merge_adapters
 
     entry: dict[str, Any] = {"size": size, "label": shape.label, "shape": _shape_dict(shape),
                              "flops": step_flops(shape), "params": param_counts(shape)}
@@ -127,15 +126,16 @@ def training_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2
 
 
 def inference_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2, pause: float = 0.0) -> dict[str, Any]:
-    """Forward passes (logits) of the base model, the merged model and the unmerged LoRA model."""
-    from transformer_ref.model import forward, merge_adapters
+    """Forward passes (logits) of the base model, the merged model and the unmerged LoRA model,
+    all with the training op set ``transformer_ref.FAST`` (as a training loop evaluates)."""
+    from transformer_ref import FAST, forward, merge_adapters
 
     model = make_model(shape)
     config, lc, params, adapters, tokens = (model[k] for k in ("config", "lora_config", "params", "adapters", "tokens"))
     merged = merge_adapters(params, adapters, lc)
-    fns = {"base": lambda: forward(params, tokens, config),
-           "merged": lambda: forward(merged, tokens, config),
-           "unmerged": lambda: forward(params, tokens, config, adapters, lc)}
+    fns = {"base": lambda: forward(params, tokens, config, ops=FAST),
+           "merged": lambda: forward(merged, tokens, config, ops=FAST),
+           "unmerged": lambda: forward(params, tokens, config, adapters, lc, ops=FAST)}
     times = alternate(fns, repeats=repeats, warmup=warmup, pause=pause)
     flops = step_flops(shape)
     return {"size": size, "label": shape.label, "shape": _shape_dict(shape),
@@ -146,7 +146,7 @@ def inference_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 
             "predicted_unmerged_overhead": (flops["lora_forward_overhead_folded"] if flops["lora_forward_folded"]
                                             else flops["lora_forward_overhead"]),
             "predicted_unmerged_overhead_reference_order": flops["lora_forward_overhead"],
-            "unmerged_path": ("W + s B A formed once per call (layers.linear)" if flops["lora_forward_folded"]
+            "unmerged_path": ("W + s B A formed once per call (fast.linear)" if flops["lora_forward_folded"]
                               else "thin products x A^T, (x A^T) B^T"),
             "flops": {"base_forward": flops["base_forward"], "lora_forward": flops["lora_forward"]}}
 
@@ -186,12 +186,13 @@ def memory_suite(size: str, shape: StepShape) -> dict[str, Any]:
 
 
 def backends_suite(shape: StepShape, *, repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """Forward of one model on NumPy, on array_api_strict, traced by autograd; per-call costs."""
+    """Forward of one model on NumPy, on array_api_strict, traced by autograd; per-call costs.
+    Every row computes with the training op set ``transformer_ref.FAST``; the last one with
+    ``traced(FAST)``, its undecorated forwards differentiated by autograd.numpy."""
     from autograd import make_vjp, value_and_grad
 
     from lora_ref.backend import asarray, use_backend
-    from transformer_ref.layers import undecorated
-    from transformer_ref.model import forward, loss
+    from transformer_ref import FAST, forward, loss, traced
 
     model = make_model(shape)
     config, lc, params, adapters, tokens, targets = (
@@ -201,16 +202,17 @@ def backends_suite(shape: StepShape, *, repeats: int, warmup: int = 1) -> dict[s
         s_adapters = {k: {n: asarray(np.asarray(a)) for n, a in v.items()} for k, v in adapters.items()}
         s_tokens = asarray(tokens)
 
-    def objective(ad: Any) -> Any:
-        return loss(params, tokens, targets, config, ad, lc)
+    def objective(ad: Any, ops: Any = FAST) -> Any:
+        return loss(params, tokens, targets, config, ad, lc, ops=ops)
+
+    second = traced(FAST)
 
     def traced_undecorated() -> Any:
-        with undecorated():
-            return value_and_grad(objective)(adapters)
+        return value_and_grad(lambda ad: objective(ad, second))(adapters)
 
     fns = {
-        "numpy": lambda: forward(params, tokens, config, adapters, lc),
-        "array_api_strict": lambda: forward(s_params, s_tokens, config, s_adapters, lc),
+        "numpy": lambda: forward(params, tokens, config, adapters, lc, ops=FAST),
+        "array_api_strict": lambda: forward(s_params, s_tokens, config, s_adapters, lc, ops=FAST),
         "autograd trace (forward only)": lambda: make_vjp(objective)(adapters),
         "autograd value_and_grad (hand-written VJPs)": lambda: value_and_grad(objective)(adapters),
         "autograd value_and_grad (autograd.numpy VJPs)": traced_undecorated,
@@ -220,64 +222,9 @@ def backends_suite(shape: StepShape, *, repeats: int, warmup: int = 1) -> dict[s
     forward_rows = {name: {**summarize(ts), "vs_numpy": statistics.median(ts) / base} for name, ts in times.items()}
     return {"label": shape.label, "shape": _shape_dict(shape), "forward": forward_rows,
             "per_call": _per_call_overhead(),
-            "namespace_lookup": _namespace_experiment(model, repeats=3 * repeats),
             "note": ("The two value_and_grad rows include the backward pass (they are a LoRA step "
                      "without Adam); autograd.numpy's VJPs are the independent derivation the tests "
                      "use, not the training path.")}
-
-
-_NAMESPACE_MODULES = ("lora_ref.backend", "lora_ref.lora", "transformer_ref.layers", "transformer_ref.model",
-                      "transformer_ref.train")
-
-
-@contextlib.contextmanager
-def _namespace_replaced(make: Any) -> Any:
-    """Replace ``namespace`` in every module that imported it by ``make(original)``."""
-    import importlib
-
-    from lora_ref import backend
-
-    original = backend.namespace
-    modules = [importlib.import_module(m) for m in _NAMESPACE_MODULES]
-    saved = [(m, m.namespace) for m in modules if hasattr(m, "namespace")]
-    try:
-        for m, _ in saved:
-            m.namespace = make(original)
-        yield
-    finally:
-        for m, fn in saved:
-            m.namespace = fn
-
-
-def _namespace_experiment(model: dict[str, Any], *, repeats: int) -> dict[str, Any]:
-    """Does the namespace lookup matter? A LoRA step with lora_ref.backend.namespace's NumPy fast
-    path (plain ndarrays: array_api_compat.numpy at once) against the same step forced through
-    the generic lookup (array_api_compat.array_namespace), alternated; and the calls per step."""
-    step = make_ref_step(model, "lora")
-    step["step"]()
-    calls = [0]
-
-    def counting(original: Any) -> Any:
-        def ns(*arrays: Any) -> Any:
-            calls[0] += 1
-            return original(*arrays)
-        return ns
-
-    with _namespace_replaced(counting):
-        step["step"]()
-
-    # A trailing Python float is ignored by the lookup but defeats the all-ndarray fast path.
-    def generic(original: Any) -> Any:
-        return lambda *arrays: original(*arrays, 0.0)
-
-    def with_generic() -> None:
-        with _namespace_replaced(generic):
-            step["step"]()
-
-    times = alternate({"fast path": step["step"], "generic lookup": with_generic}, repeats=repeats, warmup=1)
-    ratio = paired_ratio(times["fast path"], times["generic lookup"])
-    return {"calls_per_step": calls[0], "fast_path_ms": 1e3 * statistics.median(times["fast path"]),
-            "generic_ms": 1e3 * statistics.median(times["generic lookup"]), "fast/generic": ratio}
 
 
 def _per_call_overhead(number: int = 20000) -> dict[str, dict[str, float]]:
@@ -312,24 +259,19 @@ def _per_call_overhead(number: int = 20000) -> dict[str, dict[str, float]]:
 def profile_suite(size: str, shape: StepShape, *, repeats: int = 3, with_torch: bool = True) -> dict[str, Any]:
     """A LoRA step's time per layer type (forward, backward) in lora-ref, on one thread and on
     every core (thread-milliseconds), and PyTorch's top operators by self CPU time."""
-    from .breakdown import step_breakdown
+    from transformer_ref import FAST
+    from transformer_ref.machine import blas_threads
+
+    from .breakdown import step_breakdown, timed_ops
 
     model = make_model(shape)
     out: dict[str, Any] = {"size": size, "label": shape.label}
     for name, threads in (("lora-ref, 1 thread", 1), ("lora-ref, every core", None)):
-        step = make_ref_step(model, "lora", threads=threads)
+        ops, totals = timed_ops(FAST)
+        step = make_ref_step(model, "lora", threads=threads, ops=ops)
         step["step"]()
-        if threads == 1:
-            from .harness import OPENBLAS
-
-            previous = OPENBLAS.get_threads()
-            OPENBLAS.set_threads(1)
-            try:
-                out[name] = step_breakdown(step["step"], repeats=repeats)
-            finally:
-                OPENBLAS.set_threads(previous)
-        else:
-            out[name] = step_breakdown(step["step"], repeats=repeats)
+        with blas_threads(1 if threads == 1 else None):     # every BLAS on one thread, restored after
+            out[name] = step_breakdown(step["step"], totals, repeats=repeats)
     if with_torch and torch_available() is None:
         out["PyTorch+PEFT"] = _torch_profile(shape, model, repeats)
     return out

@@ -129,3 +129,46 @@ def test_tiny_run_writes_json_page_and_plot(tmp_path: Path) -> None:
                  "--out", str(out), "--page", str(tmp_path / "cli.md")]) == 0
     assert json.loads(out.read_text())["training"][0]["label"] == TINY.label
     assert (tmp_path / "cli.md").exists() and (tmp_path / "cli.png").exists()
+
+
+def test_profile_times_a_copy_of_the_op_set_and_leaves_fast_alone() -> None:
+    """benchmarks.breakdown times a copy of an op set (new primitives with the same forwards and
+    VJPs): the copy computes the very same numbers, FAST itself is untouched, every timed layer is
+    seen forward and (for what LoRA differentiates) backward."""
+    import dataclasses
+
+    import autograd
+    import numpy as np
+
+    from benchmarks.breakdown import step_breakdown, timed_ops
+    from benchmarks.ref_gpt2 import make_model, make_ref_step
+    from benchmarks.suites import TINY
+    from transformer_ref import FAST, loss
+
+    before = {f.name: getattr(FAST, f.name) for f in dataclasses.fields(FAST)}
+    ops, totals = timed_ops(FAST)
+    model = make_model(TINY)
+    params, tokens, targets, adapters, lc, config = (model[k] for k in (
+        "params", "tokens", "targets", "adapters", "lora_config", "config"))
+    value, grads = autograd.value_and_grad(lambda ad: loss(params, tokens, targets, config, ad, lc, ops=ops))(adapters)
+    ref_value, ref_grads = autograd.value_and_grad(lambda ad: loss(params, tokens, targets, config, ad, lc, ops=FAST))(adapters)
+    assert float(value) == float(ref_value)                       # the same code: bitwise
+    assert all(np.array_equal(grads[k][p], ref_grads[k][p]) for k in grads for p in ("A", "B"))
+    assert {f.name: getattr(FAST, f.name) for f in dataclasses.fields(FAST)} == before
+    for layer in ("linear", "layer_norm", "gelu", "causal_attention", "cross_entropy", "embedding"):
+        assert totals[f"{layer} forward"] > 0.0, layer
+    for layer in ("linear", "layer_norm", "gelu", "causal_attention", "cross_entropy"):
+        assert totals[f"{layer} backward"] > 0.0, layer
+    step = make_ref_step(model, "lora", threads=1, ops=ops)
+    step["step"]()
+    out = step_breakdown(step["step"], totals, repeats=1)
+    assert out["step_ms"] > 0.0 and "linear forward" in out["parts_ms"]
+
+
+def test_step_command_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.step import main
+
+    assert main(["--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--seq", "8", "--batch", "2",
+                 "--vocab", "16", "--warmup", "0", "--steps", "1", "--threads", "1", "--default-malloc"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("lora step, float32, n_embd=16") and "1 batch slice(s) in parallel" in line
