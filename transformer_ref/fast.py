@@ -26,7 +26,7 @@ import numpy as np
 from autograd import value_and_grad
 from autograd.extend import defvjp
 
-from lora_ref.backend import getval, namespace
+from lora_ref.backend import getval, namespace, sum_to_shape
 from lora_ref.checks import positive_int
 from lora_ref.lora import delta_weight
 
@@ -163,7 +163,7 @@ def _linear_vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_l
 
 
 def _linear_vjp_bias(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=None, cache=None):
-    return lambda g: namespace(g).sum(_flat_g(g, W.shape[0]), axis=0)   # (d_out,)
+    return lambda g: sum_to_shape(g, bias.shape)                        # (..., d_out) -> (d_out,)
 
 
 def _linear_not_differentiable(what: str) -> Callable[..., Any]:

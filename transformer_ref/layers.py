@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from lora_ref.backend import getval, namespace, to_numpy
+from lora_ref.backend import getval, namespace, sum_to_shape, to_numpy
 from lora_ref.checks import index_array, integer_array
 from lora_ref.lora import lora_linear
 
@@ -147,12 +147,6 @@ layer_norm.__doc__ = """LayerNorm over the last axis: ``(x - mean) / sqrt(var + 
     """
 
 
-def _sum_leading(t: Any) -> Any:
-    """(..., C) -> (C,): sum over every leading axis."""
-    xp = namespace(t)
-    return xp.sum(xp.reshape(t, (-1, t.shape[-1])), axis=0)
-
-
 # With xhat = (x - mean) * rstd and g = dL/dy:
 #   dL/dbias   = sum_rows g
 #   dL/dweight = sum_rows g * xhat
@@ -171,8 +165,8 @@ def _ln_vjp_x(ans, x, weight, bias, eps, cache):
 
 defvjp(layer_norm.primitive,
        _ln_vjp_x,
-       lambda ans, x, weight, bias, eps, cache: lambda g: _sum_leading(g * cache["xhat"]),
-       lambda ans, x, weight, bias, eps, cache: lambda g: _sum_leading(g),
+       lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g * cache["xhat"], weight.shape),
+       lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g, bias.shape),
        None)
 
 
