@@ -111,11 +111,13 @@ def dora_magnitude(W: Any, A: Any, B: Any, scale: float, *, fan_in_fan_out: bool
 def _factor(W: Any, A: Any, B: Any, m: Any, scale: float, detach_norm: bool) -> tuple[Any, Any, Any]:
     """``(V, C, f)``: the adapted weight (d_out, d_in), its row norms and ``f = m / C`` (d_out,).
 
+    The VJPs get the caller's arguments unconverted, so ``scale`` becomes a Python float here too.
+
     With ``detach_norm`` the norm is computed from the raw values under any autograd box, so a
     trace of the forward treats C as a constant: exactly Section 4.3's "detaching it from the
     gradient graph". Without it, autograd differentiates through the norm (Eq. 6).
     """
-    V = _adapted(W, A, B, scale)                               # (d_out, d_in)  Eq. 5 numerator
+    V = _adapted(W, A, B, finite_real(scale, "scale"))         # (d_out, d_in)  Eq. 5 numerator
     C = _row_norm(getval(V) if detach_norm else V)             # (d_out,)       ||V||_c
     return V, C, m / C                                         # f = m / ||V||_c
 
@@ -236,14 +238,14 @@ def _vjp_W(ans, x, W, A, B, m, scale, bias=None, dropout_mask=None, detach_norm=
 def _vjp_A(ans, x, W, A, B, m, scale, bias=None, dropout_mask=None, detach_norm=True):
     def vjp(g):
         dV, _ = _grad_V(g, x, W, A, B, m, scale, dropout_mask, detach_norm)
-        return (namespace(g).matrix_transpose(B) @ dV) * scale    # (g5) (r, d_in)
+        return (namespace(g).matrix_transpose(B) @ dV) * finite_real(scale, "scale")   # (g5) (r, d_in)
     return vjp
 
 
 def _vjp_B(ans, x, W, A, B, m, scale, bias=None, dropout_mask=None, detach_norm=True):
     def vjp(g):
         dV, _ = _grad_V(g, x, W, A, B, m, scale, dropout_mask, detach_norm)
-        return (dV @ namespace(g).matrix_transpose(A)) * scale    # (g6) (d_out, r)
+        return (dV @ namespace(g).matrix_transpose(A)) * finite_real(scale, "scale")   # (g6) (d_out, r)
     return vjp
 
 
@@ -280,6 +282,7 @@ def dora_merge(W: Any, A: Any, B: Any, m: Any, scale: float, *, fan_in_fan_out: 
     """
     W_math, scale = _check_weights(W, A, B, m, scale, fan_in_fan_out)
     xp = namespace(W, A, B, m)
+    _refuse_non_finite(None, "dora_merge", W=W, A=A, B=B, m=m)
     V = _adapted(W_math, A, B, scale)                              # (d_out, d_in)
     merged = V * xp.reshape(m / _row_norm(V), (-1, 1))             # Eq. 5: f V
     _refuse_non_finite(merged, "dora_merge", W=W, A=A, B=B, m=m)
@@ -302,11 +305,12 @@ def dora_unmerge(W_merged: Any, A: Any, B: Any, m: Any, scale: float, *, norm: A
     returning non-finite weights. W_merged is in the base model's layout (see :func:`dora_merge`).
     """
     W_math, scale = _check_weights(W_merged, A, B, m, scale, fan_in_fan_out, name="W_merged")
-    _check_vector(norm, "norm", W_math.shape[0], W_merged)
+    _check_vector(norm, "norm", W_math.shape[0], W_merged, "W_merged")
     xp = namespace(W_merged, A, B, m, norm)
     if bool(xp.any(m == 0.0)):
         rows = [int(i) for i in np.flatnonzero(to_numpy(m) == 0)]
         raise ValueError(f"dora_unmerge: m is zero in row(s) {rows[:5]}; those rows of W cannot be recovered")
+    _refuse_non_finite(None, "dora_unmerge", W_merged=W_merged, A=A, B=B, m=m, norm=norm)
     W_rec = W_math * xp.reshape(norm / m, (-1, 1)) - (B @ A) * scale   # W' / f - s B A
     _refuse_non_finite(W_rec, "dora_unmerge", W_merged=W_merged, A=A, B=B, m=m, norm=norm)
     return xp.matrix_transpose(W_rec) if fan_in_fan_out else W_rec
@@ -317,11 +321,11 @@ def dora_unmerge(W_merged: Any, A: Any, B: Any, m: Any, scale: float, *, norm: A
 # ============================================================================================
 
 
-def _check_vector(v: Any, name: str, d_out: int, like: Any) -> None:
+def _check_vector(v: Any, name: str, d_out: int, like: Any, like_name: str = "W") -> None:
     float_array(v, name)
     if shape_of(v) != (d_out,):
         raise ValueError(f"{name} must have shape ({d_out},), one value per output feature, got {shape_of(v)}")
-    same_dtype((name, v), ("W", like))
+    same_dtype((like_name, like), (name, v))
 
 
 def _check_weights(W: Any, A: Any, B: Any, m: Any, scale: Any, fan_in_fan_out: Any,
@@ -344,7 +348,7 @@ def _check_weights(W: Any, A: Any, B: Any, m: Any, scale: Any, fan_in_fan_out: A
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"A has rank {A.shape[0]} (shape {shape_of(A)}) but B has rank {B.shape[1]} (shape {shape_of(B)})")
     if m is not None:
-        _check_vector(m, "m", d_out, W)
+        _check_vector(m, "m", d_out, W, name)
     return W_math, scale
 
 
@@ -373,8 +377,9 @@ def _check_linear(x, W, A, B, m, scale, bias, mask, detach_norm) -> tuple[float,
 
 
 def _refuse_non_finite(result: Any, who: str, **inputs: Any) -> None:
-    xp = namespace(result)
-    if bool(xp.all(xp.isfinite(result))):
+    """Raise if ``result`` (or, when it is None, any of the inputs) has a NaN or an infinity."""
+    checked = list(inputs.values()) if result is None else [result]
+    if all(bool(namespace(t).all(namespace(t).isfinite(t))) for t in checked):
         return
     counts = ", ".join(f"{n} {int(np.sum(~np.isfinite(to_numpy(t))))}" for n, t in inputs.items())
     raise ValueError(f"{who}: the result would contain non-finite values (non-finite entries: {counts}); refusing")
