@@ -42,7 +42,6 @@ The measures, and where the paper is ambiguous:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +50,8 @@ import numpy as np
 import scipy.linalg
 
 from .backend import dtype_name, getval, to_numpy
+from .checks import (FLOAT_DTYPES, finite_real, float_array, int_in_range, is_int, non_negative_real,
+                     numpy_generator, positive_int, same_dtype)
 
 __all__ = [
     "AmplificationReport",
@@ -72,17 +73,14 @@ __all__ = [
 # Input: any backend in, validated NumPy out
 # ============================================================================================
 
-_HALF = ("float16", "bfloat16")
+_HALF = ("float16", "bfloat16")  # analysed in float32: LAPACK has no half precision
 
 
 def _matrix(x: Any, name: str, expected: str) -> np.ndarray:
     """``x`` as a finite 2-D floating NumPy array in its working dtype (float16 -> float32)."""
     x = getval(x)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array {expected}, got {type(x).__name__}")
+    float_array(x, name, FLOAT_DTYPES + ("bfloat16",))
     kind = dtype_name(x.dtype)
-    if kind not in ("float32", "float64") + _HALF:
-        raise TypeError(f"{name} must have a floating dtype (float64, float32, float16 or bfloat16), got {kind}")
     if len(x.shape) != 2:
         raise ValueError(f"{name} must be 2-D {expected}, got shape {tuple(x.shape)}")
     if 0 in tuple(x.shape):
@@ -99,47 +97,13 @@ def _matrix(x: Any, name: str, expected: str) -> np.ndarray:
     return out
 
 
-def _same_dtype(**arrays: np.ndarray) -> None:
-    names = list(arrays)
-    first = names[0]
-    for name in names[1:]:
-        if arrays[name].dtype != arrays[first].dtype:
-            raise TypeError(
-                f"{name} is {arrays[name].dtype.name} but {first} is {arrays[first].dtype.name}; "
-                "lora_ref does not mix precisions silently: cast them to one dtype first")
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _index(value: Any, name: str, upper: int, why: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int in [1, {upper}] ({why}), got {value!r} ({type(value).__name__})")
-    if not 1 <= value <= upper:
-        raise ValueError(f"{name} must be in [1, {upper}] ({why}), got {value!r}")
-    return int(value)
-
-
-def _positive_int(value: Any, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int ({what}), got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}), got {value!r}")
-    return int(value)
-
-
 def _factors(A: Any, B: Any) -> tuple[np.ndarray, np.ndarray]:
     A = _matrix(A, "A", "(r, d_in)")
     B = _matrix(B, "B", "(d_out, r)")
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"A (r, d_in) and B (d_out, r) must share r: A has r={A.shape[0]} "
                          f"(shape {A.shape}), B has r={B.shape[1]} (shape {B.shape})")
-    _same_dtype(A=A, B=B)
+    same_dtype(("A", A), ("B", B))
     return A, B
 
 
@@ -189,7 +153,7 @@ def delta_svd(A: Any, B: Any, scale: float = 1.0) -> DeltaSVD:
     of ``s B A + E`` with ``|E|_2`` a few units of roundoff times ``|s| |B|_F |A|_F``.
     """
     A, B = _factors(A, B)
-    return _delta_svd(A, B, _real(scale, "scale"))
+    return _delta_svd(A, B, finite_real(scale, "scale"))
 
 
 # ============================================================================================
@@ -241,8 +205,7 @@ class Spectrum:
         if not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(np.diff(s) > 0):
             raise ValueError("singular_values must be finite, non-negative and in descending order, "
                              f"got {s!r}")
-        if (not isinstance(shape, tuple) or len(shape) != 2
-                or not all(isinstance(n, numbers.Integral) and n >= 1 for n in shape)):
+        if not isinstance(shape, tuple) or len(shape) != 2 or not all(is_int(n) and n >= 1 for n in shape):
             raise ValueError(f"shape must be (d_out, d_in), two positive ints, got {shape!r}")
         if s.size > min(shape):
             raise ValueError(f"a {shape} matrix has at most {min(shape)} singular values, got {s.size}")
@@ -250,14 +213,10 @@ class Spectrum:
             raise ValueError(f"give tol or rtol, not both (got tol={tol!r}, rtol={rtol!r})")
         top = float(s[0])
         if tol is None:
-            rtol = max(shape) * float(np.finfo(s.dtype).eps) if rtol is None else _real(rtol, "rtol")
-            if rtol < 0:
-                raise ValueError(f"rtol must be non-negative, got {rtol!r}")
+            rtol = max(shape) * float(np.finfo(s.dtype).eps) if rtol is None else non_negative_real(rtol, "rtol")
             tol = rtol * top
         else:
-            tol = _real(tol, "tol")
-            if tol < 0:
-                raise ValueError(f"tol must be non-negative, got {tol!r}")
+            tol = non_negative_real(tol, "tol")
         s64 = s.astype(np.float64)
         if top == 0.0:
             erank = srank = 0.0
@@ -276,7 +235,7 @@ class Spectrum:
 
     def energy_at(self, k: int) -> float:
         """Fraction of ``|M|_F^2`` in the top ``k`` singular values (1.0 once k covers them all)."""
-        k = _positive_int(k, "k", "a count of singular values")
+        k = positive_int(k, "k", "a count of singular values")
         return float(self.energy[min(k, self.energy.size) - 1])
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
@@ -302,7 +261,7 @@ def spectrum(A: Any, B: Any, scale: float = 1.0, *, tol: float | None = None,
       sigma_1`` with ``rtol = max(d_out, d_in) * eps``, NumPy's ``matrix_rank`` convention).
     """
     A, B = _factors(A, B)
-    svd = _delta_svd(A, B, _real(scale, "scale"))
+    svd = _delta_svd(A, B, finite_real(scale, "scale"))
     return Spectrum.from_singular_values(svd.S, (B.shape[0], A.shape[1]), tol=tol, rtol=rtol)
 
 
@@ -319,28 +278,25 @@ def _row_space(A: np.ndarray) -> tuple[np.ndarray, int]:
     return Vh, rank
 
 
-def _pair_of_As(A1: Any, A2: Any) -> tuple[np.ndarray, np.ndarray]:
+def _overlap(A1: Any, A2: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Validate A1 (r1, d_in) and A2 (r2, d_in); return them, ``C[i-1, j-1] = |U1_i^T U2_j|_F^2``
+    for all i, j (2-D prefix sums of G^2), and their numerical ranks."""
     A1 = _matrix(A1, "A1", "(r1, d_in)")
     A2 = _matrix(A2, "A2", "(r2, d_in)")
     if A1.shape[1] != A2.shape[1]:
         raise ValueError(f"A1 and A2 must have the same d_in (columns) to compare their row spaces: "
                          f"A1 has d_in={A1.shape[1]} (shape {A1.shape}), A2 has d_in={A2.shape[1]} (shape {A2.shape})")
-    _same_dtype(A1=A1, A2=A2)
-    return A1, A2
-
-
-def _overlap(A1: np.ndarray, A2: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """``C[i-1, j-1] = |U1_i^T U2_j|_F^2`` for all i, j (2-D prefix sums of G^2), and the ranks."""
+    same_dtype(("A1", A1), ("A2", A2))
     V1, rank1 = _row_space(A1)                                  # (m1, d_in)
     V2, rank2 = _row_space(A2)                                  # (m2, d_in)
     G = V1 @ V2.T                                               # (m1, m2)  cosines' matrix U1^T U2
     C = np.cumsum(np.cumsum(G.astype(np.float64) ** 2, axis=0), axis=1)  # (m1, m2)
-    return C, rank1, rank2
+    return A1, A2, C, rank1, rank2
 
 
 def _check_ij(i: Any, j: Any, A1: np.ndarray, A2: np.ndarray, rank1: int, rank2: int) -> tuple[int, int]:
-    i = _index(i, "i", min(A1.shape), f"A1 {A1.shape} has min(r1, d_in)={min(A1.shape)} right singular vectors")
-    j = _index(j, "j", min(A2.shape), f"A2 {A2.shape} has min(r2, d_in)={min(A2.shape)} right singular vectors")
+    i = int_in_range(i, "i", 1, min(A1.shape), f"A1 {A1.shape} has min(r1, d_in)={min(A1.shape)} right singular vectors")
+    j = int_in_range(j, "j", 1, min(A2.shape), f"A2 {A2.shape} has min(r2, d_in)={min(A2.shape)} right singular vectors")
     for name, n, rank, arr in (("i", i, rank1, "A1"), ("j", j, rank2, "A2")):
         if n > rank:
             raise ValueError(f"{name}={n} exceeds the numerical rank {rank} of {arr}: its top-{n} right "
@@ -366,8 +322,7 @@ def subspace_similarity(A1: Any, A2: Any, i: int, j: int) -> float:
     ``max(i, j) / d_in`` on average for random subspaces. Rounding can push the computed value a
     few ulps outside [0, 1]; it is clipped back.
     """
-    A1, A2 = _pair_of_As(A1, A2)
-    C, rank1, rank2 = _overlap(A1, A2)
+    A1, A2, C, rank1, rank2 = _overlap(A1, A2)
     i, j = _check_ij(i, j, A1, A2, rank1, rank2)
     return float(np.clip(C[i - 1, j - 1] / min(i, j), 0.0, 1.0))
 
@@ -379,8 +334,7 @@ def similarity_grid(A1: Any, A2: Any) -> np.ndarray:
     Rows (columns) beyond A1's (A2's) numerical rank are NaN: those subspaces are not determined.
     Costs two small SVDs and an (m1, m2) product, however many entries.
     """
-    A1, A2 = _pair_of_As(A1, A2)
-    C, rank1, rank2 = _overlap(A1, A2)
+    A1, A2, C, rank1, rank2 = _overlap(A1, A2)
     m1, m2 = C.shape
     p = np.minimum.outer(np.arange(1, m1 + 1), np.arange(1, m2 + 1))         # (m1, m2) min(i, j)
     grid = np.clip(C / p, 0.0, 1.0)
@@ -398,8 +352,7 @@ def projection_distance(A1: Any, A2: Any, i: int, j: int) -> float:
     and sqrt(p), and ``phi(A1, A2, i, j) = 1 - d^2 / p`` (the paper's Appendix G, with its
     ``(1/p)(1 - d^2)`` misprint corrected). Arguments as for :func:`subspace_similarity`.
     """
-    A1, A2 = _pair_of_As(A1, A2)
-    C, rank1, rank2 = _overlap(A1, A2)
+    A1, A2, C, rank1, rank2 = _overlap(A1, A2)
     i, j = _check_ij(i, j, A1, A2, rank1, rank2)
     p = min(i, j)
     return math.sqrt(min(max(p - float(C[i - 1, j - 1]), 0.0), float(p)))
@@ -416,15 +369,15 @@ def _weight_and_delta(W: Any, A: Any, B: Any, scale: Any, k: Any) -> tuple[np.nd
     if W.shape != (B.shape[0], A.shape[1]):
         raise ValueError(f"W must be (d_out, d_in) = ({B.shape[0]}, {A.shape[1]}) to match B {B.shape} "
                          f"and A {A.shape}, got shape {W.shape}")
-    _same_dtype(W=W, A=A, B=B)
-    svd = _delta_svd(A, B, _real(scale, "scale"))
+    same_dtype(("W", W), ("A", A), ("B", B))
+    svd = _delta_svd(A, B, finite_real(scale, "scale"))
     rank = Spectrum.from_singular_values(svd.S, W.shape).numerical_rank
     if rank == 0:
         raise ValueError("the update s B A is zero (e.g. B = 0 at initialisation, or scale = 0): "
                          "it has no directions to amplify")
     if k is None:
         k = rank
-    k = _index(k, "k", rank, f"the numerical rank of s B A is {rank}")
+    k = int_in_range(k, "k", 1, rank, f"the numerical rank of s B A is {rank}")
     return W, svd, k
 
 
@@ -501,12 +454,10 @@ def expected_random_projection(weight_norm: float, d_out: int, d_in: int, k: int
     and d = 12288 that is 0.0202 for k = 4 (printed 0.02) and 0.3227 for k = 64 (printed 0.33,
     a random draw; see docs/analysis.md).
     """
-    weight_norm = _real(weight_norm, "weight_norm")
-    if weight_norm < 0:
-        raise ValueError(f"weight_norm must be a Frobenius norm (>= 0), got {weight_norm!r}")
-    d_out = _positive_int(d_out, "d_out", "rows of W")
-    d_in = _positive_int(d_in, "d_in", "columns of W")
-    k = _index(k, "k", min(d_out, d_in), f"a k-frame needs k <= min(d_out, d_in) = {min(d_out, d_in)}")
+    weight_norm = non_negative_real(weight_norm, "weight_norm")            # a Frobenius norm
+    d_out = positive_int(d_out, "d_out", "rows of W")
+    d_in = positive_int(d_in, "d_in", "columns of W")
+    k = int_in_range(k, "k", 1, min(d_out, d_in), f"a k-frame needs k <= min(d_out, d_in) = {min(d_out, d_in)}")
     return k / math.sqrt(d_out * d_in) * weight_norm
 
 
@@ -529,18 +480,12 @@ def amplification_report(W: Any, A: Any, B: Any, scale: float = 1.0, *, rng: np.
     dW's own top-k singular directions (Table 7's "dW_q" column), W's top-k directions
     ("W_q"; equal to ``sqrt(sigma_1^2 + ... + sigma_k^2)`` of W, so computed from W's singular
     values), and ``n_random`` draws of uniformly random orthonormal directions ("Random"),
-    whose mean square has the exact expectation
-
-        E |U^T W V|_F^2 = tr(E[U U^T] W E[V V^T] W^T) = (k / d_out) (k / d_in) |W|_F^2,
-
-    since ``E[U U^T] = (k / d_out) I`` for a uniformly random k-frame. For square W its root is
-    ``(k / d) |W|_F``. Randomness only from ``rng``. The dense singular values of W cost
-    O(d_out d_in min(d_out, d_in)).
+    whose root mean square has the exact expectation :func:`expected_random_projection` derives.
+    Randomness only from ``rng``. The dense singular values of W cost O(d_out d_in min(d_out, d_in)).
     """
     W, svd, k = _weight_and_delta(W, A, B, scale, k)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    n_random = _positive_int(n_random, "n_random", "a number of random draws")
+    numpy_generator(rng, "rng")
+    n_random = positive_int(n_random, "n_random", "a number of random draws")
     d_out, d_in = W.shape
     weight_norm = float(np.linalg.norm(W.astype(np.float64)))
     delta_norm = float(np.linalg.norm(svd.S.astype(np.float64)))

@@ -32,6 +32,7 @@ __all__ = [
     "is_int",
     "is_integer_array",
     "non_negative_int",
+    "non_negative_real",
     "numpy_generator",
     "positive_int",
     "positive_real",
@@ -95,6 +96,14 @@ def finite_real(value: Any, name: str) -> float:
     out = float(value)
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def non_negative_real(value: Any, name: str) -> float:
+    """A finite real number >= 0, as a Python float."""
+    out = finite_real(value, name)
+    if out < 0.0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
     return out
 
 

@@ -46,7 +46,7 @@ from autograd import make_vjp
 
 from .backend import dtype_name, to_numpy
 from .cases import LoraCase, normal_entries
-from .checks import finite_real, non_negative_int, positive_int
+from .checks import non_negative_int, non_negative_real, positive_int
 from .lora import delta_weight, lora_linear, merge as _ref_merge
 
 __all__ = [
@@ -342,9 +342,7 @@ def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarra
     expected, magnitude = np.asarray(expected, dtype=np.float64), np.asarray(magnitude, dtype=np.float64)
     if expected.shape != magnitude.shape:
         raise ValueError(f"magnitude has shape {magnitude.shape} but expected has shape {expected.shape}")
-    rtol = finite_real(rtol, "rtol")
-    if rtol < 0.0:
-        raise ValueError(f"rtol must be a finite non-negative number, got {rtol!r}")
+    rtol = non_negative_real(rtol, "rtol")
     try:
         a = np.asarray(actual)
     except Exception as exc:  # noqa: BLE001 - whatever the implementation returned, report it
