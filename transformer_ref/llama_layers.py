@@ -273,7 +273,13 @@ def rope(x: Any, positions: Any, theta: float, max_position_embeddings: int | No
     tables once per forward and calls :func:`apply_rope` for q and k of every layer instead.
     """
     checks.float_array(x, "x")
-    cos, sin = rope_tables(positions, checks.shape_of(x)[-1], theta, getval(x).dtype, max_position_embeddings)
+    xs = checks.shape_of(x)
+    if len(xs) != 4:
+        raise ValueError(f"x must have shape (B, T, H, D), got {xs}")
+    if checks.is_array(positions) and checks.shape_of(positions) not in (xs[:2], xs[1:2]):
+        raise ValueError(f"positions must have shape (B, T) = {xs[:2]} or (T,) = {xs[1:2]} for x of shape "
+                         f"(B, T, H, D) = {xs}, got {checks.shape_of(positions)}")
+    cos, sin = rope_tables(positions, xs[-1], theta, getval(x).dtype, max_position_embeddings)
     return apply_rope(x, cos, sin)
 
 
@@ -395,7 +401,7 @@ def _gqa(q: Any, k: Any, v: Any, n_head: int, n_kv_head: int, scale: float, cach
     qg = _query_groups(xp, q, n_kv_head, G, D)                             # (B, Hk, G, T, D)
     kh = xp.expand_dims(_heads(xp, k, n_kv_head, D), axis=2)               # (B, Hk, 1, T, D), shared by G heads
     vh = xp.expand_dims(_heads(xp, v, n_kv_head, D), axis=2)               # (B, Hk, 1, T, D)
-    ST = (kh @ xp.matrix_transpose(qg)) * scale                            # (B, Hk, G, T, T)  S^T[j, i] = k_j . q_i scale
+    ST = (kh @ xp.matrix_transpose(qg)) * scale                            # (B, Hk, G, T, T)  S^T[j, i] = k_j.q_i scale
     ST = ST + _causal_bias(xp, T, ST.dtype)                                # -inf where key j > query i
     ST = ST - xp.max(ST, axis=-2, keepdims=True)                           # per query; finite (key j = i)
     E = xp.exp(ST)                                                         # masked entries: exp(-inf) = 0
@@ -462,7 +468,7 @@ def _gqa_vjp(argnums, ans, args, kwargs):
             dST = PT * (dPT - xp.sum(dPT * PT, axis=-2, keepdims=True)) * scale   # scale dS^T
             dq = xp.matrix_transpose(dST) @ kh                             # (B, Hk, G, T, D)  scale dS K
             out[0] = xp.reshape(xp.permute_dims(dq, (0, 3, 1, 2, 4)), (Bsz, T, HD))  # (B, T, Hk, G, D) -> (B, T, H D)
-            dk = xp.sum(dST @ qg, axis=2)                                  # (B, Hk, T, D)  sum over the group of scale dS^T Q
+            dk = xp.sum(dST @ qg, axis=2)                                  # (B, Hk, T, D)  group sum of scale dS^T Q
             out[1] = xp.reshape(xp.permute_dims(dk, (0, 2, 1, 3)), (Bsz, T, Hk * D))  # (B, T, Hk, D) -> (B, T, Hk D)
         if 2 in argnums:
             dv = xp.sum(PT @ Gy, axis=2)                                   # (B, Hk, T, D)  sum over the group of P^T Gy
