@@ -99,8 +99,7 @@ class Family:
 
     def describe_projections(self) -> str:
         """How the projections are named, for error messages."""
-        return (f"projections are named like '{self.block.format(i=0)}.{next(iter(self.projections))}' "
-                f"({', '.join(self.projections)} of each block)")
+        return f"'{self.block.format(i=0)}.{next(iter(self.projections))}' ({', '.join(self.projections)} of each block)"
 
 
 # ============================================================================================
@@ -290,8 +289,9 @@ def check_adapters(adapters: Any, params: Any, lora_config: Any, family: Family 
         ad = getval(ad)
         ok = name in names if names is not None else any(f.is_projection(name) for f in known)
         if not ok or name + ".weight" not in raw_params:
-            how = "; ".join(f.describe_projections() for f in known)
-            raise ValueError(f"adapters has {name!r}, which is not a projection of this model; {how}")
+            how = " or ".join(f.describe_projections() for f in known)
+            raise ValueError(f"adapters has {name!r}, which is not a projection of this model; projections are "
+                             f"named like {how}")
         if not isinstance(ad, Mapping) or set(ad) != {"A", "B"}:
             got = sorted(ad) if isinstance(ad, Mapping) else type(ad).__name__
             raise ValueError(f"adapters[{name!r}] must be a dict with exactly 'A' and 'B', got {got}")

@@ -274,3 +274,44 @@ def test_float32_stays_float32(seed):
     assert cross_entropy(x, rng.integers(0, 12, (2, 3))).dtype == np.float32
     g = autograd.grad(lambda a: autograd.numpy.sum(causal_attention(a, 2, 0.5)))(x)
     assert g.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Op sets: REFERENCE, traced(ops), FAST -- values, not switches
+# ----------------------------------------------------------------------------------------------
+
+
+def test_op_sets_are_immutable_values():
+    import dataclasses
+
+    from lora_ref import lora_linear
+    from transformer_ref import FAST, REFERENCE, Ops, traced
+    from transformer_ref import fast, layers
+
+    assert REFERENCE.linear is lora_linear and FAST.linear is fast.linear
+    assert all(getattr(REFERENCE, n) is getattr(FAST, n) for n in ("embedding", "layer_norm", "gelu",
+                                                                    "causal_attention", "cross_entropy"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        REFERENCE.linear = fast.linear                      # nobody can switch the reference
+    t = traced(REFERENCE)
+    assert t.layer_norm is layers.layer_norm.fun and t.linear is lora_linear.fun
+    assert traced(t) == t and REFERENCE.linear is lora_linear   # idempotent; REFERENCE untouched
+    with pytest.raises(TypeError, match="Ops.gelu must be callable, got int"):
+        dataclasses.replace(REFERENCE, gelu=3)
+    with pytest.raises(TypeError, match="ops must be a transformer_ref.layers.Ops, got str"):
+        traced("REFERENCE")
+    assert {f.name for f in dataclasses.fields(Ops)} == {"embedding", "layer_norm", "gelu", "causal_attention",
+                                                         "cross_entropy", "linear"}
+
+
+def test_traced_layers_compute_the_same_values():
+    """An undecorated forward is the same code as the primitive's: bitwise the same values."""
+    from transformer_ref import REFERENCE, traced
+
+    rng = np.random.default_rng(5)
+    x, w, b = rng.standard_normal((2, 3, 4)), rng.standard_normal(4), rng.standard_normal(4)
+    t = traced(REFERENCE)
+    assert np.array_equal(t.layer_norm(x, w, b, 1e-5), REFERENCE.layer_norm(x, w, b, 1e-5))
+    assert np.array_equal(t.gelu(x), REFERENCE.gelu(x))
+    qkv = rng.standard_normal((2, 3, 6))
+    assert np.array_equal(t.causal_attention(qkv, 2, 0.5), REFERENCE.causal_attention(qkv, 2, 0.5))
