@@ -30,7 +30,7 @@ import numpy as np
 import safetensors.numpy
 
 from lora_ref.backend import asarray, dtype_name, to_numpy
-from lora_ref.peft_io import FileFormatError, read_safetensors_with_dtypes, write_directory_atomically
+from lora_ref.files import FileFormatError, read_json, read_tensors, write_directory_atomically
 
 from .gpt2 import PROJECTIONS, GPTConfig, param_shapes
 
@@ -96,7 +96,9 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
                 raise NotImplementedError(f"{folder}: only {other} is present; {why}")
         raise CheckpointFormatError(f"{folder}: {WEIGHTS_NAME} is missing")
     config = _read_config(config_file)
-    tensors, stored = read_safetensors_with_dtypes(weights_file, error=CheckpointFormatError)
+    read = read_tensors(weights_file, error=CheckpointFormatError)
+    tensors = {k: t.array for k, t in read.items()}                    # name -> array, file order
+    stored = {k: t.code for k, t in read.items()}                      # name -> safetensors dtype code
     where = str(weights_file)
 
     # Keys: GPT2LMHeadModel saves "transformer.*" (+ maybe lm_head.weight); GPT2Model saves them bare.
@@ -148,10 +150,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
 
 
 def _read_config(config_file: Path) -> GPTConfig:
-    try:
-        raw = json.loads(config_file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointFormatError(f"{config_file}: not valid JSON ({exc})") from None
+    raw = read_json(config_file, error=CheckpointFormatError)
     if not isinstance(raw, dict):
         raise CheckpointFormatError(f"{config_file}: must be a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type", "gpt2")
@@ -184,7 +183,7 @@ def save_hf_gpt2(path: str | os.PathLike, config: GPTConfig, params: Mapping[str
     Conv1D's (d_in, d_out), keys ``transformer.*``, ``lm_head`` left to the tying.
     ``config.json`` is ``config.to_dict()`` with ``architectures: ["GPT2LMHeadModel"]`` added
     unless present and ``dtype`` set to the parameters' dtype. The directory is replaced atomically
-    (:func:`lora_ref.peft_io.write_directory_atomically`). Returns ``path`` as a ``Path``.
+    (:func:`lora_ref.files.write_directory_atomically`). Returns ``path`` as a ``Path``.
     """
     if not isinstance(config, GPTConfig):
         raise TypeError(f"config must be a transformer_ref.GPTConfig, got {type(config).__name__}")

@@ -37,7 +37,7 @@ def test_deberta_v2_xxlarge():
 
 @pytest.mark.parametrize("name", ["gpt2-medium", "gpt2-large"])
 def test_gpt2(name):
-    from transformer_ref.config import GPTConfig
+    from transformer_ref import GPTConfig
     from transformer_ref.count import count_parameters
 
     config = transformers.GPT2Config(**PRESETS[name].config)

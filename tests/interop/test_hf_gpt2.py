@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 checkpoints: transformer_ref.gpt2_io against transformers (PyTorch, CPU).
+"""Hugging Face GPT-2 checkpoints: transformer_ref.checkpoints against transformers (PyTorch, CPU).
 
 A random-initialised tiny ``GPT2LMHeadModel`` saved with ``save_pretrained`` must load with
 ``load_hf_gpt2`` and give transformers' logits; parameters written by ``save_hf_gpt2`` must load
@@ -31,7 +31,7 @@ transformers = pytest.importorskip("transformers")
 
 import transformer_ref as tr  # noqa: E402
 from lora_ref.testing import assert_within, tolerance  # noqa: E402
-from transformer_ref.gpt2_io import load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from transformer_ref.checkpoints import load_hf_gpt2, save_hf_gpt2  # noqa: E402
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
