@@ -12,9 +12,9 @@ and its projections, through an op set passed to it as an argument (:class:`Ops`
   paper writes it, ``W x + b + s B (A x)``. Every model's default.
 * ``transformer_ref.fast.FAST`` -- the same layers and a projection evaluated in the order that
   trains fastest; tested equal to REFERENCE. Chosen explicitly by whoever wants speed.
-* ``traced(ops)`` -- each op's *undecorated* forward (``op.fun``): ordinary differentiable array
-  code, so ``autograd.numpy`` derives every gradient a second time, independently of the
-  hand-written VJPs (the tests compare the two). A value like the others, not a switch.
+* ``traced(ops)`` -- each op's bare forward (``op.fun``, without its hand-written VJPs): plain
+  differentiable array code, so ``autograd.numpy`` derives every gradient a second time,
+  independently (the tests compare the two). A value like the others, not a switch.
 
 Shapes: B batch, T tokens, C channels, H heads, D = C / H head width, V vocabulary,
 N = B * T rows, ``...`` any leading dimensions.
@@ -54,7 +54,7 @@ IGNORE_INDEX = -100  # a target equal to this is left out of the loss (PyTorch's
 def cached_primitive(forward: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``forward(*args, cache=None)`` an autograd primitive called with a fresh cache dict.
 
-    The returned function has ``.fun`` (the undecorated forward, traceable by autograd.numpy) and
+    The returned function has ``.fun`` (the bare forward, traceable by autograd.numpy) and
     ``.primitive`` (the autograd primitive, on which the VJPs are defined with ``defvjp``). The
     VJP makers receive the same ``cache`` dict the forward filled, so nothing is computed twice;
     a new dict per call, so nothing is shared between calls or threads.
@@ -368,7 +368,7 @@ the paper writes it, ``W x + b + s B (A x)``, never forming ``B A``). Every mode
 
 
 def traced(ops: Ops) -> Ops:
-    """The op set whose members are ``ops``' undecorated forwards (each primitive's ``.fun``).
+    """The op set whose members are ``ops``' bare forwards (each primitive's ``.fun``).
 
     Differentiating a model run with ``traced(ops)`` makes ``autograd.numpy`` trace plain array
     code (NumPy backend) instead of calling the hand-written VJPs: an independent second
