@@ -22,7 +22,7 @@ import transformer_ref as tr
 from lora_ref import LoraConfig
 from lora_ref.cli import main
 from lora_ref.peft_io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, save_peft_adapter
-from transformer_ref.gpt2_io import save_hf_gpt2
+from transformer_ref import save_hf_gpt2
 
 CONFIG = tr.GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2)
 

@@ -1,6 +1,6 @@
 """``lora-ref check ADAPTER_DIR --base MODEL_DIR``: validate a PEFT adapter against a GPT-2 checkpoint.
 
-Loads both (:func:`lora_ref.peft_io.load_peft_adapter`, :func:`transformer_ref.gpt2_io.load_hf_gpt2`),
+Loads both (:func:`lora_ref.peft_io.load_peft_adapter`, :func:`transformer_ref.load_hf_gpt2`),
 checks every module's shapes against the base model and the config, and prints, per adapted
 module, its rank, alpha, scale s and the size of the change merging it would make,
 ``|s B A|_F / |W|_F`` (computed from the r x r Gram matrices, ``|B A|_F^2 = sum((B^T B) * (A A^T))``,
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..backend import to_numpy
 
 HELP = "validate a PEFT LoRA adapter against a GPT-2 checkpoint and report its scales and weight changes"
 
@@ -31,30 +35,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    # The base model is a GPT-2 checkpoint, read by transformer_ref (floor 2): imported when the command runs.
+    from transformer_ref import load_hf_gpt2
 
-    # The one place lora_ref reaches into transformer_ref, lazily: the base model is a GPT-2 checkpoint.
-    from transformer_ref.gpt2_io import load_hf_gpt2
-
-    from ..backend import to_numpy
-    from ..peft_io import WEIGHTS_NAME, FileFormatError, load_peft_adapter, read_safetensors_with_dtypes
-
-    def fail(message: str) -> int:
-        print(f"lora-ref check: error: {message}", file=sys.stderr)
-        print("INVALID: the adapter cannot be used with this base model", file=sys.stderr)
-        return 1
+    from ..files import FileFormatError, read_tensors
+    from ..peft_io import WEIGHTS_NAME, AdapterFormatError, load_peft_adapter
 
     try:
         config, params = load_hf_gpt2(args.base, dtype="float64")
     except (FileFormatError, NotImplementedError, FileNotFoundError) as exc:
-        return fail(f"base model: {exc}")
+        return _fail(f"base model: {exc}")
     try:
         lora_config, adapters = load_peft_adapter(args.adapter_dir, params, dtype="float64")
-        stored = sorted(set(read_safetensors_with_dtypes(args.adapter_dir / WEIGHTS_NAME)[1].values()))
+        tensors = read_tensors(args.adapter_dir / WEIGHTS_NAME, error=AdapterFormatError)
     except (FileFormatError, NotImplementedError, FileNotFoundError) as exc:
-        return fail(f"adapter: {exc}")
+        return _fail(f"adapter: {exc}")
+    stored = sorted({t.code for t in tensors.values()})          # safetensors dtype codes: F32, BF16, ...
 
-    lc = lora_config
+    _print_header(args, config, lora_config, adapters, stored)
+    warnings = _print_modules(params, lora_config, adapters)
+    warnings += _config_warnings(lora_config, adapters)
+    if warnings:
+        print(f"\nwarnings ({len(warnings)}):")
+        for w in warnings:
+            print(f"  - {w}")
+    print(f"\nOK: the adapter is valid for this base model ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"lora-ref check: error: {message}", file=sys.stderr)
+    print("INVALID: the adapter cannot be used with this base model", file=sys.stderr)
+    return 1
+
+
+def _print_header(args: argparse.Namespace, config: Any, lc: Any, adapters: dict, stored: list[str]) -> None:
+    """The adapter's settings, the base model's sizes, and the verdict on shapes."""
     targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
     print(f"adapter   {args.adapter_dir}")
     print(f"          r={lc.r} lora_alpha={lc.alpha:g} use_rslora={lc.use_rslora} "
@@ -69,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
           f"vocab {config.vocab_size}, n_positions {config.n_positions}")
     print(f"valid     {len(adapters)} adapted modules; every shape fits the base model\n")
 
+
+def _print_modules(params: dict, lc: Any, adapters: dict) -> list[str]:
+    """One row per adapted module (shape, r, alpha, s, |s B A|_F / |W|_F); returns its warnings."""
     width = max(len(m) for m in adapters)
     print(f"{'module':<{width}}  {'d_out x d_in':>12}  {'r':>3}  {'alpha':>7}  {'scale':>9}  {'|sBA|/|W|':>10}")
     warnings = []
@@ -89,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
                             f"{min(d_out, d_in)}, the other {r - min(d_out, d_in)} dimensions are wasted")
         if change > 1.0:
             warnings.append(f"{module}: merging would change W by {change:.3g} times its own norm")
+    return warnings
+
+
+def _config_warnings(lc: Any, adapters: dict) -> list[str]:
+    """Settings that other implementations read differently: rsLoRA's scale, fan_in_fan_out."""
+    warnings = []
     if lc.use_rslora:
         pairs = sorted({(lc.rank_for(m), lc.alpha_for(m)) for m in adapters})
         detail = "; ".join(f"r={r}: alpha/sqrt(r) = {a / math.sqrt(r):.4g} vs alpha/r = {a / r:.4g}" for r, a in pairs)
@@ -97,9 +122,4 @@ def run(args: argparse.Namespace) -> int:
     if not lc.fan_in_fan_out:
         warnings.append("fan_in_fan_out is false, but GPT-2's projections are Conv1D (stored (d_in, d_out)); PEFT "
                         "sets it to true when it loads this adapter (harmless here, wrong for a merge that trusts it)")
-    if warnings:
-        print(f"\nwarnings ({len(warnings)}):")
-        for w in warnings:
-            print(f"  - {w}")
-    print(f"\nOK: the adapter is valid for this base model ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})")
-    return 0
+    return warnings

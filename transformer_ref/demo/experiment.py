@@ -48,11 +48,10 @@ from lora_ref.backend import asarray, dtype_name, namespace, to_numpy
 from lora_ref.checks import non_negative_int, positive_int, positive_real
 from lora_ref.testing import tolerance
 
-from .. import add_adapters, forward, init_params, merge_adapters
+from .. import REFERENCE, add_adapters, forward, init_params, merge_adapters
 from ..bounds import logit_magnitude, logit_rounding_chain
 from ..count import count_parameters, count_trainable, lora_config_for
 from ..data import downstream_task, evaluate, pretraining_task
-from ..layers import reference_projections
 from ..train import adam_init, train
 
 __all__ = ["DEFAULT", "PRESETS", "QUICK", "DemoConfig", "compute"]
@@ -421,11 +420,11 @@ def _merge_check(params: Mapping[str, Any], adapters: Mapping[str, Any], lora_co
     dtype = dtype_name(to_numpy(params["transformer.wte.weight"]).dtype)
     for name in dict.fromkeys((dtype, "float64")):
         p, ad = (params, adapters) if name == dtype else (_astype(params, name), _astype(adapters, name))
-        # the reference order W x + s B (A x): the training path may fold s B A into W first
-        with reference_projections():
-            unmerged = to_numpy(forward(p, tokens, gpt, ad, lora_config)).astype(np.float64)   # (N, T, V)
-        merged = to_numpy(forward(merge_adapters(p, ad, lora_config), tokens, gpt)).astype(np.float64)
-        base = to_numpy(forward(p, tokens, gpt)).astype(np.float64)
+        # REFERENCE: the paper's order W x + s B (A x) (training's FAST op set may fold s B A into W
+        # first, which would compare the merge with itself)
+        unmerged = to_numpy(forward(p, tokens, gpt, ad, lora_config, ops=REFERENCE)).astype(np.float64)  # (N, T, V)
+        merged = to_numpy(forward(merge_adapters(p, ad, lora_config), tokens, gpt, ops=REFERENCE)).astype(np.float64)
+        base = to_numpy(forward(p, tokens, gpt, ops=REFERENCE)).astype(np.float64)
         # Both sides are one forward pass of at most n roundings: |each - exact| <= gamma_n M to
         # first order, so |merged - unmerged| <= 2 gamma_n M.
         out[name] = {"max_abs_error": float(np.max(np.abs(merged - unmerged))),
