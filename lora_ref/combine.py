@@ -28,7 +28,8 @@ peft/utils/merge_utils.py) is reproduced operation for operation:
   ``rank`` singular triplets of the result, ``U S V^T``: ``B = U_r S_r`` (d_out, rank),
   ``A = V_r^T`` (rank, d_in). ``rank`` defaults to the largest r_i. With ``svd_clamp = q``, U_r S_r
   and V_r^T are clipped to ``[-h, h]``, h the q-quantile (linear interpolation) of their entries
-  together. Singular vectors are LAPACK's (gesdd, as torch's CPU SVD): each pair is defined up to
+  together (when h < 0, as for a q below the entries' median, torch.clamp sets every entry to h).
+  Singular vectors are LAPACK's (gesdd, as torch's CPU SVD): each pair is defined up to
   a sign, which changes nothing but what svd_clamp's quantile sees.
 
 The operators, each on a list of tensors t_i (A's, B's or deltas) with weights v_i:
@@ -96,7 +97,8 @@ _TIES = {"ties", "dare_ties"}
 class Combined(NamedTuple):
     """A combined adapter: apply it as ``scale * B @ A`` (:func:`lora_ref.delta_weight`).
 
-    ``A`` (rank, d_in), ``B`` (d_out, rank); ``alpha`` and ``rank`` are the config PEFT writes
+    ``A`` (rank, d_in), ``B`` (d_out, rank) (fewer rows/columns when an SVD rank exceeds
+    min(d_out, d_in)); ``alpha`` and ``rank`` are the config PEFT writes
     (``r = lora_alpha = rank``); ``scale`` is ``alpha / rank = 1``, or ``alpha / sqrt(rank)`` under
     ``peft_rslora_bug``; ``method`` is the method that ran (``linear`` for a single adapter).
     """
@@ -227,6 +229,7 @@ def _disjoint_merge(ts: list[Any], vs: list[float], agree: list[Any]) -> Any:
 def _operator(base: str, ts: list[Any], vs: list[float], density: float | None, majority_sign: str,
               masks: list[Any] | None) -> Any:
     """One of PEFT's task_arithmetic / ties / dare_linear / dare_ties / magnitude_prune."""
+    masks = [None] * len(ts) if masks is None else masks                  # DARE at density 1: none
     if base == "linear":
         return _task_arithmetic(ts, vs)
     if base == "magnitude_prune":
@@ -278,7 +281,10 @@ def _truncated_svd(delta: Any, rank: int, clamp: float | None, full_matrices: bo
     if clamp is not None:
         dist = xp.concat([xp.reshape(B, (-1,)), xp.reshape(A, (-1,))])
         hi = _quantile(dist, clamp)
-        B, A = xp.clip(B, -hi, hi), xp.clip(A, -hi, hi)
+        # torch.clamp(t, -h, h) is min(max(t, -h), h): when h < 0 (a low quantile q), every entry
+        # becomes h. The Array API leaves clip with min > max unspecified, so it is spelt out.
+        B = xp.minimum(xp.maximum(B, -hi), hi)
+        A = xp.minimum(xp.maximum(A, -hi), hi)
     return A, B
 
 
@@ -301,8 +307,8 @@ def combine_adapters(adapters: Mapping[str, Any], weights: Sequence[float], meth
     weights : sequence of real numbers, one per adapter (negative subtracts an adapter)
     method : one of :data:`METHODS` (``"exact"`` is lora-ref's; the others are PEFT's
         ``combination_type``)
-    rank : int, SVD methods only (PEFT's ``svd_rank``); default the largest r_i; at most
-        ``min(d_out, d_in)`` (beyond that PEFT builds factors of mismatched ranks)
+    rank : int, SVD methods only (PEFT's ``svd_rank``); default the largest r_i (see the module
+        doc for a rank above min(d_out, d_in))
     density : float, required by the ties, dare and magnitude_prune methods, refused by the others
     majority_sign : "total" or "frequency" (ties and dare_ties variants)
     masks : mapping name -> 0/1 array(s), DARE methods only (required unless density is 1):
@@ -359,10 +365,10 @@ def combine_adapters(adapters: Mapping[str, Any], weights: Sequence[float], meth
         B = _operator(base, [t.B for t in items], b, density, majority_sign, mB)   # (d_out, r)
     else:
         new_rank = max(t.A.shape[0] for t in items) if rank is None else checks.positive_int(rank, "rank")
-        if new_rank > min(d_out, d_in):
-            raise ValueError(f"rank={new_rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} for a "
-                             f"({d_out}, {d_in}) weight: a rank-{new_rank} SVD truncation does not exist "
-                             "(PEFT would build A and B of different ranks)")
+        if new_rank > min(d_out, d_in) and svd_full_matrices and d_out != d_in:
+            raise ValueError(f"rank={new_rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} for a ({d_out}, {d_in}) "
+                             "weight: with svd_full_matrices=True PEFT builds A and B of different ranks here; "
+                             f"pass a rank <= {min(d_out, d_in)} or svd_full_matrices=False")
         if svd_clamp is not None:
             svd_clamp = checks.finite_real(svd_clamp, "svd_clamp")
             if not 0.0 <= svd_clamp <= 1.0:
@@ -374,7 +380,7 @@ def combine_adapters(adapters: Mapping[str, Any], weights: Sequence[float], meth
         v = [_round(w, weight_dtype) for w in ws]
         total = _operator(base, deltas, v, density, majority_sign, mask_list)
         A, B = _truncated_svd(total, new_rank, svd_clamp, svd_full_matrices, svd_driver, svd)
-    r_new = int(A.shape[0])
+    r_new = new_rank if svd_method else int(A.shape[0])                  # the r PEFT writes in the config
     if method == "exact":
         return Combined(A, B, 1.0, r_new, float(r_new), method)
     alpha = float(r_new)                                                  # PEFT: r = lora_alpha = rank
