@@ -43,6 +43,8 @@ __all__ = [
     "asarray",
     "autograd_namespace",
     "get_backend",
+    "getval",
+    "is_box",
     "namespace",
     "register_array_type",
     "set_backend",
@@ -111,9 +113,18 @@ if not hasattr(ArrayBox, "mT"):
     ArrayBox.mT = property(lambda self: autograd_namespace.matrix_transpose(self))
 
 
+def is_box(x: Any) -> bool:
+    """Whether ``x`` is an autograd box (a value being traced), by autograd's own test.
+
+    Not ``isinstance(x, Box)``: the box of an array_api_strict array is a subclass of that array
+    type and cannot also derive from ``Box`` (see :func:`register_array_type`).
+    """
+    return type(x) in Box.types
+
+
 def getval(x: Any) -> Any:
     """The raw array under any number of autograd boxes (``x`` itself when it is not boxed)."""
-    while isinstance(x, Box):
+    while type(x) in Box.types:
         x = x._value
     return x
 
@@ -385,20 +396,21 @@ defvjp(_getitem, _getitem_vjp)
 defvjp(_reshape, lambda ans, x, shape: lambda g: namespace(g).reshape(g, x.shape))
 
 
-class GenericArrayBox(Box):
-    """autograd's box for a non-NumPy array (CuPy, array_api_strict).
-
-    It supports what lora_ref's code does *between* primitives: ``+``, ``-``, ``*`` and ``/``
-    (with arrays or Python scalars), ``@``, indexing, ``.reshape``, and the read-only attributes
-    ``shape``, ``dtype``, ``ndim``, ``mT``. Anything else belongs inside a primitive.
+class _TracedOperators:
+    """What lora_ref's code does with a traced non-NumPy array *between* primitives: ``+``, ``-``,
+    ``*`` and ``/`` (with arrays or Python scalars), ``@``, indexing, ``.reshape``, and the
+    read-only attributes ``shape``, ``dtype``, ``ndim``, ``size``, ``mT``, ``device``. Each
+    operation is a primitive above, so it differentiates. Anything else belongs inside a primitive.
+    Both operand orders work: ``x + attn(x)`` and ``attn(x) + x`` (see :func:`register_array_type`).
     """
 
-    __slots__ = []
+    __slots__ = ()
 
     shape = property(lambda self: getval(self).shape)
     dtype = property(lambda self: getval(self).dtype)
     ndim = property(lambda self: getval(self).ndim)
     size = property(lambda self: math.prod(getval(self).shape))
+    device = property(lambda self: getval(self).device)
     mT = property(lambda self: _matmul_transpose(self))
 
     def __array_namespace__(self, *, api_version: str | None = None) -> Any:
@@ -427,6 +439,9 @@ class GenericArrayBox(Box):
             return _multiply(self, 1.0 / other)
         raise TypeError("a traced non-NumPy array can only be divided by a Python scalar")
 
+    def __rtruediv__(self, other: Any) -> Any:
+        raise TypeError("a traced non-NumPy array can only be divided by a Python scalar")
+
     def __neg__(self) -> Any:
         return _multiply(self, -1.0)
 
@@ -443,6 +458,54 @@ class GenericArrayBox(Box):
         if len(shape) == 1 and isinstance(shape[0], tuple):
             shape = shape[0]
         return _reshape(self, tuple(shape))
+
+
+class GenericArrayBox(_TracedOperators, Box):
+    """autograd's box for a non-NumPy array that follows NumPy's operator protocol (CuPy).
+
+    ``array + box`` (the array on the left) reaches ``box.__radd__`` because of the two class
+    attributes below. CuPy's ``ndarray.__add__(x, y)`` (cupy/_core/core.pyx, CuPy 9 to 14) returns
+    ``NotImplemented`` when ``y.__array_ufunc__ is None`` (NEP 13's opt-out), and, for a ``y``
+    without ``__array_ufunc__``, when ``y.__array_priority__`` exceeds x's (CuPy before 9 only
+    compared priorities and called ``y.__radd__`` itself); Python then calls ``box.__radd__``.
+    """
+
+    __slots__ = []
+    __array_ufunc__ = None
+    __array_priority__ = 1000.0
+
+
+def _subclass_box(array_type: type) -> type:
+    """A box class for ``array_type`` that is also a *subclass* of it, for array types whose
+    operators raise ``TypeError`` on an operand they do not know instead of returning
+    ``NotImplemented`` (array_api_strict: ``Array.__add__`` -> ``_check_type_device``).
+
+    Python's rule for ``a + b``: when ``type(b)`` is a subclass of ``type(a)`` and overrides the
+    reflected method, ``b.__radd__(a)`` runs *before* ``a.__add__(b)``. So ``array + box`` reaches
+    the box, and the residual stream can read ``x = x + attn(ln_1(x))``. The class cannot also
+    derive from autograd's ``Box`` (both lay out ``__slots__``), so it carries Box's three slots
+    itself and is registered in ``Box.types``: autograd tells boxes by ``type(x) in Box.types``
+    (:func:`is_box`), not by ``isinstance``. The array's own storage (``_array``) is never set: a
+    traced array that reaches a function of its library raises a clear ``TypeError`` instead of
+    being read as a constant, which would silently drop its gradient.
+    """
+
+    def __new__(cls, value: Any, trace: Any, node: Any) -> Any:   # array_api_strict's __new__ refuses
+        return object.__new__(cls)
+
+    def __init__(self, value: Any, trace: Any, node: Any) -> None:
+        self._value, self._trace, self._node = value, trace, node
+
+    def refuse(self: Any) -> Any:
+        raise TypeError(f"a traced {array_type.__module__}.{array_type.__name__} reached a function autograd cannot "
+                        "differentiate through; between lora_ref's primitives only + - * / @, indexing, "
+                        ".reshape and .mT work on arrays being differentiated")
+
+    return type(f"Traced{array_type.__name__}", (_TracedOperators, array_type), {
+        "__slots__": ("_value", "_trace", "_node"), "__new__": __new__, "__init__": __init__,
+        "_array": property(refuse), "__hash__": object.__hash__,
+        "__bool__": lambda self: bool(self._value), "__repr__": Box.__str__, "__str__": Box.__str__,
+        "__doc__": f"autograd's box for {array_type.__module__}.{array_type.__name__} (see _subclass_box)."})
 
 
 @primitive
@@ -496,10 +559,23 @@ def register_array_type(array_type: type) -> None:
     that type. CuPy and array_api_strict are registered automatically when their backend is
     selected, or here if they are already imported; call this yourself only for CuPy arrays you
     create without ever selecting the ``cupy`` backend.
+
+    The box that carries such an array through a trace supports both operand orders of ``+ - *
+    @`` with a plain array. A type that follows NumPy's protocol (has ``__array_ufunc__``, as
+    CuPy does) gets :class:`GenericArrayBox`, to which it defers; any other type (array_api_strict)
+    gets a box that subclasses it (:func:`_subclass_box`), since Python asks a subclass first.
     """
     if array_type in _registered or array_type is np.ndarray:
         return
-    GenericArrayBox.register(array_type)
+    box = GenericArrayBox
+    if not hasattr(array_type, "__array_ufunc__"):
+        try:
+            box = _subclass_box(array_type)
+        except TypeError:                      # a type that cannot be subclassed: box on the left only
+            box = GenericArrayBox
+    Box.types.add(box)                         # what Box.register does, for a class not derived from Box
+    Box.type_mappings[array_type] = box
+    Box.type_mappings[box] = box
     VSpace.register(array_type, GenericArrayVSpace)
     _registered.add(array_type)
 

@@ -16,6 +16,7 @@ import types
 import array_api_compat
 import array_api_strict
 import autograd
+from autograd.extend import Box
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -75,7 +76,10 @@ def test_generic_box_has_the_value_namespace():
         return (v.reshape((1, -1)) @ v.reshape((-1, 1)))[0, 0]
 
     autograd.grad(f)(array_api_strict.ones(3, dtype=array_api_strict.float64))
-    assert seen[0][0] is GenericArrayBox and seen[0][1] is array_api_strict
+    box_type, ns = seen[0]
+    assert ns is array_api_strict and box_type in Box.types                 # autograd's test for a box
+    assert issubclass(box_type, STRICT_ARRAY)                               # so `array + box` asks the box first
+    assert not issubclass(GenericArrayBox, STRICT_ARRAY) and GenericArrayBox.__array_ufunc__ is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +337,44 @@ def test_generic_box_operations(name):
     mags = autograd.grad(f_abs, argnum=(0, 1, 2))(np.abs(X), np.abs(Y), np.abs(c))
     for gd, gn, m in zip(g_dev, g_np, mags):
         assert_within(gd, gn, 2 * tolerance("float64", 64) * m)
+
+
+@pytest.mark.parametrize("name", OTHER_BACKENDS)
+def test_array_on_the_left_of_a_box_differentiates(name):
+    # The residual stream reads `x = x + attn(ln_1(x))`: a plain array (x, not differentiated)
+    # on the left of a traced one. array_api_strict's Array.__add__ raises TypeError for an
+    # operand it does not know; the box's type is a subclass of Array, so Python asks it first.
+    rng = np.random.default_rng(5)
+    X, P, M, c = rng.uniform(-1, 1, (3, 4)), rng.uniform(-1, 1, (3, 4)), rng.uniform(-1, 1, (4, 3)), rng.uniform(-1, 1, (4,))
+
+    def f(P, X, M, c):
+        Z = X + P * 2.0                                 # array + box
+        Z = X - Z                                       # array - box
+        Z = X * Z + c                                   # array * box, box + array (broadcast)
+        Y = Z @ M                                       # (3, 3) box @ array
+        Y = Y + (M @ Y.mT)[0:3, :]                      # array @ box: (4, 3) -> rows 0:3, (3, 3)
+        return (Y.reshape((1, -1)) @ Y.reshape((-1, 1)))[0, 0]
+
+    g_np = autograd.grad(f)(P, X, M, c)
+    g_dev = autograd.grad(f)(*_on(name, P, X, M, c))
+
+    def f_abs(P, X, M, c):                               # the same sums with every term made positive
+        Z = X + P * 2.0
+        Z = X + Z
+        Z = X * Z + c
+        Y = Z @ M
+        Y = Y + (M @ Y.T)[0:3, :]
+        return (Y.reshape((1, -1)) @ Y.reshape((-1, 1)))[0, 0]
+
+    mags = autograd.grad(f_abs)(np.abs(P), np.abs(X), np.abs(M), np.abs(c))
+    assert_within(g_dev, g_np, 2 * tolerance("float64", 64) * mags, what=f"d/dP on {name}")
+    assert float(np.max(np.abs(g_np))) > 0.0
+
+
+def test_a_traced_strict_array_refuses_library_functions():
+    a = array_api_strict.ones((2, 2), dtype=array_api_strict.float64)
+    with pytest.raises(TypeError, match="reached a function autograd cannot differentiate through"):
+        autograd.grad(lambda v: array_api_strict.sum(v))(a)
 
 
 def test_generic_box_divides_only_by_scalars():
