@@ -538,9 +538,10 @@ def merge_4bit(state: QuantState, A: Any, B: Any, scale: float) -> QuantState:
     d_out, d_in = state.shape
     if A.shape[1] != d_in or B.shape != (d_out, A.shape[0]):
         raise ValueError(f"A {A.shape} and B {B.shape} do not fit W {state.shape}: need A (r, {d_in}), B ({d_out}, r)")
-    delta = ((B.astype(_F32) @ A.astype(_F32)) * _F32(scale)).astype(A.dtype)   # (d_out, d_in)
     W = dequantize_4bit(state)                                                   # (d_out, d_in)
-    merged = W + delta if W.dtype == delta.dtype else W.astype(_F32) + delta.astype(_F32)
+    with np.errstate(over="ignore", invalid="ignore"):                           # refused below
+        delta = ((B.astype(_F32) @ A.astype(_F32)) * _F32(scale)).astype(A.dtype)   # (d_out, d_in)
+        merged = W + delta if W.dtype == delta.dtype else W.astype(_F32) + delta.astype(_F32)
     if not np.all(np.isfinite(merged.astype(_F32))):
         raise ValueError("merge_4bit: the merged weight would contain non-finite values; refusing to merge")
     return quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
