@@ -79,8 +79,9 @@ def _cast(xp: Any, x: Any, dtype: Any) -> Any:
 # weight. The reference computes in x's own dtype for float32 and float64 and in float32 for
 # float16, then casts back before the weight, as transformers does.
 #
-# Overflow. mean(x^2) overflows once |x| reaches ~1e154 (float64) or ~1e19 (float32), and
-# transformers then returns 0 for the row. The reference first divides each row by s, a power of
+# Overflow. mean(x^2) overflows once |x| reaches ~1e154 (float64) or ~1e19 (float32); squaring in
+# float32, transformers returns 0 for such rows from ~1e19 on in both dtypes (and NaN for float64
+# rows beyond float32's range). The reference first divides each row by s, a power of
 # two near its largest magnitude (exact: only the exponent changes). eps does not scale with the
 # row, so it is rescaled too, and the identity is exact for any s > 0:
 #   x rsqrt(mean(x^2) + eps) = (x/s) rsqrt(mean((x/s)^2) + eps/s^2)
