@@ -34,8 +34,7 @@ from lora_ref.peft_io import (
     save_peft_adapter,
     validate_adapter,
 )
-from transformer_ref import GPTConfig, param_shapes
-from transformer_ref.gpt2_io import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
+from transformer_ref import CheckpointFormatError, GPTConfig, load_hf_gpt2, param_shapes, save_hf_gpt2
 
 TINY = GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2)
 
@@ -617,7 +616,7 @@ def test_save_checks_adapters_against_the_config(saved, tmp_path):
 
 
 # ============================================================================================
-# GPT-2 checkpoints (transformer_ref.gpt2_io) without PyTorch
+# GPT-2 checkpoints (transformer_ref.checkpoints, built on lora_ref.files) without PyTorch
 # ============================================================================================
 
 

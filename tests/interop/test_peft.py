@@ -55,7 +55,7 @@ import transformer_ref as tr  # noqa: E402
 from lora_ref import LoraConfig  # noqa: E402
 from lora_ref.peft_io import CONFIG_FIELDS, load_peft_adapter, save_peft_adapter  # noqa: E402
 from lora_ref.testing import assert_within, tolerance  # noqa: E402
-from transformer_ref.gpt2_io import load_hf_gpt2  # noqa: E402
+from transformer_ref import load_hf_gpt2  # noqa: E402
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
