@@ -339,11 +339,8 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
     x = ops.embedding(p["transformer.wte.weight"], tokens) + ops.embedding(p["transformer.wpe.weight"], positions)
     for i in range(config.n_layer):                                             # x: (B, T, C) throughout
         h = f"transformer.h.{i}"
-        # TODO(issue 10): x = x + attn(ln_1(x)) once lora_ref.backend lets `array + autograd box`
-        # work on every backend. Until then branch first: when only the branch is traced (LoRA),
-        # the traced value must be the left operand, as non-NumPy arrays refuse `array + box`.
-        x = attn(h, i, ln(h + ".ln_1", x)) + x
-        x = mlp(h, ln(h + ".ln_2", x)) + x
+        x = x + attn(h, i, ln(h + ".ln_1", x))                                 # pre-LN residual blocks
+        x = x + mlp(h, ln(h + ".ln_2", x))
     x = ln("transformer.ln_f", x)
     return ops.linear(x, p["transformer.wte.weight"], None, None, 1.0)          # (B, T, V): lm_head = wte
 
