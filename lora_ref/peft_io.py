@@ -539,15 +539,3 @@ def save_peft_adapter(path: str | os.PathLike, lora_config: LoraConfig, adapters
         safetensors.numpy.save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     return write_directory_atomically(path, write)
-
-
-# ============================================================================================
-# Names that moved to lora_ref.files, importable from here until every caller imports them there
-# ============================================================================================
-
-
-def read_safetensors_with_dtypes(path: str | os.PathLike, *, error: type[FileFormatError] = AdapterFormatError
-                                 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Deprecated: :func:`lora_ref.files.read_tensors`, as ``({name: array}, {name: dtype code})``."""
-    stored = read_tensors(path, error=error)
-    return {k: t.array for k, t in stored.items()}, {k: t.code for k, t in stored.items()}

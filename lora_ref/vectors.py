@@ -64,7 +64,6 @@ __all__ = [
 FORMAT = "lora-ref-golden-vectors"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-INPUTS = ("x", "W", "A", "B", "bias", "dropout_mask", "dy")
 OUTPUTS = ("y", "W_merged", "dx", "dA", "dB")
 EXTRA_ROUNDINGS = 2  # rounding `expected` to the case's dtype, and the subtraction in it
 
