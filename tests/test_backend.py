@@ -32,6 +32,7 @@ from lora_ref.backend import (
     get_backend,
     namespace,
     set_backend,
+    sum_to_shape,
 )
 from lora_ref.strategies import lora_cases
 from lora_ref.testing import assert_within, lora_linear_magnitude, tolerance
@@ -369,6 +370,24 @@ def test_array_on_the_left_of_a_box_differentiates(name):
     mags = autograd.grad(f_abs)(np.abs(P), np.abs(X), np.abs(M), np.abs(c))
     assert_within(g_dev, g_np, 2 * tolerance("float64", 64) * mags, what=f"d/dP on {name}")
     assert float(np.max(np.abs(g_np))) > 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (4,), (1, 4), (3, 1), (1,), ()])
+def test_sum_to_shape_is_the_vjp_of_broadcasting(shape):
+    # <g, broadcast(v)> == <sum_to_shape(g), v> for every v: the adjoint, checked on the basis of v.
+    g = np.random.default_rng(2).uniform(-1, 1, (2, 3, 4))
+    summed = sum_to_shape(g, shape)
+    assert summed.shape == shape
+    for index in np.ndindex(*shape):
+        e = np.zeros(shape)
+        e[index] = 1.0
+        lhs = float(np.sum(g * np.broadcast_to(e, g.shape)))          # sum of the entries e reaches
+        assert_within(np.asarray(summed[index]), np.asarray(lhs), 2 * tolerance("float64", g.size) * np.abs(g).sum())
+    assert sum_to_shape(g, g.shape) is g
+    on_strict = sum_to_shape(array_api_strict.asarray(g), shape)
+    assert np.array_equal(to_numpy(on_strict), summed)
+    with pytest.raises(ValueError, match=r"does not broadcast from shape \(2, 4\)"):
+        sum_to_shape(g, (2, 4))
 
 
 def test_a_traced_strict_array_refuses_library_functions():
