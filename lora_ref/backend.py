@@ -284,35 +284,6 @@ def float_dtype(dtype: Any) -> np.dtype:
     return np_dtype
 
 
-_NUMPY_OPENBLAS: list[Any] = []  # [(ctypes.CDLL, real path) or None], looked up once
-
-
-def numpy_openblas() -> tuple[Any, str] | None:
-    """The OpenBLAS library NumPy's wheel bundles, as ``(ctypes.CDLL, its real path)``, or None
-    when NumPy uses another BLAS (or a build without a bundled copy).
-
-    NumPy has already loaded it, so this opens the same handle; callers use its C API (thread
-    counts, kernel name), for which there is no portable Python interface.
-    """
-    if not _NUMPY_OPENBLAS:
-        import ctypes
-        import glob
-
-        found = None
-        here = os.path.dirname(np.__file__)
-        for root in (os.path.join(here, os.pardir, "numpy.libs"), os.path.join(here, ".libs")):
-            for path in sorted(glob.glob(os.path.join(root, "*openblas*.so*"))):
-                try:
-                    found = (ctypes.CDLL(path), os.path.realpath(path))
-                    break
-                except OSError:
-                    continue
-            if found is not None:
-                break
-        _NUMPY_OPENBLAS.append(found)
-    return _NUMPY_OPENBLAS[0]
-
-
 # --------------------------------------------------------------------------------------------
 # autograd's engine on arrays that are not NumPy's
 # --------------------------------------------------------------------------------------------

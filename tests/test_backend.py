@@ -406,18 +406,3 @@ def test_public_names_are_reexported():
     for name in ("asarray", "get_backend", "set_backend", "use_backend", "to_numpy", "namespace",
                  "register_array_type", "BackendUnavailableError", "BACKENDS"):
         assert getattr(lora_ref, name) is getattr(backend, name)
-
-
-def test_numpy_openblas_is_numpys_bundled_library_found_once():
-    from lora_ref.backend import numpy_openblas
-
-    found = numpy_openblas()
-    assert numpy_openblas() is found  # looked up once
-    if found is None:
-        pytest.skip("this NumPy does not bundle OpenBLAS")
-    lib, path = found
-    assert "openblas" in os.path.basename(path).lower() and os.path.isfile(path)
-    # NumPy's own build configuration names the same library family
-    assert "openblas" in str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]).lower()
-    assert any(hasattr(lib, name) for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                                                "openblas_get_num_threads"))
