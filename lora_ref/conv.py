@@ -442,9 +442,8 @@ def init_lora_conv(in_channels: int, out_channels: int, kernel_size: tuple[int, 
 
     Raises ``ValueError`` when r is not divisible by groups (PEFT does too).
     """
-    C_in, C_out, r = (positive_int(v, n) for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"),
-                                                       (r, "r")))
-    G = positive_int(groups, "groups")
+    C_in, C_out = positive_int(in_channels, "in_channels"), positive_int(out_channels, "out_channels")
+    r, G = positive_int(r, "r"), positive_int(groups, "groups")
     if not isinstance(kernel_size, tuple) or not 1 <= len(kernel_size) <= 3:
         raise TypeError(f"kernel_size must be a tuple of 1 to 3 ints (one per spatial axis), got {kernel_size!r}")
     kernel = tuple(positive_int(k, f"kernel_size[{j}]") for j, k in enumerate(kernel_size))
@@ -456,16 +455,9 @@ def init_lora_conv(in_channels: int, out_channels: int, kernel_size: tuple[int, 
     numpy_generator(rng, "rng")
     np_dtype = float_dtype(dtype)
     A_shape, B_shape = (r, C_in) + kernel, (C_out, r // G) + (1,) * len(kernel)
-    if init == "gaussian":
-        A = rng.normal(0.0, 1.0 / r, size=A_shape)
-    else:
-        bound = 1.0 / math.sqrt(C_in * math.prod(kernel))
-        A = rng.uniform(-bound, bound, size=A_shape)
-    if init == "random":
-        bound_B = 1.0 / math.sqrt(r // G)
-        B = rng.uniform(-bound_B, bound_B, size=B_shape)
-    else:
-        B = np.zeros(B_shape)
+    bound_A, bound_B = 1.0 / math.sqrt(C_in * math.prod(kernel)), 1.0 / math.sqrt(r // G)   # 1/sqrt(fan_in)
+    A = rng.normal(0.0, 1.0 / r, size=A_shape) if init == "gaussian" else rng.uniform(-bound_A, bound_A, size=A_shape)
+    B = rng.uniform(-bound_B, bound_B, size=B_shape) if init == "random" else np.zeros(B_shape)
     return asarray(A.astype(np_dtype)), asarray(B.astype(np_dtype))
 
 
