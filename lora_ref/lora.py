@@ -27,7 +27,8 @@ Layout (the same as PEFT's ``lora_A.weight`` / ``lora_B.weight``)::
 (B is always LoRA's up-projection here, never a batch size.)
 
 Fused projections (GPT-2's ``c_attn`` holds q, k and v in one (3C, C) weight) follow loralib's
-``MergedLinear``: ``enable_lora=(q, k, v)`` flags which of the G equal row-blocks of W are adapted.
+``MergedLinear``: ``enable_lora`` flags which of the G equal row-blocks of W are adapted (for
+GPT-2's q, k, v, ``(True, False, True)`` adapts q and v).
 With n of them enabled, A is (n r, d_in) and B is (n q, r), q = d_out / G; enabled block k gets
 ``s B_k A_k`` with ``A_k = A[k r:(k+1) r]`` and ``B_k = B[k q:(k+1) q]``; disabled blocks get
 nothing. ``enable_lora=None`` is the plain case (one block, enabled).
