@@ -216,79 +216,92 @@ def _config_text(targets: tuple[str, ...], rank: int) -> str:
 
 
 def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
-    from ..counting import PAPER_CLAIMS, PRESETS, classify, format_size, lora_parameters, round_reported
+    from ..counting import PAPER_CLAIMS
 
     extra = [flag for flag, value in (("MODEL", args.model), ("--d-model", args.d_model), ("--layers", args.layers),
                                       ("--ffn", args.ffn), ("--targets", args.targets), ("--rank", args.rank))
              if value is not None]
     if extra:
         raise _Usage(f"--paper audits fixed configurations and takes no {', '.join(extra)}")
+    claims = [_claim_row(c) for c in PAPER_CLAIMS]
+    return {
+        "paper": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685v2",
+        "formula": "|Theta| = 2 x L x d_model x r per adapted d_model x d_model matrix type (Section 5.1)",
+        "claims": claims, "flagged": sum(r["flagged"] for r in claims), "headline": _headline(),
+    }
 
-    def lora_count(model: str, targets: tuple[str, ...], rank: int) -> int:
-        p = PRESETS[model]
-        return sum(lora_parameters(targets, rank, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width).values())
 
-    claims = []
-    for c in PAPER_CLAIMS:
-        preset, rep = PRESETS[c.model], c.reported_parsed
-        is_bytes = c.quantity.endswith("_bytes")
-        if c.quantity.startswith("lora"):
-            recomputed, exact = lora_count(c.model, c.targets, c.rank) * (2 if is_bytes else 1), True
-        else:
-            recomputed, exact = _full_params(preset)
-            if is_bytes and recomputed is not None:
-                recomputed *= 2
-            if not exact and not is_bytes:
-                recomputed = None       # a reported figure cannot check itself
-        status = classify(rep, recomputed)
-        row: dict[str, Any] = {
-            "source": c.source, "model": c.model, "label": preset.label, "quantity": c.quantity,
-            "stated": {"targets": list(c.targets), "rank": c.rank, "in": c.stated_in} if c.rank else None,
-            "reported": c.reported, "reported_value": rep.value,
-            "recomputed": recomputed, "recomputed_exact": exact if recomputed is not None else None,
-            "recomputed_as_reported": None if recomputed is None else round_reported(recomputed, rep),
-            "status": status, "flagged": status in ("truncated", "mismatch"), "alternative": None,
-        }
-        unit = " bytes" if is_bytes else ""
-        say = f"{_config_text(c.targets, c.rank)} ({c.stated_in}) gives " if c.rank else (
-            f"{preset.reported_full} (reported) x 2 bytes = " if is_bytes and not exact else "the model has ")
-        if status == "ok":
-            why = f"{say}{recomputed:,}{unit}, which rounds to {c.reported}"
-        elif status == "truncated":
-            why = f"{say}{recomputed:,}{unit}, which rounds to {row['recomputed_as_reported']}; {c.reported} truncates it"
-        elif status == "mismatch":
-            why = f"{say}{recomputed:,}{unit} = {row['recomputed_as_reported']}"
-            if is_bytes:
-                why += f" = {round_reported(recomputed, rep, binary=True)}"
-            why += f", not {c.reported}"
-            if c.alternative is not None:
-                alt_targets, alt_rank = c.alternative
-                alt = lora_count(c.model, alt_targets, alt_rank)
-                row["alternative"] = {"targets": list(alt_targets), "rank": alt_rank, "recomputed": alt,
-                                      "status": classify(rep, alt)}
-                why += f"; {_config_text(alt_targets, alt_rank)} gives {alt:,} = {round_reported(alt, rep)}"
-            elif c.quantity == "lora":
-                why += f"; no integer rank gives it (r = {rep.value * c.rank / recomputed:.2f} would)"
-        else:
-            why = ""
-        row["explanation"] = "; ".join(s for s in (why, c.remark) if s)
-        claims.append(row)
+def _lora_count(model: str, targets: tuple[str, ...], rank: int) -> int:
+    """LoRA's parameters for rank ``rank`` on ``targets`` of preset ``model``, all layers."""
+    from ..counting import PRESETS, lora_parameters
+
+    p = PRESETS[model]
+    return sum(lora_parameters(targets, rank, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width).values())
+
+
+def _claim_row(c: Any) -> dict[str, Any]:
+    """One figure of the paper recomputed, classified, and explained in one line."""
+    from ..counting import PRESETS, classify, round_reported
+
+    preset, rep = PRESETS[c.model], c.reported_parsed
+    is_bytes = c.quantity.endswith("_bytes")
+    if c.quantity.startswith("lora"):
+        recomputed, exact = _lora_count(c.model, c.targets, c.rank) * (2 if is_bytes else 1), True
+    else:
+        recomputed, exact = _full_params(preset)
+        if is_bytes and recomputed is not None:
+            recomputed *= 2
+        if not exact and not is_bytes:
+            recomputed = None       # a reported figure cannot check itself
+    status = classify(rep, recomputed)
+    row: dict[str, Any] = {
+        "source": c.source, "model": c.model, "label": preset.label, "quantity": c.quantity,
+        "stated": {"targets": list(c.targets), "rank": c.rank, "in": c.stated_in} if c.rank else None,
+        "reported": c.reported, "reported_value": rep.value,
+        "recomputed": recomputed, "recomputed_exact": exact if recomputed is not None else None,
+        "recomputed_as_reported": None if recomputed is None else round_reported(recomputed, rep),
+        "status": status, "flagged": status in ("truncated", "mismatch"), "alternative": None,
+    }
+    unit = " bytes" if is_bytes else ""
+    say = f"{_config_text(c.targets, c.rank)} ({c.stated_in}) gives " if c.rank else (
+        f"{preset.reported_full} (reported) x 2 bytes = " if is_bytes and not exact else "the model has ")
+    if status == "ok":
+        why = f"{say}{recomputed:,}{unit}, which rounds to {c.reported}"
+    elif status == "truncated":
+        why = f"{say}{recomputed:,}{unit}, which rounds to {row['recomputed_as_reported']}; {c.reported} truncates it"
+    elif status == "mismatch":
+        why = f"{say}{recomputed:,}{unit} = {row['recomputed_as_reported']}"
+        if is_bytes:
+            why += f" = {round_reported(recomputed, rep, binary=True)}"
+        why += f", not {c.reported}"
+        if c.alternative is not None:
+            alt_targets, alt_rank = c.alternative
+            alt = _lora_count(c.model, alt_targets, alt_rank)
+            row["alternative"] = {"targets": list(alt_targets), "rank": alt_rank, "recomputed": alt,
+                                  "status": classify(rep, alt)}
+            why += f"; {_config_text(alt_targets, alt_rank)} gives {alt:,} = {round_reported(alt, rep)}"
+        elif c.quantity == "lora":
+            why += f"; no integer rank gives it (r = {rep.value * c.rank / recomputed:.2f} would)"
+    else:
+        why = ""
+    row["explanation"] = "; ".join(s for s in (why, c.remark) if s)
+    return row
+
+
+def _headline() -> dict[str, Any]:
+    """Section 4.2's "350GB -> 35MB, roughly 10,000x" for GPT-3 175B at r=4 on q, v, recomputed."""
+    from ..counting import PRESETS, format_size
 
     gpt3 = PRESETS["gpt3-175b"]
-    lora = lora_count("gpt3-175b", ("q", "v"), 4)
+    lora = _lora_count("gpt3-175b", ("q", "v"), 4)
     full, _ = _full_params(gpt3)
-    headline = {
+    return {
         "source": "Section 4.2", "paper": "checkpoint 350GB -> 35MB, reduced roughly 10,000x (r=4 on q,v)",
         "formula": f"2 x {gpt3.layers} layers x {gpt3.d_model} x r=4 x 2 matrices",
         "lora_params": lora, "lora_fp16_bytes": 2 * lora,
         "lora_fp16": format_size(2 * lora), "lora_fp16_binary": format_size(2 * lora, binary=True),
         "full_params_reported": gpt3.reported_full, "full_fp16_bytes": 2 * full,
         "full_fp16": format_size(2 * full), "ratio": full / lora,
-    }
-    return {
-        "paper": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685v2",
-        "formula": "|Theta| = 2 x L x d_model x r per adapted d_model x d_model matrix type (Section 5.1)",
-        "claims": claims, "flagged": sum(r["flagged"] for r in claims), "headline": headline,
     }
 
 
