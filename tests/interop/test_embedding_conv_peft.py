@@ -216,7 +216,7 @@ def embedding_bounds(ids, E, A, B, s, G):
     """Forward bound (n = r + 3) and gradient bounds (n = D + N + 3) for one case (float64 M)."""
     ab = lambda a: np.abs(np.asarray(a, dtype=np.float64))  # noqa: E731
     vjp, M = autograd.make_vjp(lambda E, A, B: lora_embedding(ids, E, A, B, abs(s)), argnum=(0, 1, 2))(ab(E), ab(A), ab(B))
-    return M, vjp(ab(G)), A.shape[0] + 3, D + ids.size + 3
+    return M, vjp(ab(G)), A.shape[0] + 3, E.shape[1] + ids.size + 3
 
 
 @pytest.mark.parametrize("padding_idx", [None, 5])
@@ -451,3 +451,29 @@ def test_loralib_conv1d_with_kernel_above_one_fails():
         layer(torch.zeros(1, 4, 9))
     layer_k1 = loralib.Conv1d(4, 6, 1, r=2)                          # kernel 1: (6, 4) = (6, 4, 1) entries
     assert tuple(layer_k1(torch.zeros(1, 4, 9)).shape) == (1, 6, 9)
+
+
+@pytest.mark.filterwarnings("ignore:Model with `tie_word_embeddings=True`", "ignore:You have requested `ensure_weight_tying`",
+                            "ignore:`is_gradient_checkpointing` is deprecated")
+def test_peft_ensure_weight_tying_adapter_does_not_reload_on_gpt2(gpt2, tmp_path):
+    # The file holds both layers' factors, but the saved config's target_modules is the rewritten
+    # ["transformer.wte"]; on reload "wte" is not an EMBEDDING_LAYER_NAME, so lm_head is left
+    # unadapted: the reloaded adapter is not the trained model.
+    from safetensors import safe_open
+
+    ids = torch.tensor(np.random.default_rng(5).integers(0, V, (2, 9)))
+    pm = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                                                   ensure_weight_tying=True))
+    dyadic_adapter(pm.base_model.model.transformer.wte, seed=7)
+    trained = f64(pm(ids).logits)
+    pm.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "np") as f:
+        keys = sorted(f.keys())
+    assert keys == ["base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight",
+                    "base_model.model.transformer.wte.lora_embedding_A", "base_model.model.transformer.wte.lora_embedding_B"]
+    assert pm.peft_config["default"].target_modules == {"transformer.wte"}
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path)
+    assert not hasattr(reloaded.base_model.model.lm_head, "lora_A")
+    diff = np.max(np.abs(f64(reloaded(ids).logits) - trained))
+    print(f"\n  ensure_weight_tying on GPT-2, saved and reloaded: lm_head unadapted, max |logits - trained| = {diff:.4f}")
+    assert diff > 0
