@@ -147,9 +147,6 @@ def _geometry(x: Any, W: Any, stride: Any, padding: Any, dilation: Any, groups: 
                 _per_axis(dilation, n, "dilation", positive_int), G, kernel, size, out)
 
 
-_ONE_BY_ONE = dict(stride=1, padding=0, dilation=1)
-
-
 # ============================================================================================
 # (C1) The reference convolution: im2col and one matrix product per group
 # ============================================================================================
