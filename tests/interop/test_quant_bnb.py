@@ -392,3 +392,40 @@ def test_torchao_nf4_conventions():
     err = np.abs(q.dequantize_4bit(ours) - W).max()
     print(f"\ntorchao NF4: {differ} of {codes.size} codes differ from bitsandbytes'; max |error| "
           f"torchao {err_ao:.3g}, bitsandbytes/lora-ref {err:.3g}")
+
+
+# ------------------------------------------------------------------ PEFT's bfloat16 merge/unmerge drift
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_peft_merge_unmerge_drift_is_lora_ref_precision_peft_way(dtype):
+    """PEFT's merge / unmerge on a 16-bit nn.Linear with float32 adapters (PEFT's default
+    autocast), 60 cycles, equals lora_ref.precision's "PEFT" way bit for bit at every cycle.
+    A and B are multiples of 1/64 with small numerators, so B @ A is exact in float32 and BLAS
+    order cannot differ; W is random."""
+    peft = pytest.importorskip("peft")
+    from lora_ref import precision
+
+    torch.manual_seed(0)
+    host = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False)).to(TORCH_DTYPES[dtype])
+    model = peft.get_peft_model(host, peft.LoraConfig(target_modules=["0"], r=4, lora_alpha=8,
+                                                      init_lora_weights=False))
+    layer = model.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    rng = np.random.default_rng(1)
+    A = (rng.integers(-8, 9, (4, 64)) / 64).astype(np.float32)
+    B = (rng.integers(-8, 9, (48, 4)) / 64).astype(np.float32)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(A))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(B))
+    W = layer.base_layer.weight.detach().clone()
+    ours = W.float().numpy().astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    D32 = precision.delta_weight32(A, B, 8 / 4, dtype)
+    for _ in range(60):
+        layer.merge()
+        merged, ours = precision.merge_cycle(ours, D32, dtype, "PEFT")
+        assert bits(layer.base_layer.weight.detach()) == bits(merged)
+        layer.unmerge()
+        assert bits(layer.base_layer.weight.detach()) == bits(ours)
+    moved = float(np.max(np.abs(ours.astype(np.float64) - W.double().numpy())))
+    assert moved > 0                                               # and it did drift
