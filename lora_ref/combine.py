@@ -427,7 +427,8 @@ def _check_inputs(adapters: Any, weights: Any):
     first_name, first = next(iter(ads.items()))
     for name, t in ads.items():
         if t.enable_lora is not None:
-            raise ValueError(f"adapters[{name!r}] is a fused (enable_lora) adapter; combine its blocks' weights separately")
+            raise ValueError(f"adapters[{name!r}] is a fused (enable_lora) adapter; "
+                             "combine its blocks' weights separately")
         checks.float_array(t.A, f"adapters[{name!r}].A", ("float32", "float64"))
         checks.same_dtype((f"adapters[{first_name!r}].A", first.A), (f"adapters[{name!r}].A", t.A))
         if t.A.shape[1] != first.A.shape[1] or t.B.shape[0] != first.B.shape[0]:

@@ -27,9 +27,10 @@ float32} and float64 for float64; fl_D rounds to D; i = indices[t]::
                    y'[t, col]   = y[t, col]                                      if i = -1, or col in no slice
 
 The products inside each sum are exact (a float16 or bfloat16 product fits a float32); the sums'
-order is not part of the contract, so an engine's result differs from this reference by at most
-the rounding of two sums of the same terms: ``2 gamma_{d_in}(Acc)`` and ``2 gamma_R(Acc)`` times
-the terms' absolute values (and, after the roundings to S, one unit of S where they tie).
+order is not part of the contract. Each implementation of it is within
+``E = ((1 + gamma_{d_in+R+4}(Acc)) (1 + gamma_3(S)) - 1) M`` of the exact value, with
+``M = |y| + |s| (|x| |A|^T) |B|^T`` (two sums, the products when inexact, the scale and its
+rounding in Acc; three roundings to S), so two implementations differ by at most 2E per entry.
 Rounding h to S before the expand (V2) is vLLM's Triton kernel (``CAST_TYPE``: float32 input,
 16-bit weights); an engine that keeps h in float32 is closer to the exact value by one rounding.
 

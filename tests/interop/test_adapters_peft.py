@@ -153,7 +153,9 @@ def test_merging_the_active_set():
     for name in LAYERS:
         ads = adapters_of(pm, name)
         ours = merge_adapters(before[name], ads, ["south", "east"])
-        M = np.abs(before[name]) + sum(abs(ads[a][2]) * np.abs(ads[a][1]) @ np.abs(ads[a][0]) for a in ("south", "east"))
+        M = np.abs(before[name]) + sum(abs(ads[a][2]) * np.abs(ads[a][1]) @ np.abs(ads[a][0])
+                                       for a in ("south", "east"))
+        # per entry: B A (r_max = 4 roundings), the scale (2), two additions to W, both ways
         check(f"{name} merged", ours, base_of(pm, name)[0], 2 * tolerance("float64", 4 + 2 + 4) * M)
 
 
