@@ -110,7 +110,7 @@ def ratio(got, ref, bound):
 
 def check(what, got, ref, bound):
     r = ratio(got, ref, bound)
-    print(f"{what}: max |lora-ref - PEFT| = {np.abs(np.asarray(got) - np.asarray(ref)).max():.3e}, "
+    print(f"{what}: max |lora-ref - PyTorch/PEFT| = {np.abs(np.asarray(got) - np.asarray(ref)).max():.3e}, "
           f"{r:.3f} of the bound")
     assert r <= 1, what
 
