@@ -460,7 +460,7 @@ def dequantize_4bit(state: QuantState, dtype: str | None = None) -> np.ndarray:
     float32 result widened exactly, for float64 reference computations).
     """
     absmax = dequantize_absmax(state)
-    dtype = state.dtype if dtype is None else dtype
+    dtype = state.dtype if dtype is None else dtype_name(dtype)
     if dtype not in DTYPES + ("float64",):
         raise ValueError(f"dtype must be one of {DTYPES + ('float64',)}, got {dtype!r}")
     n = math.prod(state.shape)
