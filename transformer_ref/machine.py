@@ -1,15 +1,17 @@
 """The machine room: BLAS threads, core pinning and the allocator -- the only code that talks to the OS.
 
 Nothing here computes or changes a number; it changes how fast (and on how many cores) NumPy's
-arithmetic runs. The reference rooms (``layers``, ``gpt2``, ``train``) never import it; ``fast``
-(the training-speed op set), the demo and the benchmarks do.
+arithmetic runs. The reference rooms (``layers``, ``gpt2``) never import it; ``fast`` (the
+training-speed op set), ``train`` (the allocator setting), the demo and the benchmarks do.
 
 * :func:`openblas_libraries` -- the one lookup of the OpenBLAS libraries in this process, and
   :func:`numpy_openblas`, the one NumPy's wheel bundles (what NumPy's ``@`` runs on);
 * :func:`blas_threads` -- a ``with`` block inside which every BLAS of the process uses ``n`` threads;
 * :func:`default_threads`, :func:`per_thread_blas`, :func:`worker_pool` -- the pool of pinned
-  worker threads, each running single-threaded BLAS, that ``fast.sharded_value_and_grad`` uses;
-* :func:`keep_freed_memory` -- glibc's malloc keeps freed memory for the next training step.
+  worker threads, each running single-threaded BLAS, that ``fast.sharded_value_and_grad`` uses,
+  and :func:`single_threaded_blas`, which gives the process's BLAS thread count back after each use;
+* :func:`keep_freed_memory` -- glibc's malloc keeps freed memory for the next training step
+  (``train()`` calls it).
 
 OpenBLAS has no portable Python interface, so its C API (thread counts, kernel name) is called
 through ``ctypes`` (best effort: where no OpenBLAS is found, the functions say so and do nothing).
@@ -22,7 +24,8 @@ import ctypes
 import glob
 import itertools
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -30,8 +33,8 @@ import numpy as np
 
 from lora_ref.checks import positive_int
 
-__all__ = ["OpenBLAS", "blas_threads", "default_threads", "keep_freed_memory", "numpy_openblas",
-           "openblas_libraries", "per_thread_blas", "worker_pool"]
+__all__ = ["OpenBLAS", "WorkerPool", "blas_threads", "default_threads", "keep_freed_memory", "numpy_openblas",
+           "openblas_libraries", "per_thread_blas", "single_threaded_blas", "worker_pool"]
 
 
 # ============================================================================================
@@ -181,9 +184,19 @@ def blas_threads(n: int | None) -> Iterator[str]:
 # ============================================================================================
 # The worker pool: one thread per core, each with single-threaded BLAS
 # ============================================================================================
+#
+# OpenBLAS >= 0.3.27 has openblas_set_num_threads_local(n), meant to set the count for the calling
+# thread only. In NumPy's bundled OpenBLAS (a pthreads build) it sets the count of the whole
+# process -- measured: after a worker called it with 1, every later NumPy matmul of the process
+# ran on one thread (a 2-core machine's float32 peak halved). So the pool sets one BLAS thread
+# for the process while its workers run, and puts the previous count back when they are done
+# (WorkerPool.map); a worker still calls the local setter on start, which is what a truly
+# thread-local build needs. While a map runs, any other thread's BLAS also runs single-threaded.
 
 _SET_LOCAL: list[Any] = []                 # [openblas_set_num_threads_local or None], looked up once
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # thread count -> pool
+_POOLS: dict[int, WorkerPool] = {}         # thread count -> pool
+_SINGLE = threading.Lock()                 # guards _HOLD: maps in flight, the count to restore
+_HOLD: list[Any] = [0, None]
 
 
 def _set_threads_local() -> Any:
@@ -208,7 +221,47 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def worker_pool(threads: int) -> ThreadPoolExecutor:
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """NumPy's OpenBLAS on one thread, for the whole process, inside the ``with`` block; the count
+    it had before is put back on exit (also when the block raises). Blocks may nest and overlap
+    across threads: the count is set when the first enters and restored when the last leaves.
+    Nothing happens where NumPy has no bundled OpenBLAS."""
+    lib = numpy_openblas()
+    if lib is None or lib.get_threads() is None:
+        yield
+        return
+    with _SINGLE:
+        if _HOLD[0] == 0:
+            _HOLD[1] = lib.get_threads()
+            lib.set_threads(1)
+        _HOLD[0] += 1
+    try:
+        yield
+    finally:
+        with _SINGLE:
+            _HOLD[0] -= 1
+            if _HOLD[0] == 0:
+                lib.set_threads(_HOLD[1])
+
+
+class WorkerPool:
+    """``threads`` worker threads, each with single-threaded BLAS and, where the OS allows, pinned
+    to its own core of those this process may use (made by :func:`worker_pool`)."""
+
+    def __init__(self, threads: int, executor: ThreadPoolExecutor) -> None:
+        self.threads = threads
+        self._executor = executor
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``[fn(item) for item in items]``, the calls spread over the workers; returns when all
+        are done. NumPy's BLAS runs on one thread for the process meanwhile, and on as many as
+        before once this returns (:func:`single_threaded_blas`)."""
+        with single_threaded_blas():
+            return list(self._executor.map(fn, items))
+
+
+def worker_pool(threads: int) -> WorkerPool:
     """A pool of ``threads`` worker threads (made once per count, then reused), each with
     single-threaded BLAS and, where the OS allows, pinned to its own core of those this process
     may use. Needs :func:`per_thread_blas`.
@@ -226,12 +279,15 @@ def worker_pool(threads: int) -> ThreadPoolExecutor:
         numbers = itertools.count()
 
         def init() -> None:
+            # runs in the new worker, always inside WorkerPool.map (threads start on submit),
+            # so in a build where this call is process-wide the count is restored with the map's
             set_local(1)
             k = next(numbers)                            # 0, 1, ...: next() is atomic under the GIL
             if len(cores) >= threads:
                 os.sched_setaffinity(0, {cores[k % len(cores)]})   # 0: the calling thread on Linux
 
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="transformer_ref-slice", initializer=init)
+        _POOLS[threads] = WorkerPool(threads, ThreadPoolExecutor(threads, thread_name_prefix="transformer_ref-slice",
+                                                                 initializer=init))
     return _POOLS[threads]
 
 
@@ -250,8 +306,9 @@ def keep_freed_memory() -> bool:
     that costs more than the arithmetic. This sets ``M_MMAP_THRESHOLD`` to 32 MiB and
     ``M_TRIM_THRESHOLD`` to 1 GiB (the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
     environment variables do the same at start-up). The price: the process keeps its peak heap
-    until it exits. Process-wide, opt-in, and a no-op returning False where there is no glibc.
-    Nothing numerical changes.
+    until it exits. Process-wide; :func:`transformer_ref.train` calls it, so the step users
+    run is the step the benchmarks time. A no-op returning False where there is
+    no glibc. Nothing numerical changes.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
