@@ -12,8 +12,10 @@ is simply not called). Both are deterministic for a seed (and a thread count).
 
 The loop computes with the op set it is given, ``fast.FAST`` by default (the folded projection,
 equal to the reference up to rounding), and each step's loss and gradient on one slice of the
-batch per core when the batch is large enough to gain from it (``fast.sharded_value_and_grad``).
-To time a step: ``python -m benchmarks.step`` (docs/performance.md).
+batch per core when the batch is large enough to gain from it (``fast.sharded_value_and_grad``;
+NumPy's BLAS thread count is the same after each step as before). It first asks glibc to keep
+freed memory for the next step (``machine.keep_freed_memory``: process-wide, no number changes).
+This loop is what ``python -m benchmarks.run`` times (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lora_ref.backend import asarray, namespace
 from lora_ref.checks import non_negative_int, positive_int, positive_real
 from lora_ref.lora import LoraConfig, dropout_mask
 
+from . import machine
 from .fast import FAST, auto_threads, sharded_value_and_grad
 from .hosting import add_adapters, check_ops, check_params, family_of
 from .layers import Ops
@@ -142,7 +145,12 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
         per core (:func:`~transformer_ref.fast.sharded_value_and_grad`); None:
         :func:`~transformer_ref.fast.auto_threads` (every core when the batch is large enough to
         gain from it, else 1). The result is the same up to rounding; for a given ``threads`` it
-        is deterministic.
+        is deterministic. NumPy's BLAS thread count is restored after every step.
+
+    Before the first step, glibc's malloc is asked to keep freed memory for reuse
+    (:func:`~transformer_ref.machine.keep_freed_memory`, process-wide): the step allocates the
+    same large temporaries every time, and fetching them from the OS again cost more than some
+    layers' arithmetic. The process then keeps its peak heap until it exits.
 
     Returns a :class:`TrainResult` (``losses[k]`` is the loss at step k, before its update).
     """
@@ -176,6 +184,7 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
             return family.loss(params, inputs, targets, config, tree, lora_config, masks, ops)
         return family.loss(tree, inputs, targets, config, None, None, None, ops)    # Eq. 1: of every Phi
 
+    machine.keep_freed_memory()                           # reuse the last step's memory (no number changes)
     step_fn = None
     state = adam_init(trainable)
     losses: list[float] = []
