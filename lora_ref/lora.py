@@ -188,7 +188,7 @@ def _scatter(xp: Any, parts: list[Any], enable: tuple[bool, ...] | None, block_s
 def _lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
                  enable_lora: tuple[bool, ...] | None = None) -> Any:
     """The undecorated forward (see :func:`lora_linear`); autograd.numpy can trace it."""
-    _validate(x, W, A, B, scale, bias, dropout_mask, enable_lora)
+    scale = _validate(x, W, A, B, scale, bias, dropout_mask, enable_lora)  # a Python float from here on
     xp = namespace(x, W, A, B, bias, dropout_mask)
     y = x @ xp.matrix_transpose(W)                                # (..., d_out)   W0 x
     if bias is not None:
@@ -216,7 +216,8 @@ lora_linear.__doc__ = """LoRA's adapted linear layer, Eq. 3: ``y = x W^T + bias 
     W : array (d_out, d_in)          frozen base weight (differentiated only if traced)
     A : array (r, d_in) or None      None: a plain linear layer, no adapter
     B : array (d_out, r)
-    scale : float                    s, e.g. ``config.scale_for(name)``; a Python number
+    scale : float                    s, e.g. ``config.scale_for(name)``; any real number (a NumPy
+                                     scalar is made a Python float, so float32 stays float32)
     bias : array (d_out,), optional
     dropout_mask : array broadcastable to x, optional
         Multiplies x on the adapter branch only; carries inverted-dropout scaling already
@@ -271,7 +272,7 @@ def _vjp_x(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
             gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A      # (..., d_in)   sum_k (G_k B_k) A_k
             if dropout_mask is not None:
                 gBA = gBA * dropout_mask
-            dx = dx + gBA * scale
+            dx = dx + gBA * finite_real(scale, "scale")
         return dx             # x's shape: the mask broadcasts *to* x (validated), never beyond it
     return vjp
 
@@ -289,7 +290,7 @@ def _vjp_A(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
         G, r = _flat(g), B.shape[-1]
         gB = [G[:, rw] @ B[rb, :] for _, rb, rw in _blocks(enable_lora, W.shape[0], r)]  # (N, r) each
         gB = gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)              # (N, n r)
-        return (xp.matrix_transpose(gB) @ xd) * scale                        # (n r, d_in)
+        return (xp.matrix_transpose(gB) @ xd) * finite_real(scale, "scale")  # (n r, d_in)
     return vjp
 
 
@@ -301,7 +302,7 @@ def _vjp_B(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
         H, G, r = xd @ xp.matrix_transpose(A), _flat(g), B.shape[-1]        # (N, n r)
         parts = [xp.matrix_transpose(G[:, rw]) @ H[:, ra] for ra, _, rw in _blocks(enable_lora, W.shape[0], r)]
         dB = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)      # (n q, r)
-        return dB * scale
+        return dB * finite_real(scale, "scale")
     return vjp
 
 
@@ -379,15 +380,7 @@ def merge(W: Any, A: Any, B: Any, scale: float, *, enable_lora: tuple[bool, ...]
     how many entries of A, B and the result are non-finite.
     """
     delta = _delta_for(W, A, B, scale, enable_lora, fan_in_fan_out)
-    merged = W + delta
-    xp = namespace(merged)
-    if not bool(xp.all(xp.isfinite(merged))):
-        counts = {n: int(xp.sum(xp.astype(~xp.isfinite(t), xp.int64))) for n, t in (("A", A), ("B", B), ("W", W))}
-        raise ValueError(
-            "merge: the merged weight would contain non-finite values "
-            f"(non-finite entries: A {counts['A']}, B {counts['B']}, W {counts['W']}; "
-            f"max |s B A| = {float(xp.max(xp.abs(delta)))}); refusing to merge")
-    return merged
+    return _refuse_non_finite("merge", W + delta, W, A, B, delta)
 
 
 def unmerge(W_merged: Any, A: Any, B: Any, scale: float, *, enable_lora: tuple[bool, ...] | None = None,
@@ -396,9 +389,25 @@ def unmerge(W_merged: Any, A: Any, B: Any, scale: float, *, enable_lora: tuple[b
 
     Exact only in exact arithmetic: in floating point each entry of ``unmerge(merge(W))`` differs
     from W by at most a few units of roundoff of ``|W| + |s B A|`` (docs/math.md derives the bound
-    and reports the drift over 1,000 merge/unmerge cycles).
+    and reports the drift over 1,000 merge/unmerge cycles). Like :func:`merge`, raises
+    ``ValueError`` instead of returning non-finite weights.
     """
-    return W_merged - _delta_for(W_merged, A, B, scale, enable_lora, fan_in_fan_out)
+    delta = _delta_for(W_merged, A, B, scale, enable_lora, fan_in_fan_out)
+    return _refuse_non_finite("unmerge", W_merged - delta, W_merged, A, B, delta)
+
+
+def _refuse_non_finite(what: str, result: Any, W: Any, A: Any, B: Any, delta: Any) -> Any:
+    """``result``, or ``ValueError`` naming how many entries of A, B and W are non-finite
+    (PEFT's ``safe_merge``): a weight with inf or NaN would poison every later output."""
+    xp = namespace(result)
+    if bool(xp.all(xp.isfinite(result))):
+        return result
+    counts = {n: int(xp.sum(xp.astype(~xp.isfinite(t), xp.int64))) for n, t in (("A", A), ("B", B), ("W", W))}
+    weight = "merged" if what == "merge" else "unmerged"
+    raise ValueError(
+        f"{what}: the {weight} weight would contain non-finite values "
+        f"(non-finite entries: A {counts['A']}, B {counts['B']}, W {counts['W']}; "
+        f"max |s B A| = {float(xp.max(xp.abs(delta)))}); refusing to {what}")
 
 
 def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
@@ -424,7 +433,10 @@ def _check_pair(A: Any, B: Any) -> None:
     same_dtype(("A", A), ("B", B))
 
 
-def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
+def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> float | None:
+    """Check lora_linear's arguments; return ``scale`` as a Python float (None without an adapter):
+    NumPy 2 promotes ``float32_array * np.float64(2)`` to float64, so no NumPy scalar may reach the
+    array code."""
     float_array(x, "x")
     float_array(W, "W")
     if x.ndim < 1:
@@ -442,9 +454,9 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
         raise ValueError("A and B must both be given or both be None")
     if A is None:
         same_dtype(("x", x), ("W", W), ("bias", bias))
-        return
+        return None
     _check_pair(A, B)
-    finite_real(scale, "scale")
+    scale = finite_real(scale, "scale")
     same_dtype(("x", x), ("W", W), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask))
     if A.shape[1] != d_in:
         raise ValueError(f"A has d_in={A.shape[1]} (shape {tuple(A.shape)}) but W has d_in={d_in} (shape {tuple(W.shape)})")
@@ -472,6 +484,7 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> None:
             ok = False
         if not ok:
             raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    return scale
 
 
 # LoraConfig lives in lora_ref.config, which imports lora_scale and INIT_SCHEMES from this module;

@@ -258,6 +258,19 @@ def test_merge_refuses_non_finite():
         merge(W, A, B, 1.0)
 
 
+@pytest.mark.parametrize("bad", ["A", "B", "W"])
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_unmerge_refuses_non_finite_like_merge(bad, value):
+    # Issue 11, item 4: unmerge used to return NaN weights for the input merge refuses.
+    arrays = {"W": np.ones((2, 2)), "A": np.ones((1, 2)), "B": np.ones((2, 1))}
+    arrays[bad] = arrays[bad].copy()
+    arrays[bad][0, 0] = value
+    counts = ", ".join(f"{n} {int(n == bad)}" for n in ("A", "B", "W"))
+    for fn, verb in ((merge, "merge"), (unmerge, "unmerge")):
+        with pytest.raises(ValueError, match=rf"^{verb}: .*non-finite entries: {counts}; .*refusing to {verb}$"):
+            fn(arrays["W"], arrays["A"], arrays["B"], 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Scaling and configuration
 # ----------------------------------------------------------------------------------------------
