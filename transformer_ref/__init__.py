@@ -1,8 +1,11 @@
 """transformer_ref: decoder models in array code, hosting LoRA-wrapped projections.
 
-* :mod:`transformer_ref.layers`: embedding, layer_norm, gelu, causal_attention, cross_entropy,
-  each a forward plus its hand-written backward; the op sets :data:`REFERENCE` (the default
-  everywhere) and :func:`traced` (autograd.numpy's independent derivation, for tests).
+* :mod:`transformer_ref.layers`: embedding, layer_norm, rms_norm, gelu, silu/swiglu,
+  cross_entropy, each a forward plus its hand-written backward; the op sets :data:`REFERENCE`
+  (the default everywhere) and :func:`traced` (autograd.numpy's independent derivation, for tests).
+* :mod:`transformer_ref.attention`: GPT-2's causal attention, grouped-query attention, RoPE (a
+  file of their own, apart from layers.py, to keep each under 600 lines: a deliberate deviation
+  from DESIGN.md).
 * :mod:`transformer_ref.gpt2`: GPT-2 -- :class:`GPTConfig`, parameters, forward, loss.
 * :mod:`transformer_ref.hosting`: what every family shares -- :func:`add_adapters`,
   :func:`merge_adapters`, targeting, validation -- and the family registry.

@@ -5,8 +5,13 @@ its arrays) and fills a ``cache`` dict with what the backward needs (llm.c's ``f
 cache)``); its VJPs, below it, are the hand-derived gradients with the equations beside the code.
 Autograd only chains them, and only asks for the VJPs of arguments that are being traced.
 
-The layers are: embedding, layer_norm, gelu, causal_attention, cross_entropy. A model calls them,
-and its projections, through an op set passed to it as an argument (:class:`Ops`):
+The layers here are: embedding, layer_norm (GPT-2), rms_norm (LLaMA), gelu (GPT-2), silu and
+swiglu (LLaMA's MLP), cross_entropy. The attention layers -- GPT-2's fused causal attention,
+grouped-query attention and rotary position embeddings -- are in :mod:`transformer_ref.attention`.
+(DESIGN.md puts every shared layer in this one file; they are split in two, deliberately, to keep
+each file under the project's 600-line limit: the split is by topic, norms and pointwise layers
+here, attention there.) A model calls them, and its projections, through an op set passed to it
+as an argument (:class:`Ops`, defined at the end of this file with both files' layers):
 
 * :data:`REFERENCE` -- these layers and :func:`lora_ref.lora_linear`, Eq. 3 in the order the
   paper writes it, ``W x + b + s B (A x)``. Every model's default.
@@ -16,8 +21,11 @@ and its projections, through an op set passed to it as an argument (:class:`Ops`
   differentiable array code, so ``autograd.numpy`` derives every gradient a second time,
   independently (the tests compare the two). A value like the others, not a switch.
 
-Shapes: B batch, T tokens, C channels, H heads, D = C / H head width, V vocabulary,
-N = B * T rows, ``...`` any leading dimensions.
+GPT-2's layers take their arguments unchecked (the model checks its inputs once per forward);
+the LLaMA layers (rms_norm, silu, swiglu, and grouped-query attention and RoPE) check theirs,
+as they are also meant to be called one by one, as an oracle.
+
+Shapes: B batch, T tokens, C channels, V vocabulary, N = B * T rows, ``...`` any leading dimensions.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from lora_ref.backend import getval, namespace, sum_to_shape, to_numpy
+from lora_ref import checks
+from lora_ref.backend import dtype_name, getval, namespace, sum_to_shape, to_numpy
 from lora_ref.checks import index_array, integer_array
 from lora_ref.lora import lora_linear
 
@@ -39,31 +48,40 @@ __all__ = [
     "IGNORE_INDEX",
     "REFERENCE",
     "Ops",
-    "causal_attention",
     "cached_primitive",
     "cross_entropy",
     "embedding",
     "gelu",
     "layer_norm",
+    "rms_norm",
+    "silu",
+    "swiglu",
     "traced",
 ]
 
 IGNORE_INDEX = -100  # a target equal to this is left out of the loss (PyTorch's and HF's convention)
 
 
-def cached_primitive(forward: Callable[..., Any]) -> Callable[..., Any]:
+def cached_primitive(forward: Callable[..., Any], check: Callable[..., tuple] | None = None) -> Callable[..., Any]:
     """Make ``forward(*args, cache=None)`` an autograd primitive called with a fresh cache dict.
 
     The returned function has ``.fun`` (the bare forward, traceable by autograd.numpy) and
     ``.primitive`` (the autograd primitive, on which the VJPs are defined with ``defvjp``). The
     VJP makers receive the same ``cache`` dict the forward filled, so nothing is computed twice;
-    a new dict per call, so nothing is shared between calls or threads.
+    a new dict per call, so nothing is shared between calls or threads. With ``check``, each call
+    first runs ``check(*args)``, which validates the arguments and returns them (scalars as
+    Python types); ``.fun`` stays unchecked.
     """
     p = primitive(forward)
 
-    @functools.wraps(forward)
-    def layer(*args: Any) -> Any:
-        return p(*args, cache={})
+    if check is None:
+        @functools.wraps(forward)
+        def layer(*args: Any) -> Any:
+            return p(*args, cache={})
+    else:
+        @functools.wraps(forward)
+        def layer(*args: Any) -> Any:
+            return p(*check(*args), cache={})
 
     layer.fun = forward
     layer.primitive = p
@@ -122,20 +140,71 @@ defvjp(embedding.primitive, _embedding_vjp, None)
 
 
 # ============================================================================================
+# Norms without overflow: each row scaled by a power of two first
+# ============================================================================================
+#
+# LayerNorm's variance and RMSNorm's mean square overflow once |x| reaches ~1e154 (float64) or
+# ~1e19 (float32): mean(x^2) = inf, 1/sqrt(inf) = 0, and the textbook formula returns zeros
+# (or NaN) for a row whose exact normalisation is finite. Both norms here first divide each row
+# by s = 2^e, a power of two near its largest magnitude: exact, only the exponent changes. eps does
+# not scale with the row, so it is rescaled too, and the identity is exact for any s > 0:
+#     x / sqrt(mean(x^2) + eps) = (x/s) / sqrt(mean((x/s)^2) + eps/s^2),
+# because mean(x^2) + eps = s^2 (mean((x/s)^2) + eps/s^2). Rows whose largest magnitude is below 2
+# keep s = 1, so eps/s^2 never overflows and such rows are computed exactly as the textbook
+# formula. A row scaled by s > 1 has max |x/s| in [1, 2), so mean((x/s)^2) >= 1/(4C) and eps/s^2
+# either is exact or underflows only where it is below rounding against it. Scaling by a power of
+# two commutes with every rounding (no overflow or underflow occurring), so an ordinary row gives
+# bit for bit the value of the unscaled formula. s is piecewise constant: it has no gradient term.
+# A non-finite x gives NaN in its row.
+
+
+def _row_exponent(x: Any, offset: Any = None) -> Any:
+    """(..., C) -> (..., 1): ``e = floor(log2(max|x|)) (+ offset)`` per row, clipped to [0, emax]:
+    ``2^e`` is the power of two that scales the row (1 for rows below 2, or of zeros).
+
+    ``offset`` (an exponent of the same shape) gives the exponent of ``max|x| 2^offset`` without
+    forming that product (which may overflow). A constant: computed on unboxed values.
+    """
+    x = getval(x)
+    xp = namespace(x)
+    top = xp.max(xp.abs(x), axis=-1, keepdims=True)                        # (..., 1)
+    e = xp.floor(xp.log2(xp.where(top > 0.0, top, xp.ones_like(top))))     # (..., 1), 0 for zero rows
+    if offset is not None:
+        e = xp.where(top > 0.0, e + offset, xp.zeros_like(e))              # a zero row stays at 0
+    # the largest exponent of the dtype (IEEE: 1 - log2(smallest normal)); caps log2 rounding up at the top
+    emax = 1 - round(math.log2(float(xp.finfo(x.dtype).smallest_normal)))
+    return xp.clip(e, 0.0, float(emax))
+
+
+def _pow2(e: Any) -> Any:
+    """2^e for an array of integer-valued exponents (exact)."""
+    return 2.0 ** e
+
+
+# ============================================================================================
 # LayerNorm: y = (x - mean) / sqrt(var + eps) * weight + bias, over the last axis
 # ============================================================================================
+#
+# Two scales (both powers of two, see above): s from max|x| so that the mean's sum cannot
+# overflow, then t from max|x - mean| for the variance (a row with a small spread around a huge
+# mean needs the second: its centred values are small). With z = x / s and w = (x - mean) / t:
+#     rstd = 1 / sqrt(var(x) + eps) = (1/t) r,   r = 1 / sqrt(mean(w^2) + eps / t^2),   xhat = w r.
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float, cache: dict | None = None) -> Any:
     """x (..., C), weight (C,), bias (C,), eps a Python float -> (..., C)."""
     xp = namespace(x, weight, bias)
-    mean = xp.mean(x, axis=-1, keepdims=True)                       # (..., 1)
-    xc = x - mean                                                   # (..., C)
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)                  # (..., 1) biased, as GPT-2
-    rstd = 1.0 / xp.sqrt(var + eps)                                 # (..., 1)
-    xhat = xc * rstd                                                # (..., C)
+    e_s = _row_exponent(x)                                           # (..., 1) s = 2^e_s >= 1
+    z = x * _pow2(-e_s)                                              # (..., C) x / s, exact
+    zc = z - xp.mean(z, axis=-1, keepdims=True)                      # (..., C) (x - mean) / s
+    e_t = _row_exponent(zc, e_s)                                     # (..., 1) t = 2^e_t >= 1 from max|x - mean|
+    w = zc * _pow2(e_s - e_t)                                        # (..., C) (x - mean) / t, exact
+    var = xp.mean(w * w, axis=-1, keepdims=True)                     # (..., 1) biased, as GPT-2: var / t^2
+    inv_t = _pow2(-e_t)                                              # (..., 1) 1 / t
+    r = 1.0 / xp.sqrt(var + eps * (inv_t * inv_t))                   # (..., 1) t rstd
+    xhat = w * r                                                     # (..., C) (x - mean) rstd
     if cache is not None:
-        cache["xhat"], cache["rstd"] = xhat, rstd
+        cache["xhat"], cache["r"], cache["inv_t"] = xhat, r, inv_t
     return xhat * weight + bias
 
 
@@ -143,7 +212,8 @@ layer_norm = cached_primitive(_layer_norm)
 layer_norm.__doc__ = """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     x : (..., C); weight, bias : (C,); eps : Python float (GPT-2: 1e-5). Returns (..., C).
-    The variance is the biased one (divide by C), as in PyTorch and GPT-2.
+    The variance is the biased one (divide by C), as in PyTorch and GPT-2. Each row is scaled by
+    powers of two first, so no row overflows (see the comment above the layer).
     """
 
 
@@ -152,14 +222,14 @@ layer_norm.__doc__ = """LayerNorm over the last axis: ``(x - mean) / sqrt(var + 
 #   dL/dweight = sum_rows g * xhat
 #   dL/dx      = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)),  gw = g * weight
 # (the last line is d xhat/dx applied to gw: the two means remove the components along the
-#  directions that the centring and the normalisation take away).
+#  directions that the centring and the normalisation take away). rstd = r / t: r first, 1/t last.
 def _ln_vjp_x(ans, x, weight, bias, eps, cache):
     def vjp(g):
         xp = namespace(g)
-        xhat, rstd = cache["xhat"], cache["rstd"]
+        xhat = cache["xhat"]
         gw = g * weight                                                            # (..., C)
-        return rstd * (gw - xp.mean(gw, axis=-1, keepdims=True)
-                       - xhat * xp.mean(gw * xhat, axis=-1, keepdims=True))        # (..., C)
+        return cache["r"] * (gw - xp.mean(gw, axis=-1, keepdims=True)
+                             - xhat * xp.mean(gw * xhat, axis=-1, keepdims=True)) * cache["inv_t"]   # (..., C)
     return vjp
 
 
@@ -167,6 +237,85 @@ defvjp(layer_norm.primitive,
        _ln_vjp_x,
        lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g * cache["xhat"], weight.shape),
        lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g, bias.shape),
+       None)
+
+
+# ============================================================================================
+# RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, over the last axis (LlamaRMSNorm)
+# ============================================================================================
+#
+# transformers (LlamaRMSNorm) casts x to float32 -- whatever its dtype, float64 included --
+# computes x * rsqrt(mean(x^2) + eps) there, casts back to x's dtype, then multiplies by the
+# weight. The reference computes in x's own dtype for float32 and float64 and in float32 for
+# float16, then casts back before the weight, as transformers does. Squaring in float32,
+# transformers returns 0 for rows from ~1e19 on in both dtypes (NaN for float64 rows beyond
+# float32's range); the reference scales each row first (see above), with s from max|x|.
+
+
+def _compute_dtype(xp: Any, x: Any) -> Any:
+    """float16 is computed in float32 (as transformers does); float32 and float64 in themselves."""
+    return xp.float32 if dtype_name(getval(x).dtype) == "float16" else getval(x).dtype
+
+
+def _cast(xp: Any, x: Any, dtype: Any) -> Any:
+    return x if dtype_name(getval(x).dtype) == dtype_name(dtype) else xp.astype(x, dtype)
+
+
+def _rms_norm(x: Any, weight: Any, eps: float, cache: dict | None = None) -> Any:
+    """x (..., C), weight (C,), eps a Python float -> (..., C). No checks (see rms_norm)."""
+    xp = namespace(x, weight)
+    xc = _cast(xp, x, _compute_dtype(xp, x))                               # (..., C) compute dtype
+    inv_s = _pow2(-_row_exponent(xc))                                      # (..., 1) 1 / s, exact
+    z = xc * inv_s                                                         # (..., C) x / s, exact
+    ms = xp.mean(z * z, axis=-1, keepdims=True)                            # (..., 1) mean((x/s)^2)
+    r = 1.0 / xp.sqrt(ms + eps * (inv_s * inv_s))                          # (..., 1) s rsqrt(mean(x^2) + eps)
+    xhat = z * r                                                           # (..., C) x rsqrt(mean(x^2) + eps)
+    out = _cast(xp, xhat, getval(x).dtype)                                 # back to x's dtype, then the weight
+    if cache is not None:
+        cache["xhat"], cache["r"], cache["inv_s"], cache["out"] = xhat, r, inv_s, out
+    return out * weight
+
+
+def _check_rms_norm(x: Any, weight: Any, eps: Any) -> tuple:
+    checks.float_array(x, "x")
+    checks.float_array(weight, "weight")
+    checks.same_dtype(("x", x), ("weight", weight))
+    xs = checks.shape_of(x)
+    if not xs:
+        raise ValueError("x must have shape (..., C), got a 0-d array")
+    if checks.shape_of(weight) != (xs[-1],):
+        raise ValueError(f"weight must have shape (C,) = {(xs[-1],)} (C = x.shape[-1]), got {checks.shape_of(weight)}")
+    return x, weight, checks.positive_real(eps, "eps")
+
+
+rms_norm = cached_primitive(_rms_norm, _check_rms_norm)
+rms_norm.__doc__ = """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight`` (LlamaRMSNorm).
+
+    x : (..., C) float16, float32 or float64;  weight : (C,), x's dtype;  eps : positive real
+    (LLaMA: ``rms_norm_eps``, 1e-5 or 1e-6). Returns (..., C) in x's dtype. eps is inside the
+    square root. float32 and float64 are computed in their own precision (transformers casts
+    even float64 to float32); float16 in float32, cast back before the weight (as transformers).
+    Each row is scaled by a power of two first, so no row overflows (see above).
+    """
+
+
+# xhat = x rho with rho = (mean(x^2) + eps)^(-1/2);  d rho / d x_j = -rho^3 x_j / C, so
+#   d xhat_i / d x_j = rho (delta_ij - xhat_i xhat_j / C), and with gw = dL/dxhat = g * weight:
+#   dL/dx      = rho (gw - xhat mean(gw xhat))        rho = r / s: r first, then 1/s (underflows last)
+#   dL/dweight = sum over rows of g xhat
+def _rms_norm_vjp_x(ans, x, weight, eps, cache):
+    def vjp(g):
+        xp = namespace(g)
+        xhat = cache["xhat"]
+        gw = _cast(xp, g * weight, xhat.dtype)                                       # (..., C) dL/dxhat
+        dx = (gw - xhat * xp.mean(gw * xhat, axis=-1, keepdims=True)) * cache["r"]   # (..., C) s dL/dx
+        return _cast(xp, dx * cache["inv_s"], getval(x).dtype)                       # (..., C)
+    return vjp
+
+
+defvjp(rms_norm.primitive,
+       _rms_norm_vjp_x,
+       lambda ans, x, weight, eps, cache: lambda g: sum_to_shape(g * cache["out"], weight.shape),
        None)
 
 
@@ -212,79 +361,79 @@ defvjp(gelu.primitive, _gelu_vjp)
 
 
 # ============================================================================================
-# Causal self-attention, all heads at once: y = softmax(q k^T * scale + causal mask) v
+# SiLU and SwiGLU: silu(x) = x sigmoid(x);  swiglu(gate, up) = silu(gate) * up  (LlamaMLP)
 # ============================================================================================
+#
+# LLaMA's MLP is down_proj(silu(gate_proj(x)) * up_proj(x)) (Shazeer 2020, "GLU Variants Improve
+# Transformer", Eq. 5-6, SwiGLU with beta = 1). sigmoid is evaluated from e = exp(-|x|) <= 1, which
+# never overflows, and 1 - sigmoid(x) = sigmoid(-x) is kept apart, free of cancellation.
 
 
-def _causal_bias(xp: Any, T: int, dtype: Any) -> Any:
-    """(T, T) additive mask in the transposed layout [key j, query i]: 0 where j <= i, -inf after.
+def _sigmoids(x: Any) -> tuple[Any, Any]:
+    """x -> (sigmoid(x), sigmoid(-x)), each to a few roundings, for any finite x."""
+    xp = namespace(x)
+    e = xp.exp(-xp.abs(x))                                                 # in (0, 1]
+    p = 1.0 / (1.0 + e)                                                    # sigmoid(|x|)
+    q = e * p                                                              # sigmoid(-|x|)
+    pos = x >= 0.0
+    return xp.where(pos, p, q), xp.where(pos, q, p)
 
-    Adding it (exact: x + 0 = x) is a plain broadcast add; ``where(mask, S, -inf)`` over the
-    (B, H, T, T) scores measured 6x slower in NumPy.
-    """
-    keep = xp.triu(xp.ones((T, T), dtype=xp.bool))                      # key j <= query i
-    return xp.where(keep, xp.zeros((T, T), dtype=dtype), xp.full((T, T), -math.inf, dtype=dtype))
 
-
-def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
-    """qkv (B, T, 3C) = [q | k | v] from ``c_attn`` -> y (B, T, C), heads concatenated.
-
-    The heads are split with a reshape and a transpose only (no loop over heads): channel c of
-    q, k or v is (head c // D, position c % D) -- Hugging Face's split of n_embd into
-    n_head x head_dim. The scores are computed transposed, S^T (keys along axis -2), so that the
-    softmax reduces over axis -2: NumPy does that as elementwise max / add of whole rows, 1.5-2x
-    faster than reducing along a short last axis.
-    """
-    xp = namespace(qkv)
-    Bsz, T, C3 = qkv.shape
-    C = C3 // 3
-    D = C // n_head
-    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                      # (B, T, 3, H, D)
-    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
-    ST = (k @ xp.matrix_transpose(q)) * scale                           # (B, H, T, T)  S^T[j, i] = k_j . q_i / sqrt(D)
-    ST = ST + _causal_bias(xp, T, ST.dtype)                             # -inf where key j > query i
-    ST = ST - xp.max(ST, axis=-2, keepdims=True)                        # per query; finite (key j = i)
-    E = xp.exp(ST)                                                      # masked entries: exp(-inf) = 0
-    PT = E / xp.sum(E, axis=-2, keepdims=True)                          # (B, H, T, T)  P^T, softmax over keys
-    Y = xp.matrix_transpose(PT) @ v                                     # (B, H, T, D)  P V
+def _silu(x: Any, cache: dict | None = None) -> Any:
+    """x (...) -> (...), elementwise."""
+    sig, sig_neg = _sigmoids(x)
     if cache is not None:
-        cache["PT"], cache["q"], cache["k"], cache["v"] = PT, q, k, v
-    return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
+        cache["sig"], cache["sig_neg"] = sig, sig_neg
+    return x * sig
 
 
-causal_attention = cached_primitive(_causal_attention)
-causal_attention.__doc__ = """Causal multi-head self-attention, every head in one batched matmul.
+def _check_elementwise(x: Any) -> tuple:
+    checks.float_array(x, "x")
+    return (x,)
 
-    qkv : (B, T, 3C), the output of the fused ``c_attn`` projection, [q | k | v] along channels.
-    n_head : H, with C divisible by H;  scale : Python float, GPT-2's 1/sqrt(C/H).
-    Returns (B, T, C): for each head, ``softmax(q k^T * scale, masked to keys <= query) v``,
-    heads concatenated along channels (the input of ``attn.c_proj``).
+
+silu = cached_primitive(_silu, _check_elementwise)
+silu.__doc__ = """SiLU (swish), elementwise: ``x * sigmoid(x)``; x any shape, float. LLaMA's ``hidden_act``."""
+
+
+# d/dx [x sigmoid(x)] = sigmoid(x) + x sigmoid(x)(1 - sigmoid(x)) = sigmoid(x) (1 + x sigmoid(-x))
+def _silu_grad(x: Any, cache: dict) -> Any:
+    return cache["sig"] * (1.0 + x * cache["sig_neg"])
+
+
+defvjp(silu.primitive, lambda ans, x, cache: lambda g: g * _silu_grad(x, cache))
+
+
+def _swiglu(gate: Any, up: Any, cache: dict | None = None) -> Any:
+    """gate (...), up (...) of one shape -> (...), elementwise."""
+    sig, sig_neg = _sigmoids(gate)
+    act = gate * sig                                                       # silu(gate)
+    if cache is not None:
+        cache["sig"], cache["sig_neg"], cache["act"] = sig, sig_neg, act
+    return act * up
+
+
+def _check_swiglu(gate: Any, up: Any) -> tuple:
+    checks.float_array(gate, "gate")
+    checks.float_array(up, "up")
+    checks.same_dtype(("gate", gate), ("up", up))
+    if checks.shape_of(gate) != checks.shape_of(up):
+        raise ValueError(f"up must have gate's shape {checks.shape_of(gate)} (no broadcasting), "
+                         f"got {checks.shape_of(up)}")
+    return gate, up
+
+
+swiglu = cached_primitive(_swiglu, _check_swiglu)
+swiglu.__doc__ = """SwiGLU's gating, elementwise: ``silu(gate) * up``, the input of LLaMA's ``down_proj``.
+
+    gate, up : the outputs of ``gate_proj`` and ``up_proj``, same shape (..., I) and dtype.
     """
 
 
-# With P = softmax(S), Y = P V (per batch and head), G = dL/dY:
-#   dV = P^T G            dP = G V^T
-#   dS = P * (dP - rowsum(dP * P))       (softmax's Jacobian; masked entries have P = 0, so dS = 0)
-#   dQ = scale dS K       dK = scale dS^T Q
-# with the transposed scores kept by the forward: dP^T = V G^T, and the row sums of dP * P are
-# sums over axis -2 of dP^T * P^T. The three gradients are stacked straight into qkv's layout.
-def _attention_vjp(ans, qkv, n_head, scale, cache):
-    def vjp(g):
-        xp = namespace(g)
-        Bsz, T, C = g.shape
-        PT, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
-        G = xp.permute_dims(xp.reshape(g, (Bsz, T, n_head, C // n_head)), (0, 2, 1, 3))  # (B, H, T, D) dL/dY
-        dPT = v @ xp.matrix_transpose(G)                                  # (B, H, T, T)  dP^T = V G^T
-        dST = PT * (dPT - xp.sum(dPT * PT, axis=-2, keepdims=True)) * scale  # scale dS^T
-        dq = xp.matrix_transpose(dST) @ k                                 # (B, H, T, D)  scale dS K
-        dk = dST @ q                                                      # (B, H, T, D)  scale dS^T Q
-        dv = PT @ G                                                       # (B, H, T, D)  P^T G
-        d = xp.stack([xp.permute_dims(t, (0, 2, 1, 3)) for t in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
-        return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
-    return vjp
-
-
-defvjp(causal_attention.primitive, _attention_vjp, None, None)
+# y = silu(gate) up:  dL/dgate = g up silu'(gate),   dL/dup = g silu(gate)
+defvjp(swiglu.primitive,
+       lambda ans, gate, up, cache: lambda g: (g * up) * _silu_grad(gate, cache),
+       lambda ans, gate, up, cache: lambda g: g * cache["act"])
 
 
 # ============================================================================================
@@ -338,20 +487,31 @@ defvjp(cross_entropy.primitive, _cross_entropy_vjp, None)
 # Op sets: which computation a model runs, passed to it as a value
 # ============================================================================================
 
+# The attention layers live in attention.py, which takes cached_primitive from this file: imported
+# here, after everything it needs is defined (transformer_ref/__init__.py imports this file first).
+from .attention import apply_rope, causal_attention, grouped_query_attention  # noqa: E402
+
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The callables a model computes with (immutable: build another with ``dataclasses.replace``).
 
-    Each member takes the arguments of the layer of the same name in this module; ``linear``
-    takes :func:`lora_ref.lora_linear`'s ``(x, W, A, B, scale, bias=None, dropout_mask=None,
-    enable_lora=None)`` (A and B None for a projection without an adapter).
+    Each member takes the arguments of the layer of the same name (in this module or in
+    :mod:`transformer_ref.attention`); ``linear`` takes :func:`lora_ref.lora_linear`'s ``(x, W, A,
+    B, scale, bias=None, dropout_mask=None, enable_lora=None)`` (A and B None for a projection
+    without an adapter). GPT-2 calls embedding, layer_norm, gelu, causal_attention, linear and
+    cross_entropy; LLaMA embedding, rms_norm, apply_rope, grouped_query_attention, swiglu, linear
+    and cross_entropy.
     """
 
     embedding: Callable[..., Any]
     layer_norm: Callable[..., Any]
+    rms_norm: Callable[..., Any]
     gelu: Callable[..., Any]
+    swiglu: Callable[..., Any]
     causal_attention: Callable[..., Any]
+    grouped_query_attention: Callable[..., Any]
+    apply_rope: Callable[..., Any]
     cross_entropy: Callable[..., Any]
     linear: Callable[..., Any]
 
@@ -361,8 +521,9 @@ class Ops:
                 raise TypeError(f"Ops.{f.name} must be callable, got {type(getattr(self, f.name)).__name__}")
 
 
-REFERENCE = Ops(embedding=embedding, layer_norm=layer_norm, gelu=gelu, causal_attention=causal_attention,
-                cross_entropy=cross_entropy, linear=lora_linear)
+REFERENCE = Ops(embedding=embedding, layer_norm=layer_norm, rms_norm=rms_norm, gelu=gelu, swiglu=swiglu,
+                causal_attention=causal_attention, grouped_query_attention=grouped_query_attention,
+                apply_rope=apply_rope, cross_entropy=cross_entropy, linear=lora_linear)
 """The reference op set: these layers, and every projection :func:`lora_ref.lora_linear` (Eq. 3 as
 the paper writes it, ``W x + b + s B (A x)``, never forming ``B A``). Every model's default."""
 
@@ -373,7 +534,8 @@ def traced(ops: Ops) -> Ops:
     Differentiating a model run with ``traced(ops)`` makes ``autograd.numpy`` trace plain array
     code (NumPy backend) instead of calling the hand-written VJPs: an independent second
     derivation of every gradient, for tests. A member that is not a primitive (no ``.fun``) is
-    already plain array code and is kept, so ``traced(traced(ops)) == traced(ops)``.
+    already plain array code and is kept, so ``traced(traced(ops)) == traced(ops)``. The bare
+    forwards do not check their arguments (the model has checked its inputs).
     """
     if not isinstance(ops, Ops):
         raise TypeError(f"ops must be a transformer_ref.layers.Ops, got {type(ops).__name__}")

@@ -1,4 +1,5 @@
-"""transformer_ref.llama_layers against transformers' LLaMA (modeling_llama.py), PyTorch CPU.
+"""The LLaMA layers (transformer_ref.layers, transformer_ref.attention) against transformers'
+LLaMA (modeling_llama.py), PyTorch CPU.
 
 Compared, forward and gradients (torch autograd), on a tiny ``LlamaConfig`` with grouped-query
 attention (H = 4, H_kv = 2), ``rope_theta`` = 500000 and ``rms_norm_eps`` = 1e-5:
@@ -10,7 +11,7 @@ What transformers computes in float32 even for a float64 model -- RMSNorm (the i
 float32), the RoPE tables (inv_freq, angles, cos/sin) and the eager softmax -- is compared within
 bounds that count those roundings in float32: a float64 run agrees with the reference only to
 float32's precision there. The bounds: each side's rounding chain (counted in
-tests/transformer/test_llama_layers.py for the reference; for transformers below, beside each
+tests/transformer/test_layers.py and test_attention.py for the reference; for transformers below, beside each
 test) in its precision, times the magnitude of the computation, summed over the two sides.
 """
 
@@ -30,7 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 from transformers.models.llama import modeling_llama as hf  # noqa: E402
 
 from lora_ref.testing import assert_within, tolerance  # noqa: E402
-from transformer_ref.llama_layers import apply_rope, grouped_query_attention, rms_norm, rope_tables, silu  # noqa: E402
+from transformer_ref.attention import apply_rope, grouped_query_attention, rope_tables  # noqa: E402
+from transformer_ref.layers import rms_norm, silu  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -190,7 +192,7 @@ def test_apply_rope_matches_apply_rotary_pos_emb(dtype):
 # Attention core
 # ----------------------------------------------------------------------------------------------
 #
-# Error model (derived in tests/transformer/test_llama_layers.py): with A_i the largest
+# Error model (derived in tests/transformer/test_layers.py and test_attention.py): with A_i the largest
 # scale |q_i|.|k_l| over the keys a query sees, the softmax's relative error is
 # eps_P = 4 A_i S + P, where S bounds the relative rounding of the scores before the max is
 # subtracted and P that of exp, sum and divide; then
@@ -223,7 +225,7 @@ def attention_bounds(q, k, v, g, H, Hk, scale, *, S, P, dP, out):
 
 
 def reference_counts(dtype, D, T):
-    """The reference (transformer_ref.llama_layers), all in ``dtype``."""
+    """The reference (transformer_ref.attention), all in ``dtype``."""
     return dict(S=tolerance(dtype, D + 2), P=tolerance(dtype, T + 4), dP=tolerance(dtype, D + T + 3),
                 out=lambda n: tolerance(dtype, n))
 

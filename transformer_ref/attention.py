@@ -1,173 +1,117 @@
-"""The layers the LLaMA family adds to GPT-2's: RMSNorm, rotary position embedding (RoPE),
-SiLU / SwiGLU and grouped-query causal attention. Each is a forward in array code and a backward
-written out, as in transformer_ref.layers.
+"""Attention: GPT-2's fused causal attention, grouped-query attention and rotary position embedding.
 
-Contract (the same as transformer_ref.layers'): every differentiable layer is an autograd
-primitive. Its forward runs on any backend (the namespace comes from its arrays) and fills a
-``cache`` dict with what the backward needs (llm.c's ``forward -> (out, cache)``); its VJPs, below
-it, are the hand-derived gradients with the equations beside the code. ``layer.fun`` is the same
-forward undecorated: plain differentiable array code that ``autograd.numpy`` traces, so the tests
-derive every gradient a second time and hold the two against each other and finite differences.
-Unlike transformer_ref.layers, each public layer checks its arguments (lora_ref.checks) before
-the primitive runs: these are also meant to be called one by one, as an oracle.
+Each layer is an autograd primitive made with :func:`transformer_ref.layers.cached_primitive`,
+under the contract of :mod:`transformer_ref.layers`: the forward is array code on any backend
+that fills a ``cache`` with what the backward needs, the VJPs below it are derived by hand with
+the equations beside the code, and ``layer.fun`` is the bare forward that ``autograd.numpy``
+traces for the tests. These layers are in a file of their own, apart from layers.py, a
+deliberate deviation from DESIGN.md (which puts every shared layer in layers.py) to keep each
+file under the project's 600-line limit; :class:`transformer_ref.layers.Ops` gathers both.
 
-The facts follow transformers' ``modeling_llama.py`` (the LLaMA, Mistral, Qwen2 architecture).
-Where transformers computes in a lower precision than its inputs, the reference does not, and
-says so at the layer (RMSNorm and RoPE tables in float32, softmax in float32).
+* :func:`causal_attention` -- GPT-2's: the fused ``c_attn`` output [q | k | v] in, heads out;
+  no argument checks (the model checks its inputs once per forward).
+* :func:`rope_tables`, :func:`apply_rope`, :func:`rope` -- LLaMA's rotary position embedding,
+  half-split (``rotate_half``) convention, default rope type;
+* :func:`grouped_query_attention` -- LLaMA's (and Mistral's, Qwen2's) causal attention with
+  ``num_key_value_heads`` dividing ``num_attention_heads``.
+The LLaMA layers check their arguments (lora_ref.checks) before the primitive runs: they are also
+meant to be called one by one, as an oracle. Their facts follow transformers' ``modeling_llama.py``;
+where transformers computes in a lower precision than its inputs, the reference does not, and
+says so at the layer (RoPE tables in float32, the eager softmax in float32).
 
-Shapes: B batch, T tokens, C channels (hidden_size), H query heads, Hk key/value heads,
-G = H / Hk query heads per kv head (a group), D head width (head_dim), ``...`` any leading axes.
+Shapes: B batch, T tokens, C channels, H (query) heads, Hk key/value heads, G = H / Hk query heads
+per kv head (a group), D head width, ``...`` any leading axes.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
-from autograd.extend import defvjp, defvjp_argnums, primitive
+from autograd.extend import defvjp, defvjp_argnums
 
 from lora_ref import checks
 from lora_ref.backend import dtype_name, getval, namespace
 
-__all__ = [
-    "apply_rope",
-    "grouped_query_attention",
-    "rms_norm",
-    "rope",
-    "rope_tables",
-    "silu",
-    "swiglu",
-]
+from .layers import cached_primitive
+
+__all__ = ["apply_rope", "causal_attention", "grouped_query_attention", "rope", "rope_tables"]
 
 
-def _layer(forward: Callable[..., Any], check: Callable[..., tuple]) -> Callable[..., Any]:
-    """Make ``forward(*args, cache=None)`` an autograd primitive called with a fresh cache dict,
-    after ``check(*args)`` has validated the arguments (it returns them, scalars as Python types).
+# ============================================================================================
+# Causal self-attention, all heads at once: y = softmax(q k^T * scale + causal mask) v
+# ============================================================================================
 
-    The same idea as transformer_ref.layers' ``_layer`` (copied, not imported: that file is being
-    restructured), plus the argument check. ``.fun`` is the undecorated forward (no checks),
-    ``.primitive`` the autograd primitive on which the VJPs are defined.
+
+def _causal_bias(xp: Any, T: int, dtype: Any) -> Any:
+    """(T, T) additive mask in the transposed layout [key j, query i]: 0 where j <= i, -inf after.
+
+    Adding it (exact: x + 0 = x) is a plain broadcast add; ``where(mask, S, -inf)`` over the
+    (B, H, T, T) scores measured 6x slower in NumPy.
     """
-    p = primitive(forward)
-
-    @functools.wraps(forward)
-    def layer(*args: Any) -> Any:
-        return p(*check(*args), cache={})
-
-    layer.fun = forward
-    layer.primitive = p
-    return layer
+    keep = xp.triu(xp.ones((T, T), dtype=xp.bool))                      # key j <= query i
+    return xp.where(keep, xp.zeros((T, T), dtype=dtype), xp.full((T, T), -math.inf, dtype=dtype))
 
 
-def _compute_dtype(xp: Any, x: Any) -> Any:
-    """float16 is computed in float32 (as transformers does); float32 and float64 in themselves."""
-    return xp.float32 if dtype_name(getval(x).dtype) == "float16" else getval(x).dtype
+def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
+    """qkv (B, T, 3C) = [q | k | v] from ``c_attn`` -> y (B, T, C), heads concatenated.
 
-
-def _cast(xp: Any, x: Any, dtype: Any) -> Any:
-    return x if dtype_name(getval(x).dtype) == dtype_name(dtype) else xp.astype(x, dtype)
-
-
-# ============================================================================================
-# RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, over the last axis
-# ============================================================================================
-#
-# transformers (LlamaRMSNorm) casts x to float32 -- whatever its dtype, float64 included --
-# computes x * rsqrt(mean(x^2) + eps) there, casts back to x's dtype, then multiplies by the
-# weight. The reference computes in x's own dtype for float32 and float64 and in float32 for
-# float16, then casts back before the weight, as transformers does.
-#
-# Overflow. mean(x^2) overflows once |x| reaches ~1e154 (float64) or ~1e19 (float32); squaring in
-# float32, transformers returns 0 for such rows from ~1e19 on in both dtypes (and NaN for float64
-# rows beyond float32's range). The reference first divides each row by s, a power of
-# two near its largest magnitude (exact: only the exponent changes). eps does not scale with the
-# row, so it is rescaled too, and the identity is exact for any s > 0:
-#   x rsqrt(mean(x^2) + eps) = (x/s) rsqrt(mean((x/s)^2) + eps/s^2)
-#   because mean(x^2) + eps = s^2 (mean((x/s)^2) + eps/s^2).
-# Rows with max|x| <= 1 keep s = 1 (so eps/s^2 never overflows, and ordinary rows are computed
-# exactly as the textbook formula); for s > 1, eps/s^2 is exact or underflows only where it is
-# below rounding against mean((x/s)^2) >= 1/(4C). A row of zeros gives 0 (and gradient w g/sqrt(eps)).
-# Rounding stays relative to mean(x^2) + eps (a sum of non-negative terms) as long as eps is at
-# least the dtype's smallest normal number. A non-finite x gives NaN in its row.
-
-
-def _row_scale(x: Any) -> Any:
-    """(..., C) -> (..., 1): per row, 2^floor(log2(max|x|)) when max|x| > 1, else 1 (an exact power of two)."""
-    xp = namespace(x)
-    top = xp.max(xp.abs(x), axis=-1, keepdims=True)                        # (..., 1)
-    one = xp.ones_like(top)
-    e = xp.floor(xp.log2(xp.where(top > 1.0, top, one)))                   # (..., 1) >= 0
-    # the largest exponent of the dtype (IEEE: 1 - log2(smallest normal)); caps log2 rounding up at the top
-    emax = 1 - round(math.log2(float(xp.finfo(getval(x).dtype).smallest_normal)))
-    e = xp.where(e > emax, one * float(emax), e)
-    return 2.0 ** e                                                        # (..., 1)
-
-
-def _rms_norm(x: Any, weight: Any, eps: float, cache: dict | None = None) -> Any:
-    """x (..., C), weight (C,), eps a Python float -> (..., C). No checks (see rms_norm)."""
-    xp = namespace(x, weight)
-    xc = _cast(xp, x, _compute_dtype(xp, x))                               # (..., C) compute dtype
-    inv_s = 1.0 / _row_scale(xc)                                           # (..., 1) exact
-    z = xc * inv_s                                                         # (..., C) x / s, exact
-    ms = xp.mean(z * z, axis=-1, keepdims=True)                            # (..., 1) mean((x/s)^2)
-    r = 1.0 / xp.sqrt(ms + eps * (inv_s * inv_s))                          # (..., 1) s rsqrt(mean(x^2) + eps)
-    xhat = z * r                                                           # (..., C) x rsqrt(mean(x^2) + eps)
-    out = _cast(xp, xhat, getval(x).dtype)                                 # back to x's dtype, then the weight
+    The heads are split with a reshape and a transpose only (no loop over heads): channel c of
+    q, k or v is (head c // D, position c % D) -- Hugging Face's split of n_embd into
+    n_head x head_dim. The scores are computed transposed, S^T (keys along axis -2), so that the
+    softmax reduces over axis -2: NumPy does that as elementwise max / add of whole rows, 1.5-2x
+    faster than reducing along a short last axis.
+    """
+    xp = namespace(qkv)
+    Bsz, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                      # (B, T, 3, H, D)
+    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
+    ST = (k @ xp.matrix_transpose(q)) * scale                           # (B, H, T, T)  S^T[j, i] = k_j . q_i / sqrt(D)
+    ST = ST + _causal_bias(xp, T, ST.dtype)                             # -inf where key j > query i
+    ST = ST - xp.max(ST, axis=-2, keepdims=True)                        # per query; finite (key j = i)
+    E = xp.exp(ST)                                                      # masked entries: exp(-inf) = 0
+    PT = E / xp.sum(E, axis=-2, keepdims=True)                          # (B, H, T, T)  P^T, softmax over keys
+    Y = xp.matrix_transpose(PT) @ v                                     # (B, H, T, D)  P V
     if cache is not None:
-        cache["xhat"], cache["r"], cache["inv_s"], cache["out"] = xhat, r, inv_s, out
-    return out * weight
+        cache["PT"], cache["q"], cache["k"], cache["v"] = PT, q, k, v
+    return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
 
 
-def _check_rms_norm(x: Any, weight: Any, eps: Any) -> tuple:
-    checks.float_array(x, "x")
-    checks.float_array(weight, "weight")
-    checks.same_dtype(("x", x), ("weight", weight))
-    xs = checks.shape_of(x)
-    if not xs:
-        raise ValueError("x must have shape (..., C), got a 0-d array")
-    if checks.shape_of(weight) != (xs[-1],):
-        raise ValueError(f"weight must have shape (C,) = {(xs[-1],)} (C = x.shape[-1]), got {checks.shape_of(weight)}")
-    return x, weight, checks.positive_real(eps, "eps")
+causal_attention = cached_primitive(_causal_attention)
+causal_attention.__doc__ = """Causal multi-head self-attention, every head in one batched matmul.
 
-
-rms_norm = _layer(_rms_norm, _check_rms_norm)
-rms_norm.__doc__ = """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight`` (LlamaRMSNorm).
-
-    x : (..., C) float16, float32 or float64;  weight : (C,), x's dtype;  eps : positive real
-    (LLaMA: ``rms_norm_eps``, 1e-5 or 1e-6). Returns (..., C) in x's dtype. eps is inside the
-    square root. float32 and float64 are computed in their own precision (transformers casts
-    even float64 to float32); float16 in float32, cast back before the weight (as transformers).
-    Each row is scaled by a power of two first, so no row overflows (see the comment above).
+    qkv : (B, T, 3C), the output of the fused ``c_attn`` projection, [q | k | v] along channels.
+    n_head : H, with C divisible by H;  scale : Python float, GPT-2's 1/sqrt(C/H).
+    Returns (B, T, C): for each head, ``softmax(q k^T * scale, masked to keys <= query) v``,
+    heads concatenated along channels (the input of ``attn.c_proj``).
     """
 
 
-# xhat = x rho with rho = (mean(x^2) + eps)^(-1/2);  d rho / d x_j = -rho^3 x_j / C, so
-#   d xhat_i / d x_j = rho (delta_ij - xhat_i xhat_j / C), and with gw = dL/dxhat = g * weight:
-#   dL/dx      = rho (gw - xhat mean(gw xhat))        rho = r / s: r first, then 1/s (underflows last)
-#   dL/dweight = sum over rows of g xhat
-# (s, a piecewise-constant power of two, does not change y at all: it has no gradient term.)
-def _rms_norm_vjp_x(ans, x, weight, eps, cache):
+# With P = softmax(S), Y = P V (per batch and head), G = dL/dY:
+#   dV = P^T G            dP = G V^T
+#   dS = P * (dP - rowsum(dP * P))       (softmax's Jacobian; masked entries have P = 0, so dS = 0)
+#   dQ = scale dS K       dK = scale dS^T Q
+# with the transposed scores kept by the forward: dP^T = V G^T, and the row sums of dP * P are
+# sums over axis -2 of dP^T * P^T. The three gradients are stacked straight into qkv's layout.
+def _attention_vjp(ans, qkv, n_head, scale, cache):
     def vjp(g):
         xp = namespace(g)
-        xhat = cache["xhat"]
-        gw = _cast(xp, g * weight, xhat.dtype)                                       # (..., C) dL/dxhat
-        dx = (gw - xhat * xp.mean(gw * xhat, axis=-1, keepdims=True)) * cache["r"]   # (..., C) s dL/dx
-        return _cast(xp, dx * cache["inv_s"], getval(x).dtype)                       # (..., C)
+        Bsz, T, C = g.shape
+        PT, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
+        G = xp.permute_dims(xp.reshape(g, (Bsz, T, n_head, C // n_head)), (0, 2, 1, 3))  # (B, H, T, D) dL/dY
+        dPT = v @ xp.matrix_transpose(G)                                  # (B, H, T, T)  dP^T = V G^T
+        dST = PT * (dPT - xp.sum(dPT * PT, axis=-2, keepdims=True)) * scale  # scale dS^T
+        dq = xp.matrix_transpose(dST) @ k                                 # (B, H, T, D)  scale dS K
+        dk = dST @ q                                                      # (B, H, T, D)  scale dS^T Q
+        dv = PT @ G                                                       # (B, H, T, D)  P^T G
+        d = xp.stack([xp.permute_dims(t, (0, 2, 1, 3)) for t in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
     return vjp
 
 
-def _sum_leading(t: Any) -> Any:
-    """(..., C) -> (C,): sum over every leading axis."""
-    xp = namespace(t)
-    return xp.sum(xp.reshape(t, (-1, t.shape[-1])), axis=0)                # (N, C) -> (C,)
-
-
-defvjp(rms_norm.primitive,
-       _rms_norm_vjp_x,
-       lambda ans, x, weight, eps, cache: lambda g: _sum_leading(g * cache["out"]),
-       None)
+defvjp(causal_attention.primitive, _attention_vjp, None, None)
 
 
 # ============================================================================================
@@ -250,7 +194,7 @@ def _check_apply_rope(x: Any, cos: Any, sin: Any) -> tuple:
     return x, cos, sin
 
 
-apply_rope = _layer(_apply_rope, _check_apply_rope)
+apply_rope = cached_primitive(_apply_rope, _check_apply_rope)
 apply_rope.__doc__ = """Rotate queries or keys by their positions' angles: ``x cos + rotate_half(x) sin``.
 
     x : (B, T, H, D), a projection's output (B, T, H D) reshaped without a transpose (the layout
@@ -285,82 +229,6 @@ def rope(x: Any, positions: Any, theta: float, max_position_embeddings: int | No
 
 
 # ============================================================================================
-# SiLU and SwiGLU: silu(x) = x sigmoid(x);  swiglu(gate, up) = silu(gate) * up  (LlamaMLP)
-# ============================================================================================
-#
-# LLaMA's MLP is down_proj(silu(gate_proj(x)) * up_proj(x)) (Shazeer 2020, "GLU Variants Improve
-# Transformer", Eq. 5-6, SwiGLU with beta = 1). sigmoid is evaluated from e = exp(-|x|) <= 1, which
-# never overflows, and 1 - sigmoid(x) = sigmoid(-x) is kept apart, free of cancellation.
-
-
-def _sigmoids(x: Any) -> tuple[Any, Any]:
-    """x -> (sigmoid(x), sigmoid(-x)), each to a few roundings, for any finite x."""
-    xp = namespace(x)
-    e = xp.exp(-xp.abs(x))                                                 # in (0, 1]
-    p = 1.0 / (1.0 + e)                                                    # sigmoid(|x|)
-    q = e * p                                                              # sigmoid(-|x|)
-    pos = x >= 0.0
-    return xp.where(pos, p, q), xp.where(pos, q, p)
-
-
-def _silu(x: Any, cache: dict | None = None) -> Any:
-    """x (...) -> (...), elementwise."""
-    sig, sig_neg = _sigmoids(x)
-    if cache is not None:
-        cache["sig"], cache["sig_neg"] = sig, sig_neg
-    return x * sig
-
-
-def _check_elementwise(x: Any) -> tuple:
-    checks.float_array(x, "x")
-    return (x,)
-
-
-silu = _layer(_silu, _check_elementwise)
-silu.__doc__ = """SiLU (swish), elementwise: ``x * sigmoid(x)``; x any shape, float. LLaMA's ``hidden_act``."""
-
-
-# d/dx [x sigmoid(x)] = sigmoid(x) + x sigmoid(x)(1 - sigmoid(x)) = sigmoid(x) (1 + x sigmoid(-x))
-def _silu_grad(x: Any, cache: dict) -> Any:
-    return cache["sig"] * (1.0 + x * cache["sig_neg"])
-
-
-defvjp(silu.primitive, lambda ans, x, cache: lambda g: g * _silu_grad(x, cache))
-
-
-def _swiglu(gate: Any, up: Any, cache: dict | None = None) -> Any:
-    """gate (...), up (...) of one shape -> (...), elementwise."""
-    sig, sig_neg = _sigmoids(gate)
-    act = gate * sig                                                       # silu(gate)
-    if cache is not None:
-        cache["sig"], cache["sig_neg"], cache["act"] = sig, sig_neg, act
-    return act * up
-
-
-def _check_swiglu(gate: Any, up: Any) -> tuple:
-    checks.float_array(gate, "gate")
-    checks.float_array(up, "up")
-    checks.same_dtype(("gate", gate), ("up", up))
-    if checks.shape_of(gate) != checks.shape_of(up):
-        raise ValueError(f"up must have gate's shape {checks.shape_of(gate)} (no broadcasting), "
-                         f"got {checks.shape_of(up)}")
-    return gate, up
-
-
-swiglu = _layer(_swiglu, _check_swiglu)
-swiglu.__doc__ = """SwiGLU's gating, elementwise: ``silu(gate) * up``, the input of LLaMA's ``down_proj``.
-
-    gate, up : the outputs of ``gate_proj`` and ``up_proj``, same shape (..., I) and dtype.
-    """
-
-
-# y = silu(gate) up:  dL/dgate = g up silu'(gate),   dL/dup = g silu(gate)
-defvjp(swiglu.primitive,
-       lambda ans, gate, up, cache: lambda g: (g * up) * _silu_grad(gate, cache),
-       lambda ans, gate, up, cache: lambda g: g * cache["act"])
-
-
-# ============================================================================================
 # Grouped-query causal attention: y = softmax(q k^T * scale + causal mask) v, per query head,
 # query head h reading kv head h // G
 # ============================================================================================
@@ -369,17 +237,11 @@ defvjp(swiglu.primitive,
 # ... for G = 2) and then runs ordinary attention; query head h = kv G + g reads kv head kv. Here
 # the repeat is a broadcast: q is viewed as (B, Hk, G, T, D) and each kv head as (B, Hk, 1, T, D),
 # so nothing is copied, and the backward's sum over a group is a sum over the G axis. H = Hk
-# (G = 1) is ordinary multi-head attention, transformer_ref.layers.causal_attention's.
+# (G = 1) is ordinary multi-head attention, causal_attention's above.
 # transformers' eager attention casts the scores to float32 for the softmax whatever their dtype
 # (float64 too), then casts the probabilities back; the reference computes the softmax in the
 # input's dtype (float32 or float64; float16 is refused). Scores are kept transposed, S^T with
-# keys along axis -2, as in transformer_ref.layers (NumPy reduces faster over axis -2).
-
-
-def _causal_bias(xp: Any, T: int, dtype: Any) -> Any:
-    """(T, T) additive mask in the transposed layout [key j, query i]: 0 where j <= i, -inf after."""
-    keep = xp.triu(xp.ones((T, T), dtype=xp.bool))                         # key j <= query i
-    return xp.where(keep, xp.zeros((T, T), dtype=dtype), xp.full((T, T), -math.inf, dtype=dtype))
+# keys along axis -2, as in causal_attention above (NumPy reduces faster over axis -2).
 
 
 def _heads(xp: Any, t: Any, n: int, D: int) -> Any:
@@ -433,7 +295,7 @@ def _check_gqa(q: Any, k: Any, v: Any, n_head: Any, n_kv_head: Any, scale: Any) 
     return q, k, v, H, Hk, checks.positive_real(scale, "scale")
 
 
-grouped_query_attention = _layer(_gqa, _check_gqa)
+grouped_query_attention = cached_primitive(_gqa, _check_gqa)
 grouped_query_attention.__doc__ = """Causal grouped-query self-attention (LLaMA 2 70B, LLaMA 3, Mistral, Qwen2).
 
     q : (B, T, H D), k and v : (B, T, Hk D), after RoPE on q and k, heads along channels
@@ -445,7 +307,7 @@ grouped_query_attention.__doc__ = """Causal grouped-query self-attention (LLaMA 
     """
 
 
-# Per batch and query head, with P = softmax(S), Y = P V, Gy = dL/dY (transformer_ref.layers'):
+# Per batch and query head, with P = softmax(S), Y = P V, Gy = dL/dY (causal_attention's):
 #   dV = P^T Gy           dP = Gy V^T
 #   dS = P * (dP - rowsum(dP * P))       (softmax's Jacobian; masked entries have P = 0, so dS = 0)
 #   dQ = scale dS K       dK = scale dS^T Q
