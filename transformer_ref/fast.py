@@ -31,6 +31,7 @@ from lora_ref.checks import positive_int
 from lora_ref.lora import delta_weight
 
 from . import machine
+from .hosting import family_of
 from .layers import IGNORE_INDEX, REFERENCE, Ops, cached_primitive
 
 __all__ = ["FAST", "auto_threads", "linear", "sharded_value_and_grad"]
@@ -203,14 +204,14 @@ def auto_threads(config: Any, batch_shape: tuple[int, int]) -> int:
     """The slices ``train`` uses by default (``threads=None``) for batches of ``batch_shape`` (B, T).
 
     Every core (:func:`~transformer_ref.machine.default_threads`) when each slice's forward is
-    worth at least 0.2 GFLOP (24 n_layer n_embd^2 per token), else 1: handing work to threads
-    costs 1-3 ms a step, which was measured (2 cores) to outweigh the gain below about that size
-    -- e.g. a 128-wide, 4-layer model gained 15% at 256 tokens a step and lost 16% at 128.
-    ``config`` needs ``n_layer`` and ``n_embd`` (GPTConfig).
+    worth at least 0.2 GFLOP (the projections' ``Family.flops_per_token``, GPT-2's 24 n_layer
+    n_embd^2, per token), else 1: handing work to threads costs 1-3 ms a step, which was measured
+    (2 cores) to outweigh the gain below about that size -- e.g. a 128-wide, 4-layer GPT-2 gained
+    15% at 256 tokens a step and lost 16% at 128. ``config`` is any registered family's config.
     """
     B, T = (int(v) for v in batch_shape)
     n = machine.default_threads()
-    per_slice = 24.0 * config.n_layer * config.n_embd ** 2 * B * T / n
+    per_slice = family_of(config).flops_per_token(config) * B * T / n
     return n if n > 1 and per_slice >= 2e8 else 1
 
 

@@ -317,12 +317,7 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
     p = params
 
     def linear(name, x):  # one projection, y = x W^T + b (+ s B A x where `name` has an adapter)
-        W, b = p[name + ".weight"], p[name + ".bias"]
-        if name not in adapters:
-            return ops.linear(x, W, None, None, 1.0, b)
-        ad = adapters[name]
-        return ops.linear(x, W, ad["A"], ad["B"], lora_config.scale_for(name), b, dropout.get(name),
-                          lora_config.enable_for(name))
+        return hosting.project(ops, p, name, x, adapters, lora_config, dropout)
 
     def ln(name, x):
         return ops.layer_norm(x, p[name + ".weight"], p[name + ".bias"], config.layer_norm_epsilon)
@@ -336,13 +331,13 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
         return linear(h + ".mlp.c_proj", ops.gelu(linear(h + ".mlp.c_fc", x)))  # (B, T, F) -> (B, T, C)
 
     positions = namespace(tokens).arange(tokens.shape[1])               # (T,)
-    x = ops.embedding(p["transformer.wte.weight"], tokens) + ops.embedding(p["transformer.wpe.weight"], positions)
+    x = hosting.embed(ops, p, "transformer.wte", tokens) + hosting.embed(ops, p, "transformer.wpe", positions)
     for i in range(config.n_layer):                                             # x: (B, T, C) throughout
         h = f"transformer.h.{i}"
         x = x + attn(h, i, ln(h + ".ln_1", x))                                 # pre-LN residual blocks
         x = x + mlp(h, ln(h + ".ln_2", x))
     x = ln("transformer.ln_f", x)
-    return ops.linear(x, p["transformer.wte.weight"], None, None, 1.0)          # (B, T, V): lm_head = wte
+    return hosting.project(ops, p, "lm_head", x, weight="transformer.wte.weight")  # (B, T, V): lm_head = wte
 
 
 def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig,
@@ -362,5 +357,7 @@ def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig
 FAMILY = hosting.Family(
     name="gpt2", config_type=GPTConfig, block="transformer.h.{i}", projections=PROJECTIONS,
     n_blocks=lambda config: config.n_layer, param_shapes=param_shapes, init_params=init_params,
-    forward=forward, loss=loss, tied={"lm_head.weight": "transformer.wte.weight"})
+    forward=forward, loss=loss, tied={"lm_head.weight": "transformer.wte.weight"},
+    matrix_types={"q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
+                  "o": ("attn.c_proj", None), "mlp_in": ("mlp.c_fc", None), "mlp_out": ("mlp.c_proj", None)})
 """GPT-2 as the host sees it (``hosting.Family``): registered in ``transformer_ref/__init__.py``."""

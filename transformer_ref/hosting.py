@@ -1,11 +1,15 @@
 """What every model family shares: its table of projections, LoRA targeting, adapters, validation.
 
-A model family (``gpt2.py``; ``llama.py`` next) is one file that describes itself with a
+A model family (``gpt2.py``, ``llama.py``) is one file that describes itself with a
 :class:`Family` record -- its config class, the module prefix of block ``i``, its table of
 LoRA-adaptable projections, its parameter shapes, ``init_params``, ``forward`` and ``loss`` --
 and is registered once (``transformer_ref/__init__.py``). Everything a family would otherwise
 write again lives here, written against that record:
 
+* :func:`project` -- THE projection of every family's forward: base weight, bias, the module's
+  adapter, its scale and fused-block flags, its dropout mask, computed by ``ops.linear``. The one
+  place a projection is computed, so a variant of LoRA lands here once for every family;
+  :func:`embed`, likewise, the token-embedding lookup;
 * :func:`add_adapters` -- fresh adapters for every projection a ``lora_ref.LoraConfig`` targets
   (PEFT's matching rules, ``LoraConfig.targets``; ranks, scales, fused blocks from the config);
 * :func:`merge_adapters` -- ``W + s B A`` folded into each adapted weight (Section 4.1);
@@ -34,8 +38,8 @@ from lora_ref.lora import LoraConfig, init_lora, merge
 
 from .layers import Ops
 
-__all__ = ["Family", "add_adapters", "check_adapters", "check_dropout", "check_ops", "check_params", "check_tokens", "families",
-           "family_of", "merge_adapters", "register"]
+__all__ = ["Family", "add_adapters", "check_adapters", "check_dropout", "check_ops", "check_params", "check_tokens", "embed",
+           "families", "family_of", "merge_adapters", "project", "register"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class Family:
                   ``gpt2.forward`` and ``gpt2.loss`` (``ops=REFERENCE`` by default)
     tied          names a checkpoint may hold that are another parameter (GPT-2:
                   ``{"lm_head.weight": "transformer.wte.weight"}``), for error messages
+    matrix_types  the paper's weight-matrix types: type -> ``(projection suffix, block)``, block
+                  the row block of a fused projection or None (GPT-2: ``"q": ("attn.c_attn", 0)``,
+                  ``"o": ("attn.c_proj", None)``; LLaMA: ``"q": ("self_attn.q_proj", None)``).
+                  Empty: one type per projection, named by its last component.
     """
 
     name: str
@@ -66,12 +74,18 @@ class Family:
     forward: Callable[..., Any]
     loss: Callable[..., Any]
     tied: Mapping[str, str] = field(default_factory=dict)
+    matrix_types: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "{i}" not in self.block:
             raise ValueError(f"Family.block must contain '{{i}}' (the block index), got {self.block!r}")
         object.__setattr__(self, "projections", MappingProxyType(dict(self.projections)))
         object.__setattr__(self, "tied", MappingProxyType(dict(self.tied)))
+        types = dict(self.matrix_types) or {p.rsplit(".", 1)[-1]: (p, None) for p in self.projections}
+        for t, (suffix, _) in types.items():
+            if suffix not in self.projections:
+                raise ValueError(f"Family.matrix_types[{t!r}] names {suffix!r}, which is not one of its projections")
+        object.__setattr__(self, "matrix_types", MappingProxyType(types))
         suffixes = "|".join(re.escape(s) for s in self.projections)
         pattern = re.escape(self.block).replace(re.escape("{i}"), r"\d+") + rf"\.(?:{suffixes})"
         object.__setattr__(self, "_projection_re", re.compile(pattern))
@@ -100,6 +114,56 @@ class Family:
     def describe_projections(self) -> str:
         """How the projections are named, for error messages."""
         return f"'{self.block.format(i=0)}.{next(iter(self.projections))}' ({', '.join(self.projections)} of each block)"
+
+    def target_name(self, suffix: str) -> str:
+        """The shortest name PEFT's ``target_modules`` list can use for projection ``suffix`` and no
+        other projection (the last components that no other suffix ends with): GPT-2 ``"c_attn"``,
+        ``"attn.c_proj"`` (``"c_proj"`` would also match ``mlp.c_proj``); LLaMA ``"q_proj"``."""
+        parts = suffix.split(".")
+        for k in range(1, len(parts) + 1):
+            name = ".".join(parts[-k:])
+            if not any(p == name or p.endswith("." + name) for p in self.projections if p != suffix):
+                return name
+        return suffix
+
+    def flops_per_token(self, config: Any) -> int:
+        """Multiply-adds x 2 of every projection of the model for one token (the forward's matmul work,
+        attention's own T-dependent products aside): ``2 n_blocks sum d_out d_in``."""
+        return 2 * self.n_blocks(config) * sum(d_out * d_in for d_out, d_in in (s(config) for s in self.projections.values()))
+
+
+# ============================================================================================
+# The projection and the embedding lookup every family's forward calls
+# ============================================================================================
+
+
+def project(ops: Ops, params: Mapping[str, Any], name: str, x: Any, adapters: Mapping[str, Any] | None = None,
+            lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None, *,
+            weight: str | None = None) -> Any:
+    """Module ``name`` applied to ``x`` (..., d_in) -> (..., d_out): ``y = x W^T + b``, plus
+    ``s B (A (x * mask))`` (Eq. 3) where ``adapters`` has ``name``.
+
+    ``W = params[name + ".weight"]`` (or ``params[weight]``, for a head tied to the embedding),
+    ``b = params[name + ".bias"]`` if present; the adapter ``adapters[name]`` with the scale
+    ``lora_config.scale_for(name)`` and fused-block flags ``enable_for(name)`` (loralib
+    MergedLinear); ``dropout[name]``, the module's explicit inverted-dropout mask, if any. Computed
+    by ``ops.linear`` (``lora_ref.lora_linear`` under REFERENCE). No checks: the family's forward
+    has validated params, adapters and masks once (``check_params``, ``check_adapters``,
+    ``check_dropout``).
+    """
+    W = params[name + ".weight" if weight is None else weight]
+    b = params.get(name + ".bias")
+    ad = None if adapters is None else adapters.get(name)
+    if ad is None:
+        return ops.linear(x, W, None, None, 1.0, b)
+    mask = None if dropout is None else dropout.get(name)
+    return ops.linear(x, W, ad["A"], ad["B"], lora_config.scale_for(name), b, mask, lora_config.enable_for(name))
+
+
+def embed(ops: Ops, params: Mapping[str, Any], name: str, ids: Any) -> Any:
+    """Rows of the embedding table ``params[name + ".weight"]`` (V, C) for integer ``ids`` (...):
+    (..., C), by ``ops.embedding`` (ids checked in range there)."""
+    return ops.embedding(params[name + ".weight"], ids)
 
 
 # ============================================================================================
