@@ -1,15 +1,18 @@
-"""Timing, machine facts and BLAS thread control for the benchmarks.
+"""Timing, machine facts, BLAS thread counts and the matmul peak for the benchmarks.
 
-Timing rules (they are what makes a ratio between two libraries on a shared, noisy machine
-meaningful):
+Timing rules (they are what makes a ratio between two libraries on any CPU meaningful):
 
-* every figure is the **median** of several runs, after warm-up runs that are not counted;
-* a comparison runs its sides **alternately in one process** (round ``i`` runs every side once,
-  the order rotated each round so no side always goes first), and a ratio is the median of the
-  per-round ratios, so slow drift of the machine (other processes, clock changes) cancels;
-* Python's garbage collector runs before each timed call and is off during it (as ``timeit``
-  does): with PyTorch and transformers loaded, a full collection walks millions of objects
-  (~0.2 s here) and would land in whichever call happened to cross its threshold.
+* **each library in its own process.** A comparison between libraries never runs them in one
+  interpreter: OpenBLAS's worker threads keep spinning after NumPy's work and slowed the PyTorch
+  step that followed, and a thread count one library sets can be process-wide. Every side of a
+  comparison is a fresh ``python -m benchmarks.worker`` (benchmarks/rounds.py runs them);
+* **rounds in rotating order.** Round ``i`` runs every side once, the order rotated each round so
+  no side always goes first; a ratio is the **median of the per-round ratios** (each side's
+  median step of that round), shown with their min and max, so slow drift of the machine cancels;
+* every figure is a **median** of several runs after warm-up runs that are not counted;
+* within one process (the matmul peak, the lora-ref-only measurements), :func:`alternate` times
+  its callables round-robin in rotating order, with Python's garbage collector run before each
+  timed call and off during it (as ``timeit`` does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import gc
 import importlib.metadata
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -31,12 +35,16 @@ from transformer_ref.machine import numpy_openblas
 __all__ = [
     "alternate",
     "blas_threads",
+    "cpu_kind",
+    "cpu_model",
     "machine_info",
     "matmul_peak",
+    "numpy_blas_info",
     "numpy_blas_threads",
     "paired_ratio",
     "set_numpy_blas_threads",
     "summarize",
+    "torch_info",
 ]
 
 
@@ -137,7 +145,9 @@ _ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NU
         "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "LORA_REF_BACKEND")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``'s first ``model name``), else what
+    :mod:`platform` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -148,8 +158,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_NOT_A_KIND = {"cpu", "processor", "genuine", "authentic"}
+
+
+def cpu_kind(model: str | None = None) -> str:
+    """A short, file-name-safe name for a kind of CPU: vendor and family from the model name
+    (``"Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"`` -> ``"intel-xeon"``, ``"AMD EPYC 7B13"``
+    -> ``"amd-epyc"``), ``"cpu-<architecture>"`` when the name gives neither. Results are kept per
+    kind (``benchmarks/results/<kind>.json``): the last run on each kind of machine."""
+    model = cpu_model() if model is None else model
+    text = re.sub(r"\((?:r|tm|c)\)", " ", model.lower())          # Intel(R) Xeon(R) -> intel xeon
+    words = [w for w in re.findall(r"(?<![a-z0-9])[a-z][a-z0-9]*", text) if w not in _NOT_A_KIND]
+    if not words:
+        return f"cpu-{re.sub(r'[^a-z0-9_]+', '', platform.machine().lower()) or 'unknown'}"
+    return "-".join(words[:2])
+
+
 def machine_info() -> dict[str, Any]:
-    """Machine, library versions, thread counts and the environment variables that change speed."""
+    """Machine, library versions, NumPy's BLAS (its CPU kernel) and the environment variables
+    that change speed. It asks, it computes nothing (safe in the runner's own process)."""
     versions = {}
     for name in _PACKAGES:
         try:
@@ -164,9 +191,10 @@ def machine_info() -> dict[str, Any]:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         mem_gib = None
-    torch = sys.modules.get("torch")
+    model = cpu_model()
     return {
-        "cpu": _cpu_model(),
+        "cpu": model,
+        "cpu_kind": cpu_kind(model),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "logical_cpus": os.cpu_count(),
@@ -175,14 +203,28 @@ def machine_info() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "versions": versions,
-        "threads": blas_threads(),
-        "numpy_blas": {"library": getattr(OPENBLAS, "path", None),
-                       "kernel": _openblas_text("scipy_openblas_get_corename64_", "openblas_get_corename"),
-                       "config": _openblas_text("scipy_openblas_get_config64_", "openblas_get_config")},
-        "torch_blas": (torch.__config__.parallel_info().splitlines()[-1].strip()
-                       if torch is not None else None),
+        "numpy_blas": numpy_blas_info(),
         "environment": {name: os.environ.get(name) for name in _ENV},
     }
+
+
+def numpy_blas_info() -> dict[str, Any]:
+    """NumPy's BLAS: the library, the CPU kernel OpenBLAS chose (its corename, e.g. SkylakeX,
+    Haswell, Zen), its build configuration and thread count."""
+    return {"library": getattr(OPENBLAS, "path", None),
+            "kernel": _openblas_text("scipy_openblas_get_corename64_", "openblas_get_corename"),
+            "config": _openblas_text("scipy_openblas_get_config64_", "openblas_get_config"),
+            "threads": numpy_blas_threads()}
+
+
+def torch_info() -> dict[str, Any] | None:
+    """PyTorch's threads, the CPU instruction set its kernels use and its BLAS, if it is imported."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return {"threads": blas_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas": next(iter(re.findall(r"BLAS_INFO=(\w+)", torch.__config__.show())), None),
+            "parallel": torch.__config__.parallel_info().splitlines()[-1].strip()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,35 +232,27 @@ def machine_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5,
-                with_torch: bool = True) -> dict[str, Any]:
-    """Float32 GFLOP/s of square ``n x n @ n x n`` products (``2 n^3`` FLOPs), median of
-    ``repeats`` runs per size, with NumPy and (if ``with_torch`` and importable) PyTorch, all
-    threads of this process.
-
-    ``peak_gflops`` is the largest of these medians: the machine's single-process float32
-    matmul limit as the libraries at hand reach it.
-    """
+def matmul_peak(lib: str = "numpy", sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict[str, Any]:
+    """Float32 GFLOP/s of square ``n x n @ n x n`` products (``2 n^3`` FLOPs) with ``lib``
+    ("numpy" or "torch"), median of ``repeats`` runs per size, on every BLAS thread this process
+    has. Run it in a process of its own (``python -m benchmarks.worker peak``): the other
+    library's threads must not be there. ``peak_gflops`` is the largest of the medians."""
+    if lib not in ("numpy", "torch"):
+        raise ValueError(f"lib must be 'numpy' or 'torch', got {lib!r}")
     rng = np.random.default_rng(0)
-    libs: dict[str, dict[str, float]] = {"numpy": {}}
-    torch = None
-    if with_torch:
-        try:
-            import torch
-        except ImportError:
-            pass
-    if torch is not None:
-        libs["torch"] = {}
+    per: dict[str, float] = {}
     for n in sizes:
         a = rng.standard_normal((n, n), dtype=np.float32)
         b = rng.standard_normal((n, n), dtype=np.float32)
-        fns: dict[str, Callable[[], Any]] = {"numpy": lambda a=a, b=b: a @ b}
-        if torch is not None:
+        if lib == "torch":
+            import torch
+
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            fns["torch"] = lambda ta=ta, tb=tb: ta @ tb
-        times = alternate(fns, repeats=repeats, warmup=1)
-        for name, ts in times.items():
-            libs[name][str(n)] = 2.0 * n**3 / statistics.median(ts) / 1e9
-    best = max((g, lib, n) for lib, per in libs.items() for n, g in per.items())
-    return {"gflops": libs, "peak_gflops": best[0], "peak_from": f"{best[1]} n={best[2]}",
+            fn: Callable[[], Any] = lambda ta=ta, tb=tb: ta @ tb  # noqa: E731
+        else:
+            fn = lambda a=a, b=b: a @ b  # noqa: E731
+        (times,) = alternate({lib: fn}, repeats=repeats, warmup=1).values()
+        per[str(n)] = 2.0 * n**3 / statistics.median(times) / 1e9
+    best = max(per, key=per.__getitem__)
+    return {"lib": lib, "gflops": per, "peak_gflops": per[best], "peak_from": f"{lib} n={best}",
             "formula": "2 n^3 FLOPs per n x n @ n x n product, float32"}

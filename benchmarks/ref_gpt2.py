@@ -1,20 +1,33 @@
-"""The lora-ref side: transformer_ref's GPT-2, LoRA on ``c_attn``, ``value_and_grad`` and Adam.
+"""The lora-ref side: transformer_ref's GPT-2 with LoRA on ``c_attn``, trained by the public loop.
 
-This is exactly what ``transformer_ref.train`` does per step (and what a user writes): the loss,
-computed with the training op set ``transformer_ref.FAST`` (train's default), is differentiated
-with respect to the adapters (LoRA) or to every parameter (full fine-tuning), and ``adam_update``
-returns the new arrays.
+:func:`train_steps` times ``transformer_ref.train`` itself -- the loop users call, with its own
+defaults (op set ``FAST``, ``threads=None``: ``auto_threads``, the allocator setting) -- step by
+step: its task hands out the same batch every step and notes the time at which each step asks
+for it. The benchmark's step is the user's step by construction.
+
+:func:`make_ref_step` rebuilds that step by hand (``sharded_value_and_grad`` of the loss, then
+``adam_update``) for the measurements that need to hold a step in their hand: the per-layer
+profile (a timed copy of the op set) and the memory trace.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
 from .flops import StepShape
 
-__all__ = ["make_model", "make_ref_step"]
+__all__ = ["SIDES", "FixedBatches", "make_model", "make_ref_step", "time_train", "train_steps"]
+
+# The lora-ref sides of the comparison: how each calls transformer_ref.train. "lora-ref" passes
+# nothing but the model and the data: what a user gets.
+SIDES = {
+    "lora-ref": {"mode": "lora"},
+    "lora-ref-reference": {"mode": "lora", "ops": "REFERENCE", "threads": 1},
+    "lora-ref-full": {"mode": "full"},
+}
 
 
 def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
@@ -98,3 +111,67 @@ def _leaves(tree: Any) -> list[Any]:
     if isinstance(tree, dict):
         return [leaf for v in tree.values() for leaf in _leaves(v)]
     return [tree]
+
+
+class FixedBatches:
+    """A task for ``transformer_ref.train``: the same ``(tokens, targets)`` every step (as the
+    PyTorch side trains on), and ``starts``, the ``time.perf_counter()`` at which each step asked
+    for its batch -- a step is the time from one request to the next."""
+
+    def __init__(self, tokens: np.ndarray, targets: np.ndarray) -> None:
+        self.tokens, self.targets = tokens, targets
+        self.starts: list[float] = []
+
+    def batch(self, batch_size: int, rng: Any) -> tuple[np.ndarray, np.ndarray]:
+        if batch_size != self.tokens.shape[0]:
+            raise ValueError(f"batch_size must be {self.tokens.shape[0]} (the fixed batch), got {batch_size}")
+        self.starts.append(time.perf_counter())
+        return self.tokens, self.targets
+
+
+def time_train(params: Any, config: Any, tokens: np.ndarray, targets: np.ndarray, steps: int,
+               **train_kwargs: Any) -> tuple[list[float], Any]:
+    """``transformer_ref.train(params, config, task, steps=steps, batch_size=B, progress=False,
+    **train_kwargs)`` on a :class:`FixedBatches` task of ``tokens``, ``targets`` (B, T); returns
+    the seconds of each step (from one batch request to the next, the last to train's return)
+    and train's result."""
+    import transformer_ref
+
+    task = FixedBatches(tokens, targets)
+    result = transformer_ref.train(params, config, task, steps=steps, batch_size=tokens.shape[0], progress=False,
+                                   **train_kwargs)
+    bounds = task.starts + [time.perf_counter()]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])], result
+
+
+def train_steps(model: dict[str, Any], side: str, steps: int, *, lr: float = 1e-3) -> dict[str, Any]:
+    """Run ``transformer_ref.train`` for ``steps`` steps on ``model``'s batch (from
+    :func:`make_model`) as ``side`` of :data:`SIDES` calls it; returns ``{"seconds": [per step],
+    "losses": [...], "threads": batch slices per step, "call": what train was given}``.
+
+    LoRA trains ``model``'s adapters; full fine-tuning trains the weights with the adapters merged
+    in (the same function). The first steps include one-time work (the worker pool, the first
+    page faults): the caller discards its warm-up steps.
+    """
+    from transformer_ref import REFERENCE, merge_adapters
+    from transformer_ref.fast import auto_threads
+
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {sorted(SIDES)}, got {side!r}")
+    how = dict(SIDES[side])
+    config, lc, tokens = model["config"], model["lora_config"], model["tokens"]
+    kwargs: dict[str, Any] = {"mode": how.pop("mode"), "lr": lr}
+    if "ops" in how:
+        kwargs["ops"] = {"REFERENCE": REFERENCE}[how.pop("ops")]
+    kwargs.update(how)
+    if kwargs["mode"] == "lora":
+        seconds, result = time_train(model["params"], config, tokens, model["targets"], steps, lora_config=lc,
+                                     adapters=model["adapters"], **kwargs)
+    else:
+        seconds, result = time_train(merge_adapters(model["params"], model["adapters"], lc), config, tokens,
+                                     model["targets"], steps, **kwargs)
+    threads = kwargs.get("threads")
+    call = {k: v for k, v in kwargs.items() if k != "ops"}
+    call["ops"] = "REFERENCE" if kwargs.get("ops") is REFERENCE else "FAST (train's default)"
+    return {"seconds": seconds, "losses": result.losses,
+            "threads": auto_threads(config, tokens.shape) if threads is None else threads, "call": call}

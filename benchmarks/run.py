@@ -1,17 +1,18 @@
-"""Run every benchmark of issue #7; write benchmarks/results.json and docs/performance.md (+ .png).
+"""Run the benchmarks; write benchmarks/results/<cpu-kind>.json and regenerate docs/performance.md.
 
-    python -m benchmarks.run            # full: more repeats (about five minutes on 2 cores)
-    python -m benchmarks.run --quick    # fewer repeats (about two minutes)
+    python -m benchmarks.run            # the measurement: small and large, 3 rounds (see --help)
+    python -m benchmarks.run --quick    # a smoke run at a tiny size, 2 rounds: about a minute
 
-Options: ``--only training,inference,...`` to run a subset, ``--sizes small`` for one config
-(``tiny`` is a toy config that checks the harness in seconds), ``--no-torch`` to leave PyTorch
-out, ``--out PATH`` for the JSON, ``--page PATH`` for the markdown page (the PNG goes next to it),
-``--no-page`` to write no page, ``--threads N`` for the thread count of every library.
+Each library runs in its own fresh process per round (benchmarks/worker.py), the rounds in
+rotating order (benchmarks/rounds.py); the matmul rate of NumPy and of PyTorch is measured alone,
+before and after. The results go to ``benchmarks/results/<cpu-kind>.json`` (``<cpu-kind>`` from
+the CPU's model name, e.g. ``amd-epyc``, ``intel-xeon``: the last full run per kind of machine is
+kept), a quick run's to ``benchmarks/results/quick/<cpu-kind>.json``; the page is regenerated from
+every file there. The table and the targets are printed at the end.
 
-``--unset-openblas-env`` reruns the benchmarks in a fresh process without ``OPENBLAS_CORETYPE``
-and ``OPENBLAS_L2_SIZE`` (set on some machines; they pin NumPy's OpenBLAS to older kernels) and
-writes ``benchmarks/results-openblas-unset.json``; docs/performance.md then shows its targets
-beside those of the main run. The main run always measures the environment as it is.
+Options: ``--only training,peak,...`` a subset of the measurements, ``--sizes small`` one config,
+``--no-torch`` leave PyTorch out, ``--cpus N`` run every process on N cores, ``--rounds``,
+``--steps``, ``--warmup``, ``--results-dir``, ``--page``, ``--no-page``.
 """
 
 from __future__ import annotations
@@ -20,189 +21,171 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .flops import StepShape
-from .harness import blas_threads, machine_info, matmul_peak, set_numpy_blas_threads
-from .suites import (
-    CONFIGS,
-    TINY,
-    backends_suite,
-    delta_svd_suite,
-    gpu_suite,
-    inference_suite,
-    memory_suite,
-    profile_suite,
-    training_suite,
-)
+from .harness import machine_info
+from .rounds import WorkerError, compare, run_worker
+from .suites import CONFIGS, LLAMA_CONFIGS, gpu_suite, llama_available
+from .torch_gpt2 import available as torch_available
 
-__all__ = ["SUITES", "main", "run_all"]
+__all__ = ["SIDES", "SUITES", "main", "run_all"]
 
 SUITES = ("peak", "training", "profile", "inference", "memory", "backends", "delta_svd", "gpu")
-OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-_UNSET_MARK = "LORA_REF_BENCH_UNSET_OPENBLAS"      # set by --unset-openblas-env for the fresh process
-
-# (quick, full) repeats per measurement; warm-up runs come on top.
-REPEATS = {"training": (7, 15), "inference": (11, 25), "backends": (5, 11), "peak": (5, 9)}
+QUICK_SUITES = ("peak", "training", "inference", "memory", "gpu")
+SIDES = ("lora-ref", "lora-ref-reference", "lora-ref-full", "torch-eager", "torch-compile", "torch-eager-full")
+FULL = {"rounds": 3, "warmup": 3, "steps": 10, "peak_sizes": (512, 1024, 2048), "peak_repeats": 7, "repeats": 25}
+QUICK_SIDES = tuple(s for s in SIDES if s != "torch-eager-full")     # the slowest to start, and no target
+QUICK = {"rounds": 2, "warmup": 1, "steps": 3, "peak_sizes": (64, 128, 256), "peak_repeats": 3, "repeats": 3}
 
 
 def _log(message: str) -> None:
     print(f"[benchmarks {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _threads(with_torch: bool, threads: int | None) -> int:
-    """Give every library the same number of threads: ``threads``, or every core this process may
-    use. PyTorch's intra-op threads and NumPy's BLAS threads get that number; lora-ref's batch
-    slices (``transformer_ref.fast.sharded_value_and_grad``) too when ``threads`` is given, else
-    what ``train()`` would choose (``auto_threads``: every core for issue #7's two sizes)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = cores if threads is None else threads
-    set_numpy_blas_threads(n)
-    if with_torch:
+def _peaks(libs: Sequence[str], sizes: Sequence[int], repeats: int, cpus: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for lib in libs:
         try:
-            import torch
-        except ImportError:
-            return n
-        torch.set_num_threads(n)
-    return n
+            out[lib] = run_worker(["peak", "--lib", lib, "--sizes", ",".join(map(str, sizes)),
+                                   "--repeats", str(repeats), *cpus])
+        except WorkerError as exc:
+            out[lib] = {"not_measured": f"not measured: {exc}"}
+    return out
 
 
-def run_all(*, quick: bool = False, configs: Mapping[str, StepShape] | None = None,
-            suites: Sequence[str] = SUITES, with_torch: bool = True, repeats: int | None = None,
-            warmup: int = 2, peak_sizes: tuple[int, ...] = (512, 1024, 2048),
-            threads: int | None = None) -> dict[str, Any]:
-    """Run the chosen ``suites`` on ``configs`` (default: issue #7's small and large); return the
-    results as a JSON-ready dict. ``repeats`` overrides every suite's number of timed runs;
-    ``peak_sizes`` are the matrix sizes of the matmul-peak measurement; ``threads`` the thread
-    count of every library (None: every usable core).
+def _suite(name: str, size: str, quick: bool, repeats: int, cpus: list[str]) -> Any:
+    args = ["suite", "--name", name, "--config", size, "--repeats", str(repeats), *cpus] + (["--quick"] if quick else [])
+    try:
+        return run_worker(args)
+    except WorkerError as exc:
+        return {"size": size, "label": size, "not_measured": f"not measured: {exc}"}
 
-    Before measuring, it calls ``transformer_ref.machine.keep_freed_memory()`` (glibc keeps freed
-    memory for reuse instead of page-faulting it in again each step): process-wide, so PyTorch
-    runs with the same allocator settings.
-    """
-    from transformer_ref.machine import keep_freed_memory
 
+def run_all(*, quick: bool = False, configs: Mapping[str, StepShape] | None = None, suites: Sequence[str] = SUITES,
+            with_torch: bool = True, cpus: int | None = None, log: Callable[[str], None] = _log,
+            **settings: Any) -> dict[str, Any]:
+    """Run the chosen ``suites`` on ``configs`` (names of benchmarks.suites.ALL_CONFIGS; default
+    small and large, and the LLaMA slot); return the results as a JSON-ready dict. ``settings``
+    override :data:`FULL` / :data:`QUICK` (rounds, warmup, steps, peak_sizes, peak_repeats,
+    repeats). Every measurement runs in fresh processes; this one only starts them."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
         raise ValueError(f"unknown suites {unknown}; valid: {', '.join(SUITES)}")
-    configs = dict(CONFIGS if configs is None else configs)
+    bad = sorted(set(settings) - set(FULL))
+    if bad:
+        raise ValueError(f"unknown settings {bad}; valid: {', '.join(FULL)}")
+    plan = {**(QUICK if quick else FULL), **settings}
+    configs = dict({**CONFIGS, **LLAMA_CONFIGS} if configs is None else configs)
+    gpt2 = {k: v for k, v in configs.items() if k not in LLAMA_CONFIGS}
+    torch_reason = torch_available() if with_torch else "not measured: PyTorch left out (--no-torch)"
+    sides = [s for s in (QUICK_SIDES if quick else SIDES) if torch_reason is None or not s.startswith("torch")]
+    cpu_args = [] if cpus is None else ["--cpus", str(cpus)]
+    machine = machine_info()
     started = time.perf_counter()
-    n_threads = _threads(with_torch, threads)
-    malloc_tuned = keep_freed_memory()
-    if with_torch:
-        warnings.filterwarnings("ignore", category=FutureWarning)   # transformers' deprecation notes
-    pick = lambda name: repeats if repeats is not None else REPEATS[name][0 if quick else 1]  # noqa: E731
-    results: dict[str, Any] = {"meta": {"quick": quick, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                        "suites": list(suites), "threads": n_threads,
-                                        "openblas_env": (f"unset by --unset-openblas-env (was {os.environ[_UNSET_MARK]})"
-                                                         if _UNSET_MARK in os.environ else "as set in the environment"),
-                                        "keep_freed_memory": malloc_tuned, "machine": machine_info()}}
-    peak = None
+    results: dict[str, Any] = {"meta": {
+        "quick": quick, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "suites": list(suites), "sides": sides, "torch": torch_reason or "measured",
+        "cpus": cpus if cpus is not None else machine["usable_cpus"],
+        "rounds": plan["rounds"], "warmup": plan["warmup"], "steps": plan["steps"],
+        "method": "each side a fresh process per round, rounds in rotating order, ratio = median of per-round ratios",
+        "machine": machine}}
+    peak_libs = ["numpy"] + (["torch"] if torch_reason is None else [])
     if "peak" in suites:
-        _log("float32 matmul peak")
-        results["peak"] = matmul_peak(peak_sizes, repeats=pick("peak"), with_torch=with_torch)
-        peak = results["peak"]["peak_gflops"]
+        log("float32 matmul rate, before")
+        results["peak"] = {"before": _peaks(peak_libs, plan["peak_sizes"], plan["peak_repeats"], cpu_args),
+                           "formula": "2 n^3 FLOPs per n x n @ n x n product, float32"}
     if "training" in suites:
-        results["training"] = []
-        for size, shape in configs.items():
-            _log(f"training step, {size} ({shape.label})")
-            results["training"].append(training_suite(size, shape, repeats=pick("training"), warmup=warmup,
-                                                      peak_gflops=peak, with_torch=with_torch, threads=threads))
-        if "peak" in suites:                      # the peak again, after: it drifts; keep the higher
-            again = matmul_peak(peak_sizes, repeats=pick("peak"), with_torch=with_torch)
-            results["peak"]["after_training"] = again
-            if again["peak_gflops"] > peak:
-                results["peak"].update({k: again[k] for k in ("gflops", "peak_gflops", "peak_from")})
-                for entry in results["training"]:
-                    for eff in entry.get("efficiency", {}).values():
-                        eff["fraction_of_peak"] = eff["gflops"] / again["peak_gflops"]
-    if "profile" in suites:
-        results["profile"] = []
-        for size, shape in configs.items():
-            _log(f"profile, {size}")
-            results["profile"].append(profile_suite(size, shape, repeats=2 if quick else 3, with_torch=with_torch))
-    if "inference" in suites:
-        results["inference"] = []
-        for size, shape in configs.items():
-            _log(f"inference, {size}")
-            results["inference"].append(inference_suite(size, shape, repeats=pick("inference"), warmup=warmup))
-    if "memory" in suites:
-        results["memory"] = []
-        for size, shape in configs.items():
-            _log(f"memory, {size}")
-            results["memory"].append(memory_suite(size, shape))
-    if "backends" in suites:
-        _log("backends")
-        first = next(iter(configs.values()))
-        results["backends"] = backends_suite(first, repeats=pick("backends"), warmup=min(warmup, 1))
+        results["training"] = compare(gpt2, sides, rounds=plan["rounds"], warmup=plan["warmup"], steps=plan["steps"],
+                                      cpus=cpus, log=log) if gpt2 else []
+        reason = llama_available()
+        for size in configs:
+            if size in LLAMA_CONFIGS:
+                results["training"].append({"size": size, "family": "llama", "label": configs[size].label,
+                                            "not_measured": reason})
+    if "peak" in suites:
+        log("float32 matmul rate, after")
+        results["peak"]["after"] = _peaks(peak_libs, plan["peak_sizes"], plan["peak_repeats"], cpu_args)
+        best = [(d["peak_gflops"], f"{lib} {when}, n={d['peak_from'].split('n=')[-1]}")
+                for when in ("before", "after") for lib, d in results["peak"][when].items() if "peak_gflops" in d]
+        if best:
+            results["peak"]["best_gflops"], results["peak"]["best_from"] = max(best)
+            for entry in results.get("training", []):
+                for side in entry.get("sides", {}).values():
+                    if "gflops" in side:
+                        side["fraction_of_peak"] = side["gflops"] / results["peak"]["best_gflops"]
+    for name in ("profile", "inference", "memory"):
+        if name in suites:
+            results[name] = []
+            for size in gpt2:
+                log(f"{name}, {size}")
+                results[name].append(_suite(name, size, quick, plan["repeats"], cpu_args))
+                if name == "profile" and torch_reason is None:
+                    results[name][-1].update({k: v for k, v in _suite("torch-profile", size, quick, plan["repeats"],
+                                                                      cpu_args).items() if k not in ("size", "label")})
+    if "backends" in suites and gpt2:
+        log("backends")
+        results["backends"] = _suite("backends", next(iter(gpt2)), quick, max(3, plan["repeats"] // 3), cpu_args)
     if "delta_svd" in suites:
-        _log("delta_svd")
-        results["delta_svd"] = delta_svd_suite(quick)
+        log("delta_svd")
+        results["delta_svd"] = _suite("delta_svd", next(iter(gpt2), "small"), quick, 1, cpu_args)
     if "gpu" in suites:
         results["gpu"] = gpu_suite()
     results["targets"] = report.targets(results)
-    results["meta"]["threads_at_end"] = blas_threads()
     results["meta"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results["meta"]["duration_s"] = time.perf_counter() - started
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .suites import ALL_CONFIGS
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (under five minutes)")
-    ap.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
-    sizes_known = {**CONFIGS, "tiny": TINY}
-    ap.add_argument("--sizes", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(sizes_known)}")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny size, 2 rounds of 3 steps (about a minute)")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SUITES)}")
+    ap.add_argument("--sizes", default=None, help=f"comma-separated subset of {','.join(ALL_CONFIGS)} "
+                                                  "(default: small,large,llama-small,llama-large; --quick: tiny)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out (no comparison)")
-    ap.add_argument("--threads", type=int, default=None, help="threads for every library (default: every core)")
-    ap.add_argument("--out", type=Path, default=report.RESULTS, help="where to write the JSON")
-    ap.add_argument("--page", type=Path, default=report.PAGE, help="where to write the page (the PNG goes beside it)")
+    ap.add_argument("--cpus", type=int, default=None, help="cores for every process (default: every usable one)")
+    for name in ("rounds", "warmup", "steps"):
+        ap.add_argument(f"--{name}", type=int, default=None, help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
+    ap.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR, help="where results files are kept")
+    ap.add_argument("--page", type=Path, default=report.PAGE, help="the page to regenerate (the PNG goes beside it)")
     ap.add_argument("--no-page", action="store_true", help="write no page and no plot")
-    ap.add_argument("--unset-openblas-env", action="store_true",
-                    help=f"rerun without {', '.join(OPENBLAS_ENV)}; writes {report.RESULTS_UNSET.name}, no page")
     args = ap.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be a positive int, got {args.threads}")
-    if args.unset_openblas_env:
-        # OpenBLAS reads these when NumPy loads it, so only a fresh process can drop them.
-        argv = list(sys.argv[1:] if argv is None else argv)
-        argv.remove("--unset-openblas-env")
-        env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_ENV}
-        env[_UNSET_MARK] = ",".join(f"{k}={os.environ[k]}" for k in OPENBLAS_ENV if k in os.environ) or "(none were set)"
-        if "--out" not in argv:
-            argv += ["--out", str(report.RESULTS_UNSET)]
-        if "--page" not in argv:
-            argv.append("--no-page")
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *argv], env)
-    sizes = [s for s in args.sizes.split(",") if s]
-    bad = [s for s in sizes if s not in sizes_known]
+    sizes = [s for s in (args.sizes or ("tiny" if args.quick else "small,large,llama-small,llama-large")).split(",") if s]
+    bad = [s for s in sizes if s not in ALL_CONFIGS]
     if bad or not sizes:
-        ap.error(f"unknown sizes {bad or sizes}; valid: {', '.join(sizes_known)}")
-    suites = [s for s in args.only.split(",") if s]
+        ap.error(f"unknown sizes {bad or sizes}; valid: {', '.join(ALL_CONFIGS)}")
+    suites = [s for s in (args.only or ",".join(QUICK_SUITES if args.quick else SUITES)).split(",") if s]
+    settings = {k: getattr(args, k) for k in ("rounds", "warmup", "steps") if getattr(args, k) is not None}
+    for k, v in settings.items():
+        if v < (0 if k == "warmup" else 1):
+            ap.error(f"--{k} must be {'>= 0' if k == 'warmup' else 'a positive int'}, got {v}")
     try:
-        results = run_all(quick=args.quick, configs={s: sizes_known[s] for s in sizes}, suites=suites,
-                          with_torch=not args.no_torch, threads=args.threads,
-                          peak_sizes=(64, 128, 256) if sizes == ["tiny"] else (512, 1024, 2048))
+        results = run_all(quick=args.quick, configs={s: ALL_CONFIGS[s] for s in sizes}, suites=suites,
+                          with_torch=not args.no_torch, cpus=args.cpus, **settings)
     except ValueError as exc:
         ap.error(str(exc))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    _log(f"wrote {args.out}")
+    out = report.result_path(results["meta"]["machine"]["cpu_kind"], args.quick, args.results_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    _log(f"wrote {out}")
     if not args.no_page:
-        plot = report.write_plot(results, args.page.with_suffix(".png"))
-        unset = (json.loads(report.RESULTS_UNSET.read_text())
-                 if args.page == report.PAGE and report.RESULTS_UNSET.exists() else None)
-        report.write_page(results, args.page, plot.name if plot else None, unset_results=unset)
-        _log(f"wrote {args.page}" + (f" and {plot}" if plot else ""))
-    for t in results["targets"]:
-        value = "—" if t["value"] is None else f"{t['value']:.3f}"
-        _log(f"{t['name']}: {value} (target {t['target']}) {report._met(t['met'])}")
+        page, plot = report.regenerate(args.results_dir, args.page)
+        _log(f"wrote {page}" + (f" and {plot}" if plot else ""))
+    print(report.text_summary(results))
+    disagree = [e["label"] for e in results.get("training", []) if (e.get("same_function") or {}).get("initial_losses_agree") is False]
+    if disagree:
+        _log(f"the sides' starting losses disagree beyond rounding at {', '.join(disagree)}: see the results file")
+        return 1
     return 0
 
 

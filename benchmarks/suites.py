@@ -1,12 +1,16 @@
-"""The measurements of issue #7, one function each; every one returns a JSON-ready dict.
+"""The measurements, one function each; every one returns a JSON-ready dict.
 
-Each function builds what it times first (models, steps), checks that the sides it compares
-compute the same thing, then times them with :func:`benchmarks.harness.alternate`.
+The comparison between libraries (the training step) is not here: each library runs in its own
+process (benchmarks/worker.py, benchmarks/rounds.py). What is here measures lora-ref against
+itself -- forwards merged and unmerged, memory, backends, where a step's time goes -- and runs in
+one process per measurement (``python -m benchmarks.worker suite --name ...``), timed with
+:func:`benchmarks.harness.alternate`; PyTorch's operator profile runs in a process of its own.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import statistics
 import timeit
 import tracemalloc
@@ -14,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from .flops import StepShape, memory_accounting, param_counts, step_flops
+from .flops import StepShape, memory_accounting, step_flops
 from .harness import alternate, paired_ratio, summarize
 from .ref_gpt2 import make_model, make_ref_step
 from .torch_gpt2 import available as torch_available
 from .torch_gpt2 import make_torch_step
 
-__all__ = ["CONFIGS", "TINY", "backends_suite", "delta_svd_suite", "gpu_suite", "inference_suite",
-           "memory_suite", "profile_suite", "training_suite"]
+__all__ = ["ALL_CONFIGS", "CONFIGS", "LLAMA_CONFIGS", "TINY", "backends_suite", "delta_svd_suite", "gpu_suite",
+           "inference_suite", "llama_available", "memory_suite", "profile_suite", "same_function_bound",
+           "shape_dict", "torch_profile_suite"]
 
 # Issue #7's two configurations (the default), and a tiny one to check the harness quickly.
 CONFIGS = {
@@ -30,14 +35,28 @@ CONFIGS = {
 }
 TINY = StepShape(n_embd=32, n_layer=2, seq_len=16, batch=2, vocab=64, n_head=2, r=4)
 
+# The LLaMA row (issue 18), the slot kept for transformer_ref.llama: LoRA on q and v (r = 8) of
+# lora-ref's LLaMA against transformers' LlamaForCausalLM + PEFT, eager, at the GPT-2 configs'
+# shapes. Measured once transformer_ref.llama exists and benchmarks/worker.py has its two sides;
+# until then the page shows these rows as not measured, with the reason (llama_available).
+LLAMA_CONFIGS = {"llama-small": CONFIGS["small"], "llama-large": CONFIGS["large"]}
+ALL_CONFIGS = {**CONFIGS, "tiny": TINY, **LLAMA_CONFIGS}
 
-def _shape_dict(s: StepShape) -> dict[str, Any]:
+
+def llama_available() -> str | None:
+    """None when the LLaMA row can be measured; otherwise why not."""
+    if importlib.util.find_spec("transformer_ref.llama") is None:
+        return "not measured: transformer_ref.llama does not exist yet"
+    return "not measured: transformer_ref.llama exists, the benchmark's LLaMA sides are not written yet"
+
+
+def shape_dict(s: StepShape) -> dict[str, Any]:
     return {"n_embd": s.n_embd, "n_layer": s.n_layer, "n_head": s.heads, "seq_len": s.seq_len,
             "batch": s.batch, "vocab": s.vocab, "r": s.r, "lora_alpha": 16.0, "lora_targets": "c_attn",
             "dtype": "float32"}
 
 
-def _same_function_bound(shape: StepShape) -> float:
+def same_function_bound(shape: StepShape) -> float:
     """Relative bound on the difference of two float32 evaluations of the same logits.
 
     ``tolerance(float32, n)`` with n the chained roundings of the longest dot products on a
@@ -52,72 +71,6 @@ def _same_function_bound(shape: StepShape) -> float:
     C, F, T = shape.n_embd, 4 * shape.n_embd, shape.seq_len
     n = shape.n_layer * (3 * C + F + T + C // shape.heads) + C
     return 2.0 * tolerance(np.float32, n)
-
-
-def _check_same_function(steps: dict[str, Any], pairs: list[tuple[str, str]], shape: StepShape) -> dict[str, float]:
-    """max |logits_a - logits_b| / max |logits_a| for each pair; RuntimeError when over the bound."""
-    bound = _same_function_bound(shape)
-    out = {}
-    for a, b in pairs:
-        la, lb = steps[a]["logits"](), steps[b]["logits"]()
-        rel = float(np.max(np.abs(la.astype(np.float64) - lb)) / np.max(np.abs(la)))
-        out[f"{a} vs {b}"] = rel
-        if not rel <= bound:
-            raise RuntimeError(f"{a} and {b} do not compute the same logits: relative difference {rel:.3g} "
-                               f"> bound {bound:.3g}")
-    out["bound"] = bound
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# 1-3. The training step: lora-ref vs PyTorch + PEFT, LoRA vs full fine-tuning, FLOP/s
-# --------------------------------------------------------------------------------------------
-
-
-def training_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 2, peak_gflops: float | None = None,
-                   with_torch: bool = True, pause: float = 0.05, threads: int | None = None) -> dict[str, Any]:
-    """Time LoRA and full fine-tuning steps of lora-ref and of PyTorch + PEFT, alternated.
-    ``threads``: lora-ref's batch slices (None: what ``train()`` chooses, ``auto_threads``)."""
-    from transformer_ref import merge_adapters
-
-    entry: dict[str, Any] = {"size": size, "label": shape.label, "shape": _shape_dict(shape),
-                             "flops": step_flops(shape), "params": param_counts(shape)}
-    model = make_model(shape)
-    steps = {"ref_lora": make_ref_step(model, "lora", threads=threads),
-             "ref_full": make_ref_step(model, "full", threads=threads)}
-    reason = torch_available() if with_torch else "not measured: PyTorch comparison switched off"
-    if reason is None:
-        merged = {k: np.asarray(v) for k, v in merge_adapters(model["params"], model["adapters"],
-                                                               model["lora_config"]).items()}
-        steps["torch_lora"] = make_torch_step(shape, "lora", model["params"], model["adapters"],
-                                              model["tokens"], model["targets"])
-        steps["torch_full"] = make_torch_step(shape, "full", merged, None, model["tokens"], model["targets"])
-    else:
-        entry["torch"] = reason
-    # The same function on every side before any timing: the logits at the starting point agree
-    # (the full fine-tuning sides start from the merged weights, i.e. the same function again).
-    pairs = [("ref_lora", "ref_full")] + ([("ref_lora", "torch_lora"), ("ref_full", "torch_full")]
-                                          if "torch_lora" in steps else [])
-    entry["same_logits"] = _check_same_function(steps, pairs, shape)
-    entry["initial_loss"] = {name: st["loss"]() for name, st in steps.items()}
-    entry["trainable"] = {name: st["trainable"] for name, st in steps.items()}
-    entry["ref_slices"] = {name: st["threads"] for name, st in steps.items() if "threads" in st}
-    times = alternate({name: st["step"] for name, st in steps.items()}, repeats=repeats, warmup=warmup, pause=pause)
-    entry["times"] = {name: summarize(ts) for name, ts in times.items()}
-    ratios = {"ref_lora/ref_full": paired_ratio(times["ref_lora"], times["ref_full"])}
-    if "torch_lora" in times:
-        ratios["ref_lora/torch_lora"] = paired_ratio(times["ref_lora"], times["torch_lora"])
-        ratios["ref_full/torch_full"] = paired_ratio(times["ref_full"], times["torch_full"])
-        ratios["torch_lora/torch_full"] = paired_ratio(times["torch_lora"], times["torch_full"])
-    entry["ratios"] = ratios
-    flops = entry["flops"]
-    entry["efficiency"] = {}
-    for name, ts in times.items():
-        count = flops["lora_step"] if name.endswith("lora") else flops["full_step"]
-        gflops = count / statistics.median(ts) / 1e9
-        entry["efficiency"][name] = {"gflops": gflops,
-                                     "fraction_of_peak": gflops / peak_gflops if peak_gflops else None}
-    return entry
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +91,7 @@ def inference_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 
            "unmerged": lambda: forward(params, tokens, config, adapters, lc, ops=FAST)}
     times = alternate(fns, repeats=repeats, warmup=warmup, pause=pause)
     flops = step_flops(shape)
-    return {"size": size, "label": shape.label, "shape": _shape_dict(shape),
+    return {"size": size, "label": shape.label, "shape": shape_dict(shape),
             "times": {k: summarize(v) for k, v in times.items()},
             "ratios": {"merged/base": paired_ratio(times["merged"], times["base"]),
                        "unmerged/base": paired_ratio(times["unmerged"], times["base"]),
@@ -159,7 +112,7 @@ def inference_suite(size: str, shape: StepShape, *, repeats: int, warmup: int = 
 def memory_suite(size: str, shape: StepShape) -> dict[str, Any]:
     """Peak bytes NumPy allocates during one training step (after a warm-up step), LoRA and full."""
     model = make_model(shape)
-    out: dict[str, Any] = {"size": size, "label": shape.label, "shape": _shape_dict(shape),
+    out: dict[str, Any] = {"size": size, "label": shape.label, "shape": shape_dict(shape),
                            "accounting": memory_accounting(shape)}
     for mode in ("lora", "full"):
         step = make_ref_step(model, mode)
@@ -220,7 +173,7 @@ def backends_suite(shape: StepShape, *, repeats: int, warmup: int = 1) -> dict[s
     times = alternate(fns, repeats=repeats, warmup=warmup)
     base = statistics.median(times["numpy"])
     forward_rows = {name: {**summarize(ts), "vs_numpy": statistics.median(ts) / base} for name, ts in times.items()}
-    return {"label": shape.label, "shape": _shape_dict(shape), "forward": forward_rows,
+    return {"label": shape.label, "shape": shape_dict(shape), "forward": forward_rows,
             "per_call": _per_call_overhead(),
             "note": ("The two value_and_grad rows include the backward pass (they are a LoRA step "
                      "without Adam); autograd.numpy's VJPs are the independent derivation the tests "
@@ -256,9 +209,10 @@ def _per_call_overhead(number: int = 20000) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------------------------
 
 
-def profile_suite(size: str, shape: StepShape, *, repeats: int = 3, with_torch: bool = True) -> dict[str, Any]:
+def profile_suite(size: str, shape: StepShape, *, repeats: int = 3) -> dict[str, Any]:
     """A LoRA step's time per layer type (forward, backward) in lora-ref, on one thread and on
-    every core (thread-milliseconds), and PyTorch's top operators by self CPU time."""
+    every core (thread-milliseconds). PyTorch's profile is :func:`torch_profile_suite`, run in a
+    process of its own."""
     from transformer_ref import FAST
     from transformer_ref.machine import blas_threads
 
@@ -272,21 +226,25 @@ def profile_suite(size: str, shape: StepShape, *, repeats: int = 3, with_torch: 
         step["step"]()
         with blas_threads(1 if threads == 1 else None):     # every BLAS on one thread, restored after
             out[name] = step_breakdown(step["step"], totals, repeats=repeats)
-    if with_torch and torch_available() is None:
-        out["PyTorch+PEFT"] = _torch_profile(shape, model, repeats)
     return out
 
 
-def _torch_profile(shape: StepShape, model: dict[str, Any], repeats: int) -> dict[str, Any]:
+def torch_profile_suite(size: str, shape: StepShape, *, repeats: int = 3) -> dict[str, Any]:
+    """PyTorch + PEFT's top operators by self CPU time in an eager LoRA step."""
+    reason = torch_available()
+    if reason is not None:
+        return {"size": size, "label": shape.label, "not_measured": reason}
     import torch
 
+    model = make_model(shape)
     step = make_torch_step(shape, "lora", model["params"], model["adapters"], model["tokens"], model["targets"])
     step["step"]()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             step["step"]()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    return {"top_ops_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / repeats for e in rows},
+    return {"size": size, "label": shape.label,
+            "top_ops_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / repeats for e in rows},
             "calls_per_step": {e.key: e.count / repeats for e in rows},
             "note": "self CPU time of each operator on its calling thread (its intra-op threads work inside it)"}
 
@@ -315,5 +273,5 @@ def gpu_suite() -> str:
         with use_backend("cupy"):
             pass
     except BackendUnavailableError as exc:
-        return f"not measured: no GPU in this session ({exc})"
-    return "not measured: a GPU is present, but the GPU benchmarks are not written yet"
+        return f"not measured: no GPU lent to this run ({str(exc).split(':')[0]})"
+    return "not measured: a GPU is present, but the GPU benchmark (CuPy against PyTorch CUDA eager) is not written yet"

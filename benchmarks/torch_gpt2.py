@@ -1,10 +1,11 @@
 """The PyTorch side: what a user would run instead of lora-ref.
 
 transformers' ``GPT2LMHeadModel`` (its default attention, SDPA), PEFT LoRA on ``c_attn`` with
-``fan_in_fan_out=True`` (GPT-2's Conv1D), ``torch.optim.Adam`` with its CPU defaults, eager mode,
-float32, dropout off everywhere (lora-ref's forward has none). The model receives the *same*
-weights and adapters as the lora-ref side, so the two compute the same loss; the runner checks
-that before it times anything.
+``fan_in_fan_out=True`` (GPT-2's Conv1D), ``torch.optim.Adam`` with its CPU defaults, float32,
+dropout off everywhere (lora-ref's forward has none); eager mode, or the model wrapped in
+``torch.compile`` (default backend, inductor), the one-line change a user would try for speed.
+The model receives the *same* weights and adapters as the lora-ref side, so the two compute the
+same loss; the runner checks that before it compares times.
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ def _hf_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray],
                     adapters: Mapping[str, Mapping[str, np.ndarray]] | None, tokens: np.ndarray,
-                    targets: np.ndarray, *, alpha: float = 16.0, lr: float = 1e-3) -> dict[str, Any]:
-    """One training step of transformers GPT-2 (+ PEFT LoRA on c_attn when ``mode == "lora"``).
+                    targets: np.ndarray, *, alpha: float = 16.0, lr: float = 1e-3,
+                    compile: bool = False) -> dict[str, Any]:
+    """One training step of transformers GPT-2 (+ PEFT LoRA on c_attn when ``mode == "lora"``);
+    with ``compile`` the model is ``torch.compile(model)`` (compiled at the first step).
 
     ``params``: float32 arrays keyed by GPT-2 state-dict names, projections (d_out, d_in);
     ``adapters``: ``{"transformer.h.{i}.attn.c_attn": {"A": (r, C), "B": (3C, r)}}`` for LoRA;
     ``tokens``, ``targets``: int arrays (batch, T). Returns ``{"step", "loss", "logits", "trainable"}``:
     ``step()`` runs forward, backward and Adam and returns the loss (float); ``loss()`` and
-    ``logits()`` evaluate the current model without training; ``trainable`` counts parameters.
+    ``logits()`` evaluate the current model without training, eagerly (the compiled model shares
+    its parameters; evaluating it would compile a second, inference graph); ``trainable`` counts
+    parameters.
     """
     import torch
     import torch.nn.functional as F
@@ -87,12 +92,14 @@ def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray
     x = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).reshape(-1)   # (B*T,)
 
-    def loss() -> Any:
-        logits = model(input_ids=x, use_cache=False).logits                  # (B, T, V)
+    run = torch.compile(model) if compile else model
+
+    def loss(module: Any = model) -> Any:
+        logits = module(input_ids=x, use_cache=False).logits                 # (B, T, V)
         return F.cross_entropy(logits.reshape(-1, shape.vocab), y)
 
     def step() -> float:
-        value = loss()
+        value = loss(run)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -1,17 +1,19 @@
-"""The benchmark harness works: one tiny configuration end to end, and its arithmetic.
+"""The benchmark harness works: a quick run end to end, and its arithmetic.
 
 Nothing here asserts on time: timings are the benchmarks' output, not a property to test. What
-is tested is that the runner runs, writes JSON and a page, and that its FLOP formula and ratio
-arithmetic are right. PyTorch is left out (this file is not an interop test).
+is tested is that the runner runs its sides in fresh processes in rotating order, writes a
+results file per CPU kind and a page, that the lora-ref side is the public train() loop with its
+defaults, and that its FLOP formula and ratio arithmetic are right. PyTorch is left out (this
+file is not an interop test).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,45 +92,126 @@ def test_paired_ratio_is_median_of_per_round_ratios() -> None:
         paired_ratio([1.0], [1.0, 2.0])
 
 
-def test_tiny_run_writes_json_page_and_plot(tmp_path: Path) -> None:
-    from benchmarks import report
-    from benchmarks.run import main, run_all
+def test_cpu_kind_names_vendor_and_family() -> None:
+    from benchmarks.harness import cpu_kind, cpu_model
+
+    assert cpu_kind("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == "intel-xeon"
+    assert cpu_kind("AMD EPYC 7B13 64-Core Processor") == "amd-epyc"
+    assert cpu_kind("AMD EPYC") == "amd-epyc"
+    assert cpu_kind("Intel(R) Core(TM) i7-10700 CPU @ 2.90GHz") == "intel-core"
+    assert cpu_kind("").startswith("cpu-")                          # no name: the architecture
+    assert cpu_kind() == cpu_kind(cpu_model())
+
+
+def test_rounds_rotate_and_ratio_is_median_of_per_round_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare() without processes: a fake worker returns made-up medians; the order rotates
+    each round and every ratio is the median of the per-round ratios of the sides' medians."""
+    from benchmarks import rounds
     from benchmarks.suites import TINY
 
-    results = run_all(quick=True, configs={"tiny": TINY}, with_torch=False, repeats=1, warmup=0,
-                      suites=("peak", "training", "inference", "memory", "backends", "gpu"),
-                      peak_sizes=(32, 64))
-    results = json.loads(json.dumps(results))                      # JSON-ready as is
-    (train,) = results["training"]
-    assert set(train["times"]) == {"ref_lora", "ref_full"}
-    for t in train["times"].values():
-        assert len(t["runs_s"]) == 1 and t["median_s"] > 0.0
-    # the same-function check ran and passed: LoRA-adapted vs merged-then-full logits
-    assert train["same_logits"]["ref_lora vs ref_full"] <= train["same_logits"]["bound"]
-    ratio = train["ratios"]["ref_lora/ref_full"]
-    assert math.isclose(ratio["median"], train["times"]["ref_lora"]["median_s"] / train["times"]["ref_full"]["median_s"],
-                        rel_tol=1e-3)                                # runs are stored to 1 microsecond
-    assert train["trainable"]["ref_lora"] == TINY.n_layer * TINY.r * 4 * TINY.n_embd   # r (C + 3C) per layer
-    (inf,) = results["inference"]
-    assert set(inf["times"]) == {"base", "merged", "unmerged"}
-    (mem,) = results["memory"]
-    assert mem["lora"]["peak_bytes"] > 0 and mem["full"]["peak_bytes"] > 0
-    assert results["gpu"].startswith("not measured") or results["gpu"]
-    assert [t["met"] for t in results["targets"]][:4] == [None] * 4   # small/large not run here
+    calls: list[str] = []
+    medians = {"lora-ref": [1.0, 4.0, 9.0], "torch-eager": [1.0, 2.0, 3.0], "lora-ref-full": [2.0, 2.0, 2.0]}
+
+    def fake(args: list[str], **_: object) -> dict[str, object]:
+        side = args[args.index("--lib") + 1]
+        calls.append(side)
+        m = medians[side][sum(c == side for c in calls) - 1]
+        if "--logits" in args:
+            np.save(args[args.index("--logits") + 1], np.ones((2, 3, 4), dtype=np.float32))
+        return {"median_s": m, "min_s": m, "max_s": m, "first_step_s": m, "initial_loss": 1.0}
+
+    monkeypatch.setattr(rounds, "run_worker", fake)
+    (entry,) = rounds.compare({"tiny": TINY}, ["lora-ref", "torch-eager", "lora-ref-full"], rounds=3, warmup=0,
+                              steps=1, log=lambda _: None)
+    assert calls == ["lora-ref", "torch-eager", "lora-ref-full", "torch-eager", "lora-ref-full", "lora-ref",
+                     "lora-ref-full", "lora-ref", "torch-eager"]
+    ratio = entry["ratios"]["lora-ref/torch-eager"]          # per round 1/1, 4/2, 9/3
+    assert (ratio["median"], ratio["min"], ratio["max"]) == (2.0, 1.0, 3.0)
+    assert entry["sides"]["lora-ref"]["round_medians_s"] == [1.0, 4.0, 9.0]
+    assert entry["same_function"]["relative_difference"] == {"torch-eager": 0.0, "lora-ref-full": 0.0}
+    assert entry["same_function"]["initial_losses_agree"] is True
+
+
+def test_benchmark_times_the_public_train_loop_with_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lora-ref side is transformer_ref.train as a user calls it: the same function object,
+    op set and threads (train's defaults: FAST, None), and one timing per step it runs."""
+    import inspect
+
+    import transformer_ref
+    from benchmarks import worker
+    from transformer_ref import FAST, REFERENCE
+    from transformer_ref.machine import blas_threads, numpy_openblas
+
+    real = transformer_ref.train
+    seen: list[dict[str, object]] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_ref, "train", spy)
+    blas = numpy_openblas()
+    with blas_threads(None if blas is None else blas.get_threads()):   # the worker sets the count; put it back
+        out = worker.step("lora-ref", "tiny", warmup=1, steps=2)
+        seen_lora = list(seen)
+        seen.clear()
+        worker.step("lora-ref-reference", "tiny", warmup=0, steps=1)
+    (kwargs,) = seen_lora
+    assert "ops" not in kwargs and "threads" not in kwargs      # train's own defaults, as users get them
+    defaults = inspect.signature(real).parameters
+    assert defaults["ops"].default is FAST and defaults["threads"].default is None
+    assert kwargs["steps"] == 3 and len(out["runs_s"]) == 2 and len(out["warmup_s"]) == 1
+    assert out["threads"]["numpy_blas_at_end"] == out["threads"]["numpy_blas"]     # no thread-count leak
+    assert seen[0]["ops"] is REFERENCE and seen[0]["threads"] == 1
+
+
+def test_quick_run_end_to_end_writes_results_and_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """python -m benchmarks.run --quick --no-torch (fresh worker processes; smaller still), then the
+    page for a full run built from the same file."""
+    from benchmarks import report
+    from benchmarks.harness import cpu_kind
+    from benchmarks.run import main
+    from benchmarks.suites import TINY
 
     page = tmp_path / "performance.md"
-    plot = report.write_plot(results, tmp_path / "performance.png")
-    text = report.write_page(results, page, plot.name)
-    assert plot.stat().st_size > 0 and page.read_text() == text
-    assert "## Training step" in text and TINY.label in text
+    assert main(["--quick", "--no-torch", "--steps", "1", "--rounds", "2", "--only", "peak,training,inference,gpu",
+                 "--results-dir", str(tmp_path), "--page", str(page)]) == 0
+    out = tmp_path / "quick" / f"{cpu_kind()}.json"
+    results = json.loads(out.read_text())
+    assert results["meta"]["quick"] is True and results["meta"]["machine"]["cpu"]
+    (entry,) = results["training"]
+    assert entry["label"] == TINY.label and set(entry["sides"]) == {"lora-ref", "lora-ref-reference", "lora-ref-full"}
+    for side in entry["sides"].values():
+        assert len(side["rounds"]) == 2 and side["median_s"] > 0.0
+        for r in side["rounds"]:
+            assert r["threads"]["numpy_blas_at_end"] == r["threads"]["numpy_blas"]
+    assert entry["same_function"]["relative_difference"]["lora-ref-full"] <= entry["same_function"]["bound"]
+    assert set(results["peak"]) >= {"before", "after", "best_gflops"}            # both kept
+    assert results["peak"]["before"]["numpy"]["numpy_blas"]["kernel"] is not None or \
+        results["peak"]["before"]["numpy"]["numpy_blas"]["library"] is None
+    assert results["gpu"].startswith("not measured")
+    text = page.read_text()
+    assert "Quick smoke runs: not measurements" in text and "No full measurement is recorded yet" in text
     assert "```python" not in text                                  # the docs test would run it
+    printed = capsys.readouterr().out
+    assert printed.startswith("QUICK SMOKE RUN") and "| config |" in printed
 
-    # the command line: JSON and page where asked
-    out = tmp_path / "cli.json"
-    assert main(["--sizes", "tiny", "--no-torch", "--quick", "--only", "training",
-                 "--out", str(out), "--page", str(tmp_path / "cli.md")]) == 0
-    assert json.loads(out.read_text())["training"][0]["label"] == TINY.label
-    assert (tmp_path / "cli.md").exists() and (tmp_path / "cli.png").exists()
+    # the same file as if it were a full run: every section renders, the CPU kind is named
+    results["meta"]["quick"] = False
+    full_text = report.write_page([results], [], tmp_path / "full.md", None)
+    assert results["meta"]["machine"]["cpu"] in full_text and "Every side, LoRA against full" in full_text
+    assert "The machine's float32 matmul rate" in full_text and "## Quick smoke runs" not in full_text
+
+
+def test_llama_slot_is_reported_not_measured_until_the_host_exists() -> None:
+    from benchmarks.run import run_all
+    from benchmarks.suites import LLAMA_CONFIGS, llama_available
+
+    reason = llama_available()
+    results = run_all(configs={"llama-small": LLAMA_CONFIGS["llama-small"]}, suites=("training",), with_torch=False,
+                      log=lambda _: None)
+    (entry,) = results["training"]
+    assert entry["family"] == "llama" and entry["not_measured"] == reason and reason.startswith("not measured")
 
 
 def test_profile_times_a_copy_of_the_op_set_and_leaves_fast_alone() -> None:
@@ -165,10 +248,10 @@ def test_profile_times_a_copy_of_the_op_set_and_leaves_fast_alone() -> None:
     assert out["step_ms"] > 0.0 and "linear forward" in out["parts_ms"]
 
 
-def test_step_command_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_step_command_times_train(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.step import main
 
     assert main(["--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--seq", "8", "--batch", "2",
-                 "--vocab", "16", "--warmup", "0", "--steps", "1", "--threads", "1", "--default-malloc"]) == 0
+                 "--vocab", "16", "--warmup", "0", "--steps", "1", "--threads", "1"]) == 0
     line = capsys.readouterr().out
-    assert line.startswith("lora step, float32, n_embd=16") and "1 batch slice(s) in parallel" in line
+    assert line.startswith("lora step, float32, n_embd=16") and "transformer_ref.train, 1 batch slice(s)" in line
