@@ -7,6 +7,8 @@
   file of their own, apart from layers.py, to keep each under 600 lines: a deliberate deviation
   from DESIGN.md).
 * :mod:`transformer_ref.gpt2`: GPT-2 -- :class:`GPTConfig`, parameters, forward, loss.
+* :mod:`transformer_ref.llama`: LLaMA (and Mistral, Qwen2) -- :class:`LlamaConfig`, parameters,
+  forward, loss; the same shape as gpt2.py.
 * :mod:`transformer_ref.hosting`: what every family shares -- :func:`add_adapters`,
   :func:`merge_adapters`, targeting, validation -- and the family registry.
 * :mod:`transformer_ref.checkpoints`: Hugging Face checkpoints (:func:`load_hf_gpt2`, :func:`save_hf_gpt2`).
@@ -30,23 +32,26 @@ import numpy as np
 
 from lora_ref.lora import LoraConfig
 
-from . import gpt2, hosting
+from . import gpt2, hosting, llama
 from .checkpoints import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
 from .count import adapter_counts, count_parameters, count_trainable, lora_config_for, matrix_shapes
 from .fast import FAST
 from .gpt2 import GPTConfig
+from .llama import LlamaConfig
 from .hosting import add_adapters, merge_adapters
 from .layers import REFERENCE, Ops, traced
 from .train import train
 
 # The model families, one registration each: forward & co. below dispatch on the config's type.
 hosting.register(gpt2.FAMILY)
+hosting.register(llama.FAMILY)
 
 __all__ = [
     "FAST",
     "REFERENCE",
     "CheckpointFormatError",
     "GPTConfig",
+    "LlamaConfig",
     "Ops",
     "adapter_counts",
     "add_adapters",
@@ -70,14 +75,15 @@ __all__ = [
 def forward(params: Mapping[str, Any], tokens: Any, config: Any, adapters: Mapping[str, Any] | None = None,
             lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
             ops: Ops = REFERENCE) -> Any:
-    """Logits ``(B, T, V)``: the forward of ``config``'s family (GPT-2: :func:`gpt2.forward`)."""
+    """Logits ``(B, T, V)``: the forward of ``config``'s family (:func:`gpt2.forward`, :func:`llama.forward`)."""
     return hosting.family_of(config).forward(params, tokens, config, adapters, lora_config, dropout, ops)
 
 
 def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: Any, adapters: Mapping[str, Any] | None = None,
          lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
          ops: Ops = REFERENCE) -> Any:
-    """Mean next-token cross-entropy (0-d array): the loss of ``config``'s family (:func:`gpt2.loss`)."""
+    """Mean next-token cross-entropy (0-d array): the loss of ``config``'s family (:func:`gpt2.loss`,
+    :func:`llama.loss`)."""
     return hosting.family_of(config).loss(params, tokens, targets, config, adapters, lora_config, dropout, ops)
 
 

@@ -169,14 +169,21 @@ def _rotate_half(x: Any) -> Any:
     return xp.concat([-x[..., h:], x[..., :h]], axis=-1)
 
 
+def _heads_view(xp: Any, x: Any, D: int) -> Any:
+    """(B, T, H D) -> (B, T, H, D) (heads along channels: channel c is head c // D); 4-D x as it is."""
+    return x if x.ndim == 4 else xp.reshape(x, tuple(x.shape[:2]) + (x.shape[2] // D, D))
+
+
 def _apply_rope(x: Any, cos: Any, sin: Any, cache: dict | None = None) -> Any:
-    """x (B, T, H, D), cos and sin (B, T, D) or (T, D) -> (B, T, H, D). No checks (see apply_rope)."""
+    """x (B, T, H, D) or (B, T, H D), cos and sin (B, T, D) or (T, D) -> x's shape. No checks (see apply_rope)."""
     xp = namespace(x, cos, sin)
     c = xp.expand_dims(cos, axis=-2)                                       # (B, T, 1, D), one per head
     s = xp.expand_dims(sin, axis=-2)                                       # (B, T, 1, D)
     if cache is not None:
         cache["c"], cache["s"] = c, s
-    return x * c + _rotate_half(x) * s                                     # x cos + rotate_half(x) sin
+    xh = _heads_view(xp, x, cos.shape[-1])                                 # (B, T, H, D)
+    y = xh * c + _rotate_half(xh) * s                                      # x cos + rotate_half(x) sin
+    return xp.reshape(y, tuple(x.shape))                                   # x's shape
 
 
 def _check_apply_rope(x: Any, cos: Any, sin: Any) -> tuple:
@@ -184,11 +191,14 @@ def _check_apply_rope(x: Any, cos: Any, sin: Any) -> tuple:
         checks.float_array(a, name)
     checks.same_dtype(("x", x), ("cos", cos), ("sin", sin))
     xs, cs = checks.shape_of(x), checks.shape_of(cos)
-    if len(xs) != 4 or xs[-1] % 2:
-        raise ValueError(f"x must have shape (B, T, H, D) with D even, got {xs}")
-    if cs not in ((xs[0], xs[1], xs[3]), (xs[1], xs[3])):
-        raise ValueError(f"cos must have shape (B, T, D) = {(xs[0], xs[1], xs[3])} or (T, D) = "
-                         f"{(xs[1], xs[3])} for x of shape (B, T, H, D) = {xs}, got {cs}")
+    D = cs[-1] if cs else 0
+    if not ((len(xs) == 4 and xs[-1] % 2 == 0) or (len(xs) == 3 and D and xs[-1] % D == 0)):
+        raise ValueError(f"x must have shape (B, T, H, D) with D even, or (B, T, H * D) with D = cos.shape[-1] = "
+                         f"{D}, got {xs}")
+    D = xs[3] if len(xs) == 4 else D
+    if cs not in ((xs[0], xs[1], D), (xs[1], D)):
+        raise ValueError(f"cos must have shape (B, T, D) = {(xs[0], xs[1], D)} or (T, D) = "
+                         f"{(xs[1], D)} for x of shape {xs}, got {cs}")
     if checks.shape_of(sin) != cs:
         raise ValueError(f"sin must have cos's shape {cs}, got {checks.shape_of(sin)}")
     return x, cos, sin
@@ -197,18 +207,25 @@ def _check_apply_rope(x: Any, cos: Any, sin: Any) -> tuple:
 apply_rope = cached_primitive(_apply_rope, _check_apply_rope)
 apply_rope.__doc__ = """Rotate queries or keys by their positions' angles: ``x cos + rotate_half(x) sin``.
 
-    x : (B, T, H, D), a projection's output (B, T, H D) reshaped without a transpose (the layout
-    the attention below reads); cos, sin : (B, T, D) or (T, D) from :func:`rope_tables`, x's dtype,
-    shared by every head. Returns (B, T, H, D). transformers' apply_rotary_pos_emb on (B, H, T, D).
+    x : (B, T, H, D), or a projection's output (B, T, H D) with the heads along channels (channel
+    c is head c // D, as transformers' ``view(B, T, -1, D)``); cos, sin : (B, T, D) or (T, D)
+    from :func:`rope_tables`, x's dtype, shared by every head. Returns x's shape.
+    transformers' apply_rotary_pos_emb on (B, H, T, D).
     """
 
 
 # y = x c + R(x) s with R = rotate_half, linear, R^T = -R (a 90-degree turn: R^T R = I, R^2 = -I):
 #   dL/dx = c g + R^T(s g) = c g - R(s g)
 # and since c and s repeat their halves, that is g rotated by minus the angle: the inverse rotation.
-defvjp(apply_rope.primitive,
-       lambda ans, x, cos, sin, cache: lambda g: g * cache["c"] - _rotate_half(g * cache["s"]),
-       None, None)
+def _apply_rope_vjp(ans, x, cos, sin, cache):
+    def vjp(g):
+        xp = namespace(g)
+        gh = _heads_view(xp, g, cos.shape[-1])                              # (B, T, H, D)
+        return xp.reshape(gh * cache["c"] - _rotate_half(gh * cache["s"]), tuple(g.shape))
+    return vjp
+
+
+defvjp(apply_rope.primitive, _apply_rope_vjp, None, None)
 
 
 def rope(x: Any, positions: Any, theta: float, max_position_embeddings: int | None = None) -> Any:

@@ -4,7 +4,7 @@ Two computations of the same logits (merged vs unmerged weights, hand-written vs
 gradients, float32 vs float64), each a chain of at most ``n`` roundings away from the exact
 value, differ by at most ``2 gamma_n M`` to first order (``lora_ref.testing.tolerance`` gives
 gamma_n), where ``M`` bounds the terms rounded on the path's last step. This module gives ``n``
-(:func:`logit_rounding_chain`) and ``M`` (:func:`logit_magnitude`) for :func:`transformer_ref.forward`.
+(:func:`logit_rounding_chain`) and ``M`` (:func:`logit_magnitude`) for :func:`transformer_ref.forward` (GPT-2 and LLaMA).
 They are first-order bounds (LayerNorm and softmax are not covered by a rigorous proof): a real
 mistake -- a missing scale, a transposed weight -- shows up at the size of ``M`` itself.
 """
@@ -20,12 +20,13 @@ import numpy as np
 from lora_ref.backend import to_numpy
 from lora_ref.testing import rounding_counts
 
-from .gpt2 import GPTConfig
+from .hosting import family_of
+from .llama import LlamaConfig
 
 __all__ = ["logit_magnitude", "logit_rounding_chain"]
 
 
-def logit_rounding_chain(config: GPTConfig, r: int = 1, *, T: int | None = None,
+def logit_rounding_chain(config: Any, r: int = 1, *, T: int | None = None,
                          loss_batch: int | None = None) -> int:
     """Roundings along the longest input-to-logit path of :func:`transformer_ref.forward`, every
     projection counted as LoRA-adapted at rank ``r`` (an upper bound for those that are not).
@@ -41,16 +42,31 @@ def logit_rounding_chain(config: GPTConfig, r: int = 1, *, T: int | None = None,
     * GELU: 8 elementwise; each residual add: 1; the embeddings' add: 1;
     * the tied output projection: a dot product of length C.
 
+    For LLaMA (C = hidden_size, D = head_dim, H query heads, F = intermediate_size, T default
+    max_position_embeddings): RMSNorm C + 6 (mean of squares (C), add eps, square root,
+    reciprocal, normalise, times weight, as tests/transformer/test_layers.py counts them); RoPE 3 on
+    q and k; attention D + 2T + 4; SwiGLU 7 after its gate projection; each residual add 1; no add
+    after the embedding; the output projection a dot product of length C.
+
     With ``loss_batch`` (the number of scored positions N), the mean cross-entropy's chain is
     added: shift, exp, sum (V), log, subtract, mean (N) = V + N + 4.
     """
-    C, D, F = config.n_embd, config.head_dim, config.mlp_width
-    T = config.n_positions if T is None else T
-    ln = 2 * C + 8
+    family_of(config)                       # a registered family's config, else TypeError
 
     def proj(d_in: int, d_out: int) -> int:
         return rounding_counts(d_in, d_out, max(r, 1), 1)["y"]
 
+    if isinstance(config, LlamaConfig):
+        C, D, F = config.hidden_size, config.head_dim, config.intermediate_size
+        T = config.max_position_embeddings if T is None else T
+        HD, norm = config.num_attention_heads * D, C + 6
+        block = (norm + proj(C, HD) + 3 + (D + 2 * T + 4) + proj(HD, C) + 1
+                 + norm + proj(C, F) + 7 + proj(F, C) + 1)
+        n = config.num_hidden_layers * block + norm + C
+        return n + (config.vocab_size + loss_batch + 4 if loss_batch is not None else 0)
+    C, D, F = config.n_embd, config.head_dim, config.mlp_width
+    T = config.n_positions if T is None else T
+    ln = 2 * C + 8
     block = (ln + proj(C, 3 * C) + (D + 2 * T + 4) + proj(C, C) + 1
              + ln + proj(C, F) + 8 + proj(F, C) + 1)
     n = 1 + config.n_layer * block + ln + C
@@ -59,10 +75,18 @@ def logit_rounding_chain(config: GPTConfig, r: int = 1, *, T: int | None = None,
     return n
 
 
-def logit_magnitude(params: Mapping[str, Any], config: GPTConfig) -> float:
+def logit_magnitude(params: Mapping[str, Any], config: Any) -> float:
     """``max_v sum_c |wte[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|)``: a bound on every
     logit and on the sum of the absolute values of the terms of its last dot product (the
-    LayerNorm output satisfies ``|xhat_c| <= sqrt(C)``)."""
+    LayerNorm output satisfies ``|xhat_c| <= sqrt(C)``). For LLaMA, ``max_v sum_c |head[v, c]|
+    sqrt(C) |norm.weight[c]|`` with head ``lm_head`` (or ``embed_tokens`` when tied): RMSNorm's
+    output satisfies ``|xhat_c| <= sqrt(C)`` too."""
+    family_of(config)                       # a registered family's config, else TypeError
+    if isinstance(config, LlamaConfig):
+        head = params["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        W = np.abs(to_numpy(head).astype(np.float64))                                  # (V, C)
+        g = np.abs(to_numpy(params["model.norm.weight"]).astype(np.float64))           # (C,)
+        return float((W @ (math.sqrt(config.hidden_size) * g)).max())
     wte = np.abs(to_numpy(params["transformer.wte.weight"]).astype(np.float64))      # (V, C)
     g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))      # (C,)
     b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))        # (C,)

@@ -1,7 +1,9 @@
 """Parameter counts from shapes alone: base model and LoRA adapters, for any size of config.
 
 Nothing here allocates an array, so GPT-3 175B (``GPTConfig(n_embd=12288, n_layer=96,
-n_head=96, n_positions=2048)``) is counted as easily as a toy model.
+n_head=96, n_positions=2048)``) or LLaMA-2 70B is counted as easily as a toy model. Every
+function works on any registered family's config (:class:`~transformer_ref.GPTConfig`,
+:class:`~transformer_ref.LlamaConfig`), through its ``Family.matrix_types``.
 
 The paper's weight-matrix types map onto GPT-2's modules as follows (C = n_embd, F = MLP width):
 
@@ -16,6 +18,10 @@ The paper's weight-matrix types map onto GPT-2's modules as follows (C = n_embd,
     mlp_out   ``mlp.c_proj``                (C, F)
     ========  ===========================  ================================================
 
+and onto LLaMA's seven projections one to one: q, k, v, o are ``self_attn.{q,k,v,o}_proj``
+((H D, C), (Hk D, C) twice, (C, H D): k and v are narrower under grouped-query attention), gate,
+up, down are ``mlp.{gate,up,down}_proj`` ((F, C), (F, C), (C, F)).
+
 One adapter on a (d_out, d_in) weight has ``r (d_in + d_out)`` parameters; with d_in = d_out =
 d_model, summed over L layers, that is Section 5.1's ``|Theta| = 2 L d_model r`` per type.
 """
@@ -29,73 +35,127 @@ from typing import Any
 from lora_ref.backend import getval
 from lora_ref.lora import LoraConfig
 
-from .gpt2 import FAMILY, GPTConfig, param_shapes
+from .gpt2 import FAMILY as GPT2
+from .hosting import Family, families, family_of
 
 __all__ = ["MATRIX_TYPES", "adapter_counts", "count_parameters", "count_trainable", "lora_config_for",
-           "matrix_shapes"]
+           "matrix_shapes", "matrix_module"]
 
-# type -> (module suffix, block index within the fused c_attn or None)
-MATRIX_TYPES: dict[str, tuple[str, int | None]] = {
-    "q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
-    "o": ("attn.c_proj", None), "mlp_in": ("mlp.c_fc", None), "mlp_out": ("mlp.c_proj", None),
-}
-_TARGET = {"attn.c_attn": "c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "c_fc", "mlp.c_proj": "mlp.c_proj"}
-_WHOLE_TYPE = {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "mlp_in", "mlp.c_proj": "mlp_out"}
+MATRIX_TYPES: Mapping[str, tuple[str, int | None]] = GPT2.matrix_types
+"""GPT-2's types: type -> (module suffix, block index within the fused c_attn or None)."""
 
 
-def matrix_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
-    """``(d_out, d_in)`` of each weight-matrix type in one block (q, k, v, qkv, o, mlp_in, mlp_out)."""
-    FAMILY.check_config(config)
-    C = config.n_embd
-    shapes = {t: (C, C) for t in ("q", "k", "v")}
-    shapes["qkv"] = FAMILY.projection_shape(config, "attn.c_attn")
-    shapes.update({t: FAMILY.projection_shape(config, m) for t, (m, blk) in MATRIX_TYPES.items() if blk is None})
+def _family(model: Any) -> Family:
+    """A Family from a family name ("gpt2", "llama"), a Family, or a config of a registered family."""
+    if isinstance(model, Family):
+        return model
+    if isinstance(model, str):
+        for f in families():
+            if f.name == model:
+                return f
+        raise ValueError(f"family must be one of {', '.join(f.name for f in families())}, got {model!r}")
+    return family_of(model)
+
+
+def _fused(family: Family) -> dict[str, tuple[str, ...]]:
+    """``{suffix: (type of block 0, type of block 1, ...)}`` for each fused projection (GPT-2's c_attn)."""
+    out: dict[str, dict[int, str]] = {}
+    for t, (suffix, block) in family.matrix_types.items():
+        if block is not None:
+            out.setdefault(suffix, {})[block] = t
+    return {suffix: tuple(blocks[g] for g in sorted(blocks)) for suffix, blocks in out.items()}
+
+
+def _whole_type(family: Family, suffix: str) -> str:
+    """The type name of projection ``suffix`` adapted as a whole: its type, or its blocks' names
+    joined for a fused one (GPT-2's c_attn: "qkv")."""
+    fused = _fused(family)
+    if suffix in fused:
+        return "".join(fused[suffix])
+    return next(t for t, (s, _) in family.matrix_types.items() if s == suffix)
+
+
+def matrix_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of each weight-matrix type in one block (GPT-2: q, k, v, qkv, o, mlp_in,
+    mlp_out; LLaMA: q, k, v, o, gate, up, down)."""
+    family = family_of(config)
+    fused = _fused(family)
+    shapes = {}
+    for t, (suffix, block) in family.matrix_types.items():
+        d_out, d_in = family.projection_shape(config, suffix)
+        shapes[t] = (d_out // len(fused[suffix]), d_in) if block is not None else (d_out, d_in)
+        if block is not None and t == fused[suffix][-1]:
+            shapes[_whole_type(family, suffix)] = (d_out, d_in)
     return shapes
 
 
-def lora_config_for(matrices: Iterable[str], r: int, alpha: float | None = None, **options: Any) -> LoraConfig:
-    """A ``LoraConfig`` adapting the given weight-matrix types in every block.
+def matrix_module(config: Any, kind: str, layer: int) -> tuple[str, slice | None]:
+    """``(module name, rows)`` of matrix type ``kind`` in block ``layer``: rows the slice of the fused
+    weight's rows that the type occupies, or None when the type is a whole projection (GPT-2's
+    ``("transformer.h.0.attn.c_attn", slice(0, C))`` for q; LLaMA's ``("model.layers.0.self_attn.q_proj", None)``)."""
+    family = family_of(config)
+    if kind not in family.matrix_types:
+        raise ValueError(f"kind must be one of {tuple(family.matrix_types)} for {family.name}, got {kind!r}")
+    suffix, block = family.matrix_types[kind]
+    name = f"{family.block.format(i=layer)}.{suffix}"
+    if block is None:
+        return name, None
+    q = family.projection_shape(config, suffix)[0] // len(_fused(family)[suffix])
+    return name, slice(block * q, (block + 1) * q)
 
-    ``matrices`` is a subset of ``("q", "k", "v", "o", "mlp_in", "mlp_out")``: q, k and v become
-    flags on the fused ``c_attn`` (``enable_lora``, loralib's MergedLinear), each block with its
-    own rank-r adapter, as the paper adapts W_q, W_k, W_v separately; ``"o"`` is ``attn.c_proj``;
-    ``mlp_in`` / ``mlp_out`` are ``mlp.c_fc`` / ``mlp.c_proj``. ``alpha`` defaults to ``r`` (scale 1,
-    the paper's "set alpha to the first r we try"). Other keyword arguments go to ``LoraConfig``
-    (``dropout``, ``use_rslora``, ``init``, ``layers_to_transform``, ...).
+
+def lora_config_for(matrices: Iterable[str], r: int, alpha: float | None = None, *, family: Any = "gpt2",
+                    **options: Any) -> LoraConfig:
+    """A ``LoraConfig`` adapting the given weight-matrix types in every block of ``family``'s models.
+
+    ``family``: "gpt2" (default), "llama", a ``hosting.Family`` or a config of the family. For
+    GPT-2, ``matrices`` is a subset of ``("q", "k", "v", "o", "mlp_in", "mlp_out")``: q, k and v
+    become flags on the fused ``c_attn`` (``enable_lora``, loralib's MergedLinear), each block with
+    its own rank-r adapter, as the paper adapts W_q, W_k, W_v separately; ``"o"`` is
+    ``attn.c_proj``; ``mlp_in`` / ``mlp_out`` are ``mlp.c_fc`` / ``mlp.c_proj``. For LLaMA, a subset
+    of ``("q", "k", "v", "o", "gate", "up", "down")``, PEFT's ``target_modules=["q_proj", ...]``.
+    ``alpha`` defaults to ``r`` (scale 1, the paper's "set alpha to the first r we try"). Other
+    keyword arguments go to ``LoraConfig`` (``dropout``, ``use_rslora``, ``init``,
+    ``layers_to_transform``, ...).
 
     >>> cfg = lora_config_for(["q", "v"], r=8)    # the paper's GPT-2 / GPT-3 setting
     >>> cfg.target_modules, dict(cfg.enable_lora)
     (('c_attn',), {'c_attn': (True, False, True)})
+    >>> lora_config_for(["q", "v"], r=8, family="llama").target_modules
+    ('q_proj', 'v_proj')
     """
+    fam = _family(family)
     if isinstance(matrices, str):
         matrices = (matrices,)
     matrices = tuple(matrices)
-    unknown = [m for m in matrices if m not in MATRIX_TYPES]
+    unknown = [m for m in matrices if m not in fam.matrix_types]
     if unknown or not matrices:
-        raise ValueError(f"matrices must be a non-empty subset of {tuple(MATRIX_TYPES)}, got {matrices!r}")
+        raise ValueError(f"matrices must be a non-empty subset of {tuple(fam.matrix_types)}, got {matrices!r}")
     if len(set(matrices)) != len(matrices):
         raise ValueError(f"matrices lists a type twice: {matrices!r}")
-    targets = []
-    flags = tuple(t in matrices for t in ("q", "k", "v"))
-    if any(flags):
-        targets.append(_TARGET["attn.c_attn"])
-    for t in ("o", "mlp_in", "mlp_out"):
-        if t in matrices:
-            targets.append(_TARGET[MATRIX_TYPES[t][0]])
     for key in ("target_modules", "enable_lora"):
         if key in options:
             raise TypeError(f"lora_config_for sets {key} from `matrices`; do not pass it")
-    enable = {"c_attn": flags} if any(flags) else None
+    fused = _fused(fam)
+    targets, enable = [], {}
+    for suffix in fam.projections:                       # the family's order: c_attn first, ...
+        if suffix in fused:
+            flags = tuple(t in matrices for t in fused[suffix])
+            if any(flags):
+                targets.append(fam.target_name(suffix))
+                enable[fam.target_name(suffix)] = flags
+        elif any(fam.matrix_types[t][0] == suffix for t in matrices):
+            targets.append(fam.target_name(suffix))
     return LoraConfig(r=r, alpha=float(r) if alpha is None else alpha, target_modules=targets,
-                      enable_lora=enable, **options)
+                      enable_lora=enable or None, **options)
 
 
-def count_parameters(config: GPTConfig, lora_config: LoraConfig | None = None) -> dict[str, Any]:
+def count_parameters(config: Any, lora_config: LoraConfig | None = None) -> dict[str, Any]:
     """Counts by shape alone: base model, and the adapters ``lora_config`` would add.
 
     Returns a dict:
 
-    * ``"base"``: parameters of the model (the tied output projection counted once, as ``wte``)
+    * ``"base"``: parameters of the model (a tied output projection counted once, as the embedding)
     * ``"base_by_name"``: ``{state-dict name: count}``
     * ``"lora"``: adapter parameters in total (0 when ``lora_config`` is None)
     * ``"lora_by_module"``: ``{module name: count}`` for each adapted module
@@ -107,27 +167,28 @@ def count_parameters(config: GPTConfig, lora_config: LoraConfig | None = None) -
     Targeting follows ``lora_config.targets`` / ``rank_for`` / ``enable_for`` exactly as
     :func:`transformer_ref.add_adapters` does, so the counts equal the sizes it would allocate.
     """
-    FAMILY.check_config(config)
+    family = family_of(config)
     if lora_config is not None and not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a lora_ref.LoraConfig or None, got {type(lora_config).__name__}")
-    by_name = {name: math.prod(shape) for name, shape in param_shapes(config).items()}
+    by_name = {name: math.prod(shape) for name, shape in family.param_shapes(config).items()}
+    fused = _fused(family)
     by_module: dict[str, int] = {}
     by_type: dict[str, int] = {}
     if lora_config is not None:
-        for name in FAMILY.projection_names(config):
+        for name in family.projection_names(config):
             if not lora_config.targets(name):
                 continue
-            d_out, d_in = FAMILY.projection_shape(config, name)
+            d_out, d_in = family.projection_shape(config, name)
             r, enable = lora_config.rank_for(name), lora_config.enable_for(name)
-            suffix = next(m for m in _TARGET if name.endswith("." + m))
+            suffix = next(m for m in family.projections if name.endswith("." + m))
             if enable is None:
-                parts = {_WHOLE_TYPE[suffix]: r * (d_in + d_out)}
+                parts = {_whole_type(family, suffix): r * (d_in + d_out)}
             else:
                 if d_out % len(enable):
                     raise ValueError(f"enable_lora={enable} for {name!r}: d_out={d_out} is not divisible into {len(enable)} blocks")
                 q = d_out // len(enable)
-                names = ("q", "k", "v") if suffix == "attn.c_attn" and len(enable) == 3 else \
-                    tuple(f"{_WHOLE_TYPE[suffix]}[{g}]" for g in range(len(enable)))
+                names = fused[suffix] if suffix in fused and len(enable) == len(fused[suffix]) else \
+                    tuple(f"{_whole_type(family, suffix)}[{g}]" for g in range(len(enable)))
                 parts = {names[g]: r * (d_in + q) for g, on in enumerate(enable) if on}
             by_module[name] = sum(parts.values())
             for t, n in parts.items():
@@ -137,13 +198,13 @@ def count_parameters(config: GPTConfig, lora_config: LoraConfig | None = None) -
             "lora_by_type": by_type, "lora_fraction": lora / base}
 
 
-def adapter_counts(config: GPTConfig, matrices: Iterable[str], r: int) -> dict[str, int]:
+def adapter_counts(config: Any, matrices: Iterable[str], r: int) -> dict[str, int]:
     """``{matrix type: adapter parameters over all layers}`` for rank ``r`` on each listed type.
 
-    Equal to ``count_parameters(config, lora_config_for(matrices, r))["lora_by_type"]``; for a
-    (d_model, d_model) type that is the paper's ``2 L d_model r``.
+    Equal to ``count_parameters(config, lora_config_for(matrices, r, family=config))["lora_by_type"]``;
+    for a (d_model, d_model) type that is the paper's ``2 L d_model r``.
     """
-    return count_parameters(config, lora_config_for(matrices, r))["lora_by_type"]
+    return count_parameters(config, lora_config_for(matrices, r, family=config))["lora_by_type"]
 
 
 def count_trainable(tree: Any) -> int:

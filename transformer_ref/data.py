@@ -41,6 +41,7 @@ from lora_ref.checks import int_in_range, is_int, numpy_generator, positive_int
 from lora_ref.lora import LoraConfig
 
 from .gpt2 import GPTConfig
+from .llama import LlamaConfig
 from .hosting import family_of
 from .layers import IGNORE_INDEX, REFERENCE, Ops
 
@@ -106,6 +107,11 @@ class CipherTask:
         from ``kwargs`` (e.g. ``n_embd=64, n_layer=2, n_head=4``)."""
         return GPTConfig(vocab_size=self.vocab_size, n_positions=self.seq_len, **kwargs)
 
+    def llama_config(self, **kwargs: Any) -> LlamaConfig:
+        """A ``LlamaConfig`` whose ``vocab_size`` and ``max_position_embeddings`` fit this task;
+        other fields from ``kwargs`` (e.g. ``hidden_size=64, num_hidden_layers=2, ...``)."""
+        return LlamaConfig(vocab_size=self.vocab_size, max_position_embeddings=self.seq_len, **kwargs)
+
     def sequences(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         """``(batch_size, 2 n + 1)`` int64: ``x, SEP, cipher(x)`` for random strings x."""
         rng = numpy_generator(rng, "rng")
@@ -156,7 +162,7 @@ def downstream_task(pretraining: CipherTask, n_swaps: int = 2, seed: int = 1) ->
                       heldout_seed=pretraining.heldout_seed + 1, changed=tuple(sorted(int(c) for c in chosen)))
 
 
-def evaluate(params: Mapping[str, Any], config: GPTConfig, adapters: Mapping[str, Any] | None,
+def evaluate(params: Mapping[str, Any], config: Any, adapters: Mapping[str, Any] | None,
              lora_config: LoraConfig | None, task: CipherTask, n_examples: int = 512,
              batch_size: int = 256, ops: Ops = REFERENCE) -> dict[str, float]:
     """Loss and accuracy on ``task``'s held-out set (no dropout), the model run with ``ops``.

@@ -115,6 +115,12 @@ class Family:
         """How the projections are named, for error messages."""
         return f"'{self.block.format(i=0)}.{next(iter(self.projections))}' ({', '.join(self.projections)} of each block)"
 
+    @property
+    def has_fused(self) -> bool:
+        """Whether a projection holds several matrix types as row blocks (GPT-2's c_attn): only then
+        does loralib's ``enable_lora`` have a meaning for this family."""
+        return any(block is not None for _, block in self.matrix_types.values())
+
     def target_name(self, suffix: str) -> str:
         """The shortest name PEFT's ``target_modules`` list can use for projection ``suffix`` and no
         other projection (the last components that no other suffix ends with): GPT-2 ``"c_attn"``,
@@ -194,7 +200,9 @@ def family_of(config: Any) -> Family:
     for config_type, family in _FAMILIES.items():
         if isinstance(config, config_type):
             return family
-    names = " or ".join(f"transformer_ref.{t.__name__}" for t in _FAMILIES) or "a registered family's config"
+    kinds = [f"transformer_ref.{t.__name__}" for t in _FAMILIES]
+    names = (", ".join(kinds[:-1]) + " or " + kinds[-1]) if len(kinds) > 1 else (kinds[0] if kinds else
+                                                                                 "a registered family's config")
     raise TypeError(f"config must be a {names}, got {type(config).__name__}")
 
 
@@ -227,7 +235,7 @@ def add_adapters(params: Mapping[str, Any], config: Any, lora_config: LoraConfig
         if not lora_config.targets(name):
             continue
         d_out, d_in = family.projection_shape(config, name)
-        r, enable = lora_config.rank_for(name), lora_config.enable_for(name)
+        r, enable = lora_config.rank_for(name), _enable(family, lora_config, name)
         if enable is None:
             A, B = init_lora(d_in, d_out, r, init=lora_config.init, rng=rng, dtype=dtype)
         else:
@@ -366,7 +374,8 @@ def check_adapters(adapters: Any, params: Any, lora_config: Any, family: Family 
             if dtype is not None and dtype_name(arr.dtype) != dtype:
                 raise TypeError(f"adapters[{name!r}][{part!r}] is {dtype_name(arr.dtype)} but params are {dtype}; use one dtype")
         d_out, d_in = getval(raw_params[name + ".weight"]).shape
-        r, enable = lora_config.rank_for(name), lora_config.enable_for(name)
+        owner = family if family is not None else next(f for f in known if f.is_projection(name))
+        r, enable = lora_config.rank_for(name), _enable(owner, lora_config, name)
         if enable is None:
             want_A, want_B = (r, d_in), (d_out, r)
         else:
@@ -379,6 +388,16 @@ def check_adapters(adapters: Any, params: Any, lora_config: Any, family: Family 
                              f"and B {want_B}")
         out[name] = {"A": A, "B": B}
     return out
+
+
+def _enable(family: Family, lora_config: LoraConfig, name: str) -> tuple[bool, ...] | None:
+    """``lora_config.enable_for(name)``, refused for a family without fused projections."""
+    enable = lora_config.enable_for(name)
+    if enable is not None and not family.has_fused:
+        raise ValueError(f"lora_config.enable_lora applies to {name!r}, but enable_lora is loralib's flag for a fused "
+                         f"projection (GPT-2's c_attn = [q; k; v]); {family.name}'s projections are separate modules: "
+                         f"target them by name instead (e.g. target_modules={[family.target_name(s) for s in family.projections][:3]})")
+    return enable
 
 
 def check_dropout(dropout: Any, adapters: Any, params: Any, tokens_shape: tuple[int, int]) -> None:

@@ -178,6 +178,20 @@ def test_rope_forward_and_vjp(B, T, H, half, per_batch, seed):
     assert_within(back, x, tolerance(F64, 5) * (M * c + rot(M) * s), what="rope inverse")
 
 
+def test_rope_on_heads_along_channels_is_rope_per_head():
+    """x (B, T, H D), heads along channels (a projection's output), is the (B, T, H, D) layout's
+    rotation, bit for bit, value and gradient: the same arithmetic on a reshaped view."""
+    rng = np.random.default_rng(8)
+    x, g = rng.standard_normal((2, 3, 4, 6)), rng.standard_normal((2, 3, 4, 6))
+    cos, sin = rope_tables(np.arange(3), 6, 500000.0, F64)
+    flat = lambda a: a.reshape(2, 3, 24)   # noqa: E731  (B, T, H, D) -> (B, T, H D)
+    assert np.array_equal(apply_rope(flat(x), cos, sin), flat(apply_rope(x, cos, sin)))
+    assert np.array_equal(grads(apply_rope, (flat(x), cos, sin), (0,), flat(g))[0],
+                          flat(grads(apply_rope, (x, cos, sin), (0,), g)[0]))
+    hand, auto = both_grads(apply_rope, (flat(x), cos, sin), 0, flat(g))
+    assert_within(hand, auto, 2 * tolerance(F64, 2) * flat(rope_magnitude(g, cos, sin)), what="rope dx (B, T, H D)")
+
+
 def test_rope_finite_differences_and_float32():
     rng = np.random.default_rng(2)
     x, pos = rng.standard_normal((2, 3, 2, 6)), np.array([[0, 5, 9], [3, 4, 100]])
@@ -368,7 +382,11 @@ def test_bad_input_is_refused_with_named_errors():
         (lambda: apply_rope(np.zeros((1, 3, 2, 4)), np.zeros((4, 4)), np.zeros((4, 4))), ValueError,
          r"cos must have shape \(B, T, D\)"),
         (lambda: apply_rope(np.zeros((3, 2, 4)), np.zeros((3, 4)), np.zeros((3, 4))), ValueError,
-         r"x must have shape \(B, T, H, D\)"),
+         r"cos must have shape \(B, T, D\) = \(3, 2, 4\) or \(T, D\) = \(2, 4\) for x of shape \(3, 2, 4\)"),
+        (lambda: apply_rope(np.zeros((1, 2, 6)), np.zeros((2, 4)), np.zeros((2, 4))), ValueError,
+         r"x must have shape \(B, T, H, D\) with D even, or \(B, T, H \* D\) with D = cos.shape\[-1\] = 4"),
+        (lambda: apply_rope(np.zeros((1, 2, 1, 2, 4)), np.zeros((2, 4)), np.zeros((2, 4))), ValueError,
+         "x must have shape"),
         (lambda: apply_rope(np.zeros((1, 3, 2, 4)), np.zeros((3, 4)), np.zeros((2, 4))), ValueError, "sin must have"),
         (lambda: grouped_query_attention(q, k, k, 4, 3, 0.5), ValueError,
          r"n_head \(4\) must be divisible by n_kv_head \(3\)"),

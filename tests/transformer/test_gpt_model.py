@@ -357,7 +357,7 @@ def test_bad_params_and_config():
         forward({**params, name: params[name].astype(np.int64)}, tokens, TINY)
     with pytest.raises(TypeError, match="is float32 but transformer.wte.weight is float64"):
         forward({**params, name: params[name].astype(np.float32)}, tokens, TINY)
-    with pytest.raises(TypeError, match="config must be a transformer_ref.GPTConfig, got dict"):
+    with pytest.raises(TypeError, match="config must be a transformer_ref.GPTConfig or transformer_ref.LlamaConfig, got dict"):
         forward(params, tokens, TINY.to_dict())
     with pytest.raises(TypeError, match=r"ops must be a transformer_ref.layers.Ops \(REFERENCE, FAST, ...\), got str"):
         forward(params, tokens, TINY, ops="FAST")

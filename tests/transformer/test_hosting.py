@@ -109,7 +109,7 @@ def test_family_messages_name_the_family(toy):
                                          r"named like 'transformer\.h\.0\.attn\.c_attn' .* or 'model\.blocks\.0\.proj'"):
         tr.merge_adapters({**params, "model.embed.weight": params["model.embed.weight"]},
                           {"model.embed": {"A": np.zeros((1, 4)), "B": np.zeros((7, 1))}}, LoraConfig(r=1, alpha=1.0))
-    with pytest.raises(TypeError, match="config must be a transformer_ref.GPTConfig or transformer_ref.ToyConfig, got dict"):
+    with pytest.raises(TypeError, match="config must be a transformer_ref.GPTConfig, transformer_ref.LlamaConfig or transformer_ref.ToyConfig, got dict"):
         tr.forward(params, np.zeros((1, 2), dtype=np.int64), {})
 
 
