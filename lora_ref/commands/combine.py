@@ -29,9 +29,9 @@ PAGE = Path("docs") / "combination.md"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("lora-ref-combine"),
                         help="directory for audit.md and results.json (default: ./lora-ref-combine)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
     parser.add_argument("--quick", action="store_true",
-                        help="the small preset (one layer, C = 64, fewer steps): seconds instead of about a minute")
+                        help="the small preset (one layer, C = 64, fewer steps): a few seconds instead of one to two minutes")
     parser.add_argument("--write-docs", metavar="PAGE", type=Path, nargs="?", const=PAGE, default=None,
                         help=f"also replace the generated section of PAGE (default {PAGE}, from the "
                              "repository root) with this run's")

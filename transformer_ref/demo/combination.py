@@ -118,11 +118,11 @@ class CombineConfig:
 
 
 DEFAULT = CombineConfig()
-"""``lora-ref combine``: the demo's default model (C = 128, 2 layers), rank 8; about a minute on 2 cores."""
+"""``lora-ref combine``: the demo's default model (C = 128, 2 layers), rank 8; 80 to 120 s on a shared 2-core machine."""
 
 QUICK = replace(DEFAULT, demo=replace(DEMO_QUICK, n_embd=64, eval_examples=128))
 """``lora-ref combine --quick``: the demo's quick preset (1 layer, fewer steps) at C = 64, 128 held-out
-strings per task: about 10 s on 2 cores, what tests/test_combine_audit.py runs."""
+strings per task: about 4 s on a shared 2-core machine; what tests/test_combine_audit.py runs."""
 
 
 # ============================================================================================
