@@ -11,7 +11,8 @@
   forward, loss; the same shape as gpt2.py.
 * :mod:`transformer_ref.hosting`: what every family shares -- :func:`add_adapters`,
   :func:`merge_adapters`, targeting, validation -- and the family registry.
-* :mod:`transformer_ref.checkpoints`: Hugging Face checkpoints (:func:`load_hf_gpt2`, :func:`save_hf_gpt2`).
+* :mod:`transformer_ref.checkpoints`: Hugging Face checkpoints (:func:`load_checkpoint` for any family,
+  :func:`load_hf_gpt2`, :func:`save_hf_gpt2`, :func:`load_hf_llama`, :func:`save_hf_llama`).
 * :mod:`transformer_ref.fast`: the training-speed op set :data:`FAST`, tested equal to REFERENCE.
 * :mod:`transformer_ref.machine`: BLAS threads, core pinning, allocator settings.
 * :mod:`transformer_ref.train`: Adam and :func:`train` (LoRA or full fine-tuning).
@@ -33,7 +34,7 @@ import numpy as np
 from lora_ref.lora import LoraConfig
 
 from . import gpt2, hosting, llama
-from .checkpoints import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
+from .checkpoints import CheckpointFormatError, load_checkpoint, load_hf_gpt2, load_hf_llama, save_hf_gpt2, save_hf_llama
 from .count import adapter_counts, count_parameters, count_trainable, lora_config_for, matrix_shapes
 from .fast import FAST
 from .gpt2 import GPTConfig
@@ -59,7 +60,9 @@ __all__ = [
     "count_trainable",
     "forward",
     "init_params",
+    "load_checkpoint",
     "load_hf_gpt2",
+    "load_hf_llama",
     "lora_config_for",
     "loss",
     "matrix_shapes",
@@ -67,6 +70,7 @@ __all__ = [
     "param_shapes",
     "projection_names",
     "save_hf_gpt2",
+    "save_hf_llama",
     "traced",
     "train",
 ]
