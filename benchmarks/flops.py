@@ -43,7 +43,9 @@ __all__ = ["StepShape", "memory_accounting", "param_counts", "step_flops"]
 
 @dataclass(frozen=True)
 class StepShape:
-    """The shapes of one benchmark configuration (GPT-2 architecture, LoRA on c_attn)."""
+    """The shapes of one benchmark configuration: GPT-2 with LoRA on c_attn, or (``family =
+    "llama"``) LLaMA with LoRA on q_proj and v_proj, MLP width F = 4C, as many key/value heads as
+    query heads and an untied output head."""
 
     n_embd: int
     n_layer: int
@@ -52,6 +54,7 @@ class StepShape:
     vocab: int = 128
     n_head: int | None = None   # default: head width 64, as in GPT-2
     r: int = 8
+    family: str = "gpt2"
 
     @property
     def heads(self) -> int:
@@ -63,11 +66,14 @@ class StepShape:
 
     @property
     def label(self) -> str:
-        return f"C={self.n_embd} L={self.n_layer} T={self.seq_len} B={self.batch}"
+        prefix = "LLaMA " if self.family == "llama" else ""
+        return f"{prefix}C={self.n_embd} L={self.n_layer} T={self.seq_len} B={self.batch}"
 
 
 def step_flops(s: StepShape) -> dict[str, float]:
     """FLOPs of one forward, and of one LoRA and one full fine-tuning step (forward + backward)."""
+    if s.family == "llama":
+        return _llama_step_flops(s)
     C, L, T, V, r, N = s.n_embd, s.n_layer, s.seq_len, s.vocab, s.r, s.tokens
     F = 4 * C
     dense = 2 * (3 * C * C + C * C + F * C + C * F)        # 24 C^2 per token per layer
@@ -92,9 +98,38 @@ def step_flops(s: StepShape) -> dict[str, float]:
     }
 
 
+def _llama_step_flops(s: StepShape) -> dict[str, float]:
+    """LLaMA's count, the same way (module docstring), for LoRA on q_proj and v_proj (each C -> C):
+
+        forward, per token and layer   2 (4 C^2 + 3 C F) (q, k, v, o; gate, up, down)
+                                       + 4 T C (attention) + 2 x 4 r C (two adapters)
+        LoRA backward                  activation gradients of every projection, attention's four
+                                       products, 8 r C per adapter; layer 0 skips the input
+                                       gradients of q, k, v (6 C^2) and of both A's (4 r C)
+        LM head (untied)               2 C V forward, 2 C V backward (activation gradient)
+
+    The element-wise work (RMSNorm, RoPE, SwiGLU, softmax) is left out, as for GPT-2.
+    """
+    C, L, T, V, r, N = s.n_embd, s.n_layer, s.seq_len, s.vocab, s.r, s.tokens
+    F = 4 * C
+    dense = 2 * (4 * C * C + 3 * C * F)
+    attn = 4 * T * C
+    lora = 2 * 4 * r * C
+    head = 2 * C * V
+    base_forward = N * (L * (dense + attn) + head)
+    lora_forward = N * (L * (dense + attn + lora) + head)
+    lora_backward = N * (L * (dense + 2 * attn + 2 * lora) - (6 * C * C + 4 * r * C) + head)
+    return {"base_forward": float(base_forward), "lora_forward": float(lora_forward),
+            "lora_step": float(lora_forward + lora_backward), "full_step": float(3 * base_forward),
+            "lora_forward_overhead": lora_forward / base_forward - 1.0,
+            "lora_forward_folded": None, "lora_forward_overhead_folded": None}
+
+
 def param_counts(s: StepShape) -> dict[str, int]:
     """Parameters of the model (GPT-2: tied LM head, n_positions = T) and of its LoRA adapters."""
     C, L, V, T, r = s.n_embd, s.n_layer, s.vocab, s.seq_len, s.r
+    if s.family == "llama":                  # embedding, 4 C^2 + 3 C F + 2 C per block, norm, untied head
+        return {"base": 2 * V * C + L * (4 * C * C + 3 * C * 4 * C + 2 * C) + C, "lora": L * 2 * r * (C + C)}
     per_layer = 12 * C * C + 13 * C          # ln_1, ln_2 (4C) + c_attn (3C^2+3C) + c_proj (C^2+C)
     #                                          + c_fc (4C^2+4C) + mlp.c_proj (4C^2+C)
     base = V * C + T * C + L * per_layer + 2 * C

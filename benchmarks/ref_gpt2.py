@@ -1,4 +1,5 @@
-"""The lora-ref side: transformer_ref's GPT-2 with LoRA on ``c_attn``, trained by the public loop.
+"""The lora-ref side: transformer_ref's GPT-2 (LoRA on ``c_attn``) or LLaMA (LoRA on ``q_proj``,
+``v_proj``), trained by the public loop.
 
 :func:`train_steps` times ``transformer_ref.train`` itself -- the loop users call, with its own
 defaults (op set ``FAST``, ``threads=None``: ``auto_threads``, the allocator setting) -- step by
@@ -31,17 +32,25 @@ SIDES = {
 
 
 def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
-    """A GPT-2 of ``shape`` with random weights and non-zero LoRA adapters on every ``c_attn``,
-    plus a batch of random tokens and targets: ``{"config", "lora_config", "params",
-    "adapters", "tokens", "targets"}``. Both sides of a comparison are built from this."""
+    """A model of ``shape`` with random weights and non-zero LoRA adapters -- GPT-2 with LoRA on
+    every ``c_attn``, or (``shape.family == "llama"``) LLaMA with LoRA on every ``q_proj`` and
+    ``v_proj`` -- plus a batch of random tokens and targets: ``{"config", "lora_config",
+    "params", "adapters", "tokens", "targets"}``. Every side of a comparison is built from this."""
     from lora_ref import LoraConfig
-    from transformer_ref import GPTConfig, add_adapters, init_params
+    from transformer_ref import GPTConfig, LlamaConfig, add_adapters, init_params
 
-    config = GPTConfig(vocab_size=shape.vocab, n_positions=shape.seq_len, n_embd=shape.n_embd,
-                       n_layer=shape.n_layer, n_head=shape.heads)
+    if shape.family == "llama":
+        config: Any = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.n_embd, intermediate_size=4 * shape.n_embd,
+                                  num_hidden_layers=shape.n_layer, num_attention_heads=shape.heads,
+                                  max_position_embeddings=shape.seq_len)
+        target_modules = ["q_proj", "v_proj"]
+    else:
+        config = GPTConfig(vocab_size=shape.vocab, n_positions=shape.seq_len, n_embd=shape.n_embd,
+                           n_layer=shape.n_layer, n_head=shape.heads)
+        target_modules = ["c_attn"]
     # init="random": B is non-zero too, so the adapters change the loss and the check that both
     # sides compute the same loss also covers the LoRA branch.
-    lora_config = LoraConfig(r=shape.r, alpha=16.0, target_modules=["c_attn"], init="random")
+    lora_config = LoraConfig(r=shape.r, alpha=16.0, target_modules=target_modules, init="random")
     rng = np.random.default_rng(seed)
     params = init_params(config, rng, dtype)
     adapters = add_adapters(params, config, lora_config, rng)

@@ -163,7 +163,7 @@ def main_table(results: dict[str, Any]) -> str:
     header = ["config"] + [name for _, name in MAIN_SIDES] + ["`torch.compile` compile time"]
     rows = []
     for e in results.get("training", []):
-        label = e.get("label", "?") + (" (LLaMA)" if e.get("family") == "llama" else "")
+        label = e.get("label", "?")
         if "sides" not in e:
             rows.append([label, e.get("not_measured", "not measured")] + [""] * (len(header) - 2))
             continue
@@ -188,7 +188,9 @@ def text_summary(results: dict[str, Any]) -> str:
     head = (f"{'QUICK SMOKE RUN (tiny size; not a measurement) ' if meta.get('quick') else ''}"
             f"{machine.get('cpu', '?')} ({machine.get('cpu_kind', '?')}), {meta.get('cpus', '?')} cores, "
             f"NumPy BLAS kernel {_numpy_kernel(results)}")
-    return "\n\n".join([head, main_table(results), targets_table(results)])
+    tail = ("The targets are evaluated at the small and large configs only, so not in a quick run."
+            if meta.get("quick") else targets_table(results))
+    return "\n\n".join([head, main_table(results), tail])
 
 
 def _numpy_kernel(results: dict[str, Any]) -> str:
@@ -294,7 +296,9 @@ def _run_section(w: Any, results: dict[str, Any], *, quick: bool) -> None:
         w(main_table(results))
         w("")
         w("Times are milliseconds per training step (forward, backward, Adam); in brackets the ratio to")
-        w("PyTorch+PEFT eager (median of the per-round ratios; their min–max).")
+        w("PyTorch+PEFT eager (median of the per-round ratios; their min–max). The compile time is what")
+        w("`torch.compile`'s first step took beyond a step, fastest–slowest over the rounds (inductor")
+        w("keeps compiled kernels in a cache on disk, so a later round may compile faster than the first).")
         w("")
     if quick:
         w("The targets are evaluated at the small and large configs only, so not in a quick run.")

@@ -175,5 +175,5 @@ def _entry(size: str, shape: StepShape, runs: Mapping[str, list[dict[str, Any]]]
         check["initial_loss_spread"] = spread
         check["initial_loss_bound"] = _loss_bound(shape, check["max_abs_logit"], max(abs(v) for v in losses))
         check["initial_losses_agree"] = spread <= check["initial_loss_bound"]
-    return {"size": size, "label": shape.label, "shape": shape_dict(shape), "flops": flops,
+    return {"size": size, "family": shape.family, "label": shape.label, "shape": shape_dict(shape), "flops": flops,
             "params": param_counts(shape), "sides": sides, "ratios": ratios, "same_function": check}

@@ -32,7 +32,7 @@ from . import report
 from .flops import StepShape
 from .harness import machine_info
 from .rounds import WorkerError, compare, run_worker
-from .suites import CONFIGS, LLAMA_CONFIGS, gpu_suite, llama_available
+from .suites import CONFIGS, LLAMA_CONFIGS, LLAMA_SIDES, gpu_suite, llama_available
 from .torch_gpt2 import available as torch_available
 
 __all__ = ["SIDES", "SUITES", "main", "run_all"]
@@ -83,7 +83,8 @@ def run_all(*, quick: bool = False, configs: Mapping[str, StepShape] | None = No
         raise ValueError(f"unknown settings {bad}; valid: {', '.join(FULL)}")
     plan = {**(QUICK if quick else FULL), **settings}
     configs = dict({**CONFIGS, **LLAMA_CONFIGS} if configs is None else configs)
-    gpt2 = {k: v for k, v in configs.items() if k not in LLAMA_CONFIGS}
+    gpt2 = {k: v for k, v in configs.items() if v.family == "gpt2"}
+    llama = {k: v for k, v in configs.items() if v.family == "llama"}
     torch_reason = torch_available() if with_torch else "not measured: PyTorch left out (--no-torch)"
     sides = [s for s in (QUICK_SIDES if quick else SIDES) if torch_reason is None or not s.startswith("torch")]
     cpu_args = [] if cpus is None else ["--cpus", str(cpus)]
@@ -103,13 +104,14 @@ def run_all(*, quick: bool = False, configs: Mapping[str, StepShape] | None = No
         results["peak"] = {"before": _peaks(peak_libs, plan["peak_sizes"], plan["peak_repeats"], cpu_args),
                            "formula": "2 n^3 FLOPs per n x n @ n x n product, float32"}
     if "training" in suites:
-        results["training"] = compare(gpt2, sides, rounds=plan["rounds"], warmup=plan["warmup"], steps=plan["steps"],
-                                      cpus=cpus, log=log) if gpt2 else []
+        rounds = {"rounds": plan["rounds"], "warmup": plan["warmup"], "steps": plan["steps"], "cpus": cpus, "log": log}
+        results["training"] = compare(gpt2, sides, **rounds) if gpt2 else []
         reason = llama_available()
-        for size in configs:
-            if size in LLAMA_CONFIGS:
-                results["training"].append({"size": size, "family": "llama", "label": configs[size].label,
-                                            "not_measured": reason})
+        if llama and reason is None:          # the LLaMA rows: LoRA on q and v against LlamaForCausalLM + PEFT
+            results["training"] += compare(llama, [s for s in LLAMA_SIDES if s in sides], **rounds)
+        elif llama:
+            results["training"] += [{"size": k, "family": "llama", "label": v.label, "not_measured": reason}
+                                    for k, v in llama.items()]
     if "peak" in suites:
         log("float32 matmul rate, after")
         results["peak"]["after"] = _peaks(peak_libs, plan["peak_sizes"], plan["peak_repeats"], cpu_args)
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny size, 2 rounds of 3 steps (about a minute)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SUITES)}")
     ap.add_argument("--sizes", default=None, help=f"comma-separated subset of {','.join(ALL_CONFIGS)} "
-                                                  "(default: small,large,llama-small,llama-large; --quick: tiny)")
+                                                  "(default: small,large,llama-small,llama-large; --quick: "
+                                                  "tiny,llama-tiny)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out (no comparison)")
     ap.add_argument("--cpus", type=int, default=None, help="cores for every process (default: every usable one)")
     for name in ("rounds", "warmup", "steps"):
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page", type=Path, default=report.PAGE, help="the page to regenerate (the PNG goes beside it)")
     ap.add_argument("--no-page", action="store_true", help="write no page and no plot")
     args = ap.parse_args(argv)
-    sizes = [s for s in (args.sizes or ("tiny" if args.quick else "small,large,llama-small,llama-large")).split(",") if s]
+    sizes = [s for s in (args.sizes or ("tiny,llama-tiny" if args.quick else "small,large,llama-small,llama-large"))
+             .split(",") if s]
     bad = [s for s in sizes if s not in ALL_CONFIGS]
     if bad or not sizes:
         ap.error(f"unknown sizes {bad or sizes}; valid: {', '.join(ALL_CONFIGS)}")

@@ -9,6 +9,7 @@ one process per measurement (``python -m benchmarks.worker suite --name ...``), 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import statistics
@@ -24,7 +25,7 @@ from .ref_gpt2 import make_model, make_ref_step
 from .torch_gpt2 import available as torch_available
 from .torch_gpt2 import make_torch_step
 
-__all__ = ["ALL_CONFIGS", "CONFIGS", "LLAMA_CONFIGS", "TINY", "backends_suite", "delta_svd_suite", "gpu_suite",
+__all__ = ["ALL_CONFIGS", "CONFIGS", "LLAMA_CONFIGS", "LLAMA_SIDES", "LLAMA_TINY", "TINY", "backends_suite", "delta_svd_suite", "gpu_suite",
            "inference_suite", "llama_available", "memory_suite", "profile_suite", "same_function_bound",
            "shape_dict", "torch_profile_suite"]
 
@@ -35,25 +36,28 @@ CONFIGS = {
 }
 TINY = StepShape(n_embd=32, n_layer=2, seq_len=16, batch=2, vocab=64, n_head=2, r=4)
 
-# The LLaMA row (issue 18), the slot kept for transformer_ref.llama: LoRA on q and v (r = 8) of
-# lora-ref's LLaMA against transformers' LlamaForCausalLM + PEFT, eager, at the GPT-2 configs'
-# shapes. Measured once transformer_ref.llama exists and benchmarks/worker.py has its two sides;
-# until then the page shows these rows as not measured, with the reason (llama_available).
-LLAMA_CONFIGS = {"llama-small": CONFIGS["small"], "llama-large": CONFIGS["large"]}
-ALL_CONFIGS = {**CONFIGS, "tiny": TINY, **LLAMA_CONFIGS}
+# The LLaMA rows (issue 18): LoRA on q_proj and v_proj (r = 8) of transformer_ref.llama against
+# transformers' LlamaForCausalLM + PEFT, eager, at the GPT-2 configs' shapes (MLP width 4C, as
+# many key/value heads as query heads). Where transformer_ref.llama cannot be imported, the page
+# shows these rows as not measured, with the reason (llama_available).
+LLAMA_CONFIGS = {"llama-small": dataclasses.replace(CONFIGS["small"], family="llama"),
+                 "llama-large": dataclasses.replace(CONFIGS["large"], family="llama")}
+LLAMA_SIDES = ("lora-ref", "lora-ref-reference", "torch-eager")
+LLAMA_TINY = dataclasses.replace(TINY, family="llama")
+ALL_CONFIGS = {**CONFIGS, "tiny": TINY, **LLAMA_CONFIGS, "llama-tiny": LLAMA_TINY}
 
 
 def llama_available() -> str | None:
-    """None when the LLaMA row can be measured; otherwise why not."""
+    """None when the LLaMA rows can be measured; otherwise why not."""
     if importlib.util.find_spec("transformer_ref.llama") is None:
         return "not measured: transformer_ref.llama does not exist yet"
-    return "not measured: transformer_ref.llama exists, the benchmark's LLaMA sides are not written yet"
+    return None
 
 
 def shape_dict(s: StepShape) -> dict[str, Any]:
-    return {"n_embd": s.n_embd, "n_layer": s.n_layer, "n_head": s.heads, "seq_len": s.seq_len,
-            "batch": s.batch, "vocab": s.vocab, "r": s.r, "lora_alpha": 16.0, "lora_targets": "c_attn",
-            "dtype": "float32"}
+    return {"family": s.family, "n_embd": s.n_embd, "n_layer": s.n_layer, "n_head": s.heads, "seq_len": s.seq_len,
+            "batch": s.batch, "vocab": s.vocab, "r": s.r, "lora_alpha": 16.0,
+            "lora_targets": "q_proj, v_proj" if s.family == "llama" else "c_attn", "dtype": "float32"}
 
 
 def same_function_bound(shape: StepShape) -> float:

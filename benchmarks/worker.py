@@ -9,7 +9,8 @@ starts these processes in rotating order and divides their times round by round)
     python -m benchmarks.worker peak --lib numpy --sizes 512,1024,2048
     python -m benchmarks.worker suite --name inference --config small
 
-``step`` libraries: ``lora-ref`` (``transformer_ref.train`` as a user calls it: nothing but the
+``--config``: small, large, tiny (GPT-2, LoRA on c_attn) or llama-small, llama-large (LLaMA, LoRA
+on q_proj and v_proj, against transformers' LlamaForCausalLM + PEFT). ``step`` libraries: ``lora-ref`` (``transformer_ref.train`` as a user calls it: nothing but the
 model and data), ``lora-ref-reference`` (``train(..., ops=REFERENCE, threads=1)``: the paper's
 order, no batch split), ``lora-ref-full`` (full fine-tuning), ``torch-eager`` / ``torch-compile``
 (transformers + PEFT, eager or ``torch.compile``), ``torch-eager-full``. The result is one JSON
@@ -72,10 +73,12 @@ def _threads(with_torch: bool) -> dict[str, Any]:
 
 
 def _shape(config: str) -> Any:
-    from .suites import ALL_CONFIGS
+    from .suites import ALL_CONFIGS, LLAMA_CONFIGS, llama_available
 
     if config not in ALL_CONFIGS:
         raise SystemExit(f"--config must be one of {', '.join(ALL_CONFIGS)}, got {config!r}")
+    if config in LLAMA_CONFIGS and llama_available() is not None:
+        raise SystemExit(f"--config {config}: {llama_available()}")
     return ALL_CONFIGS[config]
 
 
@@ -102,13 +105,20 @@ def step(lib: str, config: str, *, warmup: int, steps: int, logits: Path | None 
         from transformer_ref import merge_adapters
 
         from .torch_gpt2 import make_torch_step
+        from .torch_llama import make_torch_llama_step
 
         full = lib.endswith("-full")
-        weights = ({k: np.asarray(v) for k, v in merge_adapters(model["params"], model["adapters"],
-                                                                  model["lora_config"]).items()}
-                   if full else model["params"])
-        st = make_torch_step(shape, "full" if full else "lora", weights, None if full else model["adapters"],
-                             model["tokens"], model["targets"], compile=lib == "torch-compile")
+        if shape.family == "llama":
+            if full:
+                raise SystemExit("--lib torch-eager-full: the LLaMA row compares LoRA steps only")
+            st = make_torch_llama_step(shape, model["params"], model["adapters"], model["tokens"], model["targets"],
+                                       compile=lib == "torch-compile")
+        else:
+            weights = ({k: np.asarray(v) for k, v in merge_adapters(model["params"], model["adapters"],
+                                                                      model["lora_config"]).items()}
+                       if full else model["params"])
+            st = make_torch_step(shape, "full" if full else "lora", weights, None if full else model["adapters"],
+                                 model["tokens"], model["targets"], compile=lib == "torch-compile")
         if logits is not None:
             np.save(logits, st["logits"]())
         gc.collect()

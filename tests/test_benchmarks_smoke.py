@@ -58,6 +58,28 @@ def test_flop_formula_matches_product_by_product_count(dims: tuple[int, ...]) ->
         assert got[key] == value, key   # integers below 2^53: exact in float64
 
 
+@pytest.mark.parametrize("dims", [(128, 4, 64, 16, 128, 8), (512, 6, 128, 8, 128, 8), (32, 2, 16, 2, 64, 4)])
+def test_llama_flop_formula_matches_product_by_product_count(dims: tuple[int, ...]) -> None:
+    """LLaMA (q, k, v, o; gate, up, down with F = 4C; LoRA on q and v; untied head), enumerated."""
+    from benchmarks.flops import StepShape, step_flops
+
+    C, L, T, batch, V, r = dims
+    N, F = batch * T, 4 * C
+    f = lambda m, k, n: 2.0 * m * k * n  # noqa: E731
+    layer_fwd = [f(N, C, C)] * 4 + [f(N, C, F), f(N, C, F), f(N, F, C)] + [batch * f(T, C, T), batch * f(T, T, C)]
+    lora_fwd = 2 * [f(N, C, r), f(N, r, C)]                                   # q and v: x A^T, (x A^T) B^T
+    head = f(N, C, V)
+    fwd_base = L * sum(layer_fwd) + head
+    fwd_lora = fwd_base + L * sum(lora_fwd)
+    layer_bwd = sum(layer_fwd[:7]) + 2 * sum(layer_fwd[7:])                   # activation gradients; attention x2
+    lora_bwd = 2 * [f(C, N, r), f(N, C, r), f(r, N, C), f(N, r, C)]           # dB, d(x A^T), dA, dx per adapter
+    # layer 0: nothing below is trainable, so no input gradient of q, k, v nor through either A
+    bwd_lora = L * (layer_bwd + sum(lora_bwd)) - 3 * f(N, C, C) - 2 * f(N, r, C) + head
+    got = step_flops(StepShape(n_embd=C, n_layer=L, seq_len=T, batch=batch, vocab=V, r=r, family="llama"))
+    assert got["lora_step"] == fwd_lora + bwd_lora and got["full_step"] == 3 * fwd_base
+    assert got["base_forward"] == fwd_base and got["lora_forward"] == fwd_lora
+
+
 def test_flop_formula_matches_prototype() -> None:
     """The hand-written NumPy prototype (the team's PERFORMANCE.md notes) counted its step at
     3.69 / 5.34 GFLOP (small, LoRA / full) and 81.4 / 121.2 GFLOP (large) with vocabulary 128;
@@ -174,8 +196,8 @@ def test_quick_run_end_to_end_writes_results_and_page(tmp_path: Path, capsys: py
     from benchmarks.suites import TINY
 
     page = tmp_path / "performance.md"
-    assert main(["--quick", "--no-torch", "--steps", "1", "--rounds", "2", "--only", "peak,training,inference,gpu",
-                 "--results-dir", str(tmp_path), "--page", str(page)]) == 0
+    assert main(["--quick", "--no-torch", "--sizes", "tiny", "--steps", "1", "--rounds", "2",
+                 "--only", "peak,training,inference,gpu", "--results-dir", str(tmp_path), "--page", str(page)]) == 0
     out = tmp_path / "quick" / f"{cpu_kind()}.json"
     results = json.loads(out.read_text())
     assert results["meta"]["quick"] is True and results["meta"]["machine"]["cpu"]
@@ -203,15 +225,25 @@ def test_quick_run_end_to_end_writes_results_and_page(tmp_path: Path, capsys: py
     assert "The machine's float32 matmul rate" in full_text and "## Quick smoke runs" not in full_text
 
 
-def test_llama_slot_is_reported_not_measured_until_the_host_exists() -> None:
-    from benchmarks.run import run_all
-    from benchmarks.suites import LLAMA_CONFIGS, llama_available
+def test_llama_rows_run_and_say_why_when_they_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LLaMA rows: lora-ref's LLaMA (LoRA on q_proj, v_proj) trained by train() in fresh
+    processes; where transformer_ref.llama is missing, the row says so instead."""
+    from benchmarks import run
+    from benchmarks.suites import LLAMA_TINY
 
-    reason = llama_available()
-    results = run_all(configs={"llama-small": LLAMA_CONFIGS["llama-small"]}, suites=("training",), with_torch=False,
-                      log=lambda _: None)
+    results = run.run_all(configs={"llama-tiny": LLAMA_TINY}, suites=("training",), with_torch=False,
+                          log=lambda _: None, rounds=1, warmup=0, steps=1)
     (entry,) = results["training"]
-    assert entry["family"] == "llama" and entry["not_measured"] == reason and reason.startswith("not measured")
+    assert entry["family"] == "llama" and set(entry["sides"]) == {"lora-ref", "lora-ref-reference"}
+    assert entry["label"].startswith("LLaMA") and entry["shape"]["lora_targets"] == "q_proj, v_proj"
+    assert entry["same_function"]["relative_difference"]["lora-ref-reference"] <= entry["same_function"]["bound"]
+
+    monkeypatch.setattr(run, "llama_available", lambda: "not measured: transformer_ref.llama does not exist yet")
+    results = run.run_all(configs={"llama-tiny": LLAMA_TINY}, suites=("training",), with_torch=False,
+                          log=lambda _: None)
+    (entry,) = results["training"]
+    assert entry["not_measured"] == "not measured: transformer_ref.llama does not exist yet"
+    assert "transformer_ref.llama does not exist yet" in __import__("benchmarks.report").report.main_table(results)
 
 
 def test_profile_times_a_copy_of_the_op_set_and_leaves_fast_alone() -> None:
