@@ -207,3 +207,29 @@ def test_an_inflated_layer_count_fails_fast_with_little_memory(tmp_path, family,
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"           # the file is a few kB; 10^7 layers would be GBs
+
+
+def test_peft_adapters_with_llama_keys(tmp_path):
+    """lora_ref.peft_io is generic: LLaMA's module names become PEFT's keys
+    (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight) and back, bit for bit; an
+    adapter for modules a LLaMA base does not have is refused by name."""
+    from lora_ref import LoraConfig
+    from lora_ref.peft_io import AdapterFormatError, load_peft_adapter, save_peft_adapter
+    from transformer_ref import add_adapters
+
+    params = init_params(TINY, 1)
+    lc = LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 3},
+                    init="random")
+    adapters = add_adapters(params, TINY, lc, 2)
+    save_peft_adapter(tmp_path / "a", lc, adapters)
+    keys = read(tmp_path / "a" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (16, 3)
+    loaded_config, loaded = load_peft_adapter(tmp_path / "a", params)
+    assert loaded_config.rank_for("model.layers.1.mlp.down_proj") == 3 and set(loaded) == set(adapters)
+    assert all(np.array_equal(loaded[m][f], adapters[m][f]) for m in adapters for f in "AB")
+    gpt_params = init_params(GPT, 1)
+    gpt_lc = LoraConfig(r=2, alpha=4.0, target_modules=["c_attn"], init="random")
+    save_peft_adapter(tmp_path / "g", gpt_lc, add_adapters(gpt_params, GPT, gpt_lc, 2))
+    with pytest.raises(AdapterFormatError, match=r"transformer.h.0.attn.c_attn.*the base model has no weight"):
+        load_peft_adapter(tmp_path / "g", params)
