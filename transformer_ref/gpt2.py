@@ -165,6 +165,11 @@ class GPTConfig:
         """F, the MLP's hidden width: ``n_inner`` or ``4 * n_embd``."""
         return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
+    def describe(self) -> str:
+        """One line for reports: the family and the sizes (``lora-ref check`` prints it)."""
+        return (f"GPT-2: {self.n_layer} layers, n_embd {self.n_embd}, n_head {self.n_head}, vocab {self.vocab_size}, "
+                f"n_positions {self.n_positions}")
+
     def attn_scale(self, layer: int) -> float:
         """The factor on layer ``layer``'s attention scores, a Python float."""
         s = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0

@@ -190,6 +190,13 @@ class LlamaConfig:
         """``head_dim ** -0.5``, the factor on the attention scores (a Python float, as transformers')."""
         return self.head_dim ** -0.5
 
+    def describe(self) -> str:
+        """One line for reports: the family and the sizes (``lora-ref check`` prints it)."""
+        return (f"{self.model_type}: {self.num_hidden_layers} layers, hidden_size {self.hidden_size}, "
+                f"{self.num_attention_heads} heads ({self.num_key_value_heads} key/value) of {self.head_dim}, "
+                f"intermediate_size {self.intermediate_size}, vocab {self.vocab_size}, "
+                f"max_position_embeddings {self.max_position_embeddings}")
+
     def has_bias(self, projection: str) -> bool:
         """Whether projection ``projection`` (e.g. ``"self_attn.o_proj"``) has a bias (see :data:`MODEL_TYPES`)."""
         attention = projection.startswith("self_attn.")

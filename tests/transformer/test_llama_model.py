@@ -100,6 +100,8 @@ def test_config_defaults_are_transformers_llama_2_7b():
         (32, 128, 2048, 1e-6, 10000.0)
     assert not (c.tie_word_embeddings or c.attention_bias or c.mlp_bias) and c.hidden_act == "silu"
     assert TINY.head_dim == 4 and TINY.attn_scale == 4 ** -0.5
+    assert TINY.describe() == ("llama: 2 layers, hidden_size 16, 4 heads (2 key/value) of 4, intermediate_size 24, "
+                               "vocab 11, max_position_embeddings 8")
 
 
 def test_config_dict_round_trip_and_rope_spellings():
