@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ import pytest
 
 from lora_ref.cli import main
 from lora_ref.testing import tolerance
-from transformer_ref import GPTConfig, demo
+from transformer_ref import GPTConfig, LlamaConfig, demo
 from transformer_ref.bounds import logit_rounding_chain
 from transformer_ref.demo import DemoConfig, compute, run_demo, summary_text, write_report
 from transformer_ref.machine import blas_threads
@@ -311,14 +312,60 @@ def test_cli_runs_end_to_end(tmp_path, monkeypatch, capsys):
 ])
 def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), *argv]) == 2
-    assert message in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""                # errors go to stderr
 
 
 def test_cli_rejects_a_file_as_out(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")
     assert main(["demo", "--out", str(path)]) == 2
-    assert "must be a directory" in capsys.readouterr().out
+    assert "must be a directory" in capsys.readouterr().err
+
+
+def one_line_error(capsys, *words):
+    """Issue 11, item 12: one line on stderr naming the path and the reason, nothing on stdout."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and lines[0].startswith("lora-ref demo: "), captured.err
+    assert "Traceback" not in captured.err and all(w in lines[0] for w in words), lines[0]
+
+
+def test_cli_refuses_unwritable_output_before_running(tmp_path, monkeypatch, capsys):
+    """A path under a file, and a directory that cannot be made (/proc): exit 1, one line naming the
+    path and the reason, before the experiment (whose compute is made to fail loudly here)."""
+    monkeypatch.setattr(demo, "compute", lambda *a, **k: pytest.fail("the experiment ran before the output check"))
+    (tmp_path / "file").write_text("")
+    under_file = tmp_path / "file" / "out"
+    assert main(["demo", "--out", str(under_file)]) == 1
+    one_line_error(capsys, "cannot write to", str(under_file), "Not a directory")
+    assert main(["demo", "--out", "/proc/lora-ref-demo-test"]) == 1
+    one_line_error(capsys, "cannot write to", "/proc/lora-ref-demo-test")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_cli_refuses_a_read_only_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "compute", lambda *a, **k: pytest.fail("the experiment ran before the output check"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["demo", "--out", str(ro)]) == 1
+        one_line_error(capsys, "cannot write to", str(ro), "Permission denied")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_cli_refuses_an_existing_report_without_force(tmp_path, monkeypatch, capsys):
+    """As ``lora-ref vectors``: an output folder that already holds files is refused unless --force."""
+    monkeypatch.setitem(demo.PRESETS, "quick", TINY)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 1
+    one_line_error(capsys, str(out), "already exists and is not empty", "--force")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--force"]) == 0
+    assert (out / "report.md").is_file() and (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -358,3 +405,67 @@ def test_presets_fit_the_issue():
         assert preset.ranks == (1, 2, 4, 8, 64) and max(preset.ranks) < preset.n_embd
         assert preset.phi_ranks == (8, 64) and preset.amplification_ranks == (4, 64)
         assert preset.budget_rank == 4                            # W_q r=8, (W_q, W_v) r=4, all four r=2
+
+
+# ----------------------------------------------------------------------------------------------
+# The LLaMA architecture (--model llama)
+# ----------------------------------------------------------------------------------------------
+
+TINY_LLAMA = replace(TINY, family="llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-llama")
+    return run_demo(TINY_LLAMA, out, progress=False), out
+
+
+def test_llama_run_counts_and_merge_check(tiny_llama):
+    result, out = tiny_llama
+    C, L, V = TINY.n_embd, TINY.n_layer, TINY.n_symbols + 1
+    F = TINY_LLAMA.llama_mlp_width
+    assert F == 96                                                 # 8 * 32 / 3 = 85.3, up to a multiple of 32
+    # LLaMA's parameters from its state dict: embed_tokens and the untied lm_head V C each, per block
+    # q, k, v, o C^2 each (as many kv heads as heads), gate, up, down C F each, two RMSNorms C; the final norm C
+    n_full = 2 * V * C + L * (4 * C * C + 3 * C * F + 2 * C) + C
+    assert result["model"]["parameters"] == n_full and result["model"]["family"] == "llama"
+    assert list(result["runs"]) == list(tiny_result_keys())
+    itemsize = np.dtype(TINY.dtype).itemsize
+    for key, row in result["runs"].items():
+        expected = n_full if key == "full" else 2 * L * len(row["matrices"]) * C * row["r"]   # Section 5.1
+        assert row["trainable"]["measured"] == row["trainable"]["formula"] == expected, key
+        assert row["adam_bytes"]["measured"] == 2 * expected * itemsize, key
+        if key == "full":
+            continue
+        m = row["merge"]
+        llama = LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=L,
+                            num_attention_heads=TINY.n_head, max_position_embeddings=2 * TINY.length, rms_norm_eps=1e-5)
+        assert m["chain_length"] == logit_rounding_chain(llama, row["r"])
+        for dtype in ("float32", "float64"):
+            assert m[dtype]["max_abs_error"] <= m[dtype]["bound"] < m[dtype]["adapter_effect"], (key, dtype)
+
+
+def tiny_result_keys():
+    b = TINY.budget_rank
+    return ["full"] + [f"lora-qv-r{r}" for r in TINY.ranks] + [f"lora-q-r{2 * b}", f"lora-qkvo-r{b // 2}"]
+
+
+def test_llama_report_and_summary(tiny_llama):
+    result, out = tiny_llama
+    report = (out / "report.md").read_text()
+    assert report.startswith("# lora-ref demo: LoRA on a small LLaMA") and "LLaMA architecture (RMSNorm, RoPE" in report
+    assert "`q_proj` or `v_proj`" in report and "family='llama'" in report          # how to reproduce it
+    assert summary_text(result).startswith("lora-ref demo: LLaMA n_embd=32")
+    assert set(result["spectra"]["full"]) == {"q", "v"} and len(result["phi"]["v"]) == TINY.n_layer
+    assert set(result["figures"]) == FIGURES
+
+
+def test_cli_model_llama(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(demo.PRESETS, "quick", replace(TINY, pretrain_steps=5, finetune_steps=3))
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--model", "llama", "--out", str(out), "--seed", "3", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("lora-ref demo: LLaMA")
+    assert json.loads((out / "results.json").read_text())["config"]["family"] == "llama"
+    assert "lora-ref demo --quick --model llama --seed 3" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="family must be one of 'gpt2', 'llama', got 'bert'"):
+        replace(TINY, family="bert")

@@ -1,6 +1,6 @@
-"""``lora-ref demo``: the LoRA paper's Tables 5, 6, 7 and Figure 3 in miniature, on a small GPT.
+"""``lora-ref demo``: the LoRA paper's Tables 5, 6, 7 and Figure 3 in miniature, on a small GPT-2 or LLaMA.
 
-Pretrain a small GPT-2-architecture model on a generated cipher task, fine-tune it on a changed
+Pretrain a small GPT-2- (or LLaMA-) architecture model on a generated cipher task, fine-tune it on a changed
 cipher with full fine-tuning and with LoRA at several ranks and target sets, measure, and write
 ``report.md``, ``results.json`` and figures. docs/reproduction.md describes the experiment.
 
@@ -17,9 +17,9 @@ The demo is split by job:
 >>> result = run_demo(QUICK, "lora-ref-demo")        # doctest: +SKIP
 """
 
-from .experiment import DEFAULT, PRESETS, QUICK, DemoConfig, compute
+from .experiment import DEFAULT, FAMILIES, PRESETS, QUICK, DemoConfig, compute
 from .report import report_markdown, summary_text
-from .run import json_ready, run_demo, write_report
+from .run import json_ready, prepare_output, run_demo, write_report
 
-__all__ = ["DEFAULT", "PRESETS", "QUICK", "DemoConfig", "compute", "json_ready", "report_markdown", "run_demo",
-           "summary_text", "write_report"]
+__all__ = ["DEFAULT", "FAMILIES", "PRESETS", "QUICK", "DemoConfig", "compute", "json_ready", "prepare_output",
+           "report_markdown", "run_demo", "summary_text", "write_report"]

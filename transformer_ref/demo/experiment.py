@@ -2,16 +2,18 @@
 
 One call of :func:`compute` does, deterministically for a seed:
 
-1. pretrain a small GPT-2-architecture model (:mod:`transformer_ref`) from scratch on the
-   pretraining cipher task (:func:`transformer_ref.data.pretraining_task`);
+1. pretrain a small GPT-2-architecture model (:mod:`transformer_ref`), or with ``family="llama"`` a
+   LLaMA-architecture one (RMSNorm, RoPE, SwiGLU), from scratch on the pretraining cipher task
+   (:func:`transformer_ref.data.pretraining_task`);
 2. fine-tune it on the downstream task (the same cipher with a few pairs of symbols swapped,
    :func:`transformer_ref.data.downstream_task`) with full fine-tuning, and with LoRA on
    (W_q, W_v) at every rank of ``config.ranks`` (Table 6's rank sweep), plus W_q alone and all
    four attention projections at the parameter budget of (W_q, W_v) at ``budget_rank``
-   (Table 5: W_q at 2b, (W_q, W_v) at b, (W_q, W_k, W_v, W_o) at b / 2). q, k and v are row
-   blocks of GPT-2's fused ``attn.c_attn`` adapted through ``LoraConfig.enable_lora``
-   (loralib's MergedLinear); o is ``attn.c_proj``. Every fine-tuning run starts from the same
-   pretrained weights and sees the same batches;
+   (Table 5: W_q at 2b, (W_q, W_v) at b, (W_q, W_k, W_v, W_o) at b / 2). On GPT-2, q, k and v
+   are row blocks of the fused ``attn.c_attn`` adapted through ``LoraConfig.enable_lora``
+   (loralib's MergedLinear) and o is ``attn.c_proj``; on LLaMA they are ``self_attn.{q,k,v,o}_proj``
+   (PEFT's target_modules; multi-head, so that every type is (C, C) and Table 5's budgets stay
+   equal). Every fine-tuning run starts from the same pretrained weights and sees the same batches;
 3. measure: held-out loss and accuracy of each run; trainable parameters and Adam's state bytes,
    counted on the arrays and by formula; merged versus unmerged logits; the singular values of
    the learned updates; the subspace similarity phi(A_{r=8}, A_{r=64}) (Figure 3); the
@@ -50,7 +52,7 @@ from lora_ref.testing import tolerance
 
 from .. import REFERENCE, add_adapters, forward, init_params, merge_adapters
 from ..bounds import logit_magnitude, logit_rounding_chain
-from ..count import count_parameters, count_trainable, lora_config_for
+from ..count import count_parameters, count_trainable, lora_config_for, matrix_module
 from ..data import downstream_task, evaluate, pretraining_task
 from ..train import adam_init, train
 
@@ -58,7 +60,8 @@ __all__ = ["DEFAULT", "PRESETS", "QUICK", "DemoConfig", "compute"]
 
 # Table 5/6 row names for the matrix types of transformer_ref.lora_config_for.
 _TYPE_NAMES = {"q": "Wq", "k": "Wk", "v": "Wv", "o": "Wo"}
-_QKV = ("q", "k", "v")
+FAMILIES = ("gpt2", "llama")
+"""The model families the demo runs (``lora-ref demo --model``)."""
 
 
 # ============================================================================================
@@ -70,7 +73,9 @@ _QKV = ("q", "k", "v")
 class DemoConfig:
     """Everything that decides the demo's numbers (the seed included). Immutable; validated.
 
-    Model: ``n_embd`` (C), ``n_layer``, ``n_head``; the vocabulary and context come from the task
+    Model: ``family`` ("gpt2" or "llama"), ``n_embd`` (C), ``n_layer``, ``n_head``; a LLaMA has as
+    many key/value heads (multi-head attention), MLP width :attr:`llama_mlp_width`, an untied
+    output head, rms_norm_eps 1e-5 and rope_theta 10000; the vocabulary and context come from the task
     (``n_symbols + 1`` tokens, ``2 * length`` positions). Task: ``n_symbols`` symbols, strings of
     ``length``, ``n_swaps`` swapped pairs downstream. Training: Adam with ``batch_size``;
     ``pretrain_steps`` at ``pretrain_lr``; each fine-tuning run ``finetune_steps`` at ``full_lr``
@@ -104,6 +109,7 @@ class DemoConfig:
     n_random: int = 100
     dtype: str = "float32"
     seed: int = 0
+    family: str = "gpt2"
 
     def __post_init__(self) -> None:
         for name in ("n_embd", "n_layer", "n_head", "n_symbols", "length", "n_swaps", "pretrain_steps",
@@ -118,6 +124,10 @@ class DemoConfig:
             raise ValueError(f"n_swaps must be at most n_symbols / 2 = {self.n_symbols // 2}, got {self.n_swaps}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {self.family!r}")
+        if self.family == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd / n_head must be even for a LLaMA (RoPE rotates pairs), got {self.n_embd // self.n_head}")
         object.__setattr__(self, "ranks", self._checked_ranks())
         b = self.budget_rank
         if b not in self.ranks or b % 2 or 2 * b > self.n_embd:
@@ -146,6 +156,12 @@ class DemoConfig:
         if not all(r in self.ranks for r in pair) or pair[0] >= pair[1]:
             raise ValueError(f"{name} must be two ranks from ranks {self.ranks}, smaller first, got {pair!r}")
         return (int(pair[0]), int(pair[1]))
+
+    @property
+    def llama_mlp_width(self) -> int:
+        """A LLaMA's intermediate_size: 8C/3 rounded up to a multiple of 32 (LLaMA's SwiGLU keeps the
+        parameters and work of a 4C GELU MLP with three matrices of 8C/3; 352 for C = 128)."""
+        return 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
     @property
     def analysis_layer(self) -> int:
@@ -230,7 +246,7 @@ class _Setup:
     seeds: dict[str, int]
     pretraining: Any                      # transformer_ref.data.CipherTask
     downstream: Any                       # the same cipher, n_swaps pairs swapped
-    gpt: Any                              # transformer_ref.GPTConfig sized for the task
+    gpt: Any                              # the model's config (GPTConfig or LlamaConfig) sized for the task
     show: bool                            # progress bars on?
 
 
@@ -238,7 +254,12 @@ def _setup(config: DemoConfig, progress: bool | None) -> _Setup:
     seeds = _seeds(config.seed)
     pre_task = pretraining_task(config.n_symbols, config.length, seed=seeds["task"])
     down_task = downstream_task(pre_task, config.n_swaps, seed=seeds["task"] + 1)
-    gpt = pre_task.gpt_config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head)
+    if config.family == "gpt2":
+        gpt = pre_task.gpt_config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head)
+    else:
+        gpt = pre_task.llama_config(hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+                                    num_attention_heads=config.n_head, intermediate_size=config.llama_mlp_width,
+                                    rms_norm_eps=1e-5)
     show = sys.stderr.isatty() if progress is None else progress
     return _Setup(config, seeds, pre_task, down_task, gpt, show)
 
@@ -287,8 +308,9 @@ def _describe(setup: _Setup) -> dict[str, Any]:
     pre_task, down_task = setup.pretraining, setup.downstream
     return {
         "config": config.to_dict(),
-        "model": {"n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-                  "vocab_size": gpt.vocab_size, "n_positions": gpt.n_positions, "mlp_width": gpt.mlp_width,
+        "model": {"family": config.family, "n_embd": config.n_embd, "n_layer": config.n_layer,
+                  "n_head": config.n_head, "vocab_size": gpt.vocab_size, "n_positions": setup.pretraining.seq_len,
+                  "mlp_width": gpt.mlp_width if config.family == "gpt2" else gpt.intermediate_size,
                   "parameters": count_parameters(gpt)["base"], "dtype": config.dtype},
         "task": {"n_symbols": pre_task.n_symbols, "length": pre_task.length, "n_swaps": config.n_swaps,
                  "changed": list(down_task.changed), "seq_len": pre_task.seq_len,
@@ -366,7 +388,7 @@ def _finetune(setup: _Setup, run: _Run, pretrained: Mapping[str, Any]) -> tuple[
     if run.matrices is None:
         res = train(pretrained, gpt, setup.downstream, mode="full", lr=config.full_lr, **common)
         return res, None, None
-    lc = lora_config_for(run.matrices, run.r, alpha=config.alpha)
+    lc = lora_config_for(run.matrices, run.r, alpha=config.alpha, family=gpt)
     # each run draws its own initial A (independent of the other runs: a shared stream would
     # make A_r=8 the first rows of A_r=64 and inflate their subspace similarity)
     adapters = add_adapters(pretrained, gpt, lc, _run_rng(setup.seeds["adapters"], run.key))
@@ -417,7 +439,7 @@ def _merge_check(params: Mapping[str, Any], adapters: Mapping[str, Any], lora_co
     n = logit_rounding_chain(gpt, r)
     M = logit_magnitude(params, gpt)
     out: dict[str, Any] = {"chain_length": n, "magnitude": M}
-    dtype = dtype_name(to_numpy(params["transformer.wte.weight"]).dtype)
+    dtype = dtype_name(to_numpy(next(iter(params.values()))).dtype)
     for name in dict.fromkeys((dtype, "float64")):
         p, ad = (params, adapters) if name == dtype else (_astype(params, name), _astype(adapters, name))
         # REFERENCE: the paper's order W x + s B (A x) (training's FAST op set may fold s B A into W
@@ -439,26 +461,22 @@ def _merge_check(params: Mapping[str, Any], adapters: Mapping[str, Any], lora_co
 
 
 def _block(adapters: Mapping[str, Any], params: Mapping[str, Any], lora_config: Any, layer: int,
-           kind: str, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+           kind: str, model: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(W, A, B, s) of matrix type ``kind`` ("q", "k", "v" or "o") in block ``layer``, as NumPy:
-    W (C, C) the frozen weight's rows, A (r, C), B (C, r)."""
-    if kind == "o":
-        name = f"transformer.h.{layer}.attn.c_proj"
-        ad = adapters[name]
-        return (to_numpy(params[name + ".weight"]), to_numpy(ad["A"]), to_numpy(ad["B"]),
-                lora_config.scale_for(name))
-    name = f"transformer.h.{layer}.attn.c_attn"
+    W (C, C) the frozen weight (GPT-2's q, k, v: the rows of their block of c_attn), A (r, C), B (C, r)."""
+    name, rows = matrix_module(model, kind, layer)
+    W, ad, s = to_numpy(params[name + ".weight"]), adapters[name], lora_config.scale_for(name)
+    if rows is None:
+        return W, to_numpy(ad["A"]), to_numpy(ad["B"]), s
     enable = lora_config.enable_for(name)
-    g = _QKV.index(kind)
+    g = rows.start // (rows.stop - rows.start)            # the block of the fused weight
     if enable is None or not enable[g]:
         raise ValueError(f"{name} has no adapter block for {kind!r} (enable_lora={enable})")
     k = sum(enable[:g])                                   # position of block g among the enabled ones
-    r = lora_config.rank_for(name)
-    ad = adapters[name]
-    W = to_numpy(params[name + ".weight"])[g * C:(g + 1) * C, :]          # (C, C) rows of block g
+    r, q = lora_config.rank_for(name), rows.stop - rows.start
     A = to_numpy(ad["A"])[k * r:(k + 1) * r, :]                          # (r, C)
-    B = to_numpy(ad["B"])[k * C:(k + 1) * C, :]                          # (C, r)
-    return W, A, B, lora_config.scale_for(name)
+    B = to_numpy(ad["B"])[k * q:(k + 1) * q, :]                          # (C, r)
+    return W[rows, :], A, B, s
 
 
 def _analyse(setup: _Setup, runs: list[_Run], pretrained: Mapping[str, Any], trained: dict[str, Any],
@@ -481,15 +499,15 @@ def _spectrum_row(spec: Any) -> dict[str, Any]:
 
 def _spectra(setup: _Setup, run: _Run, pretrained: Mapping[str, Any], res: Any, lc: Any) -> dict[str, Any]:
     """The spectrum of the q and v updates: ``s B A`` factored for LoRA, the dense difference for full."""
-    C, layer = setup.config.n_embd, setup.config.analysis_layer
+    layer = setup.config.analysis_layer
     if run.group != "full":
-        return {kind: _spectrum_row(spectrum(*_block(res.adapters, pretrained, lc, layer, kind, C)[1:]))
+        return {kind: _spectrum_row(spectrum(*_block(res.adapters, pretrained, lc, layer, kind, setup.gpt)[1:]))
                 for kind in ("q", "v")}
     rows = {}
     for kind in ("q", "v"):
-        name = f"transformer.h.{layer}.attn.c_attn.weight"
-        g = _QKV.index(kind)
-        dW = (to_numpy(res.params[name]) - to_numpy(pretrained[name]))[g * C:(g + 1) * C, :]  # (C, C)
+        name, block = matrix_module(setup.gpt, kind, layer)
+        dW = (to_numpy(res.params[name + ".weight"]) - to_numpy(pretrained[name + ".weight"]))   # (d_out, C)
+        dW = dW if block is None else dW[block, :]                                                 # (C, C)
         sv = scipy.linalg.svdvals(dW)
         rows[kind] = _spectrum_row(Spectrum.from_singular_values(sv, dW.shape))
     return rows
@@ -508,12 +526,12 @@ def _phi(setup: _Setup, pretrained: Mapping[str, Any], trained: dict[str, Any],
     for kind in ("q", "v"):
         per_layer = []
         for i in range(config.n_layer):
-            A1 = _block(trained[k1][0].adapters, pretrained, lc1, i, kind, C)[1]
-            A2 = _block(trained[k2][0].adapters, pretrained, lc2, i, kind, C)[1]
+            A1 = _block(trained[k1][0].adapters, pretrained, lc1, i, kind, setup.gpt)[1]
+            A2 = _block(trained[k2][0].adapters, pretrained, lc2, i, kind, setup.gpt)[1]
             grid = similarity_grid(A1, A2)                                     # (r1, r2)
             # the same for the A matrices the two runs started from: what training added
-            I1 = _block(initial[k1], pretrained, lc1, i, kind, C)[1]
-            I2 = _block(initial[k2], pretrained, lc2, i, kind, C)[1]
+            I1 = _block(initial[k1], pretrained, lc1, i, kind, setup.gpt)[1]
+            I2 = _block(initial[k2], pretrained, lc2, i, kind, setup.gpt)[1]
             init = similarity_grid(I1, I2)                                     # (r1, r2)
             per_layer.append({
                 "layer": i, "grid": [[float(v) for v in row] for row in grid],
@@ -537,7 +555,7 @@ def _amplification(setup: _Setup, pretrained: Mapping[str, Any], trained: dict[s
         res, lc = trained[f"lora-qv-r{r}"]
         amp[str(r)] = {}
         for kind in ("q", "v"):
-            W, A, B, s = _block(res.adapters, pretrained, lc, config.analysis_layer, kind, config.n_embd)
+            W, A, B, s = _block(res.adapters, pretrained, lc, config.analysis_layer, kind, setup.gpt)
             d = amplification_report(W, A, B, s, rng=analysis_rng, n_random=config.n_random).to_dict()
             d.pop("proj_random")
             amp[str(r)][kind] = d

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .experiment import DEFAULT, DemoConfig, compute
 from .figures import write_figures
 from .report import report_markdown
 
-__all__ = ["run_demo", "write_report"]
+__all__ = ["prepare_output", "run_demo", "write_report"]
 
 
 def run_demo(config: DemoConfig = DEFAULT, out_dir: str | os.PathLike[str] = "lora-ref-demo", *,
@@ -72,7 +73,7 @@ def run_demo(config: DemoConfig = DEFAULT, out_dir: str | os.PathLike[str] = "lo
             raise TypeError(f"{name} must be True, False or None, got {value!r}")
     if threads is not None:
         threads = positive_int(threads, "threads")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)                      # fail before minutes of training, not after
     import scipy.linalg  # noqa: F401  (load SciPy's BLAS too, so that it is limited with NumPy's)
 
     with blas_threads(threads) as how:
@@ -80,6 +81,20 @@ def run_demo(config: DemoConfig = DEFAULT, out_dir: str | os.PathLike[str] = "lo
     result["versions"]["blas_threads"] = how
     write_report(result, out, plots=plots)
     return result
+
+
+def prepare_output(out_dir: str | os.PathLike[str]) -> Path:
+    """Create ``out_dir`` (and its parents) if needed and check that a file can be written in it;
+    returns it as a ``Path``. Raises the ``OSError`` of the failing step (a parent that is a file,
+    a read-only directory, ...) with ``filename`` set to ``out_dir``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(out)) from None
+    return out
 
 
 def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool | None = None) -> Path:
