@@ -4,7 +4,8 @@ Nothing here allocates an array: every count is arithmetic on shapes. This modul
 
 * :func:`lora_parameters`: LoRA's count per adapted matrix type, ``L r (d_in + d_out)`` with the
   shape of each type (:func:`target_shape`), by :func:`lora_ref.lora_parameter_count`;
-* :data:`PRESETS`: the six models of the paper, each with the configuration values it is counted
+* :data:`PRESETS`: the six models of the paper, GPT-2 small, and LLaMA-2 7B/13B/70B and LLaMA-3
+  8B/70B (grouped-query attention, a gated MLP), each with the configuration values it is counted
   from and where those values come from;
 * the base-model counters for the two encoder families (:func:`roberta_parameters`,
   :func:`deberta_v2_parameters`), written from their Hugging Face architectures;
@@ -33,7 +34,9 @@ from .lora import lora_parameter_count
 __all__ = [
     "ADAM_MOMENTS",
     "BYTES_PER_PARAMETER",
+    "GATED_MATRICES",
     "MATRIX_TARGETS",
+    "PLAIN_MATRICES",
     "PAPER_CLAIMS",
     "PRESETS",
     "ModelPreset",
@@ -56,11 +59,14 @@ BYTES_PER_PARAMETER = MappingProxyType({"fp16": 2, "bf16": 2, "fp32": 4})
 ADAM_MOMENTS = 2                      # Adam's m and v, one of each per trainable parameter
 ADAM_STATE_BYTES_PER_MOMENT = 4       # kept in fp32 (also under mixed precision)
 
-# Weight-matrix types a rank can be put on (the names transformer_ref.count.MATRIX_TYPES uses too):
-# q, k, v, o are the d_model x d_model attention projections; mlp_in (F, d_model) and mlp_out
-# (d_model, F) the two MLP projections. "mlp" on the command line means both.
-MATRIX_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out")
-_TARGET_ALIASES = {"mlp": ("mlp_in", "mlp_out")}
+# Weight-matrix types a rank can be put on (the names transformer_ref.count's families use too):
+# q, k, v, o are the attention projections, d_model x d_model except k and v under grouped-query
+# attention, (kv_dim, d_model); mlp_in (F, d_model) and mlp_out (d_model, F) the two matrices of a
+# GELU MLP (GPT-2, the encoders); gate, up (F, d_model) and down (d_model, F) the three of a gated
+# MLP (LLaMA's SwiGLU). "mlp" on the command line means a model's MLP matrices; "all", every type.
+MATRIX_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "gate", "up", "down")
+PLAIN_MATRICES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+GATED_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 # ============================================================================================
@@ -72,8 +78,8 @@ _TARGET_ALIASES = {"mlp": ("mlp_in", "mlp_out")}
 class ModelPreset:
     """One model of the paper and the configuration values it is counted from.
 
-    ``family`` says how the full model is counted: ``"gpt2"`` from a GPT-2 config by the GPT-2
-    of :mod:`transformer_ref` (``lora-ref count`` imports it for these presets only),
+    ``family`` says how the full model is counted: ``"gpt2"`` / ``"llama"`` from a GPT-2 / LLaMA
+    config by :mod:`transformer_ref` (``lora-ref count`` imports it for these presets only),
     ``"roberta"`` / ``"deberta-v2"`` by this module's encoder counters, ``"gpt3"`` not at all
     (the figure the paper reports is used, marked as reported).
     ``config`` holds Hugging Face ``config.json`` keys with the values used, ``source`` says
@@ -90,6 +96,24 @@ class ModelPreset:
     source: str
     counted: str
     reported_full: str | None = None
+    kv_dim: int | None = None
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The weight-matrix types of one layer: a gated MLP (LLaMA) has gate, up, down."""
+        return GATED_MATRICES if self.family == "llama" else PLAIN_MATRICES
+
+
+def _llama(name: str, label: str, source: str, *, vocab: int, d: int, F: int, L: int, H: int, Hk: int,
+           positions: int, theta: float) -> ModelPreset:
+    """A LLaMA preset from its Hugging Face config.json values (untied head, no biases)."""
+    config = {"vocab_size": vocab, "hidden_size": d, "intermediate_size": F, "num_hidden_layers": L,
+              "num_attention_heads": H, "num_key_value_heads": Hk, "max_position_embeddings": positions,
+              "rms_norm_eps": 1e-5, "rope_theta": theta, "tie_word_embeddings": False}
+    return ModelPreset(name=name, label=label, family="llama", d_model=d, layers=L, ffn_width=F,
+                       config=MappingProxyType(config), source=source, kv_dim=Hk * (d // H),
+                       counted=f"LlamaForCausalLM: token embeddings ({vocab}), {L} layers ({H} query heads, "
+                               f"{Hk} key/value heads, SwiGLU MLP), final RMSNorm, untied lm_head")
 
 
 PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
@@ -144,6 +168,23 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
         counted="not recomputed: GPT-3's paper does not publish every detail an exact count needs "
                 "(vocabulary, biases, tying); the LoRA paper's own count (Table 4, GPT-3 FT) is used",
         reported_full="175,255.8M"),
+    ModelPreset(
+        name="gpt2", label="GPT-2 (124M)", family="gpt2", d_model=768, layers=12, ffn_width=3072,
+        config=MappingProxyType({"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
+                                 "n_positions": 1024}),
+        source="Hugging Face gpt2 config.json",
+        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
+                "embeddings, 12 blocks, final LayerNorm; lm_head tied to wte, counted once"),
+    _llama("llama-2-7b", "LLaMA-2 7B", "Hugging Face meta-llama/Llama-2-7b-hf config.json",
+           vocab=32000, d=4096, F=11008, L=32, H=32, Hk=32, positions=4096, theta=10000.0),
+    _llama("llama-2-13b", "LLaMA-2 13B", "Hugging Face meta-llama/Llama-2-13b-hf config.json",
+           vocab=32000, d=5120, F=13824, L=40, H=40, Hk=40, positions=4096, theta=10000.0),
+    _llama("llama-2-70b", "LLaMA-2 70B", "Hugging Face meta-llama/Llama-2-70b-hf config.json",
+           vocab=32000, d=8192, F=28672, L=80, H=64, Hk=8, positions=4096, theta=10000.0),
+    _llama("llama-3-8b", "LLaMA-3 8B", "Hugging Face meta-llama/Meta-Llama-3-8B config.json",
+           vocab=128256, d=4096, F=14336, L=32, H=32, Hk=8, positions=8192, theta=500000.0),
+    _llama("llama-3-70b", "LLaMA-3 70B", "Hugging Face meta-llama/Meta-Llama-3-70B config.json",
+           vocab=128256, d=8192, F=28672, L=80, H=64, Hk=8, positions=8192, theta=500000.0),
 )})
 
 
@@ -270,11 +311,12 @@ def format_size(n_bytes: int | float, binary: bool = False) -> str:
 # ============================================================================================
 
 
-def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
-    """``"q,v" -> ("q", "v")``; ``"mlp"`` expands to ``("mlp_in", "mlp_out")``.
+def parse_targets(text: str | Iterable[str], matrices: tuple[str, ...] = PLAIN_MATRICES) -> tuple[str, ...]:
+    """``"q,v" -> ("q", "v")``: the weight-matrix types to adapt, among ``matrices`` (a model's types:
+    :data:`PLAIN_MATRICES` by default, :data:`GATED_MATRICES` for LLaMA).
 
-    Accepts q, k, v, o (the attention matrices), mlp_in, mlp_out and mlp; order is kept,
-    a name given twice (also through ``mlp``) is an error.
+    ``"mlp"`` expands to the model's MLP matrices (mlp_in, mlp_out; or gate, up, down) and ``"all"``
+    to every type; order is kept, a name given twice (also through an alias) is an error.
     """
     if isinstance(text, str):
         names = [t.strip() for t in text.split(",")]
@@ -282,13 +324,13 @@ def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
         names = [str(t).strip() for t in text]
     if not names or any(not t for t in names):
         raise ValueError(f"targets must be a comma-separated list such as 'q,v', got {text!r}")
+    aliases = {"mlp": tuple(m for m in matrices if m not in ("q", "k", "v", "o")), "all": tuple(matrices)}
     out: list[str] = []
     for name in names:
-        expanded = _TARGET_ALIASES.get(name, (name,))
-        for t in expanded:
-            if t not in MATRIX_TARGETS:
-                raise ValueError(f"unknown target {name!r}: expected some of q, k, v, o (attention), "
-                                 f"mlp_in, mlp_out or mlp (both), got {text!r}")
+        for t in aliases.get(name, (name,)):
+            if t not in matrices:
+                raise ValueError(f"unknown target {name!r}: expected some of {', '.join(matrices)}, mlp (the MLP "
+                                 f"matrices) or all, got {text!r}")
             if t in out:
                 raise ValueError(f"target {t!r} is listed twice in {text!r}")
             out.append(t)
@@ -300,24 +342,31 @@ def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
 # ============================================================================================
 
 
-def target_shape(target: str, d_model: int, ffn_width: int) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a weight-matrix type: q, k, v, o are ``(d_model, d_model)``, mlp_in is
-    ``(ffn_width, d_model)`` (it widens), mlp_out ``(d_model, ffn_width)``."""
+def target_shape(target: str, d_model: int, ffn_width: int, kv_dim: int | None = None) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a weight-matrix type: q, o are ``(d_model, d_model)``, k, v
+    ``(kv_dim, d_model)`` (``kv_dim`` = key/value heads x head width, d_model without grouped-query
+    attention), mlp_in, gate, up ``(ffn_width, d_model)`` (they widen), mlp_out, down
+    ``(d_model, ffn_width)``."""
     d_model = positive_int(d_model, "d_model")
     ffn_width = positive_int(ffn_width, "ffn_width", "the MLP width")
+    kv = d_model if kv_dim is None else positive_int(kv_dim, "kv_dim", "the key/value width")
     if target not in MATRIX_TARGETS:
         raise ValueError(f"target must be one of {', '.join(MATRIX_TARGETS)}, got {target!r}")
-    return {"mlp_in": (ffn_width, d_model), "mlp_out": (d_model, ffn_width)}.get(target, (d_model, d_model))
+    wide, narrow = (ffn_width, d_model), (d_model, ffn_width)
+    return {"k": (kv, d_model), "v": (kv, d_model), "mlp_in": wide, "gate": wide, "up": wide,
+            "mlp_out": narrow, "down": narrow}.get(target, (d_model, d_model))
 
 
 def lora_parameters(targets: str | Iterable[str], rank: int, *, d_model: int, layers: int,
-                    ffn_width: int) -> dict[str, int]:
+                    ffn_width: int, kv_dim: int | None = None,
+                    matrices: tuple[str, ...] = PLAIN_MATRICES) -> dict[str, int]:
     """``{target: parameters of A and B over all layers}`` for rank ``rank`` on each target type.
 
     One adapter on a ``(d_out, d_in)`` weight has ``r (d_in + d_out)`` parameters
     (:func:`lora_ref.lora_parameter_count`), one per layer: ``layers r (d_in + d_out)``, which for
     a ``d_model x d_model`` type is Section 5.1's ``2 L d_model r``. ``targets`` as for
-    :func:`parse_targets` (``"q,v"``, ``"mlp"``, or a sequence of names). The count depends on
+    :func:`parse_targets` (``"q,v"``, ``"mlp"``, ``"all"``, or a sequence of names) among
+    ``matrices``; ``kv_dim`` the width of k and v (:func:`target_shape`). The count depends on
     these shapes only: an encoder's separate query / key / value projections and GPT-2's fused
     ``c_attn`` adapted per block (loralib's MergedLinear) give the same numbers.
 
@@ -327,8 +376,8 @@ def lora_parameters(targets: str | Iterable[str], rank: int, *, d_model: int, la
     layers = positive_int(layers, "layers")
     rank = positive_int(rank, "rank")
     out = {}
-    for t in parse_targets(targets):
-        d_out, d_in = target_shape(t, d_model, ffn_width)
+    for t in parse_targets(targets, matrices):
+        d_out, d_in = target_shape(t, d_model, ffn_width, kv_dim)
         out[t] = layers * lora_parameter_count(d_in, d_out, rank)
     return out
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from lora_ref.cli import main
 from lora_ref.counting import (
+    GATED_MATRICES,
     PRESETS,
     adam_state_bytes,
     checkpoint_bytes,
@@ -45,7 +46,29 @@ from lora_ref.counting import (
 DIMS = {  # preset: (d_model, layers, MLP width F), sources in the module docstring
     "roberta-base": (768, 12, 3072), "roberta-large": (1024, 24, 4096), "deberta-xxlarge": (1536, 48, 6144),
     "gpt2-medium": (1024, 24, 4096), "gpt2-large": (1280, 36, 5120), "gpt3-175b": (12288, 96, 49152),
+    "gpt2": (768, 12, 3072),
 }
+
+# LLaMA presets (Hugging Face meta-llama config.json files): vocabulary, d_model, MLP width F,
+# layers, query heads H, key/value heads Hk. Head width D = d / H; k and v are (Hk D, d).
+LLAMA = {"llama-2-7b": (32000, 4096, 11008, 32, 32, 32), "llama-2-13b": (32000, 5120, 13824, 40, 40, 40),
+         "llama-2-70b": (32000, 8192, 28672, 80, 64, 8), "llama-3-8b": (128256, 4096, 14336, 32, 32, 8),
+         "llama-3-70b": (128256, 8192, 28672, 80, 64, 8)}
+
+
+def llama_params(V, d, F, L, H, Hk):
+    """LlamaForCausalLM: embedding and untied lm_head V d each, final RMSNorm d; per layer q and o
+    d^2 each, k and v d Hk D each, gate, up, down d F each, two RMSNorms d. (transformers gives
+    6,738,415,616 and 8,030,261,248 for LLaMA-2 7B and LLaMA-3 8B; Meta's model cards say 7B, 8B.)"""
+    kv = Hk * (d // H)
+    return 2 * V * d + d + L * (2 * d * d + 2 * d * kv + 3 * d * F + 2 * d)
+
+
+def llama_lora(d, F, L, H, Hk, r, targets):
+    """LoRA over every layer: r (d_in + d_out) per adapted matrix, (d_out, d_in) as above."""
+    kv = Hk * (d // H)
+    per = {"q": d + d, "k": d + kv, "v": d + kv, "o": d + d, "gate": d + F, "up": d + F, "down": F + d}
+    return {t: L * r * per[t] for t in targets}
 
 
 def lora_params(d: int, L: int, r: int, n_matrices: int) -> int:
@@ -376,8 +399,17 @@ def test_bytes_and_sizes():
 def test_parse_targets():
     assert parse_targets("q,v") == ("q", "v")
     assert parse_targets("o, mlp") == ("o", "mlp_in", "mlp_out")
+    assert parse_targets("all") == ("q", "k", "v", "o", "mlp_in", "mlp_out")
+    assert parse_targets("v,mlp", GATED_MATRICES) == ("v", "gate", "up", "down")
+    assert parse_targets("all", GATED_MATRICES) == GATED_MATRICES
     with pytest.raises(ValueError, match="unknown target 'W_q'"):
         parse_targets("W_q")
+    with pytest.raises(ValueError, match="unknown target 'gate': expected some of q, k, v, o, mlp_in, mlp_out"):
+        parse_targets("gate")
+    with pytest.raises(ValueError, match="unknown target 'mlp_in': expected some of q, k, v, o, gate, up, down"):
+        parse_targets("mlp_in", GATED_MATRICES)
+    with pytest.raises(ValueError, match="target 'v' is listed twice"):
+        parse_targets("v,all")
 
 
 def test_lora_parameters_and_target_shapes():
@@ -387,7 +419,7 @@ def test_lora_parameters_and_target_shapes():
     assert lora_parameters("q,mlp", 3, d_model=8, layers=2, ffn_width=20) == {
         "q": 2 * 2 * 8 * 3, "mlp_in": 2 * 3 * (8 + 20), "mlp_out": 2 * 3 * (8 + 20)}
     assert lora_parameters(("v",), 1, d_model=4, layers=1, ffn_width=16) == {"v": 8}
-    with pytest.raises(ValueError, match="target must be one of q, k, v, o, mlp_in, mlp_out, got 'qkv'"):
+    with pytest.raises(ValueError, match="target must be one of q, k, v, o, mlp_in, mlp_out, gate, up, down, got 'qkv'"):
         target_shape("qkv", 8, 20)
     with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
         lora_parameters("q", 0, d_model=8, layers=2, ffn_width=20)
@@ -417,3 +449,77 @@ def test_encoder_counters_match_the_formulas_and_refuse_other_architectures():
         deberta_v2_parameters({**PRESETS["deberta-xxlarge"].config, "position_biased_input": True})
     with pytest.raises(TypeError, match="config must be a mapping"):
         roberta_parameters([1, 2])
+
+
+# ============================================================================================
+# LLaMA presets, the common settings table, the overview
+# ============================================================================================
+
+
+@pytest.mark.parametrize("preset", list(LLAMA))
+def test_llama_presets(capsys, preset):
+    V, d, F, L, H, Hk = LLAMA[preset]
+    out = run_json(capsys, preset, "--targets", "all", "--rank", "16")
+    assert (out["d_model"], out["layers"], out["ffn_width"], out["kv_dim"]) == (d, L, F, Hk * (d // H))
+    seven = ("q", "k", "v", "o", "gate", "up", "down")
+    assert out["lora"]["params_by_target"] == llama_lora(d, F, L, H, Hk, 16, seven)
+    full = llama_params(V, d, F, L, H, Hk)
+    assert out["full"]["params"] == full and out["full"]["exact"] is True
+    assert out["full"]["checkpoint_bytes"] == {"fp16": 2 * full, "fp32": 4 * full}
+    rows = {(tuple(c["targets"]), c["rank"]): c for c in out["common"]}
+    assert list(rows) == [(("q", "v"), r) for r in (8, 16, 64)] + [(seven, r) for r in (8, 16, 64)]
+    for (targets, r), row in rows.items():
+        n = sum(llama_lora(d, F, L, H, Hk, r, targets).values())
+        assert row["params"] == n and row["checkpoint_bytes"] == {"fp16": 2 * n, "fp32": 4 * n}
+        assert row["adam_state_bytes"] == 8 * n
+
+
+def test_llama_text_and_mlp_alias(capsys):
+    assert main(["count", "llama-2-70b", "--targets", "q,mlp", "--rank", "8"]) == 0
+    text = capsys.readouterr().out
+    V, d, F, L, H, Hk = LLAMA["llama-2-70b"]
+    lora = llama_lora(d, F, L, H, Hk, 8, ("q", "gate", "up", "down"))
+    assert "k/v width 1024" in text and f"= {sum(lora.values()):,} parameters (A and B)" in text
+    n = sum(llama_lora(d, F, L, H, Hk, 64, ("q", "k", "v", "o", "gate", "up", "down")).values())
+    assert any(line.startswith("r=64 on q,k,v,o,gate,up,down") and f"{n:,}" in line for line in text.splitlines())
+    assert main(["count", "llama-3-8b", "--targets", "mlp_in"]) == 2
+    assert "unknown target 'mlp_in': expected some of q, k, v, o, gate, up, down" in capsys.readouterr().err
+    # explicit sizes: --kv-dim narrows k and v; gate/up/down name a gated MLP
+    out = run_json(capsys, "--d-model", "64", "--layers", "2", "--ffn", "96", "--kv-dim", "16", "--targets", "k,down",
+                   "--rank", "4")
+    assert out["lora"]["params_by_target"] == {"k": 2 * 4 * (64 + 16), "down": 2 * 4 * (96 + 64)}
+    assert main(["count", "--d-model", "64", "--layers", "2", "--kv-dim", "16", "--targets", "k", "--rank", "17"]) == 2
+    assert "--rank must be at most 16" in capsys.readouterr().err
+
+
+def test_gpt2_small_preset(capsys):
+    out = run_json(capsys, "gpt2", "--targets", "q,v", "--rank", "8")
+    assert out["full"]["params"] == gpt2_params(768, 12) == 124_439_808      # transformers' GPT2LMHeadModel
+    assert out["lora"]["params"] == lora_params(768, 12, 8, 2)
+    assert {tuple(c["targets"]) for c in out["common"]} == {("q", "v"), ("q", "k", "v", "o", "mlp_in", "mlp_out")}
+
+
+def test_count_without_arguments_lists_the_presets_and_the_audit(capsys):
+    """Issue 11, item 13: ``lora-ref count`` alone no longer fails."""
+    assert main(["count"]) == 0
+    text = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert any(line.startswith(f"  {name} ") and preset.label in line for line in text.splitlines()), name
+    assert f"{llama_params(*LLAMA['llama-3-8b']):,} parameters" in text
+    audit = run_json(capsys, "--paper")
+    n_mis = sum(c["status"] == "mismatch" for c in audit["claims"])
+    assert (f"of {len(audit['claims'])} figures, {audit['flagged']} do not recompute as printed ({n_mis} mismatch, "
+            f"{audit['flagged'] - n_mis} truncated)") in text
+    out = run_json(capsys)
+    assert [p["model"] for p in out["presets"]] == list(PRESETS) and out["paper"]["flagged"] == audit["flagged"]
+
+
+@pytest.mark.parametrize("preset", ["llama-2-70b", "llama-3-8b"])
+def test_llama_lora_parameters_equal_the_adapters_transformer_ref_allocates(preset):
+    from transformer_ref import LlamaConfig
+    from transformer_ref.count import count_parameters, lora_config_for
+
+    p = PRESETS[preset]
+    by_type = count_parameters(LlamaConfig(**p.config), lora_config_for(GATED_MATRICES, 8, family="llama"))["lora_by_type"]
+    assert lora_parameters("all", 8, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width, kv_dim=p.kv_dim,
+                           matrices=p.matrices) == by_type

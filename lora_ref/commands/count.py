@@ -1,15 +1,18 @@
 """``lora-ref count``: LoRA vs full fine-tuning in parameters, checkpoint bytes and Adam state.
 
-``lora-ref count MODEL [--targets q,v] [--rank 4]`` counts a preset of the paper (roberta-base,
-roberta-large, deberta-xxlarge, gpt2-medium, gpt2-large, gpt3-175b);
-``lora-ref count --d-model D --layers L [--ffn F] ...`` counts any size (LoRA side only: the full
-model needs an architecture). ``lora-ref count --paper`` recomputes the paper's reported figures
-and flags those that do not recompute under the configuration the paper states. ``--json`` prints
-the same result machine-readably. Flags are information: the audit exits 0.
+``lora-ref count MODEL [--targets q,v] [--rank 4]`` counts a preset: the paper's (roberta-base,
+roberta-large, deberta-xxlarge, gpt2-medium, gpt2-large, gpt3-175b), GPT-2 small (gpt2) and
+LLaMA-2 7B/13B/70B, LLaMA-3 8B/70B (llama-2-7b, ..., llama-3-70b), and adds a table of the common
+settings (q,v and every matrix at r = 8, 16, 64); ``lora-ref count --d-model D --layers L [--ffn F]
+[--kv-dim K] ...`` counts any size (LoRA side only: the full model needs an architecture).
+``lora-ref count --paper`` recomputes the paper's reported figures and flags those that do not
+recompute under the configuration the paper states; ``lora-ref count`` alone lists the presets and
+the audit's summary. ``--json`` prints the same results machine-readably. Flags are information:
+the audit exits 0.
 
 LoRA's counts, presets, byte accounting and the paper's figures come from
 :mod:`lora_ref.counting` (arithmetic on shapes). The full GPT-2 presets are counted by the GPT-2
-of :mod:`transformer_ref`, imported inside :func:`_full_params` for those presets only.
+and LLaMA of :mod:`transformer_ref`, imported inside :func:`_full_params` for those presets only.
 Accounting: docs/counting.md.
 """
 
@@ -24,6 +27,7 @@ HELP = "parameters, checkpoint bytes and Adam state of LoRA vs full fine-tuning;
 
 _DEFAULT_TARGETS = "q,v"
 _DEFAULT_RANK = 4
+_COMMON_RANKS = (8, 16, 64)          # the table of common settings: q,v and every matrix at these ranks
 _STATUS_NOTE = {"ok": "", "truncated": "flag", "mismatch": "FLAG", "n/a": ""}
 _QUANTITY_LABEL = {"lora": "LoRA params", "full": "full params", "lora_fp16_bytes": "LoRA ckpt fp16",
                    "full_fp16_bytes": "full ckpt fp16"}
@@ -42,9 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, metavar="L", help="number of layers, with --d-model")
     parser.add_argument("--ffn", type=int, metavar="F",
                         help="MLP width, used by the mlp targets (default 4 x d_model; presets know theirs)")
+    parser.add_argument("--kv-dim", type=int, metavar="K",
+                        help="width of k and v under grouped-query attention, key/value heads x head width "
+                             "(default d_model; presets know theirs)")
     parser.add_argument("--targets", metavar="LIST",
                         help="comma-separated matrices to adapt in every layer: q, k, v, o (attention), "
-                             f"mlp_in, mlp_out, mlp (both) (default {_DEFAULT_TARGETS})")
+                             "mlp_in, mlp_out (GELU MLP) or gate, up, down (LLaMA's), mlp (the MLP's), all "
+                             f"(default {_DEFAULT_TARGETS})")
     parser.add_argument("--rank", type=int, metavar="R", help=f"LoRA rank r (default {_DEFAULT_RANK})")
     parser.add_argument("--paper", action="store_true",
                         help="recompute the LoRA paper's reported counts and flag those that do not recompute")
@@ -52,13 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    overview = not args.paper and all(getattr(args, n) is None for n in ("model", "d_model", "layers", "ffn",
+                                                                         "kv_dim", "targets", "rank"))
     try:
-        result = _paper_audit(args) if args.paper else _count(args)
+        result = _overview() if overview else _paper_audit(args) if args.paper else _count(args)
     except _Usage as exc:
         print(f"lora-ref count: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
+    elif overview:
+        _print_overview(result)
     elif args.paper:
         _print_audit(result)
     else:
@@ -75,12 +87,13 @@ def _full_params(preset: Any) -> tuple[int | None, bool]:
     """``(parameters of the full model, exact?)`` for a preset."""
     from ..counting import deberta_v2_parameters, parse_reported, roberta_parameters
 
-    if preset.family == "gpt2":
-        # GPT-2 is a model transformer_ref implements: its parameter count is that model's.
-        from transformer_ref import GPTConfig
+    if preset.family in ("gpt2", "llama"):
+        # GPT-2 and LLaMA are models transformer_ref implements: the parameter count is that model's.
+        from transformer_ref import GPTConfig, LlamaConfig
         from transformer_ref.count import count_parameters
 
-        return count_parameters(GPTConfig(**preset.config))["base"], True
+        config = (GPTConfig if preset.family == "gpt2" else LlamaConfig)(**preset.config)
+        return count_parameters(config)["base"], True
     if preset.family == "roberta":
         return roberta_parameters(preset.config), True
     if preset.family == "deberta-v2":
@@ -88,11 +101,11 @@ def _full_params(preset: Any) -> tuple[int | None, bool]:
     return parse_reported(preset.reported_full).value, False
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int]:
-    """``(preset or None, d_model, layers, ffn)`` from the command line, validated."""
+def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int, int]:
+    """``(preset or None, d_model, layers, ffn, kv_dim)`` from the command line, validated."""
     from ..counting import PRESETS
 
-    for name in ("d_model", "layers", "ffn"):
+    for name in ("d_model", "layers", "ffn", "kv_dim"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise _Usage(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -100,23 +113,35 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int]:
         if args.model not in PRESETS:
             raise _Usage(f"unknown model {args.model!r}; the presets are {', '.join(PRESETS)} "
                          "(or give --d-model and --layers instead)")
-        given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn") if getattr(args, n) is not None]
+        given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn", "kv_dim") if getattr(args, n) is not None]
         if given:
             raise _Usage(f"give a preset or {'/'.join(given)}, not both: {args.model!r} fixes the sizes")
         preset = PRESETS[args.model]
-        return preset, preset.d_model, preset.layers, preset.ffn_width
+        return preset, preset.d_model, preset.layers, preset.ffn_width, preset.kv_dim or preset.d_model
     if args.d_model is None or args.layers is None:
         missing = [f for f, v in (("--d-model", args.d_model), ("--layers", args.layers)) if v is None]
         raise _Usage(f"give a model preset ({', '.join(PRESETS)}) or both --d-model and --layers; "
                      f"missing {' and '.join(missing)}")
-    return None, args.d_model, args.layers, args.ffn if args.ffn is not None else 4 * args.d_model
+    return (None, args.d_model, args.layers, args.ffn if args.ffn is not None else 4 * args.d_model,
+            args.d_model if args.kv_dim is None else args.kv_dim)
 
 
-def _targets_and_rank(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
+def _matrices(preset: Any, args: argparse.Namespace) -> tuple[str, ...]:
+    """The weight-matrix types of the model: a preset's; for given sizes, a gated MLP's when the
+    targets name gate, up or down."""
+    from ..counting import GATED_MATRICES, PLAIN_MATRICES
+
+    if preset is not None:
+        return preset.matrices
+    named = {t.strip() for t in (args.targets or "").split(",")}
+    return GATED_MATRICES if named & {"gate", "up", "down"} else PLAIN_MATRICES
+
+
+def _targets_and_rank(args: argparse.Namespace, matrices: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
     from ..counting import parse_targets
 
     try:
-        targets = parse_targets(_DEFAULT_TARGETS if args.targets is None else args.targets)
+        targets = parse_targets(_DEFAULT_TARGETS if args.targets is None else args.targets, matrices)
     except ValueError as exc:
         raise _Usage(f"--targets: {exc}") from None
     rank = _DEFAULT_RANK if args.rank is None else args.rank
@@ -125,11 +150,11 @@ def _targets_and_rank(args: argparse.Namespace) -> tuple[tuple[str, ...], int]:
     return targets, rank
 
 
-def _check_rank(rank: int, targets: tuple[str, ...], d_model: int, ffn: int) -> None:
+def _check_rank(rank: int, targets: tuple[str, ...], d_model: int, ffn: int, kv_dim: int) -> None:
     """A rank above min(d_in, d_out) of an adapted matrix cannot raise the rank of B A: refuse it."""
     from ..counting import target_shape
 
-    limit = min(min(target_shape(t, d_model, ffn)) for t in targets)
+    limit = min(min(target_shape(t, d_model, ffn, kv_dim)) for t in targets)
     if rank > limit:
         raise _Usage(f"--rank must be at most {limit}, min(d_out, d_in) of the adapted matrices "
                      f"(B A has rank at most that), got {rank}")
@@ -146,15 +171,17 @@ def _sizes(n_params: int) -> dict[str, Any]:
 def _count(args: argparse.Namespace) -> dict[str, Any]:
     from ..counting import lora_parameters
 
-    preset, d_model, layers, ffn = _resolve(args)
-    targets, rank = _targets_and_rank(args)
-    _check_rank(rank, targets, d_model, ffn)
-    by_target = lora_parameters(targets, rank, d_model=d_model, layers=layers, ffn_width=ffn)
+    preset, d_model, layers, ffn, kv_dim = _resolve(args)
+    matrices = _matrices(preset, args)
+    targets, rank = _targets_and_rank(args, matrices)
+    _check_rank(rank, targets, d_model, ffn, kv_dim)
+    sizes = dict(d_model=d_model, layers=layers, ffn_width=ffn, kv_dim=kv_dim, matrices=matrices)
+    by_target = lora_parameters(targets, rank, **sizes)
     lora = sum(by_target.values())
     result: dict[str, Any] = {
         "model": preset.name if preset else None,
         "label": preset.label if preset else None,
-        "d_model": d_model, "layers": layers, "ffn_width": ffn,
+        "d_model": d_model, "layers": layers, "ffn_width": ffn, "kv_dim": kv_dim,
         "config_source": preset.source if preset else "given on the command line",
         "targets": list(targets), "rank": rank,
         "lora": {"params": lora, "params_by_target": by_target, **_sizes(lora)},
@@ -169,6 +196,9 @@ def _count(args: argparse.Namespace) -> dict[str, Any]:
                       "reported": None if exact else preset.reported_full, **_sizes(full)}
     result["full_over_lora"] = full / lora
     result["lora_fraction"] = lora / full
+    result["common"] = [{"targets": list(t), "rank": r, **_sizes(sum(lora_parameters(t, r, **sizes).values())),
+                         "params": sum(lora_parameters(t, r, **sizes).values())}
+                        for t in (("q", "v"), matrices) for r in _COMMON_RANKS]
     return result
 
 
@@ -176,7 +206,8 @@ def _print_count(res: dict[str, Any]) -> None:
     from ..counting import format_size
 
     name = f"{res['model']} ({res['label']})" if res["model"] else "model"
-    print(f"{name}: d_model {res['d_model']}, {res['layers']} layers, MLP width {res['ffn_width']} "
+    kv = f", k/v width {res['kv_dim']}" if res["kv_dim"] != res["d_model"] else ""
+    print(f"{name}: d_model {res['d_model']}, {res['layers']} layers, MLP width {res['ffn_width']}{kv} "
           f"[{res['config_source']}]")
     lora = res["lora"]
     parts = " + ".join(f"{t} {n:,}" for t, n in lora["params_by_target"].items())
@@ -204,6 +235,22 @@ def _print_count(res: dict[str, Any]) -> None:
         print(f"full / LoRA = {res['full_over_lora']:,.1f}x: LoRA trains {100 * res['lora_fraction']:.4g}% "
               "of the model's parameter count.")
     print(f"full model: {full['counted']}.")
+    if "common" in res:
+        _print_common(res)
+
+
+def _print_common(res: dict[str, Any]) -> None:
+    """The table of common settings: q,v and every matrix type at r = 8, 16, 64."""
+    from ..counting import format_size
+
+    print()
+    print(f"{'common settings':<31}{'LoRA params':>14}{'share':>9}{'adapter fp16':>14}{'adapter fp32':>14}"
+          f"{'Adam state':>12}")
+    for row in res["common"]:
+        what = f"r={row['rank']} on {','.join(row['targets'])}"
+        share = f"{100 * row['params'] / res['full']['params']:.3g}%"
+        print(f"{what:<31}{row['params']:>14,}{share:>9}{format_size(row['checkpoint_bytes']['fp16']):>14}"
+              f"{format_size(row['checkpoint_bytes']['fp32']):>14}{format_size(row['adam_state_bytes']):>12}")
 
 
 # ============================================================================================
@@ -286,6 +333,37 @@ def _claim_row(c: Any) -> dict[str, Any]:
         why = ""
     row["explanation"] = "; ".join(s for s in (why, c.remark) if s)
     return row
+
+
+def _overview() -> dict[str, Any]:
+    """``lora-ref count`` alone: the presets and the paper audit's summary."""
+    from ..counting import PRESETS
+
+    presets = []
+    for p in PRESETS.values():
+        full, exact = _full_params(p)
+        presets.append({"model": p.name, "label": p.label, "d_model": p.d_model, "layers": p.layers,
+                        "ffn_width": p.ffn_width, "kv_dim": p.kv_dim or p.d_model, "params": full, "exact": exact})
+    audit = _paper_audit(argparse.Namespace(model=None, d_model=None, layers=None, ffn=None, targets=None, rank=None))
+    n_mis = sum(r["status"] == "mismatch" for r in audit["claims"])
+    return {"presets": presets, "paper": {"figures": len(audit["claims"]), "flagged": audit["flagged"],
+                                          "mismatch": n_mis, "truncated": audit["flagged"] - n_mis,
+                                          "headline": audit["headline"]}}
+
+
+def _print_overview(res: dict[str, Any]) -> None:
+    print("lora-ref count MODEL: LoRA versus full fine-tuning in parameters, checkpoint bytes and Adam state. "
+          "The presets:")
+    for p in res["presets"]:
+        kv = f", k/v {p['kv_dim']}" if p["kv_dim"] != p["d_model"] else ""
+        full = f"{p['params']:,} parameters" + ("" if p["exact"] else " (as reported)")
+        print(f"  {p['model']:<17}{p['label']:<15}d_model {p['d_model']:>5}, {p['layers']:>2} layers{kv:<10}  {full}")
+    print("Or any size: lora-ref count --d-model D --layers L [--ffn F] [--kv-dim K] [--targets q,v] [--rank 4].")
+    a = res["paper"]
+    h = a["headline"]
+    print(f"\nThe paper's counts (lora-ref count --paper): of {a['figures']} figures, {a['flagged']} do not "
+          f"recompute as printed ({a['mismatch']} mismatch, {a['truncated']} truncated). Headline: GPT-3 175B at r=4 on "
+          f"q,v trains {h['lora_params']:,} parameters, {h['lora_fp16']} in fp16, {h['ratio']:,.0f}x fewer than the model.")
 
 
 def _headline() -> dict[str, Any]:
