@@ -64,6 +64,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."   # PeftModel's prefix: PeftModel.from_pretrained ignores keys without it
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")   # safetensors codes a factor may be stored as
 
 
 class AdapterFormatError(FileFormatError):
@@ -218,8 +219,9 @@ def config_from_peft_dict(d: Mapping[str, Any], *, source: str = CONFIG_NAME) ->
     for name in ("fan_in_fan_out", "use_rslora"):
         if not isinstance(d.get(name, False), bool):
             raise fail(f'"{name}" must be true or false, got {d.get(name)!r}')
-    if isinstance(layers, list) and not all(is_int(i) for i in layers):
-        raise fail(f'"layers_to_transform" must be a layer index or a list of them, got {layers!r}')
+    if layers is not None and not is_int(layers) and not (isinstance(layers, list) and all(is_int(i) for i in layers)):
+        raise fail(f'"layers_to_transform" must be a layer index (an integer) or a list of layer indices, '
+                   f"got {layers!r}")
     if isinstance(pattern, list) and not all(isinstance(p, str) for p in pattern):
         raise fail(f'"layers_pattern" must be a name or a list of names, got {pattern!r}')
     try:
@@ -419,7 +421,8 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
         checked against it with :func:`validate_adapter` (shapes, dtype, no targeted module missing).
     dtype : "float32" or "float64", optional
         Convert the factors to this dtype. Without it they keep the file's dtype, which must be
-        float32 or float64; float16 and bfloat16 files need it (widening them is exact).
+        float32 or float64; float16 and bfloat16 files need it (widening them is exact). The
+        stored dtype is checked first: integer, boolean and complex tensors are refused, never cast.
 
     Returns
     -------
@@ -446,6 +449,9 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
         if target not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if file.is_dir():
+            raise AdapterFormatError(f"{file}: is a directory; a PEFT adapter holds a file of that name")
     if not config_file.is_file():
         raise AdapterFormatError(f"{folder}: {CONFIG_NAME} is missing")
     if not weights_file.is_file():
@@ -458,8 +464,15 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
     stored = read_tensors(weights_file, error=AdapterFormatError)
 
     factors: dict[str, dict[str, np.ndarray]] = {}
-    for key, (_, arr) in stored.items():
+    for key, (code, arr) in stored.items():
         _check_key(key, weights_file)
+        # The stored dtype is checked before anything is converted: astype would turn integers,
+        # booleans and complex numbers (dropping the imaginary part) into plausible floats.
+        if code not in _FLOAT_CODES:
+            raise AdapterFormatError(
+                f"{weights_file}: key {key!r} is stored as {code} ({arr.dtype.name}), not a floating-point type; "
+                "LoRA factors are F32 or F64 (F16 or BF16 with dtype=), and lora-ref converts no integer, "
+                "boolean or complex tensor")
         found = _FACTOR.match(key[len(KEY_PREFIX):])
         factors.setdefault(found["module"], {})[found["factor"]] = arr
     for module, pair in factors.items():
@@ -499,6 +512,13 @@ def _check_key(key: str, weights_file: Path) -> None:
     for marker, feature in features:
         if marker in rest:
             raise NotImplementedError(f"{weights_file}: key {key!r} is {feature}, which lora-ref does not implement")
+    named = re.fullmatch(r"(?P<module>.+)\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.weight", rest)
+    if named:
+        raise AdapterFormatError(
+            f"{weights_file}: key {key!r} carries the adapter name {named['adapter']!r} (lora_{named['factor']}."
+            f"{named['adapter']}.weight): the weights were saved from the model's state_dict, not with PEFT's "
+            f"save_pretrained, which strips the name; rename the keys to "
+            f"'{KEY_PREFIX}{named['module']}.lora_{named['factor']}.weight'")
     if re.search(r"\.lora_[AB]\.bias$", rest):
         raise NotImplementedError(f"{weights_file}: key {key!r} is a bias on a LoRA factor (lora_bias), which lora-ref does not implement")
     if ".lora_" in rest:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from lora_ref import LoraConfig
 from lora_ref.analysis import similarity_grid, spectrum
@@ -127,3 +128,16 @@ def test_errors(tmp_path, capsys):
                                                             "B": rng.standard_normal((16, 4))}})
     out = run_json(capsys, tmp_path / "ad", "--compare", tmp_path / "wide")
     assert "same d_in" in out["compare"]["modules"][MODULES[0]]["error"]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
+def test_integer_bool_and_complex_adapters_are_refused(tmp_path, capsys, dtype):
+    # Issue 11, item 1: analyze cast an int32 adapter to float64 and exited 0.
+    make_adapter(tmp_path / "ad", seed=10)
+    path = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(str(path))
+    safetensors.numpy.save_file({k: (v * 1000).astype(dtype) for k, v in tensors.items()}, str(path))
+    for extra in ([], ["--dtype", "float32"]):
+        assert main(["analyze", str(tmp_path / "ad"), *extra]) == 1
+        out = capsys.readouterr()
+        assert "not a floating-point type" in out.out + out.err

@@ -154,3 +154,18 @@ def test_change_larger_than_the_weight_is_flagged(base, tmp_path, capsys):
     for module, pair in adapters.items():
         change = np.linalg.norm(32.0 * pair["B"] @ pair["A"]) / np.linalg.norm(params[module + ".weight"])
         assert change > 1 and f"{module}: merging would change W by {change:.3g} times its own norm" in out
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
+def test_integer_bool_and_complex_adapters_are_invalid(base, tmp_path, capsys, dtype):
+    # Issue 11, item 1: the loader cast them to float64 and `check` reported the adapter valid.
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_fc"], fan_in_fan_out=True,
+                                                      init="random"))
+    tensors = safetensors.numpy.load_file(str(tmp_path / "ad" / WEIGHTS_NAME))
+    safetensors.numpy.save_file({k: (v * 1000).astype(dtype) for k, v in tensors.items()},
+                                str(tmp_path / "ad" / WEIGHTS_NAME))
+    code, out, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 1 and "OK" not in out
+    assert re.search(r"lora_[AB]\.weight' is stored as (I32|BOOL|C64) .*not a floating-point type", err)
+    assert "INVALID" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -285,6 +286,49 @@ def test_invalid_values_raise_adapter_format_error_naming_the_field(changes, wor
     assert "somewhere/adapter_config.json" in str(info.value)
 
 
+@pytest.mark.parametrize("value", [2.5, "1", True, {"0": 1}])
+def test_layers_to_transform_of_the_wrong_kind_gets_a_sentence(value):
+    # Issue 11, item 14: 2.5 used to give "invalid LoRA setting: 'float' object is not iterable".
+    with pytest.raises(AdapterFormatError, match=r'somewhere/adapter_config\.json: "layers_to_transform" must be a '
+                                                 rf"layer index \(an integer\) or a list of layer indices, got "
+                                                 rf"{re.escape(repr(value))}$"):
+        config_from_peft_dict(peft_dict(layers_to_transform=value), source="somewhere/adapter_config.json")
+
+
+def test_catastrophic_regexes_in_a_config_file_are_refused(tmp_path):
+    # Issue 11, item 7: PEFT hangs loading such a file (matching "(.*.*)*q" against a module name
+    # takes exponential time); lora-ref refuses the pattern before matching anything. The
+    # module name here, "m.q", is short, so code without the check loads the file at once instead
+    # of hanging: the test fails fast there.
+    path = tmp_path / "ad"
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    safetensors.numpy.save_file({f"{KEY_PREFIX}m.q.lora_A.weight": rng.normal(size=(2, 4)),
+                                 f"{KEY_PREFIX}m.q.lora_B.weight": rng.normal(size=(4, 2))}, str(path / WEIGHTS_NAME))
+    for changes in ({"target_modules": "(.*.*)*q"}, {"rank_pattern": {"(.*.*)*q": 2}},
+                    {"alpha_pattern": {"(a+)+b": 2}}, {"layers_to_transform": [0], "layers_pattern": "(m*)*"}):
+        (path / CONFIG_NAME).write_text(json.dumps(peft_dict(**{"target_modules": ["q"], "rank_pattern": {},
+                                                                 "alpha_pattern": {}, **changes})))
+        with pytest.raises(AdapterFormatError, match=r"adapter_config\.json: invalid LoRA setting: .*inside a "
+                                                     r"repetition .*catastrophic backtracking"):
+            load_peft_adapter(path)
+
+
+def test_layers_pattern_is_a_regular_expression_as_in_peft(tmp_path):
+    # Issue 11, item 14: "[h]" was escaped, matched nothing, and the loader refused the adapter
+    # claiming PEFT would drop its weights. PEFT 0.21.2 inserts the pattern unescaped
+    # (check_target_module_exists: rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."), so it selects layer 1.
+    cfg = LoraConfig(r=2, alpha=4.0, target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="[h]")
+    params = tiny_params()
+    adapters = make_adapters(params, cfg)
+    assert sorted(adapters) == ["transformer.h.1.attn.c_attn"]
+    save_peft_adapter(tmp_path / "ad", cfg, adapters)
+    assert json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())["layers_pattern"] == "[h]"
+    loaded_cfg, loaded = load_peft_adapter(tmp_path / "ad", params)
+    assert loaded_cfg == cfg
+    assert_same_adapters(loaded, adapters)
+
+
 def test_config_json_must_be_an_object_without_duplicates(tmp_path, saved):
     path = tmp_path / "ad"
     path.mkdir()
@@ -357,7 +401,7 @@ def added(key, value):
     (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_diag.weight", np.zeros(2)), NotImplementedError, "variant"),
     (lambda t: {**t, A0: t[A0][:1]}, AdapterFormatError, "rank 2.*got A \\(1, 8\\)"),
     (lambda t: {**t, A0: t[A0].astype(np.float32)}, AdapterFormatError, "mixed dtypes"),
-    (lambda t: {**t, A0: t[A0].astype(np.int64)}, AdapterFormatError, "int64 is not a floating dtype"),
+    (lambda t: {**t, A0: t[A0].astype(np.int64)}, AdapterFormatError, "stored as I64 \\(int64\\), not a floating-point"),
     (lambda t: {**t, A0: t[A0].reshape(-1)}, AdapterFormatError, "must be 2-D"),
     (lambda t: {**t, B0: np.where(np.arange(t[B0].size).reshape(t[B0].shape) == 5, np.inf, t[B0])},
      AdapterFormatError, "lora_B.weight.*1 non-finite"),
@@ -368,6 +412,41 @@ def test_bad_weights_files_are_refused_naming_file_and_key(copy_of, change, erro
     with pytest.raises(error, match=words) as info:
         load_peft_adapter(copy_of)
     assert str(copy_of) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_, np.complex64])
+@pytest.mark.parametrize("convert", [None, "float64", "float32"])
+def test_non_float_factors_are_refused_before_any_cast(copy_of, dtype, convert):
+    # Issue 11, item 1: with dtype= the loader used to cast integer, bool and complex factors to
+    # float (complex64 lost its imaginary part with only a NumPy warning) and report the adapter valid.
+    rewrite_weights(copy_of, lambda t: {k: (v * 3 + 1j * v if dtype is np.complex64 else v * 3).astype(dtype)
+                                        for k, v in t.items()})
+    code = {np.int32: "I32", np.int64: "I64", np.uint8: "U8", np.bool_: "BOOL", np.complex64: "C64"}[dtype]
+    with pytest.raises(AdapterFormatError, match=rf"{WEIGHTS_NAME}: key '.*lora_[AB]\.weight' is stored as {code} "
+                                                 rf"\({np.dtype(dtype).name}\), not a floating-point type"):
+        load_peft_adapter(copy_of, dtype=convert)
+
+
+def test_keys_with_the_adapter_name_say_so(copy_of):
+    # Issue 11, item 14: "lora_A.default.weight" used to be called "a LoRA variant lora-ref does not
+    # implement"; it is a plain adapter saved from a state_dict with its adapter name.
+    rewrite_weights(copy_of, lambda t: {k.replace(".weight", ".default.weight"): v for k, v in t.items()})
+    with pytest.raises(AdapterFormatError, match=r"key '.*\.lora_A\.default\.weight' carries the adapter name "
+                                                 r"'default' \(lora_A\.default\.weight\): the weights were saved "
+                                                 r"from the model's state_dict, not with PEFT's save_pretrained, .*"
+                                                 r"rename the keys to '.*\.lora_A\.weight'$"):
+        load_peft_adapter(copy_of)
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_a_directory_where_a_file_belongs_is_not_called_missing(copy_of, name):
+    # Issue 11, item 14.
+    (copy_of / name).unlink()
+    (copy_of / name).mkdir()
+    with pytest.raises(AdapterFormatError, match=rf"{re.escape(str(copy_of / name))}: is a directory; a PEFT adapter "
+                                                 "holds a file of that name") as info:
+        load_peft_adapter(copy_of)
+    assert "missing" not in str(info.value)
 
 
 def test_missing_files(tmp_path):
