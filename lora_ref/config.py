@@ -12,12 +12,19 @@ quoted in each method, so an adapter file PEFT writes selects the same modules h
   (in insertion order) whose regex matches the end of the name wins.
 * ``enable_lora`` (loralib ``MergedLinear``, not PEFT): adapt only some row-blocks of a fused
   projection such as GPT-2's ``c_attn``.
+
+Every regular expression (a string ``target_modules``, pattern keys, ``layers_pattern``) comes from
+a file that may be hostile, and Python's ``re`` backtracks: ``"(.*.*)*q"`` takes minutes on one
+module name (PEFT hangs on it). So each is checked by :func:`check_regex` before it is used: no
+repetition inside a repetition, no alternation or optional part inside one, at most
+:data:`MAX_REPETITIONS` repetitions in all. Matching then costs a polynomial in the name's length,
+never an exponential. docs/files.md says why this rule rather than a time limit.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +34,86 @@ import numpy as np
 from .checks import boolean, finite_real, is_int, positive_int, probability
 from .lora import INIT_SCHEMES, lora_scale
 
-__all__ = ["LoraConfig", "check_enable_lora"]
+try:                                        # the parser of Python's re (3.11+), for check_regex
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:                         # Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
+
+__all__ = ["MAX_REPETITIONS", "LoraConfig", "check_enable_lora", "check_regex"]
+
+MAX_REPETITIONS = 3
+"""The most repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a pattern may hold: matching a name of
+n characters against k unnested ones backtracks through at most about n^(k+1) states."""
+
+_REPEATS = tuple(getattr(_sre, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre, op))
+
+
+def _repetitions(items: Any, pattern: str, name: str, loop: str | None) -> int:
+    """Count the repetitions in parsed ``items``; raise ValueError for an ambiguous one.
+
+    ``loop`` is the text of the enclosing repetition's operator, None outside any. Inside a
+    repetition nothing may offer the matcher a choice (another repetition, an optional part, an
+    alternation): each choice multiplies the ways to split a name, which is what makes
+    backtracking exponential.
+    """
+    def refuse(what: str) -> ValueError:
+        return ValueError(
+            f"{name} {pattern!r} has {what} inside a repetition ({loop}): Python's regular expressions can take "
+            "exponential time to match such a pattern (catastrophic backtracking), so lora-ref refuses it "
+            "(PEFT would accept it, and may hang); write it without the nesting ('.*q' matches what '(.*.*)*q' "
+            "matches)")
+
+    count = 0
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, body = av
+            is_loop = high == _sre.MAXREPEAT or high > 1
+            if loop is not None and (is_loop or low != high):
+                raise refuse("a repetition" if is_loop else "an optional part (?)")
+            text = "*" if low == 0 and high == _sre.MAXREPEAT else "+" if high == _sre.MAXREPEAT else f"{{{low},{high}}}"
+            count += is_loop + _repetitions(body, pattern, name, text if is_loop else None)
+        elif op == _sre.BRANCH:
+            if loop is not None:
+                raise refuse("an alternation (|)")
+            count += sum(_repetitions(branch, pattern, name, loop) for branch in av[1])
+        elif op == _sre.GROUPREF_EXISTS:
+            if loop is not None:
+                raise refuse("a conditional group")
+            count += sum(_repetitions(branch, pattern, name, loop) for branch in av[1:] if branch is not None)
+        elif op == _sre.SUBPATTERN:
+            count += _repetitions(av[3], pattern, name, loop)
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            count += _repetitions(av[1], pattern, name, loop)
+        elif op == getattr(_sre, "ATOMIC_GROUP", None):
+            count += _repetitions(av, pattern, name, loop)
+    return count
+
+
+def check_regex(pattern: Any, name: str) -> str:
+    """``pattern`` if it is a regular expression lora-ref will match; else ValueError or TypeError.
+
+    Refused, with a message naming ``name``: a pattern that does not compile; one with a repetition
+    (``*``, ``+``, ``{m,n}``), an optional part (``?``) or an alternation (``|``) inside a
+    repetition, such as ``"(.*.*)*q"`` or ``"(a|ab)+"``; one with more than
+    :data:`MAX_REPETITIONS` repetitions. These bound the backtracking of Python's ``re``: the
+    refused forms take exponential (or high-polynomial) time on a name that almost matches.
+    Character classes such as ``(q|k|v)`` (``re`` reads single characters as a set) are fine.
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"{name} must be a string (a regular expression), got {pattern!r}")
+    try:
+        re.compile(pattern)
+        parsed = _sre_parse.parse(pattern)
+    except re.error as exc:
+        raise ValueError(f"{name} {pattern!r} is not a valid regular expression: {exc}") from None
+    count = _repetitions(parsed, pattern, name, None)
+    if count > MAX_REPETITIONS:
+        raise ValueError(
+            f"{name} {pattern!r} has {count} repetitions (* + {{m,n}}); lora-ref allows at most {MAX_REPETITIONS}, "
+            "because matching time grows like (name length)^(repetitions + 1) when a name almost matches")
+    return pattern
 
 
 def _pattern_lookup(pattern: Mapping[str, Any], module_name: str) -> Any | None:
@@ -40,6 +126,11 @@ def _pattern_lookup(pattern: Mapping[str, Any], module_name: str) -> Any | None:
     return None
 
 
+def _layer_regex(pattern: str) -> str:
+    """PEFT's regex for the layer index after ``layers_pattern`` (``check_target_module_exists``)."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
 def _frozen_mapping(value: Any, name: str, check: Any) -> Mapping[str, Any]:
     if value is None:
         return MappingProxyType({})
@@ -49,10 +140,7 @@ def _frozen_mapping(value: Any, name: str, check: Any) -> Mapping[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str):
             raise TypeError(f"{name} keys must be strings, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as exc:
-            raise ValueError(f"{name} key {key!r} is not a valid regular expression: {exc}") from exc
+        check_regex(key, f"{name} key")
         out[key] = check(item, f"{name}[{key!r}]")
     return MappingProxyType(out)
 
@@ -136,17 +224,19 @@ class LoraConfig:
             if not targets or not all(isinstance(t, str) and t for t in targets):
                 raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
         elif isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                raise ValueError(f"target_modules regex {targets!r} is invalid: {exc}") from exc
+            check_regex(targets, "target_modules regex")
         set_("target_modules", targets)
         set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", positive_int))
         set_("alpha_pattern", _frozen_mapping(self.alpha_pattern, "alpha_pattern", finite_real))
         set_("enable_lora", _frozen_mapping(self.enable_lora, "enable_lora", check_enable_lora))
         layers = self.layers_to_transform
         if layers is not None:
-            layers = (layers,) if is_int(layers) else tuple(layers)
+            if is_int(layers):
+                layers = (layers,)
+            elif isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Iterable):
+                raise TypeError(f"layers_to_transform must be a layer index (an int) or a list of layer indices, "
+                                f"got {layers!r} ({type(layers).__name__})")
+            layers = tuple(layers)
             if not layers or not all(is_int(i) and i >= 0 for i in layers):
                 raise ValueError(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
             layers = tuple(int(i) for i in layers)
@@ -156,6 +246,13 @@ class LoraConfig:
             pattern = (pattern,) if isinstance(pattern, str) else tuple(pattern)
             if not pattern or not all(isinstance(p, str) and p for p in pattern):
                 raise ValueError(f"layers_pattern must be a name or list of names, got {self.layers_pattern!r}")
+            for p in pattern:                # a regular expression, as PEFT reads it (see layer_index)
+                check_regex(p, "layers_pattern")
+                try:
+                    re.compile(_layer_regex(p))
+                except re.error as exc:
+                    raise ValueError(f"layers_pattern {p!r} cannot be used in PEFT's layer regex "
+                                     f"{_layer_regex(p)!r}: {exc}") from None
         set_("layers_pattern", pattern)
         # PEFT's LoraConfig refuses these combinations rather than ignoring the layer settings.
         if isinstance(targets, str) and (layers is not None or pattern is not None):
@@ -189,22 +286,26 @@ class LoraConfig:
         return _pattern_lookup(self.enable_lora, module_name)
 
     def layer_index(self, module_name: str) -> int | None:
-        """The layer index in ``module_name``, by PEFT's rule (``check_target_module_exists``).
+        r"""The layer index in ``module_name``, by PEFT's rule (``check_target_module_exists``).
 
         Without ``layers_pattern``: the digits of the first ``.<name>.<digits>.`` that follows at
         least one dot (``"transformer.h.3.attn"`` -> 3; a bare ``"h.3.attn"`` -> None). With it: for
         each pattern in order, the first ``<pattern>.<digits>.`` at the start or after a dot; the
-        first pattern that matches wins.
+        first pattern that matches wins. Each pattern is a regular expression, inserted unescaped
+        as PEFT 0.21.2 does (``re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)``), so
+        ``"[h]"`` or ``"(?:layers|h)"`` work as in PEFT (and a bare ``"layers|h"`` splits the whole
+        regex in two, as in PEFT).
         """
         if not self.layers_pattern:
-            found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
         else:
             found = None
             for pattern in self.layers_pattern:
-                found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", module_name)
+                found = re.match(_layer_regex(pattern), module_name)
                 if found:
                     break
-        return int(found.group(1)) if found else None
+        index = found.group("idx") if found else None   # None also when a "|" in the pattern
+        return None if index is None else int(index)    # matched without the index group (as PEFT)
 
     def targets(self, module_name: str) -> bool:
         """Whether ``module_name`` gets an adapter, by PEFT's rule (``check_target_module_exists``).

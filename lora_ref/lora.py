@@ -130,6 +130,9 @@ def pissa_init(W: Any, r: int, scale: float) -> tuple[Any, Any, Any]:
     float_array(W_np, "W")
     if W_np.ndim != 2:
         raise ValueError(f"W must be 2-D (d_out, d_in), got shape {W_np.shape}")
+    bad = int(W_np.size - np.count_nonzero(np.isfinite(W_np)))
+    if bad:
+        raise ValueError(f"W has {bad} non-finite value(s) (inf or nan); pissa_init's SVD needs a finite weight")
     r = positive_int(r, "r")
     if r > min(W_np.shape):
         raise ValueError(f"pissa_init: r={r} exceeds min(d_out, d_in)={min(W_np.shape)} for W of shape {W_np.shape}")

@@ -10,6 +10,7 @@ docs/math.md). Exact properties (zero-init identity, zero gradient of A) are che
 from __future__ import annotations
 
 import math
+import re
 
 import autograd
 import numpy as np
@@ -345,6 +346,14 @@ def test_targets(kwargs, selected):
     ("h", "h.3.attn.c_attn", 3),
     (["blocks", "h"], "a.h.4.blocks.2.attn", 2),               # the first pattern that matches wins
     ("layers", "transformer.h.3.attn.c_attn", None),
+    # Issue 11, item 14: a regular expression, as in PEFT (which inserts it unescaped).
+    ("[h]", "transformer.h.3.attn.c_attn", 3),
+    ("(?:layers|h)", "transformer.h.5.attn.c_attn", 5),
+    ("layers|h", "transformer.h.5.attn.c_attn", None),        # unescaped, "|" splits PEFT's whole regex
+    ("layers|h", "h.5.attn.c_attn", 5),
+    ("layers|h", "model.layers.5.self_attn.q_proj", None),    # matches "model.layers" without an index
+    (r"\w", "model.x.2.y", 2),
+    (".", "transformer.h.3.attn.c_attn", 3),                  # "." matches "h", as PEFT reads it
 ])
 def test_layer_index(pattern, name, index):
     # layers_pattern needs layers_to_transform (PEFT's rule); which layers does not matter here.
@@ -367,7 +376,7 @@ def test_layer_index(pattern, name, index):
     ({"init": "pissa"}, ValueError, r"init must be one of kaiming, gaussian, random, got 'pissa'"),
     ({"target_modules": 3}, TypeError, r"target_modules must be a list of names, a regex string, or None, got 3"),
     ({"target_modules": []}, ValueError, r"target_modules must be non-empty module names, got \[\]"),
-    ({"target_modules": "(("}, ValueError, r"target_modules regex '\(\(' is invalid"),
+    ({"target_modules": "(("}, ValueError, r"target_modules regex '\(\(' is not a valid regular expression"),
     ({"rank_pattern": {"q": 0}}, ValueError, r"rank_pattern\['q'\] must be a positive int, got 0"),
     ({"rank_pattern": ["q"]}, TypeError, r"rank_pattern must be a mapping of module-name pattern to value, got list"),
     ({"rank_pattern": {"((": 2}}, ValueError, r"rank_pattern key '\(\(' is not a valid regular expression"),
@@ -614,6 +623,64 @@ X, W_, A_, B_ = _rng.normal(size=(3, 5)), _rng.normal(size=(4, 5)), _rng.normal(
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_pissa_names_a_non_finite_weight():
+    # Issue 11, item 14: SciPy's SVD used to say only "array must not contain infs or NaNs".
+    W = np.ones((4, 5))
+    W[1, 2], W[3, 3] = np.inf, np.nan
+    with pytest.raises(ValueError, match=r"^W has 2 non-finite value\(s\) \(inf or nan\); pissa_init"):
+        pissa_init(W, 2, 1.0)
+
+
+@pytest.mark.parametrize("value", [2.5, "2", {"a": 1}, None.__class__])
+def test_layers_to_transform_of_the_wrong_kind_gets_a_sentence(value):
+    # Issue 11, item 14: 2.5 used to raise "'float' object is not iterable".
+    with pytest.raises(TypeError, match=r"^layers_to_transform must be a layer index \(an int\) or a list of layer "
+                                        rf"indices, got {re.escape(repr(value))} \({type(value).__name__}\)$"):
+        LoraConfig(r=2, alpha=4, target_modules=["c_attn"], layers_to_transform=value)
+
+
+# Issue 11, item 7: regular expressions whose backtracking explodes are refused, not matched.
+CATASTROPHIC = ["(.*.*)*q", "(a+)+$", r"(\w?)*x", "(a|ab)*c", "(x+x+)+y", "(.{1,30}){1,30}z"]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize("where", ["target_modules", "rank_pattern", "alpha_pattern", "enable_lora", "layers_pattern"])
+def test_catastrophic_regexes_are_refused_before_any_matching(pattern, where):
+    kwargs = {"target_modules": ["c_attn"]}
+    if where == "target_modules":
+        kwargs["target_modules"] = pattern
+    elif where == "layers_pattern":
+        kwargs.update(layers_pattern=pattern, layers_to_transform=[0])
+    else:
+        kwargs[where] = {pattern: {"rank_pattern": 2, "alpha_pattern": 2.0, "enable_lora": (True, False)}[where]}
+    with pytest.raises(ValueError, match=r"inside a repetition .*exponential time .*catastrophic backtracking"):
+        LoraConfig(r=2, alpha=4, **kwargs)
+
+
+def test_the_refusal_is_what_stops_the_hang():
+    # What the refusal prevents, kept small: on 8 characters the match fails quickly, but its time
+    # grows exponentially with the name's length.
+    from lora_ref.config import check_regex
+
+    assert re.fullmatch("(.*.*)*q", "a" * 8) is None
+    with pytest.raises(ValueError, match=r"'\(\.\*\.\*\)\*q' has a repetition inside a repetition \(\*\)"):
+        check_regex("(.*.*)*q", "target_modules regex")
+
+
+def test_too_many_repetitions_are_refused_and_ordinary_patterns_pass():
+    from lora_ref.config import MAX_REPETITIONS, check_regex
+
+    with pytest.raises(ValueError, match=rf"has 4 repetitions .*at most {MAX_REPETITIONS}"):
+        check_regex(".*.*.*.*q", "target_modules regex")
+    for ok in (r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj", "(?:q|k|v)*_proj",
+               r"^(?!.*vision).*(q_proj|v_proj)", r"h\.[0-3]\.attn\.c_attn", "c_attn", "layers|h", "[h]"):
+        assert check_regex(ok, "x") == ok
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
+        check_regex("(unclosed", "rank_pattern key")
+    with pytest.raises(TypeError, match="must be a string"):
+        check_regex(3, "layers_pattern")
 
 
 def test_rank_above_min_is_legal():

@@ -298,3 +298,32 @@ def test_real_peft_features_are_refused(base, tmp_path, settings, words):
     pm.save_pretrained(tmp_path / "ad")
     with pytest.raises(NotImplementedError, match=words):
         load_peft_adapter(tmp_path / "ad")
+
+
+# --------------------------------------------------------------------------------------------
+# Targeting rules, name by name, against PEFT's own function
+# --------------------------------------------------------------------------------------------
+
+TARGET_NAMES = ["transformer.h.1.attn.c_attn", "transformer.h.0.attn.c_attn", "transformer.h.5.attn.c_attn",
+                "h.1.attn.c_attn", "h.5.attn.c_attn", "c_attn", "transformer.h.1.attn.c_proj",
+                "model.layers.5.self_attn.q_proj", "model.layers.1.mlp.experts.5.c_attn", "transformer.h.1.attn.xc_attn"]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(target_modules=["c_attn"]),
+    dict(target_modules=["c_attn", "q_proj"], layers_to_transform=[1]),
+    dict(target_modules=["c_attn"], layers_to_transform=1, layers_pattern="h"),
+    # Issue 11, item 14: layers_pattern is a regular expression in PEFT, inserted unescaped.
+    dict(target_modules=["c_attn", "q_proj"], layers_to_transform=[1, 5], layers_pattern="[h]"),
+    dict(target_modules=["c_attn", "q_proj"], layers_to_transform=[5], layers_pattern="(?:layers|h)"),
+    dict(target_modules=["c_attn", "q_proj"], layers_to_transform=[5], layers_pattern="layers|h"),
+    dict(target_modules=["c_attn", "q_proj"], layers_to_transform=[5], layers_pattern=["x", r"\w+"]),
+    dict(target_modules=r".*\.(c_attn|q_proj)"),
+], ids=str)
+def test_targeting_is_peft_check_target_module_exists(settings):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    theirs = peft.LoraConfig(r=2, **settings)
+    ours = LoraConfig(r=2, alpha=8.0, **settings)
+    got = {name: ours.targets(name) for name in TARGET_NAMES}
+    assert got == {name: bool(check_target_module_exists(theirs, name)) for name in TARGET_NAMES}
