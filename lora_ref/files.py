@@ -16,7 +16,12 @@ Contract
 * :func:`read_json` reads a UTF-8 JSON file and refuses duplicate keys (JSON parsers disagree on
   which of two equal keys wins).
 * :func:`write_directory_atomically` replaces a whole directory so that readers see the old one
-  or the new one, each complete.
+  or the new one, each complete. It follows a symbolic link (the directory it points to is
+  replaced; the link stays), refuses a read-only directory before writing anything, gives the new
+  directory the mode ``mkdir`` would (``0o777`` less the umask), removes the temporaries a killed
+  save of the same target left behind, and, once the new directory is in place, never raises.
+  A failure before the swap (a full disk) raises :class:`DirectoryWriteError`, saying that the
+  previous directory is intact.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import errno
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import struct
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,11 +47,18 @@ import safetensors.numpy
 
 from .checks import is_int
 
-__all__ = ["FileFormatError", "StoredTensor", "read_json", "read_tensors", "write_directory_atomically"]
+__all__ = ["DirectoryWriteError", "FileFormatError", "StoredTensor", "read_json", "read_tensors",
+           "write_directory_atomically"]
 
 
 class FileFormatError(ValueError):
     """A file that lora-ref reads is damaged or inconsistent (the message names the file and key)."""
+
+
+class DirectoryWriteError(OSError):
+    """Writing a new directory failed before it replaced anything (a full disk, say): the previous
+    directory, if there was one, is intact. ``errno`` is the underlying error's; ``filename`` the
+    target directory; the original exception is the ``__cause__``."""
 
 
 class StoredTensor(NamedTuple):
@@ -198,57 +212,152 @@ def read_tensors(path: str | os.PathLike, *, error: type[FileFormatError] = File
 def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Create or replace directory ``path`` with what ``write(folder)`` puts into a fresh folder.
 
-    1. A temporary directory ``.<name>.tmp-XXXX`` is made in ``path``'s parent (same filesystem),
-       ``write`` fills it, entries of an existing ``path`` that ``write`` did not produce are
-       hard-linked (or copied) in, and every file is flushed to disk (``fsync``).
+    1. A temporary directory ``.<name>.tmp-<pid>-<random>`` is made in ``path``'s parent (same
+       filesystem) with ``os.mkdir``, so it gets the mode a plain ``mkdir`` would (``0o777`` less
+       the umask). ``write`` fills it, entries of an existing ``path`` that ``write`` did not
+       produce are hard-linked (or copied) in, and every file is flushed to disk (``fsync``).
     2. The temporary directory takes ``path``'s place with one system call: ``rename`` when
        ``path`` does not exist; on Linux, ``renameat2(RENAME_EXCHANGE)`` when it does, which
        swaps the two directories in one atomic step. Where that call is unavailable, two renames
-       (``path`` -> ``.<name>.old-XXXX``, temporary -> ``path``); a crash between them leaves the
-       complete old directory under the ``.old`` name and the complete new one under the ``.tmp``
-       name, never a directory holding a mix.
-    3. The old directory is deleted.
+       (``path`` -> ``.<name>.old-<pid>-<random>/x``, temporary -> ``path``); a crash between them
+       leaves the complete old directory under the ``.old`` name and the complete new one under
+       the ``.tmp`` name, never a directory holding a mix.
+    3. The old directory is deleted, as far as possible: the save has succeeded by then, so this
+       step never raises (what it cannot delete, the next save of the same target does).
+
+    Before step 1: a ``path`` that is a symbolic link is followed (the directory it points to is
+    replaced, the link itself stays); a ``path`` that exists and is not a directory raises
+    ``NotADirectoryError``; an existing directory without write permission for its owner (mode
+    0555, say) raises ``PermissionError`` rather than being replaced; and temporaries
+    ``.<name>.tmp-*`` / ``.<name>.old-*`` left by earlier saves of the same target whose process
+    is gone (killed mid-save) are deleted.
 
     If ``write`` (or anything before the swap) raises, the temporary directory is removed and
-    ``path`` is untouched. Readers see either the old directory or the new one, each complete.
-    Not atomic: the deletion in step 3 (harmless) and concurrent writers (the last swap wins).
+    ``path`` is untouched; an ``OSError`` (``ENOSPC``: the disk is full) is raised as
+    :class:`DirectoryWriteError`, which says so. Readers see either the old directory or the new
+    one, each complete. Not atomic: the deletion in step 3 (harmless) and concurrent writers (the
+    last swap wins). Returns ``path`` as given (the link, when it is one).
     """
-    target = Path(path)
+    given = Path(path)
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
+    existed = target.is_dir()
+    if existed and not _owner_writable(target):
+        raise PermissionError(errno.EACCES, f"{target} is read-only (mode {stat.S_IMODE(target.stat().st_mode):04o}); "
+                              "lora-ref does not replace a directory you made read-only: make it writable "
+                              "(chmod u+w) and save again", str(target))
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    _remove_stale_temporaries(parent, target.name)
+    tmp = _fresh_directory(parent, f".{target.name}.tmp-")
+    old = None
     try:
-        write(tmp)
-        if target.is_dir():
-            for entry in target.iterdir():
-                if not (tmp / entry.name).exists():
-                    _carry_over(entry, tmp / entry.name)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _fsync(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)             # tmp now holds the old directory
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.rename(target, old / "x")   # into a fresh empty folder: never clobbers anything
-            try:
+        try:
+            write(tmp)
+            if existed:
+                for entry in target.iterdir():
+                    if not (tmp / entry.name).exists():
+                        _carry_over(entry, tmp / entry.name)
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    _fsync(file)
+            _fsync(tmp)
+            if not existed:
                 os.rename(tmp, target)
-            except BaseException:
-                os.rename(old / "x", target)   # put the previous directory back
-                old.rmdir()
-                raise
-            shutil.rmtree(old)
+            elif _exchange(tmp, target):
+                old = tmp                      # tmp now holds the old directory
+            else:
+                old = _fresh_directory(parent, f".{target.name}.old-")
+                os.rename(target, old / "x")   # into a fresh empty folder: never clobbers anything
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(old / "x", target)   # put the previous directory back
+                    old.rmdir()
+                    old = None
+                    raise
+        except OSError as exc:
+            before = f"the previous {target} is intact" if existed else f"{target} was not created"
+            raise DirectoryWriteError(exc.errno, f"saving failed before anything was replaced "
+                                      f"({exc.strerror or exc}); {before}", str(target)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not tmp:
+            _remove_quietly(tmp)
         raise
+    if old is not None:
+        _remove_quietly(old)
     with contextlib.suppress(OSError):
         _fsync(parent)
-    return target
+    return given
+
+
+def _owner_writable(folder: Path) -> bool:
+    """Whether ``folder`` may be replaced: its owner may write it (mode bits, so that root, for
+    whom ``os.access`` always says yes, also respects a directory made read-only)."""
+    return bool(folder.stat().st_mode & stat.S_IWUSR) and os.access(folder, os.W_OK)
+
+
+def _fresh_directory(parent: Path, prefix: str) -> Path:
+    """``parent / (prefix + "<pid>-<8 hex digits>")``, created with mode 0o777 less the umask (as a
+    plain mkdir), never an existing one. The pid says whose it is (see _remove_stale_temporaries)."""
+    while True:
+        folder = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(folder, 0o777)
+            return folder
+        except FileExistsError:
+            continue
+
+
+# .<name>.tmp-<pid>-<hex> (this module) or .<name>.tmp-<8 chars> (tempfile.mkdtemp, earlier versions)
+_TEMPORARY = re.compile(r"(?:(?P<pid>\d+)-[0-9a-f]{8}|[a-z0-9_]{8})")
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete ``.<name>.tmp-*`` and ``.<name>.old-*`` directories whose process is gone.
+
+    A save killed mid-way (SIGKILL, a crash) leaves its temporary directory, up to the size of
+    what it was writing. A temporary whose pid is a running process (another save of the same
+    target, in this process or another) is left alone; one without a pid (written by an earlier
+    version) counts as stale.
+    """
+    for kind in ("tmp", "old"):
+        prefix = f".{name}.{kind}-"
+        with contextlib.suppress(OSError):
+            for entry in parent.iterdir():
+                found = _TEMPORARY.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+                if found and entry.is_dir() and not entry.is_symlink() and not _alive(found["pid"]):
+                    _remove_quietly(entry)
+
+
+def _alive(pid: str | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True                        # exists, owned by someone else (or not a pid we can test)
+    return True
+
+
+def _remove_quietly(folder: Path) -> None:
+    """Delete ``folder`` and what it holds, making read-only subfolders writable on the way; what
+    still cannot be deleted stays (never raises: called after a save has succeeded)."""
+    def retry(function: Any, name: str, *_: Any) -> None:
+        with contextlib.suppress(OSError):
+            for folder in (os.path.dirname(name), name):
+                if os.path.isdir(folder) and not os.path.islink(folder):
+                    os.chmod(folder, stat.S_IRWXU)
+            function(name)
+
+    with contextlib.suppress(OSError):
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(folder, onexc=retry)
+        else:
+            shutil.rmtree(folder, onerror=retry)
 
 
 def _carry_over(source: Path, dest: Path) -> None:

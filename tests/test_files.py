@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from lora_ref.files import FileFormatError, StoredTensor, read_json, read_tensors
+from lora_ref import files
+from lora_ref.files import FileFormatError, StoredTensor, read_json, read_tensors, write_directory_atomically
 
 
 class _MyFormatError(FileFormatError):
@@ -76,3 +82,179 @@ def test_read_json_refuses_duplicate_keys_and_bad_bytes(tmp_path):
     (tmp_path / "bytes.json").write_bytes(b'{"a": "\xff"}')
     with pytest.raises(FileFormatError, match="not valid JSON"):
         read_json(tmp_path / "bytes.json")
+
+
+# ============================================================================================
+# Saving (issue 11, items 8, 9, 10 and the full disk of item 14)
+# ============================================================================================
+
+
+def _writer(text: str):
+    """A ``write(folder)`` that puts one file, ``a.txt``, holding ``text``."""
+    return lambda folder: (folder / "a.txt").write_text(text)
+
+
+def _litter(folder) -> list[str]:
+    """Temporaries a save left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_a_symlink_is_followed_and_its_directory_replaced(tmp_path):
+    # Item 8: the new adapter was written, then "Cannot call rmtree on a symbolic link" was raised,
+    # the link was replaced by a real directory and left as litter.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text("old")
+    (tmp_path / "real" / "README.md").write_text("kept")
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "ad"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    assert write_directory_atomically(link, _writer("new")) == link
+    assert link.is_symlink() and link.resolve() == (tmp_path / "real").resolve()
+    assert (tmp_path / "real" / "a.txt").read_text() == "new"
+    assert (tmp_path / "real" / "README.md").read_text() == "kept"
+    assert _litter(tmp_path) == [] and _litter(tmp_path / "links") == []
+
+
+def test_a_dangling_symlink_gets_its_directory_created(tmp_path):
+    link = tmp_path / "ad"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    write_directory_atomically(link, _writer("new"))
+    assert link.is_symlink() and (tmp_path / "elsewhere" / "a.txt").read_text() == "new"
+
+
+def test_a_read_only_directory_is_refused_before_anything_is_written(tmp_path):
+    # Item 8: saving over a 0555 adapter swapped, then raised PermissionError and left litter.
+    target = tmp_path / "ad"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    target.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"ad is read-only \(mode 0555\); .*make it writable"):
+            write_directory_atomically(target, _writer("new"))
+        assert (target / "a.txt").read_text() == "old" and _litter(tmp_path) == []
+    finally:
+        target.chmod(0o755)
+
+
+def test_nothing_raised_after_the_swap(tmp_path, monkeypatch):
+    # Item 8: once the new directory is in place the save has succeeded; failing to delete the old
+    # one (here: every deletion fails) must not turn it into an error.
+    target = tmp_path / "ad"
+    write_directory_atomically(target, _writer("old"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.shutil, "rmtree", refuse)
+    write_directory_atomically(target, _writer("new"))
+    assert (target / "a.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_directories_get_the_mode_mkdir_would(tmp_path, umask):
+    # Item 9: mkdtemp made them 0700, and replacing a 0755 directory silently made it 0700.
+    previous = os.umask(umask)
+    try:
+        os.mkdir(tmp_path / "plain")
+        expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+        assert expected == 0o777 & ~umask
+        target = tmp_path / "ad"
+        write_directory_atomically(target, _writer("first"))           # created
+        assert stat.S_IMODE(target.stat().st_mode) == expected
+        write_directory_atomically(target, _writer("second"))          # replaced
+        assert stat.S_IMODE(target.stat().st_mode) == expected
+        assert stat.S_IMODE((target / "a.txt").stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(previous)
+
+
+KILLED_SAVE = """
+import sys, time
+from lora_ref.files import write_directory_atomically
+
+def write(folder):
+    (folder / "weights.bin").write_bytes(bytes(1 << 16))
+    print("writing", flush=True)
+    time.sleep(600)                 # killed here, mid-save
+
+write_directory_atomically(sys.argv[1], write)
+"""
+
+
+def test_a_killed_save_leaves_temporaries_the_next_save_removes(tmp_path):
+    # Item 10: a save killed with SIGKILL left .ad.tmp-XXXX behind, and no later save removed it.
+    target = tmp_path / "ad"
+    write_directory_atomically(target, _writer("old"))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert len(_litter(tmp_path)) == 1 and (target / "a.txt").read_text() == "old"
+    # A temporary of a process that is still running (this one: another save in progress) stays.
+    live = tmp_path / f".ad.tmp-{os.getpid()}-0123abcd"
+    live.mkdir()
+    other = tmp_path / ".other.tmp-1-0123abcd"                          # another target's: not ours to touch
+    other.mkdir()
+    write_directory_atomically(target, _writer("new"))
+    assert (target / "a.txt").read_text() == "new"
+    assert _litter(tmp_path) == sorted([live.name, other.name])
+
+
+def test_a_full_disk_says_the_previous_directory_is_intact(tmp_path, monkeypatch):
+    from lora_ref.files import DirectoryWriteError
+
+    # Item 14: ENOSPC during a save surfaces as lora-ref's error, saying the old adapter is intact.
+    target = tmp_path / "ad"
+    write_directory_atomically(target, _writer("old"))
+
+    def full(folder):
+        (folder / "a.txt").write_text("partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(DirectoryWriteError, match=r"saving failed before anything was replaced \(No space left on "
+                                                  r"device\); the previous .*ad is intact") as info:
+        write_directory_atomically(target, full)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert (target / "a.txt").read_text() == "old" and _litter(tmp_path) == []
+    with pytest.raises(DirectoryWriteError, match=r"new was not created"):
+        write_directory_atomically(tmp_path / "new", full)
+    assert not (tmp_path / "new").exists()
+
+
+def test_errors_of_the_writer_that_are_not_os_errors_pass_through(tmp_path):
+    def broken(folder):
+        raise ValueError("a bug in the writer")
+
+    with pytest.raises(ValueError, match="a bug in the writer"):
+        write_directory_atomically(tmp_path / "ad", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ============================================================================================
+# Item 11: the order of the tensors, and so which of two problems is reported, is the file's
+# ============================================================================================
+
+READ_ORDER = """
+import sys
+from lora_ref.files import read_tensors
+print(" ".join(read_tensors(sys.argv[1])))
+"""
+
+
+def test_the_order_is_the_same_in_every_process(tmp_path):
+    # The safetensors library hands tensors back in its hash map's order, which changes from
+    # process to process; read_tensors sorts by the header's data offsets.
+    names = [f"t{i:02d}" for i in range(24)]
+    order = list(np.random.default_rng(0).permutation(names))          # data order, not name order
+    header, offset = {}, 0
+    for name in order:
+        header[name] = {"dtype": "F32", "shape": [1], "data_offsets": [offset, offset + 4]}
+        offset += 4
+    _write_with_header(tmp_path / "t.safetensors", dict(sorted(header.items())), bytes(offset))
+    for seed in ("0", "1", "2"):
+        out = subprocess.run([sys.executable, "-c", READ_ORDER, str(tmp_path / "t.safetensors")], check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert out.stdout.split() == order

@@ -9,6 +9,7 @@ something else". No tolerances are needed anywhere in this file: nothing is comp
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -627,12 +628,16 @@ def test_interrupted_write_leaves_the_previous_adapter(saved, tmp_path, monkeypa
 
     def half_written(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"A\": ")  # a torn file
-        raise OSError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device")                  # the disk is full
 
     monkeypatch.setattr(safetensors.numpy, "save_file", half_written)
     changed = {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()}
-    with pytest.raises(OSError, match="simulated"):
+    # Issue 11, item 14: the library's error, saying that the old adapter is intact.
+    with pytest.raises(files.DirectoryWriteError, match=rf"saving failed before anything was replaced \(No space "
+                                                        rf"left on device\); the previous {re.escape(str(target))} "
+                                                        "is intact") as info:
         save_peft_adapter(target, BASE_CFG, changed)
+    assert info.value.errno == errno.ENOSPC
     assert {name: (target / name).read_bytes() for name in before} == before
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
@@ -674,6 +679,17 @@ def test_failure_between_the_two_renames_restores_the_previous_adapter(saved, tm
     monkeypatch.undo()
     assert leftovers(tmp_path) == []
     assert_same_adapters(load_peft_adapter(target, params)[1], adapters)
+
+
+def test_saving_through_a_symlink_replaces_what_it_points_to(saved, tmp_path):
+    # Issue 11, item 8 (lora_ref.files has the details): the link stays, its directory is replaced.
+    _, params, adapters = saved
+    save_peft_adapter(tmp_path / "v1", BASE_CFG, adapters)
+    (tmp_path / "current").symlink_to(tmp_path / "v1", target_is_directory=True)
+    changed = {m: {f: a * 2.0 for f, a in p.items()} for m, p in adapters.items()}
+    save_peft_adapter(tmp_path / "current", BASE_CFG, changed)
+    assert (tmp_path / "current").is_symlink() and leftovers(tmp_path) == []
+    assert_same_adapters(load_peft_adapter(tmp_path / "v1", params)[1], changed)
 
 
 def test_save_refuses_a_file_in_the_way(saved, tmp_path):
