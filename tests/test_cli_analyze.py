@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -110,17 +113,27 @@ def test_plots(tmp_path, capsys):
     assert "plot written to" in capsys.readouterr().out
 
 
+def one_error_line(capsys) -> str:
+    """What the command printed, which must be one line on stderr and nothing on stdout."""
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith("lora-ref analyze: "), out
+    return out.err
+
+
 def test_errors(tmp_path, capsys):
+    # Issue 11, item 12: errors go to stderr, as one line.
     assert main(["analyze", str(tmp_path / "missing")]) == 1
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in one_error_line(capsys)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
     (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"")
     assert main(["analyze", str(tmp_path / "broken")]) == 1
-    assert "not valid JSON" in capsys.readouterr().out
+    assert "not valid JSON" in one_error_line(capsys)
     make_adapter(tmp_path / "ad", seed=8)
     assert main(["analyze", str(tmp_path / "ad"), "--top", "0"]) == 2
-    assert "--top must be a positive integer" in capsys.readouterr().out
+    assert "--top must be a positive integer" in one_error_line(capsys)
+    assert main(["analyze", str(tmp_path / "ad"), "--compare", str(tmp_path / "missing")]) == 1
+    assert "missing' does not exist" in one_error_line(capsys)
     # Different d_in in the two adapters: reported per module, not a crash.
     rng = np.random.default_rng(9)
     cfg = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj"])
@@ -141,3 +154,25 @@ def test_integer_bool_and_complex_adapters_are_refused(tmp_path, capsys, dtype):
         assert main(["analyze", str(tmp_path / "ad"), *extra]) == 1
         out = capsys.readouterr()
         assert "not a floating-point type" in out.out + out.err
+
+
+def test_unreadable_files_and_unwritable_plots_are_one_line(tmp_path, capsys, monkeypatch):
+    # Issue 11, item 12: an OSError was a traceback (reading) or went to stdout (the plot).
+    pytest.importorskip("matplotlib")
+    make_adapter(tmp_path / "ad", seed=11)
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):                       # as a file without read permission (root reads anyway)
+        if self == weights:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "read_bytes", read_bytes)
+        assert main(["analyze", str(tmp_path / "ad")]) == 1
+    assert one_error_line(capsys) == f"lora-ref analyze: cannot read {str(weights)!r}: Permission denied\n"
+    (tmp_path / "file").write_text("")
+    assert main(["analyze", str(tmp_path / "ad"), "--plot", str(tmp_path / "file" / "s.png")]) == 1
+    assert one_error_line(capsys) == (f"lora-ref analyze: cannot write the plot {str(tmp_path / 'file' / 's.png')!r}: "
+                                      "Not a directory\n")

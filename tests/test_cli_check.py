@@ -10,8 +10,11 @@ separates the two computations, so the strings agree exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import pathlib
 import re
 
 import numpy as np
@@ -169,3 +172,90 @@ def test_integer_bool_and_complex_adapters_are_invalid(base, tmp_path, capsys, d
     assert code == 1 and "OK" not in out
     assert re.search(r"lora_[AB]\.weight' is stored as (I32|BOOL|C64) .*not a floating-point type", err)
     assert "INVALID" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11, item 12: a file that cannot be read is one line on stderr naming it, exit 1
+# --------------------------------------------------------------------------------------------
+
+
+def unreadable(monkeypatch, path):
+    """Make reading ``path`` fail as a file without read permission does (for root too, whom
+    chmod 000 does not stop)."""
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if os.path.abspath(self) == os.path.abspath(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("which", ["adapter weights", "adapter config", "base weights", "base config"])
+def test_an_unreadable_file_is_one_line_naming_it(base, tmp_path, capsys, monkeypatch, which):
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_fc"], fan_in_fan_out=True,
+                                                      init="random"))
+    path = {"adapter weights": tmp_path / "ad" / WEIGHTS_NAME, "adapter config": tmp_path / "ad" / CONFIG_NAME,
+            "base weights": base_path / "model.safetensors", "base config": base_path / "config.json"}[which]
+    unreadable(monkeypatch, path)
+    code, out, err = run_check(capsys, tmp_path / "ad", base_path)
+    what = which.split()[0].replace("base", "base model")
+    assert code == 1 and out == ""
+    assert err == f"lora-ref check: cannot read the {what}: {str(path)!r}: Permission denied\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode; the test above covers it")
+def test_a_file_without_read_permission(base, tmp_path, capsys):
+    base_path, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_fc"], init="random"))
+    (tmp_path / "ad" / WEIGHTS_NAME).chmod(0)
+    code, _, err = run_check(capsys, tmp_path / "ad", base_path)
+    assert code == 1 and err.count("\n") == 1 and "Permission denied" in err and WEIGHTS_NAME in err
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-family bases (transformer_ref.load_checkpoint picks the family from config.json)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory):
+    config = tr.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)
+    params = tr.init_params(config, seed=0, dtype="float64")
+    path = tmp_path_factory.mktemp("llama") / "llama"
+    tr.save_hf_llama(path, config, params)
+    return path, config, params
+
+
+def test_a_llama_adapter_against_a_llama_base(llama_base, tmp_path, capsys):
+    path, config, params = llama_base
+    lcfg = LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"], init="random")
+    adapters = tr.add_adapters(params, config, lcfg, rng=1)
+    adapters = {m: {"A": p["A"], "B": p["B"] * 2.0**-10} for m, p in adapters.items()}
+    save_peft_adapter(tmp_path / "ad", lcfg, adapters)
+    code, out, err = run_check(capsys, tmp_path / "ad", path)
+    assert code == 0, err
+    assert "llama: 2 layers, hidden_size 8, heads 2 (key/value 1), intermediate_size 12, vocab 16" in out
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("model.layers.")}
+    assert sorted(table) == sorted(adapters) and "model.layers.1.self_attn.v_proj" in table
+    for module, pair in adapters.items():
+        W = params[module + ".weight"]
+        change = np.linalg.norm(2.0 * (pair["B"] @ pair["A"])) / np.linalg.norm(W)
+        assert (int(table[module][1]), int(table[module][3])) == W.shape and table[module][-1] == f"{change:.3e}"
+    assert "OK: the adapter is valid for this base model (0 warnings)" in out
+    # fan_in_fan_out=True describes GPT-2's Conv1D, not LLaMA's nn.Linear: flagged.
+    save_peft_adapter(tmp_path / "fifo", LoraConfig(r=2, alpha=4.0, target_modules=["q_proj"], fan_in_fan_out=True),
+                      {m: p for m, p in adapters.items() if m.endswith("q_proj")})
+    code, out, _ = run_check(capsys, tmp_path / "fifo", path)
+    assert code == 0 and "fan_in_fan_out is true, but llama's projections are nn.Linear" in out
+
+
+def test_a_gpt2_adapter_against_a_llama_base_is_invalid(base, llama_base, tmp_path, capsys):
+    _, params = base
+    write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                      init="random"))
+    code, _, err = run_check(capsys, tmp_path / "ad", llama_base[0])
+    assert code == 1 and "INVALID" in err and "transformer.h.0.attn.c_attn" in err

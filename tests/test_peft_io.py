@@ -794,6 +794,43 @@ def test_gpt2_save_validates_params(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_llama_adapter_keys_load_and_save(tmp_path):
+    # PEFT names a LLaMA adapter's keys after the model's modules, under PeftModel's prefix:
+    # base_model.model. + model.layers.0.self_attn.q_proj + .lora_A.weight (LlamaForCausalLM's
+    # decoder is itself called "model", hence model.model).
+    import transformer_ref as tr
+
+    config = tr.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)
+    params = tr.init_params(config, seed=0, dtype="float32")
+    cfg = LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "gate_proj"], init="random",
+                     rank_pattern={r"layers\.1\.self_attn\.v_proj": 1}, layers_to_transform=[0, 1],
+                     layers_pattern="layers")
+    adapters = make_adapters(params, cfg)
+    assert sorted(adapters) == [f"model.layers.{i}.{m}" for i in (0, 1)
+                                for m in ("mlp.gate_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    save_peft_adapter(tmp_path / "ad", cfg, adapters)
+    keys = set(reference_read(tmp_path / "ad" / WEIGHTS_NAME))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight" in keys and len(keys) == 12
+    loaded_cfg, loaded = load_peft_adapter(tmp_path / "ad", params)
+    assert loaded_cfg == cfg and loaded["model.layers.1.self_attn.v_proj"]["A"].shape == (1, 8)
+    assert_same_adapters(loaded, adapters)
+    # A file written by hand with PEFT's names loads the same (here: the k/v width of grouped-query
+    # attention, (Hk D, C) = (4, 8), is what B must have).
+    tensors = {f"base_model.model.model.layers.{i}.self_attn.k_proj.lora_{f}.weight": a
+               for i in (0, 1) for f, a in (("A", np.ones((2, 8), np.float32)), ("B", np.ones((4, 2), np.float32)))}
+    safetensors.numpy.save_file(tensors, str(tmp_path / "ad" / WEIGHTS_NAME))
+    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(config_to_peft_dict(
+        LoraConfig(r=2, alpha=4.0, target_modules=["k_proj"]))))
+    _, loaded = load_peft_adapter(tmp_path / "ad", params)
+    assert sorted(loaded) == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
+    bad = dict(tensors, **{"base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": np.ones((8, 2), np.float32)})
+    safetensors.numpy.save_file(bad, str(tmp_path / "ad" / WEIGHTS_NAME))
+    with pytest.raises(AdapterFormatError, match=r"model\.layers\.0\.self_attn\.k_proj.*\(4, 8\).*B \(4, 2\)"):
+        load_peft_adapter(tmp_path / "ad", params)
+
+
 def test_other_backends_load_and_save(saved, tmp_path):
     pytest.importorskip("array_api_strict")
     from lora_ref import to_numpy, use_backend

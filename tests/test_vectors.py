@@ -278,11 +278,12 @@ def test_write_refuses_to_overwrite(tmp_path, vectors_dir):
 
 def test_command_writes_vectors(tmp_path, capsys):
     out = tmp_path / "v"
+    n = len(golden_cases())
     assert main(["vectors", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[-1] == f"wrote 14 cases (format version 1, seed 0) to {out / 'manifest.json'}"
-    assert len(load_vectors(out)) == 14
+    assert printed.splitlines()[-1] == f"wrote {n} cases (format version 1, seed 0) to {out / 'manifest.json'}"
+    assert len(load_vectors(out)) == n
     assert main(["vectors", str(out)]) == 1
-    assert "use --force" in capsys.readouterr().out
+    assert "use --force" in capsys.readouterr().err
     assert main(["vectors", str(out), "--force", "--seed", "3"]) == 0
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3

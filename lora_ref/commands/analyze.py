@@ -5,6 +5,9 @@ and stable rank, and the fraction of ``|dW|_F^2`` in the top k. With ``--compare
 the subspace similarity phi (the paper's Eq. 4) between the two adapters' A matrices, module by
 module. ``--json`` prints everything as JSON (NaN as null); ``--plot PATH`` saves a PNG (the
 spectra, or with ``--compare`` one phi heatmap per module).
+
+Errors go to standard error as one line: a bad argument (exit 2); an adapter that is invalid or
+cannot be read, or a plot that cannot be written (exit 1, naming the path and the reason).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,29 +126,41 @@ def _plot(path: Path, spectra: dict, comparison: dict | None) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+def _error(message: str, status: int) -> int:
+    print(f"lora-ref analyze: {message}", file=sys.stderr)
+    return status
+
+
 def run(args: argparse.Namespace) -> int:
     from ..peft_io import load_peft_adapter
 
     if args.top < 1:
-        print(f"lora-ref analyze: --top must be a positive integer, got {args.top}")
-        return 2
+        return _error(f"--top must be a positive integer, got {args.top}", 2)
     if any(k < 1 for k in args.energy_at):
-        print(f"lora-ref analyze: --energy-at values must be positive integers, got {args.energy_at}")
-        return 2
-    try:
-        adapter_config, adapters = load_peft_adapter(args.adapter, dtype=args.dtype)
-        other = load_peft_adapter(args.compare, dtype=args.dtype) if args.compare is not None else None
-    except (OSError, ValueError, NotImplementedError) as exc:
-        print(f"lora-ref analyze: {exc}")
-        return 1
+        return _error(f"--energy-at values must be positive integers, got {args.energy_at}", 2)
+    loaded = []
+    for path in (args.adapter, args.compare):
+        if path is None:
+            continue
+        try:
+            loaded.append(load_peft_adapter(path, dtype=args.dtype))
+        except (ValueError, NotImplementedError) as exc:
+            return _error(str(exc), 1)
+        except OSError as exc:
+            if exc.strerror is None:           # a message of our own (a missing directory)
+                return _error(str(exc), 1)
+            where = exc.filename if exc.filename is not None else path
+            return _error(f"cannot read {str(where)!r}: {exc.strerror}", 1)
+    (adapter_config, adapters), other = loaded[0], (loaded[1] if len(loaded) > 1 else None)
     spectra = _spectra(adapter_config, adapters, args.top, args.energy_at)
     comparison = _comparison(adapters, other[1]) if other is not None else None
     if args.plot is not None:
         try:
             _plot(args.plot, spectra, comparison)
-        except (ImportError, ValueError, OSError) as exc:
-            print(f"lora-ref analyze: cannot write the plot {str(args.plot)!r}: {exc}")
-            return 1
+        except OSError as exc:
+            return _error(f"cannot write the plot {str(args.plot)!r}: {exc.strerror or exc}", 1)
+        except (ImportError, ValueError) as exc:
+            return _error(f"cannot write the plot {str(args.plot)!r}: {exc}", 1)
 
     if args.json:
         result: dict[str, Any] = {

@@ -1,8 +1,14 @@
-"""``lora-ref vectors OUT_DIR``: write the golden vectors (see :mod:`lora_ref.vectors`)."""
+"""``lora-ref vectors OUT_DIR [--seed N] [--force]``: write the golden vectors (see :mod:`lora_ref.vectors`).
+
+Errors go to standard error as one line: a bad argument (exit 2); an output folder that already
+holds files, without ``--force`` (exit 1, the same rule as ``lora-ref demo``); a folder that cannot
+be written (read-only, under ``/proc``, under a file: exit 1, naming the path and the reason).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "write golden test vectors (safetensors + manifest.json) for checking another LoRA implementation"
@@ -11,24 +17,33 @@ HELP = "write golden test vectors (safetensors + manifest.json) for checking ano
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="directory to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    parser.add_argument("--force", action="store_true", help="overwrite vectors already in OUT_DIR")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT_DIR even if it already holds files (the vectors' files are replaced; "
+                             "other files are left alone)")
+
+
+def _error(message: str, status: int) -> int:
+    print(f"lora-ref vectors: {message}", file=sys.stderr)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
     from ..vectors import FORMAT_VERSION, load_vectors, write_vectors
 
     if args.seed < 0:
-        print(f"lora-ref vectors: --seed must be a non-negative integer, got {args.seed}")
-        return 2
+        return _error(f"--seed must be a non-negative integer, got {args.seed}", 2)
+    out: Path = args.out_dir
     try:
-        manifest = write_vectors(args.out_dir, seed=args.seed, overwrite=args.force)
-    except FileExistsError:
-        print(f"lora-ref vectors: {args.out_dir / 'manifest.json'} already exists; use --force to replace it")
-        return 1
-    except NotADirectoryError as exc:
-        print(f"lora-ref vectors: {exc}")
-        return 1
-    cases = load_vectors(args.out_dir)  # read back: what was written is what a consumer gets
+        if out.exists() and not out.is_dir():
+            return _error(f"OUT_DIR must be a directory, but {str(out)!r} is a file", 1)
+        if out.is_dir() and any(out.iterdir()) and not args.force:
+            return _error(f"{str(out)!r} already exists and is not empty; use --force to write the vectors into it "
+                          "(their files are replaced, other files are left alone)", 1)
+        manifest = write_vectors(out, seed=args.seed, overwrite=True)
+        cases = load_vectors(out)              # read back: what was written is what a consumer gets
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else out
+        return _error(f"cannot write to {str(where)!r}: {exc.strerror or exc}", 1)
     width = max(len(c.name) for c in cases)
     for case in cases:
         print(f"  {case.name:<{width}}  {case.description}")
