@@ -49,23 +49,10 @@ from .cases import LoraCase, normal_entries
 from .checks import non_negative_int, non_negative_real, positive_int
 from .lora import delta_weight, lora_linear, merge as _ref_merge
 
-__all__ = [
-    "DEFAULT_PROPERTIES",
-    "PROPERTIES",
-    "LoraCheckReport",
-    "PropertyResult",
-    "assert_lora_linear_matches",
-    "assert_within",
-    "check_lora_linear",
-    "compare_to_reference",
-    "lora_linear_magnitude",
-    "lora_magnitudes",
-    "reference_outputs",
-    "reference_rtol",
-    "rounding_counts",
-    "tolerance",
-    "unit_roundoff",
-]
+__all__ = ["DEFAULT_PROPERTIES", "PROPERTIES", "LoraCheckReport", "PropertyResult",
+           "assert_lora_linear_matches", "assert_within", "check_lora_linear", "compare_to_reference",
+           "lora_linear_magnitude", "lora_magnitudes", "reference_outputs", "reference_rtol",
+           "rounding_counts", "tolerance", "unit_roundoff"]
 
 
 # ============================================================================================
@@ -265,7 +252,7 @@ class PropertyResult:
 
     def __str__(self) -> str:
         status = "pass" if self.passed else "FAIL"
-        row = f"{self.name:<22} {self.dtype:<8} {self.error:>10.2e} {self.bound:>10.2e}  {status}"
+        row = f"{self.name:<24} {self.dtype:<8} {self.error:>10.2e} {self.bound:>10.2e}  {status}"
         return row + (f"  {self.detail}" if self.detail else "")
 
 
@@ -322,7 +309,7 @@ class LoraCheckReport(Sequence):
         return f"{n} checks, {len(bad)} failed: {listed}"
 
     def __str__(self) -> str:
-        head = f"{'property':<22} {'dtype':<8} {'rel. error':>10} {'bound':>10}  result"
+        head = f"{'property':<24} {'dtype':<8} {'rel. error':>10} {'bound':>10}  result"
         return "\n".join([self.summary(), head] + [str(r) for r in self._results])
 
     def __repr__(self) -> str:
@@ -365,7 +352,9 @@ def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarra
     if not worst <= rtol:
         idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         where = tuple(int(i) for i in idx)
-        problems.append(f"worst at {where}: got {a64[idx]:.6g}, expected {expected[idx]:.6g}")
+        # |got - expected| beside both: for a small error, got and expected print the same digits.
+        problems.append(f"worst at {where}: got {a64[idx]:.6g}, expected {expected[idx]:.6g}, "
+                        f"|got - expected| = {err[idx]:.3g} > bound {rtol * magnitude[idx]:.3g}")
     return PropertyResult(name, dtype, worst, rtol, not problems, "; ".join(problems))
 
 
@@ -388,17 +377,24 @@ PROPERTIES: dict[str, str] = {
     "grad_x": "dL/dx for L = sum(y * dy), with bias and a dropout mask",
     "grad_A": "dL/dA, same case",
     "grad_B": "dL/dB, same case",
+    # Last, so that each earlier property keeps its random stream (seeded by its position here).
+    "rank_equals_dims": "r = d_in = d_out = 4: A and B are square, so a layout guessed from the shapes is wrong",
+    "rank_equals_d_out": "r = d_out = 3, d_in = 6: B is square (A is not), the other way to guess wrong",
+    "merge_rank_equals_dims": "merge with r = d_in = d_out = 4 (square A and B)",
+    "merge_rank_equals_d_out": "merge with r = d_out = 3, d_in = 6 (square B)",
 }
 """Every property the kit knows, with what it checks."""
 
 DEFAULT_PROPERTIES = ("forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout",
-                      "rank_above_dim", "merge", "merge_rslora", "merge_fan_in_fan_out",
-                      "grad_x", "grad_A", "grad_B")
+                      "rank_above_dim", "rank_equals_dims", "rank_equals_d_out",
+                      "merge", "merge_rslora", "merge_fan_in_fan_out", "merge_rank_equals_dims",
+                      "merge_rank_equals_d_out", "grad_x", "grad_A", "grad_B")
 """The properties checked when ``properties`` is not given (those needing ``merge`` or ``grad`` only
 when that callable is given). The fused (``enable_lora``) ones are opt-in, as many implementations
 have no fused layer."""
 
 _NEEDS = {"merge": "merge", "merge_rslora": "merge", "merge_fan_in_fan_out": "merge", "merge_fused": "merge",
+          "merge_rank_equals_dims": "merge", "merge_rank_equals_d_out": "merge",
           "grad_x": "grad", "grad_A": "grad", "grad_B": "grad"}
 
 
@@ -407,11 +403,17 @@ _RSLORA = LoraCase(d_in=7, d_out=5, r=4, alpha=8.0, use_rslora=True)
 _SQUARE_FIFO = LoraCase(d_in=6, d_out=6, r=2, alpha=4.0, fan_in_fan_out=True)
 _DROPOUT = LoraCase(d_in=7, d_out=5, r=3, alpha=6.0, dropout_p=0.5)
 _FUSED = LoraCase(d_in=5, d_out=12, r=2, alpha=4.0, enable_lora=(True, False, True))
+# A rank equal to a dimension: the only shapes at which an implementation that guesses the factors'
+# layout from their shapes (one that also accepts Keras/Flax's A (d_in, r), B (r, d_out)) goes wrong.
+_SQUARE_RANK = LoraCase(d_in=4, d_out=4, r=4, alpha=6.0)
+_RANK_D_OUT = LoraCase(d_in=6, d_out=3, r=3, alpha=6.0)
 _CASES = {
     "forward": _FORWARD, "forward_rslora": _RSLORA, "zero_B_identity": _FORWARD,
     "fan_in_fan_out": _SQUARE_FIFO, "dropout": _DROPOUT,
     "rank_above_dim": LoraCase(d_in=3, d_out=4, r=6, alpha=3.0, batch_shape=(5,), has_bias=False),
+    "rank_equals_dims": _SQUARE_RANK, "rank_equals_d_out": _RANK_D_OUT,
     "fused_enable_lora": _FUSED,
+    "merge_rank_equals_dims": _SQUARE_RANK, "merge_rank_equals_d_out": _RANK_D_OUT,
     "merge": _FORWARD, "merge_rslora": _RSLORA, "merge_fan_in_fan_out": _SQUARE_FIFO, "merge_fused": _FUSED,
     "grad_x": _DROPOUT, "grad_A": _DROPOUT, "grad_B": _DROPOUT,
 }

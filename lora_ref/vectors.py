@@ -35,6 +35,7 @@ W's rows are ``len(enable_lora)`` equal blocks of q rows, n of them enabled.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import numbers
@@ -91,6 +92,12 @@ def _specs() -> list[LoraCase]:
                  "nn.Linear layout weight", d_in=5, d_out=9, r=3, alpha=6.0, enable_lora=(False, True, True)),
         LoraCase(name="rank_above_dim", description="rank 6 above min(d_in, d_out) = 3; no bias; x is 2-D", d_in=3,
                  d_out=4, r=6, alpha=3.0, batch_shape=(5,), has_bias=False),
+        # A rank equal to a dimension: where an implementation that guesses A's and B's layout from
+        # their shapes (to accept Keras/Flax's (d_in, r), (r, d_out) too) transposes one wrongly.
+        LoraCase(name="rank_equals_dims", description="r = d_in = d_out = 4: A and B square, so their layout "
+                 "cannot be guessed from the shapes", d_in=4, d_out=4, r=4, alpha=8.0),
+        LoraCase(name="rank_equals_d_out", description="r = d_out = 3, d_in = 6: B square, A not", d_in=6, d_out=3,
+                 r=3, alpha=6.0),
     ]
     for spec in base:
         for dtype in ("float64", "float32"):
@@ -184,8 +191,9 @@ def _build(spec: LoraCase, seed: int) -> GoldenCase:
 def golden_cases(seed: int = 0) -> list[GoldenCase]:
     """The golden cases, built in memory (what :func:`write_vectors` writes). Deterministic in ``seed``.
 
-    Seven kinds (plain, rsLoRA, fan_in_fan_out, dropout, fused q/v with fan_in_fan_out, fused k/v,
-    rank above a dimension), each in float64 and float32.
+    Nine kinds (plain, rsLoRA, fan_in_fan_out, dropout, fused q/v with fan_in_fan_out, fused k/v,
+    rank above a dimension, rank equal to both dimensions, rank equal to d_out), each in float64
+    and float32.
     """
     seed = non_negative_int(seed, "seed")
     return [_build(spec, seed) for spec in _specs()]
@@ -322,6 +330,16 @@ def load_vectors(directory: str | Path) -> list[GoldenCase]:
     return cases
 
 
+def _accepts(fn: Callable, keyword: str) -> bool:
+    """Whether ``fn`` takes ``keyword`` (by name, or through ``**kwargs``); True when its
+    signature cannot be read (then it runs, and a failure is reported)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == keyword and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
 def check_against_vectors(impl: Callable, vectors: str | Path | Iterable[GoldenCase] | None = None, *,
                           merge: Callable | None = None, grad: Callable | None = None,
                           cases: Iterable[str] | None = None) -> LoraCheckReport:
@@ -330,8 +348,10 @@ def check_against_vectors(impl: Callable, vectors: str | Path | Iterable[GoldenC
     ``vectors`` is a directory written by :func:`write_vectors`, a list of :class:`GoldenCase`,
     or None (build them in memory with :func:`golden_cases`). The callables follow the contract
     of :func:`lora_ref.testing.check_lora_linear`; fused cases pass ``enable_lora`` as a keyword,
-    so leave them out with ``cases=`` if your implementation has no fused layer. ``cases``
-    selects cases by name. Results are named ``<case>:<output>``.
+    so they run only for a callable whose signature accepts it (a parameter of that name, or
+    ``**kwargs``): an implementation without fused layers is not reported failing them, as in
+    :func:`~lora_ref.testing.check_lora_linear`. ``cases`` selects cases by name. Results are
+    named ``<case>:<output>``.
     """
     if not callable(impl):
         raise TypeError(f"impl must be a callable, got {type(impl).__name__}")
@@ -366,6 +386,8 @@ def check_against_vectors(impl: Callable, vectors: str | Path | Iterable[GoldenC
             calls.append((grad, (inp["x"], inp["W"], inp["A"], inp["B"], inp["dy"]), case.kwargs(),
                           ("dx", "dA", "dB")))
         for fn, args, kwargs, outputs in calls:
+            if "enable_lora" in kwargs and not _accepts(fn, "enable_lora"):
+                continue                       # no fused layer: the fused cases are not for it
             copies = [a.copy() for a in args]
             kwargs = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
             try:

@@ -26,8 +26,9 @@ from lora_ref.testing import (DEFAULT_PROPERTIES, PROPERTIES, LoraCheckReport, P
                               compare_to_reference, lora_magnitudes, reference_outputs, reference_rtol,
                               rounding_counts, tolerance)
 
-FORWARD_PROPS = {"forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout", "rank_above_dim"}
-MERGE_PROPS = {"merge", "merge_rslora", "merge_fan_in_fan_out"}
+FORWARD_PROPS = {"forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout", "rank_above_dim",
+                 "rank_equals_dims", "rank_equals_d_out"}
+MERGE_PROPS = {"merge", "merge_rslora", "merge_fan_in_fan_out", "merge_rank_equals_dims", "merge_rank_equals_d_out"}
 GRAD_PROPS = {"grad_x", "grad_A", "grad_B"}
 
 
@@ -61,11 +62,22 @@ def _dense(A, B, enable, d_out, bug=None):
     return D
 
 
+def guess_layout(A, B, d_in, d_out):
+    """What an implementation that also accepts Keras/Flax's layout (A (d_in, r), B (r, d_out))
+    does: guess each factor's layout from its shape. Right unless r == d_in (A square) or r == d_out
+    (B square), where it transposes a factor given in PEFT's layout."""
+    A = A.T if A.shape[0] == d_in else A                                 # "(d_in, r)": Flax's kernel
+    B = B.T if B.shape[1] == d_out else B                                # "(r, d_out)": Flax's kernel
+    return A, B
+
+
 def numpy_layer(bug=None):
     def impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None):
         if bug == "raises":
             raise RuntimeError("not implemented")
         Wm = W.T if fan_in_fan_out and bug != "fifo_forgotten" else W      # (d_out, d_in)
+        if bug == "layout_guess":
+            A, B = guess_layout(A, B, Wm.shape[1], Wm.shape[0])
         s = _scale(alpha, r, use_rslora, bug)
         D = _dense(A, B, enable_lora, Wm.shape[0], bug)
         if bug == "float32_inside":                                      # always computes in float32
@@ -94,6 +106,8 @@ def numpy_merge(bug=None):
         fifo = fan_in_fan_out and bug != "fifo_forgotten"
         d_out = W.shape[1] if fan_in_fan_out else W.shape[0]
         s = _scale(alpha, r, use_rslora, bug)
+        if bug == "layout_guess":
+            A, B = guess_layout(A, B, W.shape[0] if fan_in_fan_out else W.shape[1], d_out)
         if bug == "weighted_A_unweighted_B":
             D = _dense(A * math.sqrt(s), B, enable_lora, d_out)           # sqrt(s) on A, none on B
         else:
@@ -199,6 +213,19 @@ def test_wrong_forward_fails_exactly_the_properties_it_breaks(bug, broken):
     assert {r.dtype for r in report.failed} == {"float64", "float32"}
 
 
+def test_guessing_the_layout_from_the_shapes_fails_where_a_rank_equals_a_dimension():
+    # Issue 11, item 5: such an implementation passed all 12 properties the kit had, off by 107%
+    # and more at r = d_in or r = d_out. The new cases catch it, far outside the bound, forward
+    # and merge, in both dtypes; every other property still passes.
+    report = check_lora_linear(numpy_layer("layout_guess"), merge=numpy_merge("layout_guess"))
+    broken = {"rank_equals_dims", "rank_equals_d_out", "merge_rank_equals_dims", "merge_rank_equals_d_out"}
+    assert set(report.failed_names) == broken, str(report)
+    assert all(res.error > 1e6 * res.bound for res in report.failed)
+    assert {r.dtype for r in report.failed} == {"float64", "float32"}
+    old_kit = [p for p in DEFAULT_PROPERTIES if p not in broken | GRAD_PROPS]  # what the kit had before
+    assert check_lora_linear(numpy_layer("layout_guess"), merge=numpy_merge("layout_guess"), properties=old_kit).ok
+
+
 @pytest.mark.parametrize("bug, broken", [
     ("fifo_forgotten", {"merge_fan_in_fan_out"}),
     ("rslora_ignored", {"merge_rslora"}),
@@ -262,7 +289,7 @@ def test_report_table_summary_and_assert_helper():
     report = check_lora_linear(numpy_layer("rslora_ignored"))
     text = str(report)
     lines = text.splitlines()
-    assert lines[0] == report.summary() == "12 checks, 2 failed: forward_rslora (float64, float32)"
+    assert lines[0] == report.summary() == "16 checks, 2 failed: forward_rslora (float64, float32)"
     assert lines[1].split() == ["property", "dtype", "rel.", "error", "bound", "result"]
     assert len(lines) == 2 + len(report)
     assert sum("FAIL" in line for line in lines) == 2 and all(line.startswith("forward_rslora")
@@ -270,9 +297,19 @@ def test_report_table_summary_and_assert_helper():
     with pytest.raises(AssertionError, match="forward_rslora"):
         assert_lora_linear_matches(numpy_layer("rslora_ignored"))
     ok = assert_lora_linear_matches(numpy_layer())
-    assert isinstance(ok, LoraCheckReport) and ok.summary() == "12 checks, all passed"
-    assert repr(ok) == "<LoraCheckReport: 12 checks, all passed>"
+    assert isinstance(ok, LoraCheckReport) and ok.summary() == "16 checks, all passed"
+    assert repr(ok) == "<LoraCheckReport: 16 checks, all passed>"
     assert not LoraCheckReport([]).ok                          # nothing checked is not a pass
+
+
+def test_failure_detail_prints_the_difference():
+    # Issue 11, item 15: for a small error, got and expected print the same 6 digits; the detail
+    # now gives |got - expected| and the bound it broke beside them.
+    expected = np.array([1.0, 3.0])
+    got = np.array([1.0, 3.0 + 3e-9])
+    res = compare_to_reference("p", "float64", got, expected, np.abs(expected), 1e-12)
+    assert not res.passed
+    assert res.detail == "worst at (1,): got 3, expected 3, |got - expected| = 3e-09 > bound 3e-12"
 
 
 def test_compare_to_reference_is_exactly_the_bound():
