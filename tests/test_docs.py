@@ -106,3 +106,19 @@ def test_the_oracle_page_skips_its_torch_block_without_torch(tmp_path, monkeypat
     page = ROOT / "docs" / "oracle.md"
     with pytest.raises(pytest.skip.Exception, match=r"oracle\.md: every other block ran .*needing torch were skipped"):
         test_page_examples_run(page, tmp_path, monkeypatch)
+
+
+MEASURED = re.compile(r"(?<![\w.])(\d+\.\d+e[-+]?\d+|\d+e[-+]\d+|\d+\.\d{3,}|\d+(?:\.\d+)?%)(?![\w.])")
+"""Numbers that look measured: scientific notation, three or more decimals, percentages."""
+
+
+@pytest.mark.parametrize("name", ["math.md", "oracle.md", "files.md"])
+def test_prose_quotes_only_numbers_the_page_prints(name):
+    # Issue 11, item 17: docs/math.md's prose and table quoted merge drifts that its own code no
+    # longer gave. A measured-looking number outside the code blocks must appear in an output block.
+    text = (ROOT / "docs" / name).read_text()
+    fenced = [(m.group(1).split(), m.group(2)) for m in FENCE.finditer(text)]
+    printed = "\n".join(body for info, body in fenced if info == ["output"])
+    prose = re.sub(r"arXiv[ /:]*\d{4}\.\d{4,5}|\(https?://[^)]*\)", "", FENCE.sub("", text))   # citations
+    quoted = [n for n in MEASURED.findall(prose) if n not in printed and n.rstrip("%") not in printed]
+    assert not quoted, f"{name} quotes numbers no output block prints: {quoted}"
