@@ -66,7 +66,11 @@ from ..data import downstream_task, evaluate
 from ..train import train
 from .experiment import DEFAULT as DEMO_DEFAULT
 from .experiment import QUICK as DEMO_QUICK
-from .experiment import DemoConfig, _pretrain, _run_rng, _setup, _versions
+from .experiment import DemoConfig
+from .experiment import make_setup as _setup
+from .experiment import pretrain as _pretrain
+from .experiment import run_rng as _run_rng
+from .experiment import versions as _versions
 
 __all__ = ["BEGIN", "DEFAULT", "END", "QUICK", "CombineConfig", "compute", "render_section", "replace_section",
            "summary_text"]

@@ -56,7 +56,8 @@ from ..count import count_parameters, count_trainable, lora_config_for, matrix_m
 from ..data import downstream_task, evaluate, pretraining_task
 from ..train import adam_init, train
 
-__all__ = ["DEFAULT", "PRESETS", "QUICK", "DemoConfig", "compute"]
+__all__ = ["DEFAULT", "FAMILIES", "PRESETS", "QUICK", "DemoConfig", "Setup", "compute", "cpu_name", "make_setup", "pretrain",
+           "run_rng", "versions"]
 
 # Table 5/6 row names for the matrix types of transformer_ref.lora_config_for.
 _TYPE_NAMES = {"q": "Wq", "k": "Wk", "v": "Wv", "o": "Wo"}
@@ -218,8 +219,13 @@ def _seeds(seed: int) -> dict[str, int]:
     return {n: int(c.generate_state(1, np.uint32)[0]) for n, c in zip(names, children)}
 
 
-def _run_rng(seed: int, key: str) -> np.random.Generator:
-    """A generator of its own for run ``key``, derived from ``seed`` and the run's name."""
+def run_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator of its own for run ``key`` (a name, e.g. ``"lora-qv-r8"``), derived from the
+    non-negative int ``seed`` and the name: the same pair always gives the same stream, and two
+    names give independent ones (``lora-ref combine`` draws its adapters this way too)."""
+    seed = non_negative_int(seed, "seed")
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (the run's name), got {type(key).__name__}")
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
@@ -239,7 +245,7 @@ def _astype(tree: Any, dtype: str) -> Any:
 
 
 @dataclass(frozen=True)
-class _Setup:
+class Setup:
     """What every step of the experiment shares: the configuration, the seeds, the tasks, the model."""
 
     config: DemoConfig
@@ -250,7 +256,14 @@ class _Setup:
     show: bool                            # progress bars on?
 
 
-def _setup(config: DemoConfig, progress: bool | None) -> _Setup:
+def make_setup(config: DemoConfig, progress: bool | None = None) -> Setup:
+    """What every step of an experiment of ``config`` shares (:class:`Setup`): the seeds of each
+    random stream, the pretraining and downstream tasks, and the model's config sized for them.
+    ``progress``: tqdm progress bars; None shows them only when stderr is a terminal."""
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a transformer_ref.demo.DemoConfig, got {type(config).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
     seeds = _seeds(config.seed)
     pre_task = pretraining_task(config.n_symbols, config.length, seed=seeds["task"])
     down_task = downstream_task(pre_task, config.n_swaps, seed=seeds["task"] + 1)
@@ -261,7 +274,7 @@ def _setup(config: DemoConfig, progress: bool | None) -> _Setup:
                                     num_attention_heads=config.n_head, intermediate_size=config.llama_mlp_width,
                                     rms_norm_eps=1e-5)
     show = sys.stderr.isatty() if progress is None else progress
-    return _Setup(config, seeds, pre_task, down_task, gpt, show)
+    return Setup(config, seeds, pre_task, down_task, gpt, show)
 
 
 # ============================================================================================
@@ -281,14 +294,14 @@ def compute(config: DemoConfig = DEFAULT, *, progress: bool | None = None) -> di
     if not isinstance(config, DemoConfig):
         raise TypeError(f"config must be a transformer_ref.demo.DemoConfig, got {type(config).__name__}")
     start = time.perf_counter()
-    setup = _setup(config, progress)
+    setup = make_setup(config, progress)
     runs = _runs(config)
     result = _describe(setup)
     timing: dict[str, Any] = {"runs": {}}
     bar = tqdm(total=1 + len(runs), desc="lora-ref demo", unit="run", disable=not setup.show)
     bar.set_postfix_str("pretraining")
     t0 = time.perf_counter()
-    pretrained, result["pretraining"] = _pretrain(setup)
+    pretrained, result["pretraining"] = pretrain(setup)
     timing["pretraining_s"] = time.perf_counter() - t0
     bar.update(1)
     result["runs"], trained, initial = _finetune_all(setup, runs, pretrained, timing, bar)
@@ -302,7 +315,7 @@ def compute(config: DemoConfig = DEFAULT, *, progress: bool | None = None) -> di
     return result
 
 
-def _describe(setup: _Setup) -> dict[str, Any]:
+def _describe(setup: Setup) -> dict[str, Any]:
     """The result's head: configuration, model and task sizes, software versions, seeds."""
     config, gpt = setup.config, setup.gpt
     pre_task, down_task = setup.pretraining, setup.downstream
@@ -315,13 +328,29 @@ def _describe(setup: _Setup) -> dict[str, Any]:
         "task": {"n_symbols": pre_task.n_symbols, "length": pre_task.length, "n_swaps": config.n_swaps,
                  "changed": list(down_task.changed), "seq_len": pre_task.seq_len,
                  "pretraining_cipher": list(pre_task.cipher), "downstream_cipher": list(down_task.cipher)},
-        "versions": _versions(),
+        "versions": versions(),
         "seeds": setup.seeds,
     }
 
 
-def _versions() -> dict[str, str]:
-    """The software and machine the numbers were computed with (informational)."""
+def cpu_name() -> str:
+    """The CPU's model name (Linux: the first ``model name`` of /proc/cpuinfo), else what
+    :mod:`platform` says, else ``"unknown CPU"``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def versions() -> dict[str, str]:
+    """The software and machine the numbers were computed with (informational): Python, lora-ref
+    and each dependency's version, NumPy's BLAS, the CPU (:func:`cpu_name`), the platform and
+    its CPU count, and any BLAS thread variables set in the environment. Float32 training results
+    can differ in their last bits between CPUs, BLAS builds and core counts, so a report names them."""
     out = {"python": platform.python_version(), "lora-ref": __version__}
     for package in ("numpy", "scipy", "autograd", "tqdm", "matplotlib"):
         try:
@@ -333,6 +362,7 @@ def _versions() -> dict[str, str]:
         out["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:  # noqa: BLE001 - informational only; numpy's config layout is not an API
         out["blas"] = "unknown"
+    out["cpu"] = cpu_name()
     out["platform"] = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
     threads = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
                if k in os.environ}
@@ -341,8 +371,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _pretrain(setup: _Setup) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Step 1: full training from scratch on the pretraining task -> (params, its result section)."""
+def pretrain(setup: Setup) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Step 1: full training from scratch on the pretraining task of ``setup`` (:func:`make_setup`)
+    -> ``(params, section)``: the pretrained parameters (HF state-dict names, the config's dtype)
+    and the result's ``"pretraining"`` section (per-step losses, held-out evaluation on the
+    pretraining task, and on the downstream task before any fine-tuning)."""
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a transformer_ref.demo.experiment.Setup (from make_setup), "
+                        f"got {type(setup).__name__}")
     config, gpt = setup.config, setup.gpt
     params0 = init_params(gpt, setup.seeds["init"], config.dtype)
     pre = train(params0, gpt, setup.pretraining, mode="full", steps=config.pretrain_steps,
@@ -355,7 +391,7 @@ def _pretrain(setup: _Setup) -> tuple[dict[str, Any], dict[str, Any]]:
     return pre.params, section
 
 
-def _finetune_all(setup: _Setup, runs: list[_Run], pretrained: Mapping[str, Any], timing: dict[str, Any],
+def _finetune_all(setup: Setup, runs: list[_Run], pretrained: Mapping[str, Any], timing: dict[str, Any],
                   bar: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Step 2: every fine-tuning run from the same pretrained weights, measured.
 
@@ -380,7 +416,7 @@ def _finetune_all(setup: _Setup, runs: list[_Run], pretrained: Mapping[str, Any]
     return rows, trained, initial
 
 
-def _finetune(setup: _Setup, run: _Run, pretrained: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+def _finetune(setup: Setup, run: _Run, pretrained: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """One run on the downstream task -> ``(TrainResult, LoraConfig or None, initial adapters or None)``."""
     config, gpt = setup.config, setup.gpt
     common = dict(steps=config.finetune_steps, batch_size=config.batch_size, seed=setup.seeds["finetune"],
@@ -391,14 +427,14 @@ def _finetune(setup: _Setup, run: _Run, pretrained: Mapping[str, Any]) -> tuple[
     lc = lora_config_for(run.matrices, run.r, alpha=config.alpha, family=gpt)
     # each run draws its own initial A (independent of the other runs: a shared stream would
     # make A_r=8 the first rows of A_r=64 and inflate their subspace similarity)
-    adapters = add_adapters(pretrained, gpt, lc, _run_rng(setup.seeds["adapters"], run.key))
+    adapters = add_adapters(pretrained, gpt, lc, run_rng(setup.seeds["adapters"], run.key))
     # adapters given: the training generator draws only batches, so every run sees the same ones
     res = train(pretrained, gpt, setup.downstream, mode="lora", lora_config=lc, adapters=adapters,
                 lr=config.lora_lr, **common)
     return res, lc, adapters
 
 
-def _run_row(setup: _Setup, run: _Run, res: Any, lc: Any) -> dict[str, Any]:
+def _run_row(setup: Setup, run: _Run, res: Any, lc: Any) -> dict[str, Any]:
     """A run's result row: its settings, losses, held-out evaluation and sizes (measured and by formula)."""
     config, gpt = setup.config, setup.gpt
     L, C = config.n_layer, config.n_embd
@@ -479,7 +515,7 @@ def _block(adapters: Mapping[str, Any], params: Mapping[str, Any], lora_config: 
     return W[rows, :], A, B, s
 
 
-def _analyse(setup: _Setup, runs: list[_Run], pretrained: Mapping[str, Any], trained: dict[str, Any],
+def _analyse(setup: Setup, runs: list[_Run], pretrained: Mapping[str, Any], trained: dict[str, Any],
              initial: dict[str, Any]) -> dict[str, Any]:
     """Step 3: ``analysis_layer``, ``spectra``, ``phi`` and ``amplification`` of the result."""
     layer = setup.config.analysis_layer
@@ -497,7 +533,7 @@ def _spectrum_row(spec: Any) -> dict[str, Any]:
             "energy_top2": spec.energy_at(2), "energy_top4": spec.energy_at(4)}
 
 
-def _spectra(setup: _Setup, run: _Run, pretrained: Mapping[str, Any], res: Any, lc: Any) -> dict[str, Any]:
+def _spectra(setup: Setup, run: _Run, pretrained: Mapping[str, Any], res: Any, lc: Any) -> dict[str, Any]:
     """The spectrum of the q and v updates: ``s B A`` factored for LoRA, the dense difference for full."""
     layer = setup.config.analysis_layer
     if run.group != "full":
@@ -513,7 +549,7 @@ def _spectra(setup: _Setup, run: _Run, pretrained: Mapping[str, Any], res: Any, 
     return rows
 
 
-def _phi(setup: _Setup, pretrained: Mapping[str, Any], trained: dict[str, Any],
+def _phi(setup: Setup, pretrained: Mapping[str, Any], trained: dict[str, Any],
          initial: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Figure 3: phi(A_r1, A_r2, i, j) of the (Wq, Wv) runs at the two ``phi_ranks``, every layer,
     after training (*phi*) and for the A matrices the runs started from (*init*)."""
@@ -545,7 +581,7 @@ def _phi(setup: _Setup, pretrained: Mapping[str, Any], trained: dict[str, Any],
     return phi
 
 
-def _amplification(setup: _Setup, pretrained: Mapping[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+def _amplification(setup: Setup, pretrained: Mapping[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     """Table 7: ``lora_ref.analysis.amplification_report`` of the q and v updates at each of the
     ``amplification_ranks`` (the random projections drawn from the "analysis" seed, in this order)."""
     config = setup.config
