@@ -123,8 +123,9 @@ def test_peft_gradients_equal_lora_ref_in_float64():
     assert report.ok and len(report) == 3, str(report)
 
 
-FORWARD = {"forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout", "rank_above_dim"}
-MERGES = {"merge", "merge_rslora", "merge_fan_in_fan_out"}
+FORWARD = {"forward", "forward_rslora", "zero_B_identity", "fan_in_fan_out", "dropout", "rank_above_dim",
+           "rank_equals_dims", "rank_equals_d_out"}
+MERGES = {"merge", "merge_rslora", "merge_fan_in_fan_out", "merge_rank_equals_dims", "merge_rank_equals_d_out"}
 
 BROKEN = [
     # (bug planted in the PEFT layer, the properties the kit must name)
