@@ -273,10 +273,16 @@ def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], 
                 try:
                     os.rename(tmp, target)
                 except BaseException:
-                    os.rename(old / "x", target)   # put the previous directory back
+                    try:
+                        os.rename(old / "x", target)   # put the previous directory back
+                    except OSError as lost:
+                        raise DirectoryWriteError(lost.errno, "saving failed, and the previous directory could not "
+                                                  f"be moved back: it is complete at {old / 'x'}", str(target)) from lost
                     old.rmdir()
                     old = None
                     raise
+        except DirectoryWriteError:
+            raise
         except OSError as exc:
             before = f"the previous {target} is intact" if existed else f"{target} was not created"
             raise DirectoryWriteError(exc.errno, f"saving failed before anything was replaced "

@@ -258,3 +258,26 @@ def test_the_order_is_the_same_in_every_process(tmp_path):
         out = subprocess.run([sys.executable, "-c", READ_ORDER, str(tmp_path / "t.safetensors")], check=True,
                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
         assert out.stdout.split() == order
+
+
+def test_a_failed_restore_says_where_the_previous_directory_is(tmp_path, monkeypatch):
+    # Two renames (no renameat2): the new directory cannot move in, and the old one cannot move
+    # back. The error must not claim the target is intact; it says where the old one is.
+    from lora_ref.files import DirectoryWriteError
+
+    target = tmp_path / "ad"
+    write_directory_atomically(target, _writer("old"))
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) >= 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with pytest.raises(DirectoryWriteError, match=r"could not be moved back: it is complete at .*\.ad\.old-.*/x") as info:
+        write_directory_atomically(target, _writer("new"))
+    kept = calls[0][1]                                              # where the first rename put it
+    assert str(kept) in str(info.value) and (kept / "a.txt").read_text() == "old"
