@@ -192,6 +192,10 @@ class LoraConfig:
         loralib ``MergedLinear`` for fused projections: for modules matching a key (same rule as
         ``rank_pattern``), adapt only the flagged row-blocks, e.g. ``{"c_attn": (True, False, True)}``
         adapts q and v of GPT-2's fused qkv, as the paper's GPT-2 experiments did.
+    use_dora : bool
+        DoRA (Liu et al. 2024, :mod:`lora_ref.dora`): each adapted linear projection also carries
+        a magnitude vector ``m`` (d_out,) and computes ``m * (W + s B A) / ||W + s B A||_row``.
+        Not combinable with ``enable_lora`` (PEFT applies DoRA to the whole fused weight only).
     """
 
     r: int
@@ -206,6 +210,7 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     enable_lora: Mapping[str, tuple[bool, ...]] = field(default=None)  # type: ignore[assignment]
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -214,6 +219,7 @@ class LoraConfig:
         set_("dropout", probability(self.dropout, "dropout"))
         set_("use_rslora", boolean(self.use_rslora, "use_rslora"))
         set_("fan_in_fan_out", boolean(self.fan_in_fan_out, "fan_in_fan_out"))
+        set_("use_dora", boolean(self.use_dora, "use_dora"))
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}, got {self.init!r}")
         targets = self.target_modules
@@ -229,6 +235,9 @@ class LoraConfig:
         set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", positive_int))
         set_("alpha_pattern", _frozen_mapping(self.alpha_pattern, "alpha_pattern", finite_real))
         set_("enable_lora", _frozen_mapping(self.enable_lora, "enable_lora", check_enable_lora))
+        if self.use_dora and self.enable_lora:
+            raise ValueError("use_dora=True cannot be combined with enable_lora: DoRA normalises the whole "
+                             "weight's rows, and a fused projection's disabled blocks have no adapter of their own")
         layers = self.layers_to_transform
         if layers is not None:
             if is_int(layers):

@@ -702,3 +702,12 @@ def test_layer_settings_peft_refuses(kwargs, message):
     # PEFT 0.21.2's LoraConfig.__post_init__ raises ValueError for these combinations; so do we.
     with pytest.raises(ValueError, match=message):
         LoraConfig(r=2, alpha=4, **kwargs)
+
+
+def test_use_dora_is_a_validated_flag_refused_with_enable_lora():
+    assert lr.LoraConfig(r=2, alpha=4.0).use_dora is False
+    assert lr.LoraConfig(r=2, alpha=4.0, use_dora=True).use_dora is True
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        lr.LoraConfig(r=2, alpha=4.0, use_dora=1)
+    with pytest.raises(ValueError, match="use_dora=True cannot be combined with enable_lora"):
+        lr.LoraConfig(r=2, alpha=4.0, use_dora=True, enable_lora={"c_attn": (True, False, True)})
