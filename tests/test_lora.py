@@ -705,6 +705,8 @@ def test_layer_settings_peft_refuses(kwargs, message):
 
 
 def test_use_dora_is_a_validated_flag_refused_with_enable_lora():
+    import lora_ref as lr
+
     assert lr.LoraConfig(r=2, alpha=4.0).use_dora is False
     assert lr.LoraConfig(r=2, alpha=4.0, use_dora=True).use_dora is True
     with pytest.raises(TypeError, match="use_dora must be a bool"):
