@@ -6,7 +6,7 @@ and any import of ``transformer_ref`` or matplotlib, happens inside ``run``. So 
 command, as :data:`COMMANDS` does, costs nothing, and ``lora-ref --help`` stays fast.
 """
 
-from . import analyze, audit, check, count, demo, vectors
+from . import analyze, audit, check, combine, count, demo, vectors
 
 COMMANDS = {module.__name__.rsplit(".", 1)[1]: module
             for module in (analyze, audit, check, count, demo, vectors)}
