@@ -9,5 +9,5 @@ command, as :data:`COMMANDS` does, costs nothing, and ``lora-ref --help`` stays 
 from . import analyze, audit, check, combine, count, demo, vectors
 
 COMMANDS = {module.__name__.rsplit(".", 1)[1]: module
-            for module in (analyze, audit, check, count, demo, vectors)}
+            for module in (analyze, audit, check, combine, count, demo, vectors)}
 """Command name -> its module, in the order ``lora-ref --help`` lists them."""
