@@ -41,7 +41,10 @@ from autograd.extend import defvjp, primitive
 
 from lora_ref import checks
 from lora_ref.backend import dtype_name, getval, namespace, sum_to_shape, to_numpy
+from lora_ref.adapters import lora_delta
 from lora_ref.checks import index_array, integer_array
+from lora_ref.dora import dora_linear
+from lora_ref.embedding import lora_embedding
 from lora_ref.lora import lora_linear
 
 __all__ = [
@@ -501,7 +504,11 @@ class Ops:
     B, scale, bias=None, dropout_mask=None, enable_lora=None)`` (A and B None for a projection
     without an adapter). GPT-2 calls embedding, layer_norm, gelu, causal_attention, linear and
     cross_entropy; LLaMA embedding, rms_norm, apply_rope, grouped_query_attention, swiglu, linear
-    and cross_entropy.
+    and cross_entropy. The LoRA variants, called by ``hosting`` where an adapter asks for them:
+    ``dora_linear`` (:func:`lora_ref.dora.dora_linear`, a DoRA projection), ``lora_embedding``
+    (:func:`lora_ref.embedding.lora_embedding`, an adapted lookup) and ``lora_delta``
+    (:func:`lora_ref.adapters.lora_delta`, one adapter's term ``s B A x`` when several are summed);
+    each defaults to that reference function, so an op set built without them computes them so.
     """
 
     embedding: Callable[..., Any]
@@ -514,6 +521,9 @@ class Ops:
     apply_rope: Callable[..., Any]
     cross_entropy: Callable[..., Any]
     linear: Callable[..., Any]
+    dora_linear: Callable[..., Any] = dora_linear
+    lora_embedding: Callable[..., Any] = lora_embedding
+    lora_delta: Callable[..., Any] = lora_delta
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -513,14 +513,14 @@ def test_op_sets_are_immutable_values():
         REFERENCE.linear = fast.linear                      # nobody can switch the reference
     t = traced(REFERENCE)
     assert t.layer_norm is layers.layer_norm.fun and t.linear is lora_linear.fun
-    assert traced(t) == t and REFERENCE.linear is lora_linear   # idempotent; REFERENCE untouched
+    assert traced(t) == t and REFERENCE.linear is lora_linear and t.dora_linear is REFERENCE.dora_linear.fun
     with pytest.raises(TypeError, match="Ops.gelu must be callable, got int"):
         dataclasses.replace(REFERENCE, gelu=3)
     with pytest.raises(TypeError, match="ops must be a transformer_ref.layers.Ops, got str"):
         traced("REFERENCE")
     assert {f.name for f in dataclasses.fields(Ops)} == {"embedding", "layer_norm", "rms_norm", "gelu", "swiglu",
-                                                         "causal_attention", "grouped_query_attention",
-                                                         "apply_rope", "cross_entropy", "linear"}
+                                                         "causal_attention", "grouped_query_attention", "apply_rope",
+                                                         "cross_entropy", "linear", "dora_linear", "lora_embedding", "lora_delta"}
 
 
 def test_traced_layers_compute_the_same_values():
