@@ -43,22 +43,36 @@ per token instead, as engines do). A non-finite input in one sample would reach 
 through ``0 * inf``; inputs are expected finite.
 
 Fused projections (GPT-2's ``c_attn``) use ``enable_lora`` per adapter, as in lora.py.
+
+A whole model's adapters: :class:`AdapterSet`
+---------------------------------------------
+The functions above take one weight's adapters. A model's are an :class:`AdapterSet`: named
+adapters, each a dict ``{module name: {"A", "B"[, "m"]}}`` with its own :class:`LoraConfig` (the
+layout of ``transformer_ref``'s single-adapter dicts), plus the active names. It is what
+``lora_ref.peft_io.load_peft_adapters`` returns for a PEFT directory holding several adapters
+(:meth:`AdapterSet.from_peft`), and what ``transformer_ref.forward`` takes instead of one adapter
+dict: (S1) per module over the active adapters that adapt it, (S2) with ``adapter_names=``, (S3)
+with ``transformer_ref.merge_adapters(params, adapter_set, names=...)``. The host checks each
+adapter against the model; this class checks only what needs no model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from autograd.extend import Box, defvjp, primitive
 
 from . import checks
 from .backend import getval, namespace
+from .config import LoraConfig
 from .lora import lora_linear, merge, unmerge
 
 __all__ = [
     "BASE",
     "Adapter",
+    "AdapterSet",
     "adapter_set_linear",
     "as_adapters",
     "lora_delta",
@@ -458,3 +472,129 @@ def unmerge_adapters(W_merged: Any, adapters: Mapping[str, Any], names: Sequence
         W_merged = unmerge(W_merged, a.A, a.B, a.scale, enable_lora=a.enable_lora,
                            fan_in_fan_out=fan_in_fan_out)
     return W_merged
+
+
+# ============================================================================================
+# A whole model's adapters: named, each with its own LoraConfig, some of them active
+# ============================================================================================
+
+
+class AdapterSet:
+    """Several named adapters on one base model, each with its own :class:`LoraConfig`, and the
+    active ones (PEFT's ``PeftModel`` with several adapters, as plain data).
+
+    adapters : mapping of adapter name -> ``(LoraConfig, {module name: {"A", "B"[, "m"]}})``
+        Exactly what ``lora_ref.peft_io.load_peft_adapters(path)`` returns; each inner dict in
+        ``transformer_ref``'s layout for one adapter (``m`` (d_out,) only with ``use_dora``).
+        Names are non-empty strings other than ``"__base__"``.
+    active : sequence of adapter names
+        Applied by a forward, summed per module in this order (PEFT's ``set_adapter([...])``);
+        ``()`` is the disabled state (the base model).
+
+    Immutable: :meth:`with_active` and :meth:`disabled` return new sets sharing the arrays. Only
+    what needs no model is checked here; ``transformer_ref`` checks each adapter against the model.
+    """
+
+    __slots__ = ("_entries", "_active")
+
+    def __init__(self, adapters: Mapping[str, Any], active: Sequence[str]) -> None:
+        if isinstance(adapters, AdapterSet):
+            adapters = adapters._entries
+        if not isinstance(adapters, Mapping) or not adapters:
+            raise TypeError(f"adapters must be a non-empty mapping of adapter name -> (LoraConfig, {{module: "
+                            f"{{'A', 'B'}}}}), got {adapters!r}"[:300])
+        for name in adapters:
+            if not isinstance(name, str) or not name or name == BASE:
+                raise ValueError(f"adapters keys must be adapter names: non-empty strings other than {BASE!r} "
+                                 f"(reserved for 'no adapter'), got {name!r}")
+        self._entries = {name: _check_entry(v, f"adapters[{name!r}]") for name, v in adapters.items()}
+        self._active = _check_names(active, self._entries, "active", allow_base=False, unique=True)
+
+    @classmethod
+    def from_peft(cls, adapters: Mapping[str, Any], active: Sequence[str] | None = None) -> AdapterSet:
+        """The set of ``lora_ref.peft_io.load_peft_adapters(path)``'s ``{name: (LoraConfig, adapters)}``.
+        ``active`` None activates ``"default"`` alone, as PEFT does after loading a directory (the
+        root adapter is ``"default"``; the sub-folders' adapters are loaded inactive)."""
+        if active is None:
+            if not isinstance(adapters, Mapping) or "default" not in adapters:
+                raise ValueError(f"active=None activates PEFT's 'default' adapter, which is not among "
+                                 f"{list(adapters) if isinstance(adapters, Mapping) else adapters!r}; pass active=[...]")
+            active = ("default",)
+        return cls(adapters, active)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every adapter's name, in the order given."""
+        return tuple(self._entries)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The active adapters, in summation order; ``()`` when disabled."""
+        return self._active
+
+    def config(self, name: str) -> LoraConfig:
+        """Adapter ``name``'s LoraConfig (ranks, scales, DoRA flag)."""
+        return self[name][0]
+
+    def modules(self, name: str) -> Mapping[str, Mapping[str, Any]]:
+        """Adapter ``name``'s arrays, ``{module name: {"A", "B"[, "m"]}}`` (read-only)."""
+        return self[name][1]
+
+    def __getitem__(self, name: str) -> tuple[LoraConfig, Mapping[str, Mapping[str, Any]]]:
+        if name not in self._entries:
+            raise KeyError(f"{name!r} is not an adapter of this set (known: {', '.join(map(repr, self._entries))})")
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __repr__(self) -> str:
+        return f"AdapterSet({list(self._entries)}, active={list(self._active)})"
+
+    def terms(self, module: str, names: Sequence[str] | None = None) -> list[tuple[str, Mapping[str, Any], LoraConfig]]:
+        """``(adapter name, its arrays for module, its LoraConfig)`` for each adapter of ``names``
+        (default: the active ones) that adapts ``module``, in the order of ``names``."""
+        return [(n, self[n][1][module], self[n][0]) for n in (self._active if names is None else names)
+                if n != BASE and module in self[n][1]]
+
+    def uses_dora(self, names: Sequence[str] | None = None) -> tuple[str, ...]:
+        """The adapters among ``names`` (default: all) whose config has ``use_dora``."""
+        return tuple(n for n in (self.names if names is None else names) if n != BASE and self[n][0].use_dora)
+
+    def with_active(self, active: Sequence[str]) -> AdapterSet:
+        """The same adapters with ``active`` as the active names (PEFT's ``set_adapter``)."""
+        return AdapterSet(self._entries, active)
+
+    def disabled(self) -> AdapterSet:
+        """The same adapters, none active: the base model (PEFT's ``disable_adapter()``)."""
+        return AdapterSet(self._entries, ())
+
+
+def _check_entry(value: Any, where: str) -> tuple[LoraConfig, Mapping[str, Mapping[str, Any]]]:
+    """One adapter of a set: ``(LoraConfig, {module: {"A", "B"[, "m"]}})``, as a read-only pair."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{where} must be a pair (LoraConfig, {{module: {{'A', 'B'}}}}), got {type(value).__name__}")
+    config, modules = value
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{where}[0] must be a lora_ref.LoraConfig, got {type(config).__name__}")
+    if not isinstance(modules, Mapping) or not modules:
+        raise TypeError(f"{where}[1] must be a non-empty dict {{module name: {{'A': array, 'B': array}}}}, got {modules!r}"[:300])
+    keys = {"A", "B", "m"} if config.use_dora else {"A", "B"}
+    out = {}
+    for module, arrays in modules.items():
+        if not isinstance(module, str) or not module:
+            raise TypeError(f"{where}[1] keys must be module names (str), got {module!r}")
+        if not isinstance(arrays, Mapping) or not {"A", "B"} <= set(arrays) <= keys:
+            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+            want = "'A', 'B' and, for DoRA, 'm'" if config.use_dora else "exactly 'A' and 'B' (its config has no use_dora)"
+            raise ValueError(f"{where}[1][{module!r}] must hold {want}, got {got}")
+        for key, arr in arrays.items():
+            checks.float_array(arr, f"{where}[1][{module!r}][{key!r}]")
+        out[module] = MappingProxyType(dict(arrays))
+    return config, MappingProxyType(out)
