@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.special
+
+from lora_ref.checks import finite_real, positive_int
 
 from .experiment import DEFAULT, PRESETS, DemoConfig
 
-__all__ = ["report_markdown", "summary_text"]
+__all__ = ["PAPER_TABLE_7", "accuracy_saturation_caveat", "amplification_regime_caveat", "below_untuned_caveat",
+           "phi_chance", "phi_chance_caveat", "report_markdown", "summary_text"]
 
 
 # ============================================================================================
@@ -41,6 +45,11 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def _list(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _sweep_keys(result: dict[str, Any]) -> list[str]:
@@ -70,6 +79,115 @@ def _family(result: dict[str, Any]) -> str:
 def _figure(result: dict[str, Any], name: str, caption: str) -> list[str]:
     """The Markdown link of a figure, if the run wrote it."""
     return [f"![{caption}](figures/{name})", ""] if name in result.get("figures", []) else []
+
+
+# ============================================================================================
+# Caveats: how the numbers must be read, each computed from the result (None: it does not apply)
+# ============================================================================================
+
+PAPER_TABLE_7 = {"weight_norm": 61.95, "delta_norm": {4: 6.91, 64: 3.57}}
+"""The paper's Table 7 (GPT-3 175B, layer 48, W_q): ``|W_q|_F`` and ``|dW_q|_F`` at r = 4 and 64."""
+
+
+def accuracy_saturation_caveat(result: dict[str, Any]) -> str | None:
+    """Two or more runs (full fine-tuning included) at held-out accuracy 1: accuracy cannot rank
+    them, held-out loss can; says which of them has the lowest loss and which the highest."""
+    runs = result["runs"]
+    top = sorted((k for k, row in runs.items() if row["eval"]["accuracy"] >= 1.0), key=lambda k: runs[k]["eval"]["loss"])
+    if len(top) < 2:
+        return None
+    lo, hi = runs[top[0]], runs[top[-1]]
+    return (f"Accuracy saturates: {len(top)} of the {len(runs)} runs get every held-out answer right, so accuracy "
+            f"cannot rank them. Held-out loss can: among them it is lowest for {lo['label']} "
+            f"({_fmt(lo['eval']['loss'])}) and highest for {hi['label']} ({_fmt(hi['eval']['loss'])}).")
+
+
+def below_untuned_caveat(result: dict[str, Any]) -> str | None:
+    """Runs that end worse than the pretrained model before fine-tuning, on held-out accuracy or loss."""
+    before = result["pretraining"]["downstream_before"]
+    parts = []
+    for row in result["runs"].values():
+        e = row["eval"]
+        worse = ([f"accuracy {_fmt(e['accuracy'])} against {_fmt(before['accuracy'])}"] * (e["accuracy"] < before["accuracy"])
+                 + [f"loss {_fmt(e['loss'])} against {_fmt(before['loss'])}"] * (e["loss"] > before["loss"]))
+        if worse:
+            parts.append(f"{row['label']}, held-out {' and '.join(worse)} before fine-tuning")
+    if not parts:
+        return None
+    return (f"Below the untuned model: {'; '.join(parts)}. Fine-tuning made "
+            f"{'this run' if len(parts) == 1 else 'these runs'} worse than not fine-tuning at all.")
+
+
+def _phi_chance_moments(i: int, j: int, d: int) -> tuple[float, float]:
+    """Mean and variance of phi(A1, A2, i, j) for independent uniformly random subspaces of R^d.
+    With P1, P2 the orthogonal projections on the i- and j-dimensional subspaces,
+    phi = tr(P1 P2) / min(i, j) (Eq. 4), E tr(P1 P2) = i j / d and
+    Var tr(P1 P2) = 2 i j (d - i)(d - j) / (d^2 (d - 1)(d + 2)) (fourth moments of a Haar rotation)."""
+    m = min(i, j)
+    mean = i * j / d / m                                                  # = max(i, j) / d
+    var = 2.0 * i * j * (d - i) * (d - j) / (d * d * (d - 1) * (d + 2)) / (m * m)
+    return mean, var
+
+
+def phi_chance(i: int, j: int, d: int, q: float = 0.95) -> tuple[float, float]:
+    """``(mean, q-quantile)`` of the subspace similarity phi(A1, A2, i, j) (Eq. 4) when the two
+    row spaces are independent, uniformly random subspaces of R^d of dimensions at least i and j:
+    what chance gives, to hold a measured phi against. The mean is ``max(i, j) / d``. The
+    quantile is that of the Beta law with phi's exact mean and variance, which IS phi's law when
+    ``min(i, j) = 1`` (phi is then the squared length of a random unit vector's projection on a
+    ``max(i, j)``-dimensional subspace: Beta(max / 2, (d - max) / 2)); otherwise an approximation."""
+    i, j, d = positive_int(i, "i"), positive_int(j, "j"), positive_int(d, "d")
+    q = finite_real(q, "q")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q!r}")
+    if d < 2 or max(i, j) > d:
+        raise ValueError(f"need 2 <= d and i, j <= d, got i={i}, j={j}, d={d}")
+    mean, var = _phi_chance_moments(i, j, d)
+    if var == 0.0:                                   # one subspace is all of R^d: phi = 1 always
+        return mean, mean
+    k = mean * (1.0 - mean) / var - 1.0              # Beta(a, b): mean a / (a + b), a + b = k
+    return mean, float(scipy.special.betaincinv(mean * k, (1.0 - mean) * k, q))
+
+
+def _phi_entries(result: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """The (key suffix, i, j) of the phi entries the report shows: (1, 1), (p, p), (r1, r2)."""
+    r1, r2 = result["config"]["phi_ranks"]
+    p = min(r1, r2)
+    return [("1_1", 1, 1), ("p_p", p, p), ("r1_r2", r1, r2)]
+
+
+def phi_chance_caveat(result: dict[str, Any]) -> str | None:
+    """Trained phi values no larger than the 95th percentile of random subspaces' (:func:`phi_chance`):
+    those A matrices share no more of those directions than random ones would."""
+    d = result["model"]["n_embd"]
+    parts = []
+    for suffix, i, j in _phi_entries(result):
+        q95 = phi_chance(i, j, d)[1]
+        hits = [f"W{kind} layer {p['layer']} ({_fmt(p['phi_' + suffix], 3)})"
+                for kind, per_layer in result["phi"].items() for p in per_layer if p["phi_" + suffix] <= q95]
+        if hits:
+            parts.append(f"phi({i},{j}) of {_list(hits)} {'is' if len(hits) == 1 else 'are'} at most {_fmt(q95, 3)}, "
+                         f"the 95th percentile of "
+                         f"phi({i},{j}) for random subspaces of dimension d_in = {d}")
+    if not parts:
+        return None
+    return (f"At chance level: {'; '.join(parts)}. There, the two runs' A matrices share no more of those "
+            "directions than random ones would.")
+
+
+def amplification_regime_caveat(result: dict[str, Any]) -> str | None:
+    """Updates with ``|dW|_F > |W|_F``: a different regime from the paper's Table 7, where dW is
+    a small fraction of W (:data:`PAPER_TABLE_7`)."""
+    rows = [(r, kind, a) for r, per_kind in result["amplification"].items() for kind, a in per_kind.items()
+            if a["delta_norm"] > a["weight_norm"]]
+    if not rows:
+        return None
+    t7 = PAPER_TABLE_7
+    return ("Here `|dW|_F` exceeds `|W|_F` (" + "; ".join(f"W{kind} at r = {r}: {_fmt(a['delta_norm'])} against "
+                                                       f"{_fmt(a['weight_norm'])}" for r, kind, a in rows)
+            + "): the update is larger than the weight it adapts. That is a different regime from the paper's "
+            f"Table 7, where `|dW_q|_F` is {t7['delta_norm'][4]} (r = 4) and {t7['delta_norm'][64]} (r = 64) against "
+            f"`|W_q|_F` = {t7['weight_norm']}, so compare how the factor changes with the rank, not its size.")
 
 
 # ============================================================================================
@@ -135,10 +253,12 @@ def _findings(result: dict[str, Any]) -> list[str]:
     short = [k for k in _lora_keys(result) if runs[k]["eval"]["accuracy"] < full["accuracy"]]
     if matched:
         lines.append(f"Held-out accuracy at least that of full fine-tuning: {', '.join(matched)}.")
+    lines += [c for c in (accuracy_saturation_caveat(result),) if c]
     if short:
         lines.append("Held-out accuracy below full fine-tuning: " + ", ".join(
             f"{runs[k]['label']} ({_fmt(runs[k]['eval']['accuracy'])}, swapped symbols "
             f"{_fmt(runs[k]['eval']['changed_accuracy'])})" for k in short) + ".")
+    lines += [c for c in (below_untuned_caveat(result),) if c]
     sweep = _sweep_keys(result)
     lo, hi = runs[sweep[0]], runs[sweep[-1]]
     lines.append(f"Smallest versus largest rank of the sweep: {lo['label']} held-out loss {_fmt(lo['eval']['loss'])}, "
@@ -197,7 +317,8 @@ def _parameters_section(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['label']} | {_int(t['measured'])} | {_int(t['formula'])} | {t['formula_text']} | "
                      f"{t['measured'] / n_full:.3%} | {_int(a['measured'])} ({_bytes(a['measured'])}) | "
                      f"{_int(a['formula'])} |")
-    return lines + ["", *_figure(result, "parameters.png", "trainable parameters and Adam state bytes")]
+    return lines + ["", *_figure(result, "parameters.png",
+                                 "held-out loss against trainable parameters, Adam state bytes on the top axis")]
 
 
 def _merge_section(result: dict[str, Any]) -> list[str]:
@@ -248,18 +369,22 @@ def _phi_section(result: dict[str, Any]) -> list[str]:
              f"Eq. 4: `phi(A1, A2, i, j) = |U1_i^T U2_j|_F^2 / min(i, j)`, U the top right singular vectors of A "
              f"(`lora_ref.analysis.similarity_grid`), between the A matrices of the (Wq, Wv) runs at r={r1} and "
              f"r={r2}. 1 means the smaller subspace lies inside the larger; random subspaces give "
-             f"`max(i, j) / d_in` on average (d_in = {result['model']['n_embd']}). *trained*: the A matrices after "
+             f"`max(i, j) / d_in` on average (d_in = {result['model']['n_embd']}) and at most the *95%* value in 95% "
+             f"of draws (`transformer_ref.demo.report.phi_chance`). *trained*: the A matrices after "
              f"fine-tuning; *init*: the same pair before it (each run draws its own A), so the difference is "
              f"what training did.",
              "", f"| matrix | layer | phi(1,1) trained | init | random | phi({q},{q}) trained | init | random | "
                  f"phi({r1},{r2}) trained | init | random |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    d = result["model"]["n_embd"]
+    q95 = {suffix: phi_chance(i, j, d)[1] for suffix, i, j in _phi_entries(result)}
     for kind, per_layer in result["phi"].items():
         for p in per_layer:
             lines.append(f"| W{kind} | {p['layer']} | " + " | ".join(
-                _fmt(p[f"{what}_{ij}"], 3) for ij in ("1_1", "p_p", "r1_r2") for what in ("phi", "init", "random"))
-                + " |")
-    return lines + ["", *_figure(result, "phi.png", "subspace similarity heatmaps")]
+                f"{_fmt(p['phi_' + ij], 3)} | {_fmt(p['init_' + ij], 3)} | {_fmt(p['random_' + ij], 3)} "
+                f"(95%: {_fmt(q95[ij], 3)})" for ij, _, _ in _phi_entries(result)) + " |")
+    caveat = phi_chance_caveat(result)
+    return lines + ["", *([caveat, ""] if caveat else []), *_figure(result, "phi.png", "subspace similarity heatmaps")]
 
 
 def _amplification_section(result: dict[str, Any]) -> list[str]:
@@ -277,7 +402,8 @@ def _amplification_section(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {r} | W{kind} | {a['k']} | {_fmt(a['weight_norm'])} | {_fmt(a['delta_norm'])} | "
                          f"{_fmt(a['proj_delta'])} | {_fmt(a['proj_weight'])} | {_fmt(a['proj_random_rms'])} | "
                          f"{_fmt(a['proj_random_expected'])} | {_fmt(a['factor'], 3)} |")
-    return lines + [""]
+    caveat = amplification_regime_caveat(result)
+    return lines + ["", *([caveat, ""] if caveat else [])]
 
 
 def _reproduce_section(result: dict[str, Any]) -> list[str]:
