@@ -21,6 +21,12 @@ sum: what torch's CPU kernels and NumPy / ml_dtypes' ufuncs return (tests/test_p
 checks the last). NumPy's matmul on ml_dtypes.bfloat16 arrays returns float32: the delta is
 never rounded to bfloat16 unless asked, so it is computed explicitly here.
 
+The page is the same on every CPU: ``B @ A`` is summed in a fixed order with no fused
+multiply-add (:func:`delta_weight32`), so every number on it, "entries moved" included, is a
+function of IEEE arithmetic alone. (With a BLAS ``@`` the float32 sums followed the CPU's
+vector width and FMA use, which moved the last bit of a few entries of D32, and the committed
+page, compared byte for byte by its test, would differ between machines.)
+
 In "one dtype" and "float32 then cast" the cycle is a fixed map applied to the same W' again:
 once ``W' = W`` it never moves, and it gets there after one cycle in every case measured. In
 "PEFT" merge adds D32 and unmerge subtracts cast(D32): the cycle moves W by about
@@ -61,9 +67,23 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def delta_weight32(A: Any, B: Any, scale: float, dtype: str) -> np.ndarray:
     """``fl(fl(B @ A) * s)`` (d_out, d_in): in float64 for a float64 weight, else in float32 from
-    the factors widened exactly; not yet rounded to a 16-bit dtype."""
+    the factors widened exactly; not yet rounded to a 16-bit dtype.
+
+    ``B @ A`` is summed in a fixed order, ``(..((B[:, 0] A[0]) + B[:, 1] A[1]) + ..)``, each
+    product and each sum rounded (no fused multiply-add): IEEE arithmetic that every CPU does
+    identically, so the page is the same everywhere. A BLAS ``@`` would pick its order and its
+    use of FMA by CPU kind, and move the last bit of some entries (and the "entries moved"
+    column with them). Where every product and partial sum is exact (the interop tests' factors,
+    multiples of 1/64 with small numerators) the two agree bit for bit.
+    """
     work = np.float64 if dtype == "float64" else _F32
-    return (np.asarray(B).astype(work) @ np.asarray(A).astype(work)) * work(scale)
+    A, B = np.asarray(A).astype(work), np.asarray(B).astype(work)
+    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"need A (r, d_in) and B (d_out, r), got A {A.shape}, B {B.shape}")
+    D = B[:, :1] * A[:1, :]                                      # (d_out, d_in) the k = 0 term
+    for k in range(1, A.shape[0]):
+        D = D + B[:, k:k + 1] * A[k:k + 1, :]                    # one rounding per product, per sum
+    return D * work(scale)
 
 
 def merge_cycle(W: np.ndarray, D32: np.ndarray, dtype: str, way: str) -> tuple[np.ndarray, np.ndarray]:

@@ -45,14 +45,43 @@ def test_bfloat16_matmul_returns_float32():
     assert (A + np.ones(3, np.float32)).dtype == np.float32
 
 
+def exact_factors(d: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, d), B (d, r): multiples of 1/64 with numerators in [-8, 8], so every product and
+    partial sum of B @ A is exact in float32 and any summation order gives the same bits."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-8, 9, (r, d)) / 64, rng.integers(-8, 9, (d, r)) / 64
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_one_dtype_is_lora_ref_merge(dtype):
-    W, A, B, s = p.audit_case(d=64, r=4)
+    W, _, _, s = p.audit_case(d=64, r=4)
+    A, B = exact_factors(64, 4)                  # lora_ref.merge's B @ A is a BLAS call: exact inputs
     W, A, B = W.astype(dtype), A.astype(dtype), B.astype(dtype)
     merged, unmerged = p.merge_cycle(W, p.delta_weight32(A, B, s, dtype), dtype, "one dtype")
     ref = lr.merge(W, A, B, s)
     assert merged.tobytes() == ref.tobytes()
     assert unmerged.tobytes() == lr.unmerge(ref, A, B, s).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_delta_is_summed_in_a_fixed_order_without_fma(dtype):
+    """delta_weight32 is the sequential sum over k of rounded products (what every CPU computes
+    identically), written out here one entry at a time in Python scalars of the dtype."""
+    _, A, B, s = p.audit_case(d=6, r=5, seed=3)
+    t = np.dtype(dtype).type
+    A, B = A.astype(dtype), B.astype(dtype)
+    want = np.empty((6, 6), dtype)
+    for i in range(6):
+        for j in range(6):
+            acc = t(B[i, 0] * A[0, j])
+            for k in range(1, 5):
+                acc = t(acc + t(B[i, k] * A[k, j]))
+            want[i, j] = t(acc * t(s))
+    assert p.delta_weight32(A, B, s, dtype).tobytes() == want.tobytes()
+    A, B = exact_factors(40, 8)
+    assert p.delta_weight32(A, B, s, dtype).tobytes() == ((B.astype(dtype) @ A.astype(dtype)) * t(s)).tobytes()
+    with pytest.raises(ValueError, match="A"):
+        p.delta_weight32(A, A, s, dtype)
 
 
 @given(d=st.integers(2, 40), r=st.integers(1, 6), seed=st.integers(0, 2**31),
