@@ -24,6 +24,18 @@ from pathlib import Path
 HELP = ("pretrain a small GPT-2 or LLaMA, fine-tune it with LoRA and in full, and write a report "
         "(the paper's Tables 5-7, Figure 3)")
 
+RUN_TIMES = {"default": (90, 180), "quick": (10, 60)}
+"""Seconds a run of each preset takes on 2 CPU cores shared with other work: the range measured while
+docs/reproduction.md was made (its committed runs fall within it; tests/test_demo_page.py checks)."""
+
+
+def run_time_text(name: str) -> str:
+    """How long the preset ``name`` ("default" or "quick") takes, as the help and the docs say it."""
+    if name not in RUN_TIMES:
+        raise ValueError(f"name must be one of {', '.join(map(repr, RUN_TIMES))}, got {name!r}")
+    lo, hi = RUN_TIMES[name]
+    return f"{lo}-{hi} s"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("lora-ref-demo"),
@@ -31,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("gpt2", "llama"), default="gpt2",
                         help="the architecture: gpt2 (default) or llama (RMSNorm, RoPE, SwiGLU, separate q/k/v/o)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller run (one layer, fewer steps): under a minute instead of a few")
+                        help=f"a smaller run (one layer, fewer steps): {run_time_text('quick')} on 2 CPU cores, "
+                             f"against {run_time_text('default')} for the default run")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="BLAS threads while the demo runs (default 1: its matrices are small, and extra "

@@ -8,10 +8,13 @@ The demo is split by job:
 
 * :mod:`~transformer_ref.demo.experiment` -- :class:`DemoConfig`, the presets :data:`DEFAULT`
   and :data:`QUICK`, the runs, and :func:`compute` (every number, nothing written);
-* :mod:`~transformer_ref.demo.report` -- :func:`report_markdown` and :func:`summary_text`;
+* :mod:`~transformer_ref.demo.report` -- :func:`report_markdown`, :func:`summary_text`, and the
+  caveats the numbers imply (``*_caveat``), each a function of the result;
 * :mod:`~transformer_ref.demo.figures` -- the PNG figures (matplotlib, optional);
 * :mod:`~transformer_ref.demo.run` -- :func:`run_demo` (output folder, BLAS threads, files) and
-  :func:`write_report`.
+  :func:`write_report`;
+* :mod:`~transformer_ref.demo.reproduction` -- docs/reproduction.md's generated part, from the
+  committed results of three runs (``python -m transformer_ref.demo.reproduction``).
 
 >>> from transformer_ref.demo import QUICK, run_demo
 >>> result = run_demo(QUICK, "lora-ref-demo")        # doctest: +SKIP

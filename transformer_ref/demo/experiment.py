@@ -176,11 +176,11 @@ class DemoConfig:
 
 
 DEFAULT = DemoConfig()
-"""The default run (``lora-ref demo``): C = 128 so that r = 64 is below it; a few minutes on 2 cores."""
+"""The default run (``lora-ref demo``): C = 128 so that r = 64 is below it; 90-180 s on 2 CPU cores."""
 
 QUICK = replace(DEFAULT, n_layer=1, pretrain_steps=300, finetune_steps=100, batch_size=16, eval_examples=256,
                 n_random=50)
-"""``lora-ref demo --quick``: one layer, fewer and smaller steps; within a minute on 2 cores."""
+"""``lora-ref demo --quick``: one layer, fewer and smaller steps; 10-60 s on 2 CPU cores."""
 
 PRESETS: dict[str, DemoConfig] = {"default": DEFAULT, "quick": QUICK}
 """The presets by name: ``"quick"`` is ``lora-ref demo --quick``, ``"default"`` plain ``lora-ref demo``."""
