@@ -1,0 +1,96 @@
+"""Wrong implementations the kit must fail, and the right ones it must pass, for every variant.
+
+Each :class:`Mutant` is a plain NumPy implementation of one variant's contract (written here,
+independently of lora-ref's own code: PEFT's formulas where PEFT has them) with ONE deliberate
+bug, and the exact set of properties of its check that must fail. :data:`MUTANTS` lists them all
+by name; :data:`CORRECT` gives, per variant, the same implementations without a bug, which must
+pass every property. ``run_mutant(MUTANTS[name])`` runs the check and returns its report, so a zoo,
+a conformance command or a bug catalogue can iterate over them::
+
+    from lora_ref.kit.mutants import MUTANTS, run_mutant
+    for m in MUTANTS.values():
+        report = run_mutant(m)
+        assert set(report.failed_names) == m.caught_by
+
+The implementations live in :mod:`lora_ref.kit.wrong` (linear-family variants) and
+:mod:`lora_ref.kit.wrong_many` (adapters, serving, combination, quantisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wrong as w
+
+__all__ = ["CORRECT", "MUTANTS", "Mutant", "run_correct", "run_mutant"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One wrong implementation: ``callables`` builds the keyword arguments of the variant's check
+    (``impl`` and the optional callables, one of them wrong); ``caught_by`` is the exact set of
+    properties that must fail (every other one passes); ``options`` are extra check arguments
+    (``properties=``, ``dtypes=``)."""
+
+    name: str
+    variant: str
+    description: str
+    callables: Callable[[], dict[str, Any]]
+    caught_by: frozenset[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _checks() -> dict[str, Callable]:
+    from ..testing import CHECKS
+    return CHECKS
+
+
+def run_mutant(mutant: Mutant) -> Any:
+    """The variant's check run on the mutant: a :class:`~lora_ref.kit.core.LoraCheckReport`."""
+    return _checks()[mutant.variant](**mutant.callables(), **mutant.options)
+
+
+def run_correct(variant: str, **options: Any) -> Any:
+    """The variant's check run on the correct implementations of :data:`CORRECT`."""
+    return _checks()[variant](**CORRECT[variant](), **options)
+
+
+_DORA_FORWARD = {"forward", "forward_rslora", "forward_square", "fan_in_fan_out", "dropout"}
+
+CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
+    "lora_linear": lambda: {"impl": w.linear_layer(), "merge": w.linear_merge(), "grad": w.linear_grad()},
+    "dora_linear": lambda: {"impl": w.dora_layer(), "magnitude": w.dora_magnitude(), "merge": w.dora_merge(),
+                            "grad": w.dora_grad()},
+}
+"""Per variant, the right implementations (the mutants' code without a bug)."""
+
+_LIST = [
+    # ---- DoRA (issue 13) --------------------------------------------------------------------
+    Mutant("dora.norm_over_input_axis", "dora_linear",
+           "the norm over the output axis, one per INPUT feature (LyCORIS/kohya's dora_scale convention)",
+           lambda: {"impl": w.dora_layer("input_axis"), "magnitude": w.dora_magnitude("input_axis"),
+                    "merge": w.dora_merge("input_axis")},
+           frozenset(_DORA_FORWARD | {"magnitude", "magnitude_fan_in_fan_out", "merge",
+                                      "merge_fan_in_fan_out"})),
+    Mutant("dora.exact_gradient_where_detached_asked", "dora_linear",
+           "the gradient through the norm although detach_norm=True (PEFT's, Section 4.3) was asked",
+           lambda: {"impl": w.dora_layer(), "grad": w.dora_grad("always_exact")},
+           frozenset({"grad_A_detached", "grad_B_detached"})),
+    Mutant("dora.detached_gradient_where_exact_asked", "dora_linear",
+           "the norm treated as a constant although detach_norm=False (Eq. 6) was asked",
+           lambda: {"impl": w.dora_layer(), "grad": w.dora_grad("always_detached")},
+           frozenset({"grad_A_exact", "grad_B_exact"})),
+    Mutant("dora.magnitude_from_W_alone", "dora_linear",
+           "the initial m = ||W||_c although B != 0 (PEFT includes s B A)",
+           lambda: {"impl": w.dora_layer(), "magnitude": w.dora_magnitude("W_alone")},
+           frozenset({"magnitude", "magnitude_fan_in_fan_out"})),
+    Mutant("dora.dropout_on_the_base_term", "dora_linear",
+           "the dropout mask applied to the outer base term too: y = f (xd V^T) + bias",
+           lambda: {"impl": w.dora_layer("dropout_on_base"), "grad": w.dora_grad("dropout_on_base")},
+           frozenset({"dropout", "grad_x"})),
+]
+
+MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}
+"""Every mutant, by name (``<variant>.<bug>``)."""
