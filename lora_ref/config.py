@@ -195,7 +195,17 @@ class LoraConfig:
     use_dora : bool
         DoRA (Liu et al. 2024, :mod:`lora_ref.dora`): each adapted linear projection also carries
         a magnitude vector ``m`` (d_out,) and computes ``m * (W + s B A) / ||W + s B A||_row``.
-        Not combinable with ``enable_lora`` (PEFT applies DoRA to the whole fused weight only).
+        Not combinable with ``enable_lora`` (PEFT applies DoRA to the whole fused weight only), nor
+        with ``embedding_modules`` (PEFT has a DoRA for embeddings; lora-ref does not).
+    embedding_modules : list of str
+        Which targeted modules are embedding tables (PyTorch ``nn.Embedding``: GPT-2's ``wte``,
+        LLaMA's ``embed_tokens``), matched like a ``target_modules`` list (the name equals an entry
+        or ends with ``"." + entry``). Their adapters have the layout of :mod:`lora_ref.embedding`
+        (A (r, V), B (D, r)), which an adapter dict cannot tell from a linear one; the PEFT
+        format stores them under other keys (``lora_embedding_A`` / ``lora_embedding_B``), so
+        :func:`lora_ref.peft_io.load_peft_adapter` fills this in from the keys and
+        :func:`~lora_ref.peft_io.save_peft_adapter` writes the keys from it (and refuses an entry
+        that matches no adapter). Default: none.
     """
 
     r: int
@@ -211,6 +221,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     enable_lora: Mapping[str, tuple[bool, ...]] = field(default=None)  # type: ignore[assignment]
     use_dora: bool = False
+    embedding_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -238,6 +249,7 @@ class LoraConfig:
         if self.use_dora and self.enable_lora:
             raise ValueError("use_dora=True cannot be combined with enable_lora: DoRA normalises the whole "
                              "weight's rows, and a fused projection's disabled blocks have no adapter of their own")
+        set_("embedding_modules", self._check_embedding_modules())
         layers = self.layers_to_transform
         if layers is not None:
             if is_int(layers):
@@ -270,6 +282,30 @@ class LoraConfig:
                 f"string ({targets!r}): put the layer restriction in the regex instead")
         if pattern is not None and layers is None:
             raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform as well")
+
+    def _check_embedding_modules(self) -> tuple[str, ...]:
+        names = self.embedding_modules
+        if names is None:
+            return ()
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable) or isinstance(names, Mapping):
+            raise TypeError(f"embedding_modules must be a list of module names, got {names!r}")
+        names = tuple(sorted(set(names)) if isinstance(names, set | frozenset) else names)
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"embedding_modules must be non-empty module names, got {self.embedding_modules!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"embedding_modules lists a name twice: {self.embedding_modules!r}")
+        if names and self.use_dora:
+            raise ValueError(f"use_dora=True with embedding_modules={list(names)!r}: DoRA on an embedding table is not "
+                             "implemented by lora-ref (PEFT's embedding DoRA normalises over the vocabulary axis)")
+        for name in names:
+            if self.enable_lora and _pattern_lookup(self.enable_lora, name) is not None:
+                raise ValueError(f"embedding_modules entry {name!r} also matches enable_lora: an embedding table is not "
+                                 "a fused projection")
+        return names
+
+    def is_embedding(self, module_name: str) -> bool:
+        """Whether ``module_name`` is one of :attr:`embedding_modules` (equal, or ends with ``"." + entry``)."""
+        return any(module_name == n or module_name.endswith("." + n) for n in self.embedding_modules)
 
     @property
     def scale(self) -> float:

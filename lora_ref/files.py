@@ -209,13 +209,16 @@ def read_tensors(path: str | os.PathLike, *, error: type[FileFormatError] = File
 # ============================================================================================
 
 
-def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], None], *,
+                               keep: Callable[[Path], bool] | None = None) -> Path:
     """Create or replace directory ``path`` with what ``write(folder)`` puts into a fresh folder.
 
     1. A temporary directory ``.<name>.tmp-<pid>-<random>`` is made in ``path``'s parent (same
        filesystem) with ``os.mkdir``, so it gets the mode a plain ``mkdir`` would (``0o777`` less
        the umask). ``write`` fills it, entries of an existing ``path`` that ``write`` did not
-       produce are hard-linked (or copied) in, and every file is flushed to disk (``fsync``).
+       produce are hard-linked (or copied) in -- except those for which ``keep(entry)`` (an
+       optional predicate on the old entry's path) is false, which go with the old directory --
+       and every file is flushed to disk (``fsync``).
     2. The temporary directory takes ``path``'s place with one system call: ``rename`` when
        ``path`` does not exist; on Linux, ``renameat2(RENAME_EXCHANGE)`` when it does, which
        swaps the two directories in one atomic step. Where that call is unavailable, two renames
@@ -257,7 +260,7 @@ def write_directory_atomically(path: str | os.PathLike, write: Callable[[Path], 
             write(tmp)
             if existed:
                 for entry in target.iterdir():
-                    if not (tmp / entry.name).exists():
+                    if not (tmp / entry.name).exists() and (keep is None or keep(entry)):
                         _carry_over(entry, tmp / entry.name)
             for file in tmp.rglob("*"):
                 if file.is_file():

@@ -281,3 +281,19 @@ def test_a_failed_restore_says_where_the_previous_directory_is(tmp_path, monkeyp
         write_directory_atomically(target, _writer("new"))
     kept = calls[0][1]                                              # where the first rename put it
     assert str(kept) in str(info.value) and (kept / "a.txt").read_text() == "old"
+
+
+def test_keep_decides_which_entries_of_the_previous_directory_are_carried_over(tmp_path):
+    target = tmp_path / "d"
+    write_directory_atomically(target, lambda f: [(f / n).write_text(n) for n in ("a", "b", "c")])
+    (target / "sub").mkdir()
+    seen = []
+
+    def keep(entry):
+        seen.append(entry.name)
+        return entry.name != "b"
+
+    write_directory_atomically(target, lambda f: (f / "a").write_text("new a"), keep=keep)
+    assert sorted(p.name for p in target.iterdir()) == ["a", "c", "sub"]
+    assert (target / "a").read_text() == "new a" and (target / "c").read_text() == "c"
+    assert sorted(seen) == ["b", "c", "sub"]              # asked only about entries write did not produce

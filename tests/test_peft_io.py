@@ -9,6 +9,7 @@ something else". No tolerances are needed anywhere in this file: nothing is comp
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -32,8 +33,11 @@ from lora_ref.peft_io import (
     AdapterFormatError,
     config_from_peft_dict,
     config_to_peft_dict,
+    list_peft_adapters,
     load_peft_adapter,
+    load_peft_adapters,
     save_peft_adapter,
+    save_peft_adapters,
     validate_adapter,
 )
 from transformer_ref import CheckpointFormatError, GPTConfig, load_hf_gpt2, param_shapes, save_hf_gpt2
@@ -110,7 +114,8 @@ class Saved(tuple):
 def assert_same_adapters(got: dict, expected: dict) -> None:
     assert sorted(got) == sorted(expected)
     for module in expected:
-        for factor in ("A", "B"):
+        assert sorted(got[module]) == sorted(expected[module]), module
+        for factor in expected[module]:
             a, e = np.asarray(got[module][factor]), np.asarray(expected[module][factor])
             assert a.dtype == e.dtype and a.shape == e.shape, (module, factor, a.dtype, e.dtype, a.shape, e.shape)
             assert np.array_equal(a, e), (module, factor)  # moved, not computed: bit-for-bit
@@ -218,10 +223,13 @@ def peft_dict(**changes):
 # A value that switches each refused field on (a PEFT-valid setting of it).
 SET_VALUES = {
     "exclude_modules": ["c_fc"], "modules_to_save": ["lm_head"], "megatron_config": {"tensor_model_parallel_size": 2},
-    "trainable_token_indices": [1, 2], "use_dora": True, "velora_config": {}, "alora_invocation_tokens": [5, 6],
+    "trainable_token_indices": [1, 2], "velora_config": {}, "alora_invocation_tokens": [5, 6],
     "use_qalora": True, "monteclora_config": {}, "layer_replication": [[0, 1]], "lora_bias": True,
     "target_parameters": ["mlp.experts.weight"], "use_bdlora": {}, "arrow_config": {}, "kasa_config": {},
+    "ensure_weight_tying": True,
 }
+# ensure_weight_tying acts (in PEFT) only with a target named embed_tokens or lm_head.
+SET_WITH = {"ensure_weight_tying": {"target_modules": ["c_attn", "embed_tokens"]}}
 
 
 def test_every_refused_field_has_a_set_value():
@@ -231,7 +239,31 @@ def test_every_refused_field_has_a_set_value():
 @pytest.mark.parametrize("field", sorted(SET_VALUES))
 def test_refused_fields_raise_naming_the_field(field):
     with pytest.raises(NotImplementedError, match=field):
-        config_from_peft_dict(peft_dict(**{field: SET_VALUES[field]}))
+        config_from_peft_dict(peft_dict(**{field: SET_VALUES[field]}, **SET_WITH.get(field, {})))
+
+
+@pytest.mark.parametrize("targets, refused", [
+    (["c_attn", "c_fc"], False), (["wte"], False), (["model.embed_tokens"], True), (["lm_head", "q_proj"], True),
+    (r".*\.(q_proj|v_proj)", False), (r"(.*\.)?(embed_tokens|q_proj)", True), ("lm_head", True)])
+def test_ensure_weight_tying_is_refused_where_peft_would_tie(targets, refused):
+    # PEFT 0.21.2 (BaseTuner._check_tied_modules) ties only targets whose last name part (or a
+    # regex match) is in EMBEDDING_LAYER_NAMES; with any other targets it warns and changes nothing.
+    d = peft_dict(ensure_weight_tying=True, target_modules=targets, rank_pattern={}, alpha_pattern={})
+    if refused:
+        with pytest.raises(NotImplementedError, match="ensure_weight_tying=True .*merges the delta into the shared "
+                                                      "table twice"):
+            config_from_peft_dict(d)
+    else:
+        assert config_from_peft_dict(d) == config_from_peft_dict({**d, "ensure_weight_tying": False})
+
+
+def test_dora_with_lora_bias_is_refused_by_name():
+    with pytest.raises(NotImplementedError, match="use_dora=True with lora_bias=True: PEFT itself refuses"):
+        config_from_peft_dict(peft_dict(use_dora=True, lora_bias=True))
+    with pytest.raises(AdapterFormatError, match='"use_dora" must be true or false'):
+        config_from_peft_dict(peft_dict(use_dora="yes"))
+    assert config_from_peft_dict(peft_dict(use_dora=True)).use_dora is True
+    assert config_to_peft_dict(LoraConfig(r=2, alpha=2, target_modules=["q"], use_dora=True))["use_dora"] is True
 
 
 @pytest.mark.parametrize("field", sorted(k for k, (d, _) in CONFIG_FIELDS.items() if d == "ignored"))
@@ -394,8 +426,13 @@ def added(key, value):
     (lambda t: {**t, f"{KEY_PREFIX}transformer.h.0.attn.c_proj.lora_A.weight": np.zeros((2, 8)),
                 f"{KEY_PREFIX}transformer.h.0.attn.c_proj.lora_B.weight": np.zeros((8, 2))},
      AdapterFormatError, "does not target"),
-    (added(f"{KEY_PREFIX}transformer.wte.lora_embedding_A", np.zeros((2, 16))), NotImplementedError, "embedding"),
-    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_magnitude_vector", np.zeros(24)), NotImplementedError, "DoRA"),
+    (added(f"{KEY_PREFIX}transformer.wte.lora_embedding_A", np.zeros((2, 16))), AdapterFormatError,
+     "lora_embedding_A' has no partner .*lora_embedding_B'"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_magnitude_vector", np.zeros(24)), AdapterFormatError,
+     "is DoRA's magnitude, but adapter_config.json has use_dora false"),
+    (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_embedding_A", np.zeros((2, 16))), AdapterFormatError,
+     "both lora_A/lora_B.weight and lora_embedding_A/B"),
+    (added(f"{KEY_PREFIX}transformer.wte.weight", np.zeros((16, 8))), NotImplementedError, "save_embedding_layers"),
     (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_B.bias", np.zeros(24)), NotImplementedError, "lora_bias"),
     (added(f"{KEY_PREFIX}lm_head.modules_to_save.weight", np.zeros((16, 8))), NotImplementedError, "modules_to_save"),
     (added(f"{KEY_PREFIX}transformer.h.0.attn.c_attn.bias", np.zeros(24)), NotImplementedError, "base-model weight"),
@@ -433,9 +470,9 @@ def test_keys_with_the_adapter_name_say_so(copy_of):
     # implement"; it is a plain adapter saved from a state_dict with its adapter name.
     rewrite_weights(copy_of, lambda t: {k.replace(".weight", ".default.weight"): v for k, v in t.items()})
     with pytest.raises(AdapterFormatError, match=r"key '.*\.lora_A\.default\.weight' carries the adapter name "
-                                                 r"'default' \(lora_A\.default\.weight\): the weights were saved "
+                                                 r"'default': the weights were saved "
                                                  r"from the model's state_dict, not with PEFT's save_pretrained, .*"
-                                                 r"rename the keys to '.*\.lora_A\.weight'$"):
+                                                 r"rename the key to '.*\.lora_A\.weight'$"):
         load_peft_adapter(copy_of)
 
 
@@ -495,6 +532,275 @@ def test_loader_validates_against_params_when_given(saved):
 
 
 # ============================================================================================
+# Variants: DoRA, embedding and convolution adapters (PEFT's key names, as tests/interop/
+# test_peft_files_variants.py verifies against PEFT's own save_pretrained)
+# ============================================================================================
+
+
+def dora_adapters(params: dict, cfg: LoraConfig, seed: int = 0) -> dict:
+    """make_adapters plus DoRA's magnitude, m = ||W + s B A||_row scaled by 1.5 (as if trained)."""
+    from lora_ref.dora import dora_magnitude
+
+    out = make_adapters(params, cfg, seed)
+    for module, pair in out.items():
+        pair["m"] = 1.5 * dora_magnitude(params[module + ".weight"], pair["A"], pair["B"], cfg.scale_for(module))
+    return out
+
+
+DORA_CFG = LoraConfig(r=2, alpha=4.0, target_modules=["c_attn"], fan_in_fan_out=True, init="random", use_dora=True,
+                      rank_pattern={"h.1.attn.c_attn": 3})
+
+
+def test_dora_adapters_round_trip_with_peft_key_names(tmp_path):
+    params = tiny_params()
+    adapters = dora_adapters(params, DORA_CFG)
+    save_peft_adapter(tmp_path / "dora", DORA_CFG, adapters)
+    raw = json.loads((tmp_path / "dora" / CONFIG_NAME).read_text())
+    tensors = reference_read(tmp_path / "dora" / WEIGHTS_NAME)
+    assert raw["use_dora"] is True and len(tensors) == 6
+    m_key = f"{KEY_PREFIX}transformer.h.0.attn.c_attn.lora_magnitude_vector"     # no ".weight" suffix
+    assert tensors[m_key].shape == (24,) and np.array_equal(tensors[m_key], adapters["transformer.h.0.attn.c_attn"]["m"])
+    cfg, loaded = load_peft_adapter(tmp_path / "dora", params)
+    assert cfg == DORA_CFG
+    assert_same_adapters(loaded, adapters)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda ad: {m: {k: v for k, v in p.items() if k != "m"} for m, p in ad.items()}, AdapterFormatError,
+     r"needs exactly the arrays \['A', 'B', 'm'\].*use_dora is set"),
+    (lambda ad: {m: {**p, "m": p["m"][:-1]} for m, p in ad.items()}, AdapterFormatError,
+     r"lora_magnitude_vector.*shape \(24,\) to match B \(24, 2\); got \(23,\)"),
+    (lambda ad: {m: {**p, "m": p["m"].reshape(1, -1)} for m, p in ad.items()}, AdapterFormatError, "shape \\(24,\\)"),
+    (lambda ad: {m: {**p, "m": p["m"].astype(np.float32)} for m, p in ad.items()}, AdapterFormatError, "mixed dtypes"),
+    (lambda ad: {m: {**p, "m": p["m"] * np.nan} for m, p in ad.items()}, AdapterFormatError, "24 non-finite"),
+])
+def test_bad_dora_adapters_are_refused(tmp_path, change, error, words):
+    params = tiny_params()
+    adapters = change(dora_adapters(params, DORA_CFG))
+    with pytest.raises(error, match=words):
+        save_peft_adapter(tmp_path / "dora", DORA_CFG, adapters)
+    with pytest.raises(AdapterFormatError, match=r"'m'\].*use_dora is false"):
+        save_peft_adapter(tmp_path / "lora", BASE_CFG, dora_adapters(params, BASE_CFG))
+    assert not (tmp_path / "dora").exists() and not (tmp_path / "lora").exists()
+
+
+EMB_CFG = LoraConfig(r=2, alpha=4.0, target_modules=["wte", "c_fc"], fan_in_fan_out=True, init="random",
+                     embedding_modules=["transformer.wte"], rank_pattern={"wte": 3})
+
+
+def embedding_adapters(params: dict, cfg: LoraConfig = EMB_CFG, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = make_adapters({k: v for k, v in params.items() if k != "transformer.wte.weight"}, cfg, seed)
+    V, D = params["transformer.wte.weight"].shape
+    r = cfg.rank_for("transformer.wte")
+    out["transformer.wte"] = {"A": rng.normal(size=(r, V)), "B": rng.normal(size=(D, r))}   # A (r, V), B (D, r)
+    return out
+
+
+def test_embedding_adapters_round_trip_with_peft_key_names(tmp_path):
+    params = tiny_params()
+    adapters = embedding_adapters(params)
+    save_peft_adapter(tmp_path / "emb", EMB_CFG, adapters)
+    tensors = reference_read(tmp_path / "emb" / WEIGHTS_NAME)
+    assert tensors[f"{KEY_PREFIX}transformer.wte.lora_embedding_A"].shape == (3, 16)   # (r, V), no ".weight"
+    assert tensors[f"{KEY_PREFIX}transformer.wte.lora_embedding_B"].shape == (8, 3)    # (D, r)
+    assert f"{KEY_PREFIX}transformer.h.0.mlp.c_fc.lora_A.weight" in tensors and len(tensors) == 6
+    cfg, loaded = load_peft_adapter(tmp_path / "emb", params)
+    assert cfg == EMB_CFG and cfg.embedding_modules == ("transformer.wte",)
+    assert_same_adapters(loaded, adapters)
+    # Declared by its last name part, the same file is written.
+    short = dataclasses.replace(EMB_CFG, embedding_modules=["wte"])
+    save_peft_adapter(tmp_path / "short", short, adapters)
+    assert (tmp_path / "short" / WEIGHTS_NAME).read_bytes() == (tmp_path / "emb" / WEIGHTS_NAME).read_bytes()
+
+
+def test_embedding_adapters_against_the_base(tmp_path):
+    params = tiny_params()
+    adapters = embedding_adapters(params)
+    undeclared = dataclasses.replace(EMB_CFG, embedding_modules=())
+    with pytest.raises(AdapterFormatError, match=r"transformer\.wte.*\(16, 8\), so A must be \(3, 8\).*got A \(3, 16\).*"
+                                                 "list it in LoraConfig.embedding_modules"):
+        validate_adapter(undeclared, adapters, params)
+    wrong = {**adapters, "transformer.wte": {"A": adapters["transformer.wte"]["A"][:, :8],
+                                             "B": adapters["transformer.wte"]["B"]}}
+    with pytest.raises(AdapterFormatError, match=r"embedding table 'transformer\.wte\.weight' is \(num_embeddings, "
+                                                 r"embedding_dim\) = \(16, 8\), so A must be \(3, num_embeddings\)"):
+        validate_adapter(EMB_CFG, wrong, params)
+    with pytest.raises(AdapterFormatError, match="embedding_modules names 'wpe', but no adapter"):
+        save_peft_adapter(tmp_path / "x", dataclasses.replace(EMB_CFG, embedding_modules=["wte", "wpe"]), adapters)
+    with pytest.raises(ValueError, match="DoRA on an embedding table is not implemented"):
+        dataclasses.replace(EMB_CFG, use_dora=True)
+
+
+def test_dora_on_an_embedding_or_a_convolution_is_refused_by_name(tmp_path):
+    params = tiny_params()
+    save_peft_adapter(tmp_path / "emb", EMB_CFG, embedding_adapters(params))
+    raw = json.loads((tmp_path / "emb" / CONFIG_NAME).read_text())
+    (tmp_path / "emb" / CONFIG_NAME).write_text(json.dumps({**raw, "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="DoRA on an embedding layer is not implemented"):
+        load_peft_adapter(tmp_path / "emb")
+    conv_cfg = LoraConfig(r=4, alpha=8.0, target_modules=["c2"], init="random")
+    save_peft_adapter(tmp_path / "conv", conv_cfg, {"c2": {"A": np.ones((4, 4, 3, 2)), "B": np.ones((6, 2, 1, 1))}})
+    rewrite_weights(tmp_path / "conv", added(f"{KEY_PREFIX}c2.lora_magnitude_vector", np.ones((1, 6, 1, 1))))
+    (tmp_path / "conv" / CONFIG_NAME).write_text(json.dumps({**config_to_peft_dict(conv_cfg), "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="DoRA on a convolution"):
+        load_peft_adapter(tmp_path / "conv")
+
+
+CONV_CFG = LoraConfig(r=4, alpha=8.0, target_modules=["c1", "c2", "c3"], init="random", rank_pattern={"c3": 2})
+# PEFT's shapes for Conv1d(4, 6, 3, groups=2), Conv2d(4, 6, (3, 2), groups=2), Conv3d(2, 3, 2), r = 4 (c3: 2).
+CONV_BASE = {"c1.weight": (6, 2, 3), "c2.weight": (6, 2, 3, 2), "c3.weight": (3, 2, 2, 2, 2)}
+CONV_ADAPTERS = {"c1": ((4, 4, 3), (6, 2, 1)), "c2": ((4, 4, 3, 2), (6, 2, 1, 1)), "c3": ((2, 2, 2, 2, 2), (3, 2, 1, 1, 1))}
+
+
+def conv_adapters(seed: int = 0) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(size=shape) for k, shape in CONV_BASE.items()}
+    return params, {m: {"A": rng.normal(size=a), "B": rng.normal(size=b)} for m, (a, b) in CONV_ADAPTERS.items()}
+
+
+def test_conv_adapters_round_trip_and_fit_their_kernels(tmp_path):
+    params, adapters = conv_adapters()
+    save_peft_adapter(tmp_path / "conv", CONV_CFG, adapters)
+    tensors = reference_read(tmp_path / "conv" / WEIGHTS_NAME)
+    for module, (a, b) in CONV_ADAPTERS.items():
+        assert tensors[f"{KEY_PREFIX}{module}.lora_A.weight"].shape == a
+        assert tensors[f"{KEY_PREFIX}{module}.lora_B.weight"].shape == b
+    cfg, loaded = load_peft_adapter(tmp_path / "conv", params)
+    assert cfg == CONV_CFG
+    assert_same_adapters(loaded, adapters)
+    # groups = r / B.shape[1]: c1's kernel is (6, 2, 3) = (C_out, C_in/2, k) with C_in = 4.
+    ungrouped = {**params, "c1.weight": np.ones((6, 4, 3))}
+    with pytest.raises(AdapterFormatError, match=r"'c1'.*\(C_out, C_in/groups, \*k\) = \(6, 4, 3\); with groups = "
+                                                 r"r / B.shape\[1\] = 2 the adapter must be A \(4, 8, 3\)"):
+        validate_adapter(CONV_CFG, adapters, ungrouped)
+    with pytest.raises(AdapterFormatError, match=r"'c2'.*has shape \(6, 8\).*needs a 4-D kernel"):
+        validate_adapter(CONV_CFG, adapters, {**params, "c2.weight": np.ones((6, 8))})
+    with pytest.raises(AdapterFormatError, match=r"'c2'.*\(2, 2, 1, 1\) \(a convolution kernel"):
+        validate_adapter(CONV_CFG, {**adapters, "c2": {"A": np.ones((4, 2)), "B": np.ones((2, 4))}},
+                         {**params, "c2.weight": np.ones((2, 2, 1, 1))})
+
+
+@pytest.mark.parametrize("module, A, B, words", [
+    ("c1", (4, 4, 3), (6, 3, 1), "groups dividing 4"),
+    ("c1", (4, 4, 3), (6, 2, 2), r"B \(C_out, r/groups, 1, ...\)"),
+    ("c1", (4, 4, 3), (6, 2), "both 3-D to 5-D"),
+    ("c1", (3, 4, 3), (6, 3, 1), "rank 4"),
+    ("c2", (4, 3, 3, 2), (6, 2, 1, 1), "groups dividing 4, C_in and C_out"),
+])
+def test_bad_conv_adapters_are_refused(tmp_path, module, A, B, words):
+    _, adapters = conv_adapters()
+    adapters[module] = {"A": np.ones(A), "B": np.ones(B)}
+    with pytest.raises(AdapterFormatError, match=words):
+        save_peft_adapter(tmp_path / "conv", CONV_CFG, adapters)
+
+
+# ============================================================================================
+# Several adapters in one directory (PeftModel.save_pretrained's layout)
+# ============================================================================================
+
+
+def several(params: dict) -> dict:
+    second = LoraConfig(r=3, alpha=5.0, target_modules=["c_fc"], fan_in_fan_out=True, init="random", use_rslora=True)
+    return {"default": (BASE_CFG, make_adapters(params, BASE_CFG, 1)), "second": (second, make_adapters(params, second, 2)),
+            "dora": (DORA_CFG, dora_adapters(params, DORA_CFG, 3))}
+
+
+def assert_same_sets(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name, (cfg, adapters) in expected.items():
+        assert got[name][0] == cfg, name
+        assert_same_adapters(got[name][1], adapters)
+
+
+def test_several_adapters_round_trip_in_peft_layout(tmp_path):
+    params = tiny_params()
+    mapping = several(params)
+    save_peft_adapters(tmp_path / "set", mapping)
+    layout = sorted(str(p.relative_to(tmp_path / "set")) for p in (tmp_path / "set").rglob("*"))
+    assert layout == [CONFIG_NAME, WEIGHTS_NAME, "dora", f"dora/{CONFIG_NAME}", f"dora/{WEIGHTS_NAME}",
+                      "second", f"second/{CONFIG_NAME}", f"second/{WEIGHTS_NAME}"]
+    assert list(list_peft_adapters(tmp_path / "set")) == ["default", "dora", "second"]
+    assert_same_sets(load_peft_adapters(tmp_path / "set", params), {k: mapping[k] for k in ("default", "dora", "second")})
+    # The root alone is PEFT's default adapter; load_peft_adapter reads it as before.
+    assert_same_adapters(load_peft_adapter(tmp_path / "set")[1], mapping["default"][1])
+    # default=None: every adapter in a sub-folder (PEFT, when no adapter is called "default").
+    save_peft_adapters(tmp_path / "subs", mapping, default=None)
+    assert not (tmp_path / "subs" / CONFIG_NAME).exists()
+    assert_same_sets(load_peft_adapters(tmp_path / "subs"), {k: mapping[k] for k in ("default", "dora", "second")})
+    with pytest.raises(AdapterFormatError, match=r"adapter_config.json is missing; it holds adapters in sub-folders "
+                                                 r"\(default, dora, second\): use load_peft_adapters"):
+        load_peft_adapter(tmp_path / "subs")
+    # A root adapter and a sub-folder called "default" would be two adapters with one name.
+    with pytest.raises(AdapterFormatError, match="two adapters with one name"):
+        save_peft_adapter(tmp_path / "subs", BASE_CFG, mapping["default"][1]) and load_peft_adapters(tmp_path / "subs")
+    # The root name is a choice: default="main" names the root adapter "main".
+    assert list(load_peft_adapters(tmp_path / "set", default="main")) == ["main", "dora", "second"]
+
+
+def test_saving_several_adapters_replaces_the_previous_set(tmp_path):
+    params = tiny_params()
+    mapping = several(params)
+    save_peft_adapters(tmp_path / "set", mapping)
+    (tmp_path / "set" / "README.md").write_text("notes")
+    (tmp_path / "set" / "logs").mkdir()
+    save_peft_adapters(tmp_path / "set", {"second": mapping["second"]}, default=None)
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["README.md", "logs", "second"]
+    assert_same_sets(load_peft_adapters(tmp_path / "set"), {"second": mapping["second"]})
+    # save_peft_adapter (one adapter) writes the root and keeps the others, as PEFT's save does.
+    save_peft_adapter(tmp_path / "set", *mapping["default"])
+    assert list(load_peft_adapters(tmp_path / "set")) == ["default", "second"]
+
+
+def test_an_interrupted_save_of_several_adapters_changes_nothing(tmp_path, monkeypatch):
+    params = tiny_params()
+    mapping = several(params)
+    save_peft_adapters(tmp_path / "set", {"default": mapping["default"]})
+    before = {p: p.read_bytes() for p in (tmp_path / "set").rglob("*") if p.is_file()}
+    calls = []
+
+    def failing(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    real = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    with pytest.raises(files.DirectoryWriteError, match="intact"):
+        save_peft_adapters(tmp_path / "set", mapping)
+    assert {p: p.read_bytes() for p in (tmp_path / "set").rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mapping, default, error, words", [
+    ({}, "default", TypeError, "non-empty mapping"),
+    ({"a": None}, "a", TypeError, "must be a \\(lora_config, adapters\\) pair"),
+    ({"a": "x", "b": "y"}, "default", ValueError, "default='default' is not one of the adapters.*default=None"),
+    ({".hidden": "x"}, None, ValueError, "cannot name a sub-folder"),
+    ({"a/b": "x"}, None, ValueError, "cannot name a sub-folder"),
+    ({CONFIG_NAME: "x"}, None, ValueError, "cannot name a sub-folder"),
+    ({1: "x"}, None, TypeError, "non-empty strings"),
+])
+def test_bad_adapter_sets_are_refused_before_writing(tmp_path, mapping, default, error, words):
+    with pytest.raises(error, match=words):
+        save_peft_adapters(tmp_path / "set", mapping, default)
+    assert not (tmp_path / "set").exists()
+
+
+def test_a_bad_adapter_in_a_set_is_named(tmp_path):
+    params = tiny_params()
+    mapping = several(params)
+    mapping["second"] = (mapping["second"][0], {})
+    with pytest.raises(ValueError, match="adapter 'second': adapters is empty"):
+        save_peft_adapters(tmp_path / "set", mapping)
+    with pytest.raises(AdapterFormatError, match="holds no PEFT adapter"):
+        load_peft_adapters(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_peft_adapters(tmp_path / "nowhere")
+
+
+# ============================================================================================
 # Fuzzing: only AdapterFormatError / NotImplementedError, and a file that loads is what it holds
 # ============================================================================================
 
@@ -511,9 +817,10 @@ def check_outcome(path: Path, params) -> None:
     raw = json.loads((path / CONFIG_NAME).read_text())
     tensors = reference_read(path / WEIGHTS_NAME)
     expected = {}
+    slots = {"A.weight": "A", "B.weight": "B", "embedding_A": "A", "embedding_B": "B", "magnitude_vector": "m"}
     for key, value in tensors.items():
-        module, factor = key[len(KEY_PREFIX):].rsplit(".lora_", 1)
-        expected.setdefault(module, {})[factor[0]] = value
+        module, name = key[len(KEY_PREFIX):].rsplit(".lora_", 1)
+        expected.setdefault(module, {})[slots[name]] = value
     assert_same_adapters(adapters, expected)
     assert cfg.r == raw.get("r", 8) and cfg.alpha == raw.get("lora_alpha", 8)
     assert cfg.use_rslora == raw.get("use_rslora", False)
@@ -805,8 +1112,10 @@ def test_gpt2_bad_checkpoints(tmp_path, change, error, words):
         load_hf_gpt2(tmp_path / "m")
 
 
+# (tie_word_embeddings=false is no longer refused: transformer_ref's GPT-2 reads untied heads, the
+# form an embedding adapter merged without changing the head is saved in; its tests are the hosts'.)
 @pytest.mark.parametrize("field, value", [("activation_function", "relu"), ("add_cross_attention", True),
-                                          ("tie_word_embeddings", False), ("model_type", "llama")])
+                                          ("model_type", "llama")])
 def test_gpt2_unimplemented_config_fields_are_named(tmp_path, field, value):
     save_hf_gpt2(tmp_path / "m", TINY, tiny_params("float32", 6))
     raw = json.loads((tmp_path / "m" / "config.json").read_text())
