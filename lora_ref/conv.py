@@ -307,6 +307,7 @@ def _lora_conv(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, s
                dilation: Any = 1, groups: int = 1, dropout_mask: Any = None) -> Any:
     """The undecorated forward of :func:`lora_conv`; autograd.numpy can trace it."""
     geo, geo_A, geo_B = _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, dropout_mask)
+    scale = finite_real(scale, "scale")            # a Python float: np.float64(s) would promote float32
     xp = namespace(x, W, A, B, bias, dropout_mask)
     y = _conv(xp, x, W, geo)                                        # (N, C_out, *O)   W0 x
     if bias is not None:
@@ -365,7 +366,7 @@ def _geos(x, W, A, B, stride, padding, dilation, groups):
 
 
 def _dH(xp, g, B, scale, geo_B, H_shape):
-    return _conv_dx(xp, g, B, geo_B, H_shape) * scale                 # (N, r, *O)   dL/dH
+    return _conv_dx(xp, g, B, geo_B, H_shape) * finite_real(scale, "scale")   # (N, r, *O)   dL/dH
 
 
 def _lora_vjp_x(ans, x, W, A, B, scale, bias=None, stride=1, padding=0, dilation=1, groups=1, dropout_mask=None):
@@ -406,7 +407,7 @@ def _lora_vjp_B(ans, x, W, A, B, scale, bias=None, stride=1, padding=0, dilation
         xp = namespace(g)
         xd = x if dropout_mask is None else x * dropout_mask
         H = _conv(xp, xd, A, geo_A)                                    # (N, r, *O)
-        return _conv_dW(xp, g, H, geo_B, shape_of(B)) * scale
+        return _conv_dW(xp, g, H, geo_B, shape_of(B)) * finite_real(scale, "scale")
     return vjp
 
 

@@ -94,6 +94,7 @@ def _lora_embedding(ids: Any, E: Any, A: Any, B: Any, scale: float, padding_idx:
     a trace of this function gives the true derivative, padding row included.
     """
     _validate(ids, E, A, B, scale, padding_idx)
+    scale = finite_real(scale, "scale")            # a Python float: np.float64(s) would promote float32
     xp = namespace(ids, E, A, B)
     D = E.shape[1]
     flat = xp.reshape(ids, (-1,))                                  # (N,)
@@ -189,7 +190,7 @@ def _vjp_A(ans, ids, E, A, B, scale, padding_idx=None):
     def vjp(g):
         xp = namespace(g)
         G = xp.reshape(g, (-1, E.shape[1]))                         # (N, D)
-        dH = (G @ B) * scale                                         # (N, r)   dL/dH = s G B
+        dH = (G @ B) * finite_real(scale, "scale")                 # (N, r)   dL/dH = s G B
         dAT = _scatter_rows(xp.reshape(ids, (-1,)), dH, A.shape[1])  # (V, r)
         return xp.matrix_transpose(_without_row(dAT, padding_idx))   # (r, V)
     return vjp
@@ -201,7 +202,7 @@ def _vjp_B(ans, ids, E, A, B, scale, padding_idx=None):
         xp = namespace(g)
         G = xp.reshape(g, (-1, E.shape[1]))                         # (N, D)
         H = xp.take(xp.matrix_transpose(A), xp.reshape(ids, (-1,)), axis=0)  # (N, r)
-        return (xp.matrix_transpose(G) @ H) * scale                 # (D, r)
+        return (xp.matrix_transpose(G) @ H) * finite_real(scale, "scale")   # (D, r)
     return vjp
 
 
