@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from .backend import asarray, float_dtype, namespace, sum_to_shape, to_numpy
-from .checks import finite_real, float_array, numpy_generator, positive_int, positive_real, probability, same_dtype
+from .backend import asarray, dtype_name, float_dtype, namespace, sum_to_shape, to_numpy
+from .checks import (FLOAT_DTYPES, finite_real, float_array, numpy_generator, positive_int, positive_real,
+                     probability, same_dtype)
 
 __all__ = [
     "INIT_SCHEMES",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 INIT_SCHEMES = ("kaiming", "gaussian", "random")
+MERGE_DTYPES = FLOAT_DTYPES + ("bfloat16",)   # merge / unmerge / delta_weight (bfloat16: ml_dtypes, NumPy)
 
 
 # ============================================================================================
@@ -336,14 +338,19 @@ def delta_weight(A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | N
     With ``enable_lora`` (fused projection), the blocks ``s B_k A_k`` are placed in their rows of
     a (d_out, d_in) matrix and disabled blocks are zero; ``d_out`` (the full fused height) is then
     required when it cannot be derived (it can: ``B.shape[0] / n_enabled * G``).
+
+    bfloat16 (ml_dtypes, NumPy only) is accepted here and in :func:`merge` / :func:`unmerge`:
+    NumPy's ``B @ A`` on bfloat16 returns float32 (each product is exact in float32, the r-term
+    sum is rounded in float32), ``* s`` is rounded in float32, and the delta is then rounded to
+    bfloat16 once, explicitly, so the result has the factors' dtype.
     """
     xp = namespace(A, B)
-    _check_pair(A, B)
+    _check_pair(A, B, MERGE_DTYPES)
     scale = finite_real(scale, "scale")
     if enable_lora is None:
         if A.shape[0] != B.shape[1]:
             raise ValueError(f"A has rank {A.shape[0]} (shape {tuple(A.shape)}) but B has rank {B.shape[1]} (shape {tuple(B.shape)})")
-        return (B @ A) * scale                                               # (d_out, d_in)
+        return _as_factor_dtype(xp, (B @ A) * scale, A)                        # (d_out, d_in)
     enable = check_enable_lora(enable_lora, "enable_lora")
     n, G = sum(enable), len(enable)
     r = B.shape[1]
@@ -353,13 +360,19 @@ def delta_weight(A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | N
     full = q * G if d_out is None else d_out
     if full != q * G:
         raise ValueError(f"d_out={d_out} does not match enable_lora={enable} with block height {q}")
-    rows = [(B[rb, :] @ A[ra, :]) * scale for ra, rb, _ in _blocks(enable, full, r)]  # (q, d_in) each
+    rows = [_as_factor_dtype(xp, (B[rb, :] @ A[ra, :]) * scale, A) for ra, rb, _ in _blocks(enable, full, r)]  # (q, d_in)
     return _scatter(xp, rows, enable, (q, A.shape[1]), 0, A.dtype)              # (d_out, d_in)
+
+
+def _as_factor_dtype(xp: Any, delta: Any, A: Any) -> Any:
+    """``delta`` rounded to A's dtype when they differ: bfloat16 factors give a float32 ``B @ A``
+    (NumPy with ml_dtypes); every other dtype is returned as it is (no copy)."""
+    return delta if dtype_name(delta.dtype) == dtype_name(A.dtype) else xp.astype(delta, A.dtype)
 
 
 def _delta_for(W: Any, A: Any, B: Any, scale: float, enable_lora: Any, fan_in_fan_out: bool) -> Any:
     xp = namespace(W, A, B)
-    float_array(W, "W")
+    float_array(W, "W", MERGE_DTYPES)
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D, got shape {tuple(W.shape)}")
     d_out, d_in = (W.shape[1], W.shape[0]) if fan_in_fan_out else tuple(W.shape)
@@ -378,7 +391,9 @@ def merge(W: Any, A: Any, B: Any, scale: float, *, enable_lora: tuple[bool, ...]
     """``W + s B A``: the merged weight, so inference costs nothing extra (Section 4.1).
 
     W is (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out=True`` (the delta is then
-    transposed before it is added, as PEFT does for GPT-2's Conv1D). Returns a new array.
+    transposed before it is added, as PEFT does for GPT-2's Conv1D). Returns a new array of W's
+    dtype; bfloat16 is accepted (see :func:`delta_weight` for where it rounds; the addition is
+    rounded to bfloat16).
     Raises ``ValueError`` instead of returning non-finite weights (PEFT's ``safe_merge``), naming
     how many entries of A, B and the result are non-finite.
     """
@@ -428,9 +443,9 @@ def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
 # ============================================================================================
 
 
-def _check_pair(A: Any, B: Any) -> None:
-    float_array(A, "A")
-    float_array(B, "B")
+def _check_pair(A: Any, B: Any, dtypes: tuple[str, ...] = FLOAT_DTYPES) -> None:
+    float_array(A, "A", dtypes)
+    float_array(B, "B", dtypes)
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"A must be 2-D (r, d_in) and B 2-D (d_out, r); got A {tuple(A.shape)}, B {tuple(B.shape)}")
     same_dtype(("A", A), ("B", B))

@@ -713,3 +713,54 @@ def test_use_dora_is_a_validated_flag_refused_with_enable_lora():
         lr.LoraConfig(r=2, alpha=4.0, use_dora=1)
     with pytest.raises(ValueError, match="use_dora=True cannot be combined with enable_lora"):
         lr.LoraConfig(r=2, alpha=4.0, use_dora=True, enable_lora={"c_attn": (True, False, True)})
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 merges (ml_dtypes): the dtype of a 4-bit QLoRA base's compute weights
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("enable_lora", [None, (True, False, True)])
+def test_merge_and_unmerge_accept_bfloat16(fan_in_fan_out, enable_lora):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from lora_ref import delta_weight, merge, unmerge
+
+    bf16, rng = ml_dtypes.bfloat16, np.random.default_rng(7)
+    d_out, d_in, r, s = 18, 12, 4, 0.75
+    n = 1 if enable_lora is None else sum(enable_lora)
+    rows = d_out if enable_lora is None else n * d_out // len(enable_lora)
+    W = rng.standard_normal((d_in, d_out) if fan_in_fan_out else (d_out, d_in)).astype(bf16)
+    A, B = rng.standard_normal((n * r, d_in)).astype(bf16), rng.standard_normal((rows, r)).astype(bf16)
+    merged = merge(W, A, B, s, enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)
+    back = unmerge(merged, A, B, s, enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)
+    assert merged.dtype == bf16 and back.dtype == bf16
+    assert delta_weight(A, B, s, enable_lora).dtype == bf16
+    # The reference: the same sum in float64 from the same bfloat16 values.
+    W64 = W.astype(np.float64).T if fan_in_fan_out else W.astype(np.float64)       # (d_out, d_in)
+    D64 = np.asarray(delta_weight(A.astype(np.float64), B.astype(np.float64), s, enable_lora))
+    D_abs = np.asarray(delta_weight(np.abs(A.astype(np.float64)), np.abs(B.astype(np.float64)), s, enable_lora))
+    M = np.abs(W64) + D_abs                                     # the merge on absolute values
+    # B @ A in float32 (r roundings of the sum, each product exact), * s in float32 (1), then the
+    # delta rounded to bfloat16 (1) and the sum rounded to bfloat16 (1): a relative error of at
+    # most (1 + gamma_{r+1}(float32)) (1 + gamma_2(bfloat16)) - 1 of M.
+    rel = (1 + tolerance("float32", r + 1)) * (1 + tolerance("bfloat16", 2)) - 1
+    got = merged.astype(np.float64).T if fan_in_fan_out else merged.astype(np.float64)
+    assert_within(got, W64 + D64, rel * M, what="bfloat16 merge")
+    # Unmerging repeats the delta's roundings and rounds the difference: within two merges' error.
+    got = back.astype(np.float64).T if fan_in_fan_out else back.astype(np.float64)
+    assert_within(got, W64, 2 * rel * (M + np.abs(W64 + D64)), what="bfloat16 unmerge")
+
+
+def test_bfloat16_is_for_merging_only():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from lora_ref import lora_linear
+
+    bf16 = ml_dtypes.bfloat16
+    W, A, B = np.ones((3, 2), bf16), np.ones((1, 2), bf16), np.ones((3, 1), bf16)
+    with pytest.raises(TypeError, match=r"x must have a floating dtype \(float16, float32, float64\), got bfloat16"):
+        lora_linear(np.ones((1, 2), bf16), W, A, B, 1.0)
+    with pytest.raises(TypeError, match="A is float32 but W is bfloat16|W is bfloat16 but A is float32"):
+        from lora_ref import merge
+
+        merge(W, A.astype(np.float32), B.astype(np.float32), 1.0)
