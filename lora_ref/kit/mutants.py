@@ -63,6 +63,8 @@ CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
     "lora_linear": lambda: {"impl": w.linear_layer(), "merge": w.linear_merge(), "grad": w.linear_grad()},
     "dora_linear": lambda: {"impl": w.dora_layer(), "magnitude": w.dora_magnitude(), "merge": w.dora_merge(),
                             "grad": w.dora_grad()},
+    "lora_embedding": lambda: {"impl": w.embedding_layer(), "merge": w.embedding_merge(), "grad": w.embedding_grad()},
+    "lora_conv": lambda: {"impl": w.conv_layer(), "merge": w.conv_merge(), "grad": w.conv_grad()},
 }
 """Per variant, the right implementations (the mutants' code without a bug)."""
 
@@ -90,6 +92,24 @@ _LIST = [
            "the dropout mask applied to the outer base term too: y = f (xd V^T) + bias",
            lambda: {"impl": w.dora_layer("dropout_on_base"), "grad": w.dora_grad("dropout_on_base")},
            frozenset({"dropout", "grad_x"})),
+    # ---- embedding and convolution (issue 14) ------------------------------------------------
+    Mutant("embedding.roles_swapped", "lora_embedding",
+           "A and B used the linear layer's way: the table gets s B A (D, V), not s (B A)^T (V, D)",
+           lambda: {"impl": w.embedding_layer("roles_swapped"), "merge": w.embedding_merge("roles_swapped")},
+           frozenset({"forward", "forward_rslora", "square", "no_dropout", "zero_A_identity", "merge",
+                      "merge_square"})),
+    Mutant("embedding.dropout_on_path", "lora_embedding",
+           "the config's lora_dropout applied to the looked-up A rows (PEFT and loralib apply none)",
+           lambda: {"impl": w.embedding_layer("dropout_on_path")}, frozenset({"no_dropout"})),
+    Mutant("conv.delta_viewed_loralib_way", "lora_conv",
+           "the (C_in, C_out, *k) product viewed as W's (C_out, C_in, *k) (loralib's .view), not transposed",
+           lambda: {"impl": w.conv_layer("loralib_view"), "merge": w.conv_merge("loralib_view")},
+           frozenset({"forward_1d", "forward_2d", "forward_rslora", "groups", "dilation", "dropout",
+                      "merge_1d", "merge_2d"})),
+    Mutant("conv.dilation_ignored_in_A", "lora_conv",
+           "the A convolution without the base's dilation (PEFT 0.21.2's layer)",
+           lambda: {"impl": w.conv_layer("dilation_ignored"), "grad": w.conv_grad("dilation_ignored")},
+           frozenset({"dilation", "grad_x", "grad_A", "grad_B"})),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}

@@ -121,3 +121,124 @@ def dora_grad(bug: str | None = None):
         dx = ((G * f) @ V) * Mf + base
         return dx.reshape(x.shape), s * B.T @ dV, s * dV @ A.T, phi / C
     return grad
+
+
+# ============================================================================================
+# Embedding: y = E[ids] + s (A^T[ids]) B^T; gradients by autograd on this forward
+# ============================================================================================
+
+
+def _embedding_forward(ids, E, A, B, s, lora_dropout, bug):
+    import autograd.numpy as anp
+
+    H = anp.transpose(A)[ids]                                                # (..., r)
+    if bug == "dropout_on_path" and lora_dropout > 0:                        # a mask on the looked-up rows
+        keep = np.random.default_rng(0).random(H.shape) >= lora_dropout
+        H = H * (keep / (1.0 - lora_dropout)).astype(E.dtype)
+    if bug == "roles_swapped":                                               # the linear layer's s B A
+        return (E + s * anp.dot(B, A))[ids]
+    return E[ids] + s * anp.dot(H, anp.transpose(B))
+
+
+def embedding_layer(bug: str | None = None):
+    def impl(ids, E, A, B, *, alpha, r, use_rslora, lora_dropout):
+        return _embedding_forward(ids, E, A, B, _scale(alpha, r, use_rslora), lora_dropout, bug)
+    return impl
+
+
+def embedding_merge(bug: str | None = None):
+    def merge(E, A, B, *, alpha, r, use_rslora):
+        s = _scale(alpha, r, use_rslora)
+        return E + s * (B @ A if bug == "roles_swapped" else (B @ A).T)
+    return merge
+
+
+def embedding_grad(bug: str | None = None):
+    def grad(ids, E, A, B, dy, *, alpha, r, use_rslora):
+        from autograd import make_vjp
+        s = _scale(alpha, r, use_rslora)
+        vjp, _ = make_vjp(lambda AA, BB: _embedding_forward(ids, E, AA, BB, s, 0.0, bug), argnum=(0, 1))(A, B)
+        return vjp(dy)
+    return grad
+
+
+# ============================================================================================
+# Convolution: the dense delta dW = s B A as one kernel, applied as a second convolution
+# ============================================================================================
+
+
+def _per_axis(v, n):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _conv(x, W, stride, padding, dilation, groups):
+    """A direct convolution (PyTorch's cross-correlation) summed over kernel offsets, in
+    autograd.numpy so that it can be differentiated. x (N, C_in, *S), W (C_out, C_in/G, *k)."""
+    import autograd.numpy as anp
+
+    n = x.ndim - 2
+    s, p, d = _per_axis(stride, n), _per_axis(padding, n), _per_axis(dilation, n)
+    for j in range(n):
+        if p[j]:
+            z = anp.zeros(x.shape[:2 + j] + (p[j],) + x.shape[3 + j:], dtype=x.dtype)
+            x = anp.concatenate([z, x, z], axis=2 + j)
+    k, N, C_out = W.shape[2:], x.shape[0], W.shape[0]
+    O = tuple((x.shape[2 + j] - d[j] * (k[j] - 1) - 1) // s[j] + 1 for j in range(n))
+    P, G, cin_g = math.prod(O), groups, W.shape[1]
+    y = None
+    for t in np.ndindex(*k):
+        window = (slice(None), slice(None)) + tuple(slice(d[j] * t[j], d[j] * t[j] + s[j] * (O[j] - 1) + 1, s[j])
+                                                    for j in range(n))
+        xs = anp.reshape(x[window], (N, G, cin_g, P))                       # (N, G, C_in/G, P)
+        Wt = anp.reshape(W[(slice(None), slice(None)) + t], (G, C_out // G, cin_g))
+        term = anp.einsum("goc,ngcp->ngop", Wt, xs)
+        y = term if y is None else y + term
+    return anp.reshape(y, (N, C_out) + O)
+
+
+def _conv_delta(A, B, s, groups, bug):
+    """dW (C_out, C_in, *k): dW[o, i, t] = s sum_j B[o, j] A[g(o) r/G + j, i, t], g(o) the group of o."""
+    import autograd.numpy as anp
+
+    G, C_out, r, k = groups, B.shape[0], A.shape[0], A.shape[2:]
+    Bg = anp.reshape(B, (G, C_out // G, r // G))                              # (G, C_out/G, r/G)
+    Ag = anp.reshape(A, (G, r // G, A.shape[1], math.prod(k)))               # (G, r/G, C_in, K)
+    if bug == "loralib_view":                                                 # (C_in, C_out, K) viewed as W
+        in_out = anp.einsum("goj,gjik->igok", Bg, Ag)
+        return s * anp.reshape(in_out, (C_out, A.shape[1]) + k)
+    return s * anp.reshape(anp.einsum("goj,gjik->goik", Bg, Ag), (C_out, A.shape[1]) + k)
+
+
+def _conv_forward(x, W, A, B, s, bias, stride, padding, dilation, groups, dropout_mask, bug):
+    import autograd.numpy as anp
+
+    y = _conv(x, W, stride, padding, dilation, groups)
+    if bias is not None:
+        y = y + anp.reshape(bias, (-1,) + (1,) * (x.ndim - 2))
+    xd = x if dropout_mask is None else x * dropout_mask
+    d_A = 1 if bug == "dilation_ignored" else dilation                       # PEFT's A conv: no dilation
+    return y + _conv(xd, _conv_delta(A, B, s, groups, bug), stride, padding, d_A, 1)
+
+
+def conv_layer(bug: str | None = None):
+    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, stride, padding, dilation, groups, dropout_mask):
+        return _conv_forward(x, W, A, B, _scale(alpha, r, use_rslora), bias, stride, padding, dilation, groups,
+                             dropout_mask, bug)
+    return impl
+
+
+def conv_merge(bug: str | None = None):
+    def merge(W, A, B, *, alpha, r, use_rslora):
+        return W + _conv_delta(A, B, _scale(alpha, r, use_rslora), 1, bug)
+    return merge
+
+
+def conv_grad(bug: str | None = None):
+    def grad(x, W, A, B, dy, *, alpha, r, use_rslora, bias, stride, padding, dilation, groups, dropout_mask):
+        from autograd import make_vjp
+        s = _scale(alpha, r, use_rslora)
+        f = lambda xx, AA, BB: _conv_forward(xx, W, AA, BB, s, bias, stride, padding, dilation, groups,  # noqa: E731
+                                             dropout_mask, bug)
+        vjp, _ = make_vjp(f, argnum=(0, 1, 2))(x, A, B)
+        return vjp(dy)
+    return grad
