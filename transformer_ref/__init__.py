@@ -9,8 +9,10 @@
 * :mod:`transformer_ref.gpt2`: GPT-2 -- :class:`GPTConfig`, parameters, forward, loss.
 * :mod:`transformer_ref.llama`: LLaMA (and Mistral, Qwen2) -- :class:`LlamaConfig`, parameters,
   forward, loss; the same shape as gpt2.py.
-* :mod:`transformer_ref.hosting`: what every family shares -- :func:`add_adapters`,
-  :func:`merge_adapters`, targeting, validation -- and the family registry.
+* :mod:`transformer_ref.hosting`: what every family shares -- the projection and the embedding
+  lookup every forward calls (LoRA, DoRA, embedding adapters, adapter sets), targeting,
+  validation -- and the family registry; :mod:`transformer_ref.adapting`: :func:`add_adapters`,
+  :func:`merge_adapters` and :func:`untie`.
 * :mod:`transformer_ref.checkpoints`: Hugging Face checkpoints (:func:`load_checkpoint` for any family,
   :func:`load_hf_gpt2`, :func:`save_hf_gpt2`, :func:`load_hf_llama`, :func:`save_hf_llama`).
 * :mod:`transformer_ref.fast`: the training-speed op set :data:`FAST`, tested equal to REFERENCE.
@@ -26,7 +28,7 @@ plugs in by registering its :class:`~transformer_ref.hosting.Family` below, with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ from .count import adapter_counts, count_parameters, count_trainable, lora_confi
 from .fast import FAST
 from .gpt2 import GPTConfig
 from .llama import LlamaConfig
-from .hosting import add_adapters, merge_adapters
+from .adapting import add_adapters, merge_adapters, untie
 from .layers import REFERENCE, Ops, traced
 from .train import train
 
@@ -73,22 +75,31 @@ __all__ = [
     "save_hf_llama",
     "traced",
     "train",
+    "untie",
 ]
 
 
-def forward(params: Mapping[str, Any], tokens: Any, config: Any, adapters: Mapping[str, Any] | None = None,
+def forward(params: Mapping[str, Any], tokens: Any, config: Any, adapters: Any = None,
             lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
-            ops: Ops = REFERENCE) -> Any:
-    """Logits ``(B, T, V)``: the forward of ``config``'s family (:func:`gpt2.forward`, :func:`llama.forward`)."""
-    return hosting.family_of(config).forward(params, tokens, config, adapters, lora_config, dropout, ops)
+            ops: Ops = REFERENCE, *, adapter_names: Sequence[str] | None = None) -> Any:
+    """Logits ``(B, T, V)``: the forward of ``config``'s family (:func:`gpt2.forward`, :func:`llama.forward`).
+    ``adapters`` is one adapter dict (with its ``lora_config``) or a ``lora_ref.AdapterSet``;
+    ``adapter_names`` (with a set) one adapter name per batch row, ``"__base__"`` for none."""
+    family = hosting.family_of(config)
+    if adapter_names is None:                  # a family whose forward predates mixed batches needs no new keyword
+        return family.forward(params, tokens, config, adapters, lora_config, dropout, ops)
+    return family.forward(params, tokens, config, adapters, lora_config, dropout, ops, adapter_names=adapter_names)
 
 
-def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: Any, adapters: Mapping[str, Any] | None = None,
+def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: Any, adapters: Any = None,
          lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
-         ops: Ops = REFERENCE) -> Any:
+         ops: Ops = REFERENCE, *, adapter_names: Sequence[str] | None = None) -> Any:
     """Mean next-token cross-entropy (0-d array): the loss of ``config``'s family (:func:`gpt2.loss`,
-    :func:`llama.loss`)."""
-    return hosting.family_of(config).loss(params, tokens, targets, config, adapters, lora_config, dropout, ops)
+    :func:`llama.loss`); arguments as :func:`forward`'s."""
+    family = hosting.family_of(config)
+    if adapter_names is None:
+        return family.loss(params, tokens, targets, config, adapters, lora_config, dropout, ops)
+    return family.loss(params, tokens, targets, config, adapters, lora_config, dropout, ops, adapter_names=adapter_names)
 
 
 def init_params(config: Any, seed: int | np.random.Generator = 0, dtype: Any = "float64") -> dict[str, Any]:

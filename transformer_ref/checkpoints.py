@@ -58,7 +58,6 @@ _CONV1D = tuple(f"{p}.weight" for p in PROJECTIONS)          # stored (d_in, d_o
 _UNSUPPORTED = {
     "activation_function": ("gelu_new", "GPT-2's tanh-approximated GELU is the only activation implemented"),
     "add_cross_attention": (False, "cross-attention (an encoder-decoder setting) is not implemented"),
-    "tie_word_embeddings": (True, "an output projection separate from wte is not implemented"),
 }
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -215,9 +214,8 @@ def _tied_copy(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[st
     """A stored ``lm_head.weight`` of a tied model must be the embedding, bit for bit."""
     head, emb = tensors["lm_head.weight"], tensors[embedding]
     if head.shape != emb.shape or stored["lm_head.weight"] != stored[embedding] or not np.array_equal(head, emb):
-        raise NotImplementedError(f"{where}: lm_head.weight differs from {embedding}; an output projection not tied to "
-                                  f"the token embedding is not implemented for {family}"
-                                  + (" (set tie_word_embeddings=false in config.json)" if family != "GPT-2" else ""))
+        raise NotImplementedError(f"{where}: lm_head.weight differs from {embedding}, but config.json ties them: a "
+                                  f"{family} output projection of its own needs tie_word_embeddings=false in config.json")
 
 
 def _prepare_save(config: Any, params: Mapping[str, Any], shapes: Mapping[str, tuple],
@@ -281,7 +279,8 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     config : GPTConfig
     params : dict, state-dict name -> array on the current backend, in ``param_shapes(config)``
         order; projection weights (d_out, d_in) (transposed from Conv1D's (d_in, d_out)); no
-        ``lm_head.weight`` (it is ``transformer.wte.weight``).
+        ``lm_head.weight`` (it is ``transformer.wte.weight``) unless config.json has
+        ``tie_word_embeddings: false``, which needs the checkpoint's own ``lm_head.weight`` (V, C).
 
     Raises :class:`CheckpointFormatError` (a ``ValueError``) for damaged or inconsistent files,
     ``NotImplementedError`` naming a config field the model does not implement, and
@@ -312,8 +311,11 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     unexpected = sorted(set(tensors) - set(shapes) - buffers - {"lm_head.weight"})
     if unexpected:
         raise CheckpointFormatError(f"{where}: unexpected key(s) {unexpected[:5]}: not part of a GPT-2 LM of this config")
+    if "lm_head.weight" in shapes and "lm_head.weight" not in tensors:
+        raise CheckpointFormatError(f"{where}: lm_head.weight is missing and config.json has tie_word_embeddings="
+                                    "false (a GPT2Model checkpoint holds no output head)")
     params = _finish(where, tensors, stored, shapes, target, _CONV1D)
-    if "lm_head.weight" in tensors:
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
         _tied_copy(where, tensors, stored, "transformer.wte.weight", "GPT-2")
     return config, {name: asarray(arr) for name, arr in params.items()}
 
@@ -347,9 +349,10 @@ def _check_causal_mask(key: str, arr: np.ndarray, config: GPTConfig, where: str)
 def save_hf_gpt2(path: str | os.PathLike, config: GPTConfig, params: Mapping[str, Any]) -> Path:
     """Write ``(config, params)`` as a directory that ``GPT2LMHeadModel.from_pretrained`` loads.
 
-    ``params`` are in lora-ref's layout (projection weights (d_out, d_in), no ``lm_head``), any
-    backend, all float32 or all float64; they are written with projection weights transposed to
-    Conv1D's (d_in, d_out), keys ``transformer.*``, ``lm_head`` left to the tying.
+    ``params`` are in lora-ref's layout (projection weights (d_out, d_in), no ``lm_head`` unless the
+    config is untied), any backend, all float32 or all float64; they are written with projection
+    weights transposed to Conv1D's (d_in, d_out), keys ``transformer.*``, ``lm_head`` left to the
+    tying (an untied config's ``lm_head.weight`` (V, C) is written as it is, nn.Linear's layout).
     ``config.json`` is ``config.to_dict()`` with ``architectures: ["GPT2LMHeadModel"]`` added
     unless present and ``dtype`` set to the parameters' dtype. The directory is replaced atomically
     (:func:`lora_ref.files.write_directory_atomically`). Returns ``path`` as a ``Path``.

@@ -2,6 +2,8 @@
 
     params       dict: Hugging Face GPT-2 state-dict name -> array; projection weights (d_out, d_in)
     adapters     dict: module name (e.g. ``transformer.h.0.attn.c_attn``) -> {"A": array, "B": array}
+                 (+ "m" with DoRA; an embedding ``transformer.wte`` / ``.wpe`` too), or a
+                 ``lora_ref.AdapterSet`` of several named adapters
     lora_config  lora_ref.LoraConfig: rank, alpha, targeting, and per-module options
     ops          the op set the forward computes with: ``layers.REFERENCE`` unless you pass another
 
@@ -15,7 +17,9 @@ validation) is in ``hosting.py``; Hugging Face checkpoints are read and written 
 
 The architecture is GPT-2's: pre-LayerNorm blocks, learned position embeddings, tanh-approximated
 GELU, attention scaled by ``1/sqrt(head_dim)``, the output projection tied to the token embedding
-(``lm_head`` is ``wte``). Settings that would need another architecture are refused, not ignored.
+(``lm_head`` is ``wte``) unless ``tie_word_embeddings`` is False (then ``lm_head.weight`` is its own
+parameter: what merging an embedding adapter into ``wte`` gives, ``transformer_ref.adapting``).
+Settings that would need another architecture are refused, not ignored.
 
 Shapes: B batch, T tokens, C = n_embd, F = MLP width, V = vocab_size, r rank.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -92,7 +96,8 @@ class GPTConfig:
         In Hugging Face this changes only the order of operations under mixed precision; the
         function is the same, so it is recorded and has no effect here.
     tie_word_embeddings : bool
-        Must be True: the output projection is ``wte``.
+        True (GPT-2's): the output projection is ``wte``. False: it is its own ``lm_head.weight``
+        (V, C), as after merging an embedding adapter into ``wte`` (``transformer_ref.untie``).
     add_cross_attention : bool
         Must be False (a decoder-only model).
     extra : mapping
@@ -138,8 +143,6 @@ class GPTConfig:
         for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                      "tie_word_embeddings", "add_cross_attention"):
             set_(name, boolean(getattr(self, name), name))
-        if not self.tie_word_embeddings:
-            raise ValueError("tie_word_embeddings must be True: the output projection is wte (GPT-2's tying)")
         if self.add_cross_attention:
             raise ValueError("add_cross_attention must be False: this is a decoder-only model")
         extra = {} if self.extra is None else self.extra
@@ -231,7 +234,7 @@ PROJECTIONS = MappingProxyType({
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in state-dict order. C = n_embd, F = mlp width, V = vocab.
 
-    ``transformer.wte.weight`` (V, C) -- also the output projection (tied; no ``lm_head`` key)
+    ``transformer.wte.weight`` (V, C) -- also the output projection when tied (no ``lm_head`` key)
     ``transformer.wpe.weight`` (n_positions, C)
     per block i, prefix ``transformer.h.{i}.``:
         ``ln_1.weight``, ``ln_1.bias`` (C,)
@@ -241,6 +244,7 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
         ``mlp.c_fc.weight`` (F, C), ``mlp.c_fc.bias`` (F,)
         ``mlp.c_proj.weight`` (C, F), ``mlp.c_proj.bias`` (C,)
     ``transformer.ln_f.weight``, ``transformer.ln_f.bias`` (C,)
+    ``lm_head.weight`` (V, C), only when ``tie_word_embeddings`` is False
 
     Projection weights are (d_out, d_in): the transpose of Hugging Face's Conv1D ``(d_in, d_out)``.
     """
@@ -260,6 +264,8 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
             shapes[h + p + ".weight"] = (d_out, d_in)
             shapes[h + p + ".bias"] = (d_out,)
     shapes["transformer.ln_f.weight"] = shapes["transformer.ln_f.bias"] = (C,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
     return shapes
 
 
@@ -270,7 +276,8 @@ def init_params(config: GPTConfig, seed: int | np.random.Generator = 0, dtype: A
     embedding ~ N(0, initializer_range^2), except the residual projections ``attn.c_proj`` and
     ``mlp.c_proj``, ~ N(0, (initializer_range / sqrt(2 n_layer))^2); biases 0; LayerNorm weight 1,
     bias 0. ``seed`` is an int or a ``numpy.random.Generator``; ``dtype`` float32 or float64.
-    Arrays are created on the current backend. There is no ``lm_head.weight``: it is ``wte``.
+    Arrays are created on the current backend. There is no ``lm_head.weight`` (it is ``wte``) unless
+    the config unties it; then it is drawn last, ~ N(0, initializer_range^2) like the embeddings.
     """
     FAMILY.check_config(config)
     rng = generator(seed, "seed")
@@ -295,20 +302,26 @@ def init_params(config: GPTConfig, seed: int | np.random.Generator = 0, dtype: A
 # ============================================================================================
 
 
-def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters: Mapping[str, Any] | None = None,
+def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters: Any = None,
             lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
-            ops: Ops = REFERENCE) -> Any:
+            ops: Ops = REFERENCE, *, adapter_names: Sequence[str] | None = None) -> Any:
     """Logits ``(B, T, V)`` for integer ``tokens`` ``(B, T)``: GPT-2, LoRA-adapted where adapters exist.
 
     params      dict of arrays from :func:`init_params` (or a loaded checkpoint)
     tokens      integer array (B, T), values in [0, vocab_size), T <= n_positions
     adapters    ``{module name: {"A": (n r, d_in), "B": (n d_out / G, r)}}`` or None; every name
                 must be a projection, every shape must fit it, ``lora_config`` gives the scale
-                (``scale_for``) and fused-block flags (``enable_for``)
+                (``scale_for``) and fused-block flags (``enable_for``). With ``use_dora`` each also
+                holds ``"m": (d_out,)`` (DoRA, ``ops.dora_linear``). ``transformer.wte`` /
+                ``transformer.wpe`` take ``{"A": (r, V), "B": (C, r)}`` (``ops.lora_embedding``;
+                the tied head keeps reading the base ``wte``, as in PEFT). Or a
+                ``lora_ref.AdapterSet`` (``lora_config`` None): its active adapters summed per module
     dropout     ``{module name: mask}`` or None: LoRA dropout on that adapter's input, as explicit
                 inverted-dropout masks broadcastable to (B, T, d_in) (``lora_ref.dropout_mask``);
                 None means no dropout (evaluation). The base model has no dropout (eval mode).
     ops         the op set: ``layers.REFERENCE`` (default), ``fast.FAST``, ``layers.traced(...)``
+    adapter_names  with an AdapterSet: one adapter name per row (``"__base__"`` for none), each
+                row computed with its own adapter (PEFT's mixed batch); not with DoRA adapters
     """
     hosting.check_params(params, FAMILY, config)
     hosting.check_tokens(tokens, config.vocab_size, config.n_positions, "n_positions")
@@ -316,13 +329,17 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
         hosting.check_adapters(adapters, params, lora_config, FAMILY, config)
     if dropout is not None:
         hosting.check_dropout(dropout, adapters, params, tuple(tokens.shape))
+    hosting.check_adapter_names(adapter_names, adapters, tokens.shape[0])
     hosting.check_ops(ops)
     adapters = {} if adapters is None else adapters
     dropout = {} if dropout is None else dropout
     p = params
 
     def linear(name, x):  # one projection, y = x W^T + b (+ s B A x where `name` has an adapter)
-        return hosting.project(ops, p, name, x, adapters, lora_config, dropout)
+        return hosting.project(ops, p, name, x, adapters, lora_config, dropout, adapter_names=adapter_names)
+
+    def embed(name, ids):  # one lookup, E[ids] (+ s A^T[ids] B^T where `name` has an adapter)
+        return hosting.embed(ops, p, name, ids, adapters, lora_config, adapter_names=adapter_names)
 
     def ln(name, x):
         return ops.layer_norm(x, p[name + ".weight"], p[name + ".bias"], config.layer_norm_epsilon)
@@ -336,18 +353,19 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
         return linear(h + ".mlp.c_proj", ops.gelu(linear(h + ".mlp.c_fc", x)))  # (B, T, F) -> (B, T, C)
 
     positions = namespace(tokens).arange(tokens.shape[1])               # (T,)
-    x = hosting.embed(ops, p, "transformer.wte", tokens) + hosting.embed(ops, p, "transformer.wpe", positions)
+    x = embed("transformer.wte", tokens) + embed("transformer.wpe", positions)     # (B, T, C)
     for i in range(config.n_layer):                                             # x: (B, T, C) throughout
         h = f"transformer.h.{i}"
         x = x + attn(h, i, ln(h + ".ln_1", x))                                 # pre-LN residual blocks
         x = x + mlp(h, ln(h + ".ln_2", x))
     x = ln("transformer.ln_f", x)
-    return hosting.project(ops, p, "lm_head", x, weight="transformer.wte.weight")  # (B, T, V): lm_head = wte
+    head = "transformer.wte.weight" if config.tie_word_embeddings else None         # tied: lm_head = base wte
+    return hosting.project(ops, p, "lm_head", x, weight=head)                      # (B, T, V)
 
 
-def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig,
-         adapters: Mapping[str, Any] | None = None, lora_config: LoraConfig | None = None,
-         dropout: Mapping[str, Any] | None = None, ops: Ops = REFERENCE) -> Any:
+def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig, adapters: Any = None,
+         lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None, ops: Ops = REFERENCE, *,
+         adapter_names: Sequence[str] | None = None) -> Any:
     """Mean next-token cross-entropy: a 0-d array, ``-(1/n) sum_t log p(targets_t | tokens_<=t)``.
 
     ``tokens`` (B, T) are the inputs and ``targets`` (B, T) the token expected at each position
@@ -356,13 +374,15 @@ def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: GPTConfig
     leaves its position out of the mean, e.g. to score only the answer of a prompt.
     The other arguments are :func:`forward`'s.
     """
-    return ops.cross_entropy(forward(params, tokens, config, adapters, lora_config, dropout, ops), targets)
+    logits = forward(params, tokens, config, adapters, lora_config, dropout, ops, adapter_names=adapter_names)
+    return ops.cross_entropy(logits, targets)
 
 
 FAMILY = hosting.Family(
     name="gpt2", config_type=GPTConfig, block="transformer.h.{i}", projections=PROJECTIONS,
     n_blocks=lambda config: config.n_layer, param_shapes=param_shapes, init_params=init_params,
     forward=forward, loss=loss, tied={"lm_head.weight": "transformer.wte.weight"},
+    embeddings={"transformer.wte": lambda c: (c.vocab_size, c.n_embd), "transformer.wpe": lambda c: (c.n_positions, c.n_embd)},
     matrix_types={"q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2),
                   "o": ("attn.c_proj", None), "mlp_in": ("mlp.c_fc", None), "mlp_out": ("mlp.c_proj", None)})
 """GPT-2 as the host sees it (``hosting.Family``): registered in ``transformer_ref/__init__.py``."""

@@ -7,39 +7,47 @@ and is registered once (``transformer_ref/__init__.py``). Everything a family wo
 write again lives here, written against that record:
 
 * :func:`project` -- THE projection of every family's forward: base weight, bias, the module's
-  adapter, its scale and fused-block flags, its dropout mask, computed by ``ops.linear``. The one
-  place a projection is computed, so a variant of LoRA lands here once for every family;
-  :func:`embed`, likewise, the token-embedding lookup;
-* :func:`add_adapters` -- fresh adapters for every projection a ``lora_ref.LoraConfig`` targets
-  (PEFT's matching rules, ``LoraConfig.targets``; ranks, scales, fused blocks from the config);
-* :func:`merge_adapters` -- ``W + s B A`` folded into each adapted weight (Section 4.1);
+  adapter, its scale and fused-block flags, its dropout mask, computed by ``ops.linear`` (LoRA)
+  or ``ops.dora_linear`` (DoRA). The one place a projection is computed, so a variant of LoRA
+  lands here once for every family; :func:`embed`, likewise, the embedding lookup
+  (``ops.lora_embedding`` where an embedding adapter exists);
+* ``add_adapters`` and ``merge_adapters`` -- fresh adapters for every module a
+  ``lora_ref.LoraConfig`` targets, and each adapter folded into its weight -- are in
+  :mod:`transformer_ref.adapting` (split from this file to keep both under 600 lines);
 * :func:`check_params`, :func:`check_tokens`, :func:`check_adapters`, :func:`check_ops` -- the
   validation a family's ``forward`` runs first, with messages that say what is wrong and where.
 
 The containers are those of the whole package: ``params`` a dict of arrays keyed by Hugging Face
 state-dict names, every projection weight stored ``(d_out, d_in)`` (``y = x W^T + b``: GPT-2's
 Conv1D checkpoints are transposed once, by ``checkpoints``); ``adapters`` a dict keyed by module
-name (a weight's name without ``.weight``) holding exactly ``{"A": (n r, d_in), "B": (n q, r)}``.
+name (a weight's name without ``.weight``) holding exactly ``{"A": (n r, d_in), "B": (n q, r)}``,
+plus ``"m": (d_out,)`` with ``use_dora``; an embedding table's adapter ``{"A": (r, V), "B": (D, r)}``
+(PEFT's layout, :mod:`lora_ref.embedding`). Several named adapters are a ``lora_ref.AdapterSet``,
+accepted wherever one adapter dict is (each adapter with its own config; ``lora_config`` None).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from lora_ref.adapters import BASE, AdapterSet
 from lora_ref.backend import dtype_name, getval, namespace
-from lora_ref.checks import generator, index_array, is_array, is_integer_array
-from lora_ref.lora import LoraConfig, init_lora, merge
+from lora_ref.checks import index_array, is_array, is_integer_array
+from lora_ref.lora import LoraConfig
+from lora_ref.precision import mixed_linear
+from lora_ref.quant import QuantState, base_weight
 
 from .layers import Ops
 
-__all__ = ["Family", "add_adapters", "check_adapters", "check_dropout", "check_ops", "check_params", "check_tokens", "embed",
-           "families", "family_of", "merge_adapters", "project", "register"]
+__all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_ops", "check_params",
+           "check_tokens", "embed", "enable_flags", "families", "family_of", "project", "register"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,11 @@ class Family:
                   the row block of a fused projection or None (GPT-2: ``"q": ("attn.c_attn", 0)``,
                   ``"o": ("attn.c_proj", None)``; LLaMA: ``"q": ("self_attn.q_proj", None)``).
                   Empty: one type per projection, named by its last component.
+    embeddings    the LoRA-adaptable embedding tables: full module name -> ``shape(config) ->
+                  (V, D)`` (GPT-2: ``"transformer.wte"``, ``"transformer.wpe"``), targeted by the
+                  same LoraConfig rules as the projections
+    padding_idx   ``padding_idx(config, module) -> int or None``: the row of an embedding that
+                  gets no gradient (transformers' LLaMA: ``pad_token_id``); None: never
     """
 
     name: str
@@ -75,12 +88,15 @@ class Family:
     loss: Callable[..., Any]
     tied: Mapping[str, str] = field(default_factory=dict)
     matrix_types: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)
+    embeddings: Mapping[str, Callable[[Any], tuple[int, int]]] = field(default_factory=dict)
+    padding_idx: Callable[[Any, str], int | None] | None = None
 
     def __post_init__(self) -> None:
         if "{i}" not in self.block:
             raise ValueError(f"Family.block must contain '{{i}}' (the block index), got {self.block!r}")
         object.__setattr__(self, "projections", MappingProxyType(dict(self.projections)))
         object.__setattr__(self, "tied", MappingProxyType(dict(self.tied)))
+        object.__setattr__(self, "embeddings", MappingProxyType(dict(self.embeddings)))
         types = dict(self.matrix_types) or {p.rsplit(".", 1)[-1]: (p, None) for p in self.projections}
         for t, (suffix, _) in types.items():
             if suffix not in self.projections:
@@ -100,8 +116,20 @@ class Family:
         self.check_config(config)
         return [f"{self.block.format(i=i)}.{p}" for i in range(self.n_blocks(config)) for p in self.projections]
 
+    def adaptable_names(self, config: Any) -> list[str]:
+        """Every module an adapter may sit on: the embedding tables, then the projections block by block."""
+        self.check_config(config)
+        return list(self.embeddings) + self.projection_names(config)
+
+    def is_embedding(self, name: Any) -> bool:
+        """Whether ``name`` is one of this family's adaptable embedding tables."""
+        return isinstance(name, str) and name in self.embeddings
+
     def projection_shape(self, config: Any, module: str) -> tuple[int, int]:
-        """``(d_out, d_in)`` of a projection, given its name or its suffix (``"mlp.c_fc"``)."""
+        """``(d_out, d_in)`` of a projection, given its name or its suffix (``"mlp.c_fc"``); ``(V, D)``
+        of an embedding table."""
+        if self.is_embedding(module):
+            return self.embeddings[module](config)
         for suffix, shape in self.projections.items():
             if module == suffix or module.endswith("." + suffix):
                 return shape(config)
@@ -143,9 +171,9 @@ class Family:
 # ============================================================================================
 
 
-def project(ops: Ops, params: Mapping[str, Any], name: str, x: Any, adapters: Mapping[str, Any] | None = None,
+def project(ops: Ops, params: Mapping[str, Any], name: str, x: Any, adapters: Any = None,
             lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None, *,
-            weight: str | None = None) -> Any:
+            weight: str | None = None, adapter_names: Sequence[str] | None = None) -> Any:
     """Module ``name`` applied to ``x`` (..., d_in) -> (..., d_out): ``y = x W^T + b``, plus
     ``s B (A (x * mask))`` (Eq. 3) where ``adapters`` has ``name``.
 
@@ -153,23 +181,101 @@ def project(ops: Ops, params: Mapping[str, Any], name: str, x: Any, adapters: Ma
     ``b = params[name + ".bias"]`` if present; the adapter ``adapters[name]`` with the scale
     ``lora_config.scale_for(name)`` and fused-block flags ``enable_for(name)`` (loralib
     MergedLinear); ``dropout[name]``, the module's explicit inverted-dropout mask, if any. Computed
-    by ``ops.linear`` (``lora_ref.lora_linear`` under REFERENCE). No checks: the family's forward
-    has validated params, adapters and masks once (``check_params``, ``check_adapters``,
-    ``check_dropout``).
+    by ``ops.linear`` (``lora_ref.lora_linear`` under REFERENCE), or by ``ops.dora_linear``
+    (DoRA's Eq. 5, ``lora_ref.dora.dora_linear``) when the adapter holds a magnitude ``m``.
+    ``adapters`` may be a ``lora_ref.AdapterSet``: see :func:`_set_terms` (and ``adapter_names``,
+    one adapter name per batch row). No checks: the family's forward has validated params,
+    adapters and masks once (``check_params``, ``check_adapters``, ``check_dropout``).
     """
     W = params[name + ".weight" if weight is None else weight]
     b = params.get(name + ".bias")
+    if isinstance(W, QuantState):   # QLoRA: a frozen 4-bit base, dequantised per forward (docs/quant.md)
+        W, compute = base_weight(W, x)
+        ops = ops if compute is None else replace(ops, linear=partial(mixed_linear, compute_dtype=compute))
+    if isinstance(adapters, AdapterSet):
+        return _set_terms(adapters, name, adapter_names, W, base=lambda: ops.linear(x, W, None, None, 1.0, b),
+                          one=lambda ad, lc: _adapted(ops, x, W, b, ad, lc.scale_for(name), lc.enable_for(name)),
+                          delta=lambda ad, lc: _delta(ops, x, W, ad, lc.scale_for(name), lc.enable_for(name)))
     ad = None if adapters is None else adapters.get(name)
     if ad is None:
         return ops.linear(x, W, None, None, 1.0, b)
     mask = None if dropout is None else dropout.get(name)
-    return ops.linear(x, W, ad["A"], ad["B"], lora_config.scale_for(name), b, mask, lora_config.enable_for(name))
+    return _adapted(ops, x, W, b, ad, lora_config.scale_for(name), lora_config.enable_for(name), mask)
 
 
-def embed(ops: Ops, params: Mapping[str, Any], name: str, ids: Any) -> Any:
-    """Rows of the embedding table ``params[name + ".weight"]`` (V, C) for integer ``ids`` (...):
-    (..., C), by ``ops.embedding`` (ids checked in range there)."""
-    return ops.embedding(params[name + ".weight"], ids)
+def _adapted(ops: Ops, x: Any, W: Any, b: Any, ad: Any, s: float, enable: Any, mask: Any = None) -> Any:
+    """One adapter's projection: DoRA's Eq. 5 when it holds a magnitude ``m``, else LoRA's Eq. 3."""
+    if "m" in ad:
+        return ops.dora_linear(x, W, ad["A"], ad["B"], ad["m"], s, b, mask)    # m (W + s B A) / ||W + s B A||
+    return ops.linear(x, W, ad["A"], ad["B"], s, b, mask, enable)              # W x + b + s B A x
+
+
+def _delta(ops: Ops, x: Any, W: Any, ad: Any, s: float, enable: Any) -> Any:
+    """One adapter's term relative to the base layer, when several are summed: ``s B A x`` (exactly
+    lora_linear's adapter branch), or for DoRA ``y_dora - x W^T`` (docs/dora.md: each adapter
+    contributes its own change of the base layer's output, whatever the order)."""
+    if "m" in ad:
+        return ops.dora_linear(x, W, ad["A"], ad["B"], ad["m"], s) - ops.linear(x, W, None, None, 1.0)
+    return ops.lora_delta(x, ad["A"], ad["B"], s, None, enable)
+
+
+def _set_terms(aset: AdapterSet, module: str, adapter_names: Sequence[str] | None, like: Any, *,
+               base: Callable[[], Any], one: Callable[..., Any], delta: Callable[..., Any]) -> Any:
+    """Module ``module`` under an adapter set (``lora_ref.adapters``' (S0)-(S2), per module).
+
+    Without ``adapter_names``: the active adapters that adapt this module. None: ``base()``; one:
+    ``one(arrays, config)``, the single-adapter computation itself (so a set with one active
+    adapter is that adapter's model, bit for bit); several: ``base() + sum_k delta_k`` in the
+    active order (S1). With ``adapter_names`` (one name per batch row, ``"__base__"`` for none;
+    the active names are not consulted, as in PEFT): (S2), ``base() + sum_a delta_a * pick_a``
+    with ``pick_a`` (N, 1, 1) one on adapter a's rows and zero elsewhere: ``v * 1 = v`` and
+    ``v + 0 = v`` exactly, so each row is what that row alone with its adapter gives.
+    """
+    if adapter_names is None:
+        terms = aset.terms(module)
+        if len(terms) == 1:
+            return one(terms[0][1], terms[0][2])
+        y = base()
+        for _, ad, lc in terms:                                            # (S1), in activation order
+            y = y + delta(ad, lc)
+        return y
+    xp, dtype, n = namespace(getval(like)), getval(like).dtype, len(adapter_names)
+    y = base()
+    for name in dict.fromkeys(adapter_names):                              # (S2), first appearance order
+        for _, ad, lc in aset.terms(module, (name,)):
+            pick = xp.reshape(xp.asarray([1.0 if a == name else 0.0 for a in adapter_names], dtype=dtype), (n, 1, 1))
+            y = y + delta(ad, lc) * pick                                   # (N, T, d): zero off its rows
+    return y
+
+
+def adapts(adapters: Any, module: str) -> bool:
+    """Whether ``adapters`` (an adapter dict, an AdapterSet or None) has an adapter on ``module``."""
+    raw = getval(adapters)
+    if isinstance(raw, AdapterSet):
+        return any(module in raw.modules(n) for n in raw.names)
+    return raw is not None and module in raw
+
+
+def embed(ops: Ops, params: Mapping[str, Any], name: str, ids: Any, adapters: Any = None,
+          lora_config: LoraConfig | None = None, *, padding_idx: int | None = None,
+          adapter_names: Sequence[str] | None = None) -> Any:
+    """Rows of the embedding table ``E = params[name + ".weight"]`` (V, C) for integer ``ids`` (...):
+    (..., C), by ``ops.embedding`` (ids checked in range there); where ``adapters`` has ``name``,
+    ``E[ids] + s (A^T[ids]) B^T`` by ``ops.lora_embedding`` (:mod:`lora_ref.embedding`: no
+    dropout on this path, as in PEFT; ``padding_idx``'s row of E and column of A get no gradient).
+    A ``lora_ref.AdapterSet`` as in :func:`project`; an adapter's term alone is
+    ``lora_embedding(ids, 0, A, B, s)`` (the zero table: ``0 + v = v`` exactly)."""
+    E = params[name + ".weight"]
+    if isinstance(adapters, AdapterSet):
+        zero = namespace(getval(E)).zeros(getval(E).shape, dtype=getval(E).dtype)      # (V, C)
+        return _set_terms(adapters, name, adapter_names, E, base=lambda: ops.embedding(E, ids),
+                          one=lambda ad, lc: ops.lora_embedding(ids, E, ad["A"], ad["B"], lc.scale_for(name), padding_idx),
+                          delta=lambda ad, lc: ops.lora_embedding(ids, zero, ad["A"], ad["B"], lc.scale_for(name),
+                                                                  padding_idx))
+    ad = None if adapters is None else adapters.get(name)
+    if ad is None:
+        return ops.embedding(E, ids)
+    return ops.lora_embedding(ids, E, ad["A"], ad["B"], lora_config.scale_for(name), padding_idx)   # (E1)
 
 
 # ============================================================================================
@@ -207,76 +313,6 @@ def family_of(config: Any) -> Family:
 
 
 # ============================================================================================
-# Adapters: created, merged
-# ============================================================================================
-
-
-def add_adapters(params: Mapping[str, Any], config: Any, lora_config: LoraConfig,
-                 rng: int | np.random.Generator = 0) -> dict[str, dict[str, Any]]:
-    """Fresh adapters for every projection that ``lora_config`` targets: ``{module: {"A", "B"}}``.
-
-    The projections are the family's table (GPT-2: ``transformer.h.{i}.attn.c_attn``, fused q, k,
-    v, (3C, C); ``.attn.c_proj`` (C, C); ``.mlp.c_fc`` (F, C); ``.mlp.c_proj`` (C, F)). A module is
-    adapted when ``lora_config.targets(name)`` says so (PEFT's matching, ``layers_to_transform``);
-    its rank is ``rank_for(name)``. For ``enable_for(name) = (q, k, v)`` flags (loralib
-    MergedLinear) with n enabled of G blocks, A is (n r, d_in) and B is (n d_out / G, r), each
-    block drawn on its own. A and B come from ``lora_ref.init_lora`` with ``lora_config.init``
-    (B = 0 unless "random"), in the dtype of ``params``, on the current backend. ``rng`` is an
-    int seed or a ``numpy.random.Generator``. Raises ValueError if nothing is selected.
-    """
-    family = family_of(config)
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a lora_ref.LoraConfig, got {type(lora_config).__name__}")
-    dtype = check_params(params, family, config)
-    rng = generator(rng, "rng")
-    names = family.projection_names(config)
-    adapters = {}
-    for name in names:
-        if not lora_config.targets(name):
-            continue
-        d_out, d_in = family.projection_shape(config, name)
-        r, enable = lora_config.rank_for(name), _enable(family, lora_config, name)
-        if enable is None:
-            A, B = init_lora(d_in, d_out, r, init=lora_config.init, rng=rng, dtype=dtype)
-        else:
-            if d_out % len(enable):
-                raise ValueError(f"enable_lora={enable} for {name!r}: d_out={d_out} is not divisible into {len(enable)} blocks")
-            pairs = [init_lora(d_in, d_out // len(enable), r, init=lora_config.init, rng=rng, dtype=dtype)
-                     for on in enable if on]
-            xp = namespace(pairs[0][0])
-            A = xp.concat([a for a, _ in pairs], axis=0)                   # (n r, d_in)
-            B = xp.concat([b for _, b in pairs], axis=0)                   # (n d_out / G, r)
-        adapters[name] = {"A": A, "B": B}
-    if not adapters:
-        raise ValueError(
-            f"lora_config selects no module (target_modules={lora_config.target_modules!r}, "
-            f"layers_to_transform={lora_config.layers_to_transform!r}); the adaptable modules are "
-            f"{family.block}.{{{', '.join(family.projections)}}} for i in 0..{family.n_blocks(config) - 1}, "
-            f"e.g. {', '.join(names[:4])}")
-    return adapters
-
-
-def merge_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], lora_config: LoraConfig) -> dict[str, Any]:
-    """A new params dict with each adapter folded into its weight: ``W + s B A`` (Section 4.1).
-
-    ``forward(merged, tokens, config)`` then equals ``forward(params, tokens, config, adapters,
-    lora_config)`` up to rounding, at the cost of a plain model. Fused blocks follow
-    ``lora_config.enable_for``; weights here are (d_out, d_in), so no transpose is involved
-    whatever ``lora_config.fan_in_fan_out`` says (that flag describes a checkpoint's storage).
-    Only the adapted weights are new arrays; ``params`` is not modified.
-    """
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a lora_ref.LoraConfig, got {type(lora_config).__name__}")
-    raw = check_adapters(adapters, params, lora_config)
-    merged = dict(params)
-    for name, ad in raw.items():
-        W = params[name + ".weight"]
-        merged[name + ".weight"] = merge(W, ad["A"], ad["B"], lora_config.scale_for(name),
-                                         enable_lora=lora_config.enable_for(name))
-    return merged
-
-
-# ============================================================================================
 # Validation: what is wrong, and where
 # ============================================================================================
 
@@ -294,12 +330,19 @@ def check_params(params: Any, family: Family, config: Any) -> str:
         raise ValueError(f"params is missing {len(missing)} of {len(shapes)} parameters for this config, e.g. {missing[:3]}")
     extra = [k for k in params if k not in shapes]
     if extra:
-        tied = "".join(f" ({k} is tied to {v} and has no key)" for k, v in family.tied.items() if k in extra)
+        tied = "".join(f" ({k} is tied to {v} and has no key; merge_adapters adds it when it merges an embedding "
+                       f"adapter into a tied table: run such params with transformer_ref.untie(config))"
+                       for k, v in family.tied.items() if k in extra)
         raise ValueError(f"params has names this config does not have: {sorted(extra)[:5]}{tied}")
     dtype = None
     first = next(iter(shapes))
     for name, shape in shapes.items():
         value = getval(params[name])
+        if isinstance(value, QuantState):              # QLoRA's frozen 4-bit base: projections and lm_head
+            if not (family.is_projection(name.removesuffix(".weight")) or name == "lm_head.weight") or value.shape != shape:
+                raise ValueError(f"params[{name!r}] is a 4-bit QuantState of shape {value.shape}; only projection "
+                                 f"weights and lm_head.weight may be, with their (d_out, d_in) = {shape}")
+            continue
         if not is_array(value):
             raise TypeError(f"params[{name!r}] must be an array, got {type(value).__name__}")
         if tuple(value.shape) != shape:
@@ -338,61 +381,92 @@ def check_ops(ops: Any) -> None:
 
 
 def check_adapters(adapters: Any, params: Any, lora_config: Any, family: Family | None = None,
-                   config: Any = None) -> dict[str, Any]:
-    """Every adapter names a projection of the model and fits it; returns the unboxed dict.
+                   config: Any = None) -> Any:
+    """Every adapter names an adaptable module of the model and fits it; returns the unboxed dict
+    (or, for a ``lora_ref.AdapterSet``, the set, after checking each adapter with its own config).
 
-    With ``family`` and ``config`` the names must be among ``family.projection_names(config)``;
+    With ``family`` and ``config`` the names must be among ``family.adaptable_names(config)``;
     without them (``merge_adapters``, which has no config) a name must have the form of some
-    registered family's projection and its weight must be in ``params``.
+    registered family's projection (or be one of its embeddings) and its weight must be in ``params``.
     """
+    raw = getval(adapters)
+    if isinstance(raw, AdapterSet):
+        if lora_config is not None:
+            raise ValueError("lora_config must be None when adapters is an AdapterSet: each of its adapters has its own")
+        for name in raw.names:
+            _check_one(raw.modules(name), params, raw.config(name), family, config, f"adapter {name!r}: ")
+        return raw
     if lora_config is None:
         raise ValueError("adapters were given without lora_config (it holds their scale and fused-block flags)")
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a lora_ref.LoraConfig, got {type(lora_config).__name__}")
-    raw = getval(adapters)
     if not isinstance(raw, Mapping):
-        raise TypeError(f"adapters must be a dict {{module name: {{'A': array, 'B': array}}}}, got {type(raw).__name__}")
+        raise TypeError(f"adapters must be a dict {{module name: {{'A': array, 'B': array}}}} or a lora_ref.AdapterSet, "
+                        f"got {type(raw).__name__}")
+    return _check_one(raw, params, lora_config, family, config, "")
+
+
+def _check_one(raw: Mapping[str, Any], params: Any, lora_config: LoraConfig, family: Family | None, config: Any,
+               where: str) -> dict[str, Any]:
+    """:func:`check_adapters` for one adapter dict; ``where`` prefixes every message."""
     raw_params = getval(params)
     known = families() if family is None else (family,)
-    names = set(family.projection_names(config)) if family is not None else None
+    names = set(family.adaptable_names(config)) if family is not None else None
     dtype = next((dtype_name(getval(v).dtype) for v in raw_params.values() if is_array(getval(v))), None)
     out = {}
     for name, ad in raw.items():
         ad = getval(ad)
-        ok = name in names if names is not None else any(f.is_projection(name) for f in known)
+        owner = next((f for f in known if f.is_projection(name) or f.is_embedding(name)), None)
+        ok = name in names if names is not None else owner is not None
         if not ok or name + ".weight" not in raw_params:
             how = " or ".join(f.describe_projections() for f in known)
-            raise ValueError(f"adapters has {name!r}, which is not a projection of this model; projections are "
-                             f"named like {how}")
-        if not isinstance(ad, Mapping) or set(ad) != {"A", "B"}:
+            tables = ", ".join(e for f in known for e in f.embeddings)
+            raise ValueError(f"{where}adapters has {name!r}, which is not a projection of this model; projections are "
+                             f"named like {how}" + (f"; embedding tables are {tables}" if tables else ""))
+        table = owner.is_embedding(name)
+        if table and lora_config.use_dora:
+            raise ValueError(f"{where}adapters has {name!r}, an embedding, and lora_config.use_dora is set: DoRA on an "
+                             "embedding (PEFT's norm over the vocabulary axis) is not implemented; adapt the embedding "
+                             "without use_dora, or leave it out of target_modules")
+        keys = {"A", "B", "m"} if lora_config.use_dora and not table else {"A", "B"}
+        if not isinstance(ad, Mapping) or set(ad) != keys:
             got = sorted(ad) if isinstance(ad, Mapping) else type(ad).__name__
-            raise ValueError(f"adapters[{name!r}] must be a dict with exactly 'A' and 'B', got {got}")
-        A, B = getval(ad["A"]), getval(ad["B"])
-        for part, arr in (("A", A), ("B", B)):
+            why = " (lora_config.use_dora: A, B and the magnitude m)" if "m" in keys else \
+                " (m is DoRA's magnitude: set use_dora in lora_config)" if isinstance(ad, Mapping) and "m" in ad else ""
+            want = " and ".join(", ".join(repr(k) for k in sorted(keys)).rsplit(", ", 1))
+            raise ValueError(f"{where}adapters[{name!r}] must be a dict with exactly {want}{why}, got {got}")
+        arrays = {k: getval(ad[k]) for k in sorted(keys)}
+        for part, arr in arrays.items():
             if not is_array(arr):
-                raise TypeError(f"adapters[{name!r}][{part!r}] must be an array, got {type(arr).__name__}")
+                raise TypeError(f"{where}adapters[{name!r}][{part!r}] must be an array, got {type(arr).__name__}")
             if dtype is not None and dtype_name(arr.dtype) != dtype:
-                raise TypeError(f"adapters[{name!r}][{part!r}] is {dtype_name(arr.dtype)} but params are {dtype}; use one dtype")
+                raise TypeError(f"{where}adapters[{name!r}][{part!r}] is {dtype_name(arr.dtype)} but params are {dtype}; "
+                                "use one dtype")
         d_out, d_in = getval(raw_params[name + ".weight"]).shape
-        owner = family if family is not None else next(f for f in known if f.is_projection(name))
-        r, enable = lora_config.rank_for(name), _enable(owner, lora_config, name)
-        if enable is None:
-            want_A, want_B = (r, d_in), (d_out, r)
+        r, enable = lora_config.rank_for(name), enable_flags(owner, lora_config, name)
+        if table:                                          # E (V, D): A (r, V), B (D, r), PEFT's layout
+            want = {"A": (r, d_out), "B": (d_in, r)}
+        elif enable is None:
+            want = {"A": (r, d_in), "B": (d_out, r), "m": (d_out,)}
         else:
             n, G = sum(enable), len(enable)
-            want_A, want_B = (n * r, d_in), (n * (d_out // G), r)
-        if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+            want = {"A": (n * r, d_in), "B": (n * (d_out // G), r)}
+        if any(tuple(arr.shape) != want[k] for k, arr in arrays.items()):
+            got = " and ".join(f"{k} {tuple(arr.shape)}" for k, arr in arrays.items())
             flags = "" if enable is None else f", enable_lora={enable}"
-            raise ValueError(f"adapters[{name!r}] has A {tuple(A.shape)} and B {tuple(B.shape)}; its weight is "
-                             f"({d_out}, {d_in}) and lora_config gives rank {r}{flags}, so A must be {want_A} "
-                             f"and B {want_B}")
-        out[name] = {"A": A, "B": B}
+            kind = "its table (V, D) is" if table else "its weight is"
+            raise ValueError(f"{where}adapters[{name!r}] has {got}; {kind} ({d_out}, {d_in}) and lora_config gives rank "
+                             f"{r}{flags}, so A must be " + " and ".join(f"{k} {want[k]}" for k in arrays)[2:])
+        out[name] = arrays
     return out
 
 
-def _enable(family: Family, lora_config: LoraConfig, name: str) -> tuple[bool, ...] | None:
-    """``lora_config.enable_for(name)``, refused for a family without fused projections."""
+def enable_flags(family: Family, lora_config: LoraConfig, name: str) -> tuple[bool, ...] | None:
+    """``lora_config.enable_for(name)``, refused for an embedding and for a family without fused projections."""
     enable = lora_config.enable_for(name)
+    if enable is not None and family.is_embedding(name):
+        raise ValueError(f"lora_config.enable_lora applies to {name!r}, an embedding table; enable_lora is loralib's "
+                         "flag for a fused projection (GPT-2's c_attn = [q; k; v])")
     if enable is not None and not family.has_fused:
         raise ValueError(f"lora_config.enable_lora applies to {name!r}, but enable_lora is loralib's flag for a fused "
                          f"projection (GPT-2's c_attn = [q; k; v]); {family.name}'s projections are separate modules: "
@@ -401,14 +475,21 @@ def _enable(family: Family, lora_config: LoraConfig, name: str) -> tuple[bool, .
 
 
 def check_dropout(dropout: Any, adapters: Any, params: Any, tokens_shape: tuple[int, int]) -> None:
-    """``{module name: mask}`` with a mask only for adapted modules, each broadcastable to
-    (B, T, d_in) of its projection."""
+    """``{module name: mask}`` with a mask only for adapted projections, each broadcastable to
+    (B, T, d_in) of its projection (an embedding adapter takes none, as in PEFT; an AdapterSet
+    none at all: a set is for inference)."""
     if not isinstance(dropout, Mapping):
         raise TypeError(f"dropout must be a dict {{module name: mask}}, got {type(dropout).__name__}")
+    if isinstance(getval(adapters), AdapterSet):
+        raise ValueError("dropout masks cannot be given with an AdapterSet: a set of adapters is for inference "
+                         "(train one adapter dict at a time)")
     have = set(getval(adapters)) if adapters is not None else set()
     for name, mask in dropout.items():
         if name not in have:
             raise ValueError(f"dropout has a mask for {name!r}, which has no adapter")
+        if any(f.is_embedding(name) for f in families()):
+            raise ValueError(f"dropout has a mask for {name!r}, an embedding: LoRA on an embedding has no dropout "
+                             "(PEFT and loralib apply none on this path)")
         d_in = getval(params[name + ".weight"]).shape[1]
         want = (int(tokens_shape[0]), int(tokens_shape[1]), d_in)
         try:
@@ -418,3 +499,27 @@ def check_dropout(dropout: Any, adapters: Any, params: Any, tokens_shape: tuple[
         if not ok:
             shape = tuple(mask.shape) if hasattr(mask, "shape") else type(mask).__name__
             raise ValueError(f"dropout[{name!r}] has shape {shape}, which does not broadcast to (B, T, d_in) = {want}")
+
+
+def check_adapter_names(adapter_names: Any, adapters: Any, batch: int) -> None:
+    """``adapter_names`` (a mixed batch): one name per batch row, each an adapter of the AdapterSet
+    ``adapters`` or ``"__base__"``, none of them DoRA (PEFT refuses that too)."""
+    if adapter_names is None:
+        return
+    aset = getval(adapters)
+    if not isinstance(aset, AdapterSet):
+        raise TypeError(f"adapter_names names adapters of a lora_ref.AdapterSet; adapters is {type(aset).__name__}")
+    if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per batch row, got {adapter_names!r}")
+    if len(adapter_names) != batch:
+        raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {batch} rows (one name each, "
+                         f"{BASE!r} for no adapter)")
+    for i, n in enumerate(adapter_names):
+        if n != BASE and n not in aset:
+            raise ValueError(f"adapter_names[{i}] = {n!r} is not an adapter of the set (known: "
+                             f"{', '.join(map(repr, aset.names))}, or {BASE!r} for none)")
+    dora = aset.uses_dora(list(dict.fromkeys(adapter_names)))
+    if dora:
+        raise ValueError(f"adapter_names: a mixed batch cannot use DoRA adapters ({', '.join(map(repr, dora))}): "
+                         "PEFT refuses it ('Cannot pass `adapter_names` when DoRA is enabled'); run their rows as "
+                         "separate batches with the adapter active")

@@ -2,6 +2,7 @@
 
     params       dict: Hugging Face LLaMA state-dict name -> array; projection weights (d_out, d_in)
     adapters     dict: module name (e.g. ``model.layers.0.self_attn.q_proj``) -> {"A": array, "B": array}
+                 (+ "m" with DoRA; the embedding ``model.embed_tokens`` too), or a ``lora_ref.AdapterSet``
     lora_config  lora_ref.LoraConfig: rank, alpha, targeting, and per-module options
     ops          the op set the forward computes with: ``layers.REFERENCE`` unless you pass another
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -45,7 +46,7 @@ from .attention import rope_tables
 from .layers import REFERENCE, Ops
 
 __all__ = ["FAMILY", "INERT_KEYS", "MODEL_TYPES", "PROJECTIONS", "LlamaConfig", "forward", "init_params", "loss",
-           "param_shapes"]
+           "padding_idx", "param_shapes"]
 
 
 # ============================================================================================
@@ -375,9 +376,22 @@ def init_params(config: LlamaConfig, seed: int | np.random.Generator = 0, dtype:
 # ============================================================================================
 
 
-def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapters: Mapping[str, Any] | None = None,
+def padding_idx(config: LlamaConfig, module: str = "model.embed_tokens") -> int | None:
+    """The row of ``model.embed_tokens`` that gets no gradient: ``pad_token_id``, as transformers
+    builds ``nn.Embedding(V, C, padding_idx=pad_token_id)`` (and PEFT's embedding adapter passes it
+    to its A lookup too); negative ids count from the end, as PyTorch's. None without one."""
+    pad, V = config.extra.get("pad_token_id"), config.vocab_size
+    if pad is None or module != "model.embed_tokens":
+        return None
+    if isinstance(pad, bool) or not isinstance(pad, int) or not -V <= pad < V:
+        raise ValueError(f"config.json pad_token_id={pad!r} is not a row of the embedding (vocab_size={V}); "
+                         "PyTorch's nn.Embedding refuses it as padding_idx")
+    return pad % V
+
+
+def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapters: Any = None,
             lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None,
-            ops: Ops = REFERENCE) -> Any:
+            ops: Ops = REFERENCE, *, adapter_names: Sequence[str] | None = None) -> Any:
     """Logits ``(B, T, V)`` for integer ``tokens`` ``(B, T)``: LLaMA, LoRA-adapted where adapters exist.
 
     params      dict of arrays from :func:`init_params` (or a loaded checkpoint)
@@ -385,11 +399,16 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
                 token t sits at position t (no padding, no cache)
     adapters    ``{module name: {"A": (r, d_in), "B": (d_out, r)}}`` or None; every name must be one
                 of the seven projections of a block, every shape must fit it; ``lora_config`` gives
-                the scale (``scale_for``)
+                the scale (``scale_for``). With ``use_dora`` each also holds ``"m": (d_out,)``;
+                ``model.embed_tokens`` takes ``{"A": (r, V), "B": (C, r)}`` (no dropout; its
+                :func:`padding_idx` row gets no gradient; a tied head keeps the base table, as in
+                PEFT). Or a ``lora_ref.AdapterSet`` (``lora_config`` None), as in GPT-2's forward
     dropout     ``{module name: mask}`` or None: LoRA dropout on that adapter's input, as explicit
                 inverted-dropout masks broadcastable to (B, T, d_in) (``lora_ref.dropout_mask``);
                 None means no dropout (evaluation). The base model has no dropout (eval mode).
     ops         the op set: ``layers.REFERENCE`` (default), ``fast.FAST``, ``layers.traced(...)``
+    adapter_names  with an AdapterSet: one adapter name per row, ``"__base__"`` for none (PEFT's
+                mixed batch); not with DoRA adapters
     """
     dtype = hosting.check_params(params, FAMILY, config)
     hosting.check_tokens(tokens, config.vocab_size, config.max_position_embeddings, "max_position_embeddings")
@@ -397,13 +416,15 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
         hosting.check_adapters(adapters, params, lora_config, FAMILY, config)
     if dropout is not None:
         hosting.check_dropout(dropout, adapters, params, tuple(tokens.shape))
+    hosting.check_adapter_names(adapter_names, adapters, tokens.shape[0])
     hosting.check_ops(ops)
+    pad = padding_idx(config) if hosting.adapts(adapters, "model.embed_tokens") else None   # its row gets no gradient
     p, H, Hk = params, config.num_attention_heads, config.num_key_value_heads
     # RoPE's tables for positions 0 .. T-1, once per forward: cos, sin (T, D), the model's dtype
     cos, sin = rope_tables(namespace(tokens).arange(tokens.shape[1]), config.head_dim, config.rope_theta, dtype)
 
     def linear(name, x):  # one projection, y = x W^T + b (+ s B A x where `name` has an adapter)
-        return hosting.project(ops, p, name, x, adapters, lora_config, dropout)
+        return hosting.project(ops, p, name, x, adapters, lora_config, dropout, adapter_names=adapter_names)
 
     def norm(name, x):
         return ops.rms_norm(x, p[name + ".weight"], config.rms_norm_eps)
@@ -419,32 +440,35 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
         gated = ops.swiglu(linear(h + ".mlp.gate_proj", x), linear(h + ".mlp.up_proj", x))   # (B, T, F)
         return linear(h + ".mlp.down_proj", gated)                                            # (B, T, C)
 
-    x = hosting.embed(ops, p, "model.embed_tokens", tokens)                         # (B, T, C)
+    x = hosting.embed(ops, p, "model.embed_tokens", tokens, adapters, lora_config, padding_idx=pad,
+                      adapter_names=adapter_names)                                  # (B, T, C)
     for i in range(config.num_hidden_layers):                                       # x: (B, T, C) throughout
         h = f"model.layers.{i}"
         x = x + attn(h, norm(h + ".input_layernorm", x))                            # pre-norm residual blocks
         x = x + mlp(h, norm(h + ".post_attention_layernorm", x))
     x = norm("model.norm", x)
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else None
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else None      # tied: the base table
     return hosting.project(ops, p, "lm_head", x, weight=head)                      # (B, T, V)
 
 
-def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: LlamaConfig,
-         adapters: Mapping[str, Any] | None = None, lora_config: LoraConfig | None = None,
-         dropout: Mapping[str, Any] | None = None, ops: Ops = REFERENCE) -> Any:
+def loss(params: Mapping[str, Any], tokens: Any, targets: Any, config: LlamaConfig, adapters: Any = None,
+         lora_config: LoraConfig | None = None, dropout: Mapping[str, Any] | None = None, ops: Ops = REFERENCE, *,
+         adapter_names: Sequence[str] | None = None) -> Any:
     """Mean next-token cross-entropy: a 0-d array, ``-(1/n) sum_t log p(targets_t | tokens_<=t)``.
 
     ``tokens`` (B, T) are the inputs and ``targets`` (B, T) the token expected at each position
     (for a sequence ``s`` of length T+1: ``tokens = s[:, :-1]``, ``targets = s[:, 1:]``); a target
     of -100 (``layers.IGNORE_INDEX``) leaves its position out. The other arguments are :func:`forward`'s.
     """
-    return ops.cross_entropy(forward(params, tokens, config, adapters, lora_config, dropout, ops), targets)
+    logits = forward(params, tokens, config, adapters, lora_config, dropout, ops, adapter_names=adapter_names)
+    return ops.cross_entropy(logits, targets)
 
 
 FAMILY = hosting.Family(
     name="llama", config_type=LlamaConfig, block="model.layers.{i}", projections=PROJECTIONS,
     n_blocks=lambda config: config.num_hidden_layers, param_shapes=param_shapes, init_params=init_params,
     forward=forward, loss=loss, tied={"lm_head.weight": "model.embed_tokens.weight"},
+    embeddings={"model.embed_tokens": lambda c: (c.vocab_size, c.hidden_size)}, padding_idx=padding_idx,
     matrix_types={"q": ("self_attn.q_proj", None), "k": ("self_attn.k_proj", None), "v": ("self_attn.v_proj", None),
                   "o": ("self_attn.o_proj", None), "gate": ("mlp.gate_proj", None), "up": ("mlp.up_proj", None),
                   "down": ("mlp.down_proj", None)})

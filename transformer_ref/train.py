@@ -3,7 +3,7 @@
 Full fine-tuning (``mode="full"``) is the paper's Eq. 1: every parameter Phi is trained,
     max_Phi  sum_{(x, y) in Z} sum_t log P_Phi(y_t | x, y_<t).
 LoRA (``mode="lora"``) is Eq. 2: the pretrained Phi_0 (``params``) stays frozen and only the
-adapters Theta (every A and B) are trained, Phi = Phi_0 + dPhi(Theta),
+adapters Theta (every A and B, and DoRA's magnitudes m) are trained, Phi = Phi_0 + dPhi(Theta),
     max_Theta  sum_{(x, y) in Z} sum_t log p_{Phi_0 + dPhi(Theta)}(y_t | x, y_<t).
 Both maximise a log-likelihood by minimising its negative mean, the model's ``loss``. In LoRA
 mode the gradient is taken with respect to the adapters alone; ``params`` are closed over, so
@@ -28,13 +28,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lora_ref.adapters import AdapterSet
 from lora_ref.backend import asarray, namespace
 from lora_ref.checks import non_negative_int, positive_int, positive_real
 from lora_ref.lora import LoraConfig, dropout_mask
+from lora_ref.quant import QuantState, quantize_params
 
 from . import machine
 from .fast import FAST, auto_threads, sharded_value_and_grad
-from .hosting import add_adapters, check_ops, check_params, family_of
+from .adapting import add_adapters
+from .hosting import check_ops, check_params, family_of
 from .layers import Ops
 
 __all__ = ["AdamState", "TrainResult", "adam_init", "adam_update", "train"]
@@ -126,10 +129,17 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
     config : GPTConfig (or another registered family's config)
     task : object with ``batch(batch_size, rng) -> (inputs, targets)``
         Integer NumPy arrays (B, T); targets of -100 are not scored (see ``transformer_ref.data``).
-    mode : "lora" or "full"
+    mode : "lora", "qlora" or "full"
+        QLoRA is LoRA on the base with every projection weight quantised first (QLoRA's recipe,
+        ``lora_ref.quant.quantize_params``: NF4, blocks of 64, double quantisation, computed in
+        the params' dtype; weights already QuantStates, e.g. computing in bfloat16, are kept);
+        ``TrainResult.params`` is that 4-bit base. LoRA also trains on a base holding QuantStates.
         LoRA needs ``lora_config``; its adapters are ``adapters`` if given, else fresh ones from
-        :func:`~transformer_ref.add_adapters`. With ``lora_config.dropout > 0`` each step draws
-        inverted-dropout masks for the adapter inputs. Full fine-tuning takes no adapters.
+        :func:`~transformer_ref.add_adapters`; every array of theirs is trained (A and B; with
+        ``use_dora`` also m). With ``lora_config.dropout > 0`` each step draws inverted-dropout
+        masks for the projections' adapter inputs (embedding adapters take none, as in PEFT).
+        One adapter dict is trained at a time: a ``lora_ref.AdapterSet`` is for inference and
+        refused here. Full fine-tuning takes no adapters.
     steps, batch_size, lr, betas, eps, weight_decay :
         The loop's length and Adam's settings.
     seed : int
@@ -154,8 +164,8 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
 
     Returns a :class:`TrainResult` (``losses[k]`` is the loss at step k, before its update).
     """
-    if mode not in ("lora", "full"):
-        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    if mode not in ("lora", "full", "qlora"):
+        raise ValueError(f"mode must be 'lora', 'qlora' or 'full', got {mode!r}")
     if not hasattr(task, "batch"):
         raise TypeError(f"task must have a batch(batch_size, rng) method, got {type(task).__name__}")
     steps, seed = non_negative_int(steps, "steps"), non_negative_int(seed, "seed")
@@ -168,9 +178,16 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
     dtype = check_params(params, family, config)
     rng = np.random.default_rng(seed)
     params = dict(params)
+    if mode == "qlora":    # QLoRA: the projections quantised (NF4, blocks of 64, double quantisation), then LoRA
+        params, mode = quantize_params(params, [n + ".weight" for n in family.projection_names(config)]), "lora"
+    if mode == "full" and any(isinstance(v, QuantState) for v in params.values()):
+        raise ValueError("mode='full' cannot train 4-bit (QuantState) weights; train adapters on them (mode='lora')")
     if mode == "lora":
         if not isinstance(lora_config, LoraConfig):
             raise TypeError(f"mode='lora' needs lora_config, a lora_ref.LoraConfig; got {type(lora_config).__name__}")
+        if isinstance(adapters, AdapterSet):
+            raise TypeError("train takes one adapter dict with its lora_config; an AdapterSet is for inference "
+                            "(train each adapter on its own, then build the set)")
         trainable = add_adapters(params, config, lora_config, rng) if adapters is None else \
             {k: dict(v) for k, v in adapters.items()}
     else:
@@ -195,7 +212,7 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
         masks = None
         if mode == "lora" and lora_config.dropout > 0.0:
             masks = {name: dropout_mask(inputs.shape + (params[name + ".weight"].shape[1],), lora_config.dropout,
-                                        rng, dtype) for name in trainable}
+                                        rng, dtype) for name in trainable if not family.is_embedding(name)}
         if step_fn is None:                               # the first batch's shape decides the slicing
             step_fn = sharded_value_and_grad(objective, auto_threads(config, inputs.shape) if threads is None
                                              else threads)

@@ -54,7 +54,7 @@ def test_config_json_round_trip(recwarn):
 @pytest.mark.parametrize("bad, error, message", [
     ({"n_embd": 10, "n_head": 3}, ValueError, "n_embd must be divisible by n_head, got n_embd=10, n_head=3"),
     ({"activation_function": "relu"}, ValueError, "activation_function must be 'gelu_new'"),
-    ({"tie_word_embeddings": False}, ValueError, "tie_word_embeddings must be True"),
+    ({"tie_word_embeddings": "no"}, TypeError, "tie_word_embeddings must be a bool"),
     ({"add_cross_attention": True}, ValueError, "add_cross_attention must be False"),
     ({"n_layer": 0}, ValueError, "n_layer must be a positive int, got 0"),
     ({"n_head": 2.0}, TypeError, "n_head must be a positive int, got 2.0"),

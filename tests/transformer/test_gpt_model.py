@@ -337,6 +337,9 @@ def test_bad_adapters():
     with pytest.raises(TypeError, match=r"is float32 but params are float64"):
         forward(params, tokens, TINY, {k: {n: v.astype(np.float32) for n, v in a.items()} for k, a in adapters.items()}, lc)
     with pytest.raises(ValueError, match="not a projection"):
+        merge_adapters(params, {"transformer.ln_f": adapters[f"{H}.0.attn.c_attn"]}, lc)
+    with pytest.raises(ValueError, match=r"'transformer.wte'\] has A \(4, 8\).*table \(V, D\) is \(11, 8\).*so A must be "
+                                         r"\(2, 11\) and B \(8, 2\)"):
         merge_adapters(params, {"transformer.wte": adapters[f"{H}.0.attn.c_attn"]}, lc)
     with pytest.raises(ValueError, match=r"dropout has a mask for 'transformer\.h\.0\.mlp\.c_fc', which has no adapter"):
         forward(params, tokens, TINY, adapters, lc, {f"{H}.0.mlp.c_fc": np.ones((2, 6, 8))})
