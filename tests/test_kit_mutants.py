@@ -18,8 +18,10 @@ def test_each_mutant_fails_exactly_its_properties(name):
     for res in report.failed:
         if res.exact:
             assert res.mismatches > 0, str(res)
-        else:
+        elif res.dtype in ("float64", "float32"):
             assert res.error > 100 * res.bound, str(res)          # by far, or a crash (inf)
+        else:                                                     # float16/bfloat16: the bound is coarse
+            assert res.error > 2 * res.bound, str(res)
 
 
 @pytest.mark.parametrize("variant", list(CORRECT))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import wrong as w
+from . import wrong_many as wm
 
 __all__ = ["CORRECT", "MUTANTS", "Mutant", "run_correct", "run_mutant"]
 
@@ -57,6 +58,7 @@ def run_correct(variant: str, **options: Any) -> Any:
     return _checks()[variant](**CORRECT[variant](), **options)
 
 
+SERVING_ALL = ("serve", "serve_no_adapter", "serve_segments", "serve_slices", "serve_rslora", "serve_empty_slot")
 _DORA_FORWARD = {"forward", "forward_rslora", "forward_square", "fan_in_fan_out", "dropout"}
 
 CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
@@ -65,6 +67,11 @@ CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
                             "grad": w.dora_grad()},
     "lora_embedding": lambda: {"impl": w.embedding_layer(), "merge": w.embedding_merge(), "grad": w.embedding_grad()},
     "lora_conv": lambda: {"impl": w.conv_layer(), "merge": w.conv_merge(), "grad": w.conv_grad()},
+    "adapter_set": lambda: {"impl": wm.adapter_set(), "merge": wm.adapter_set_merge()},
+    "mixed_batch": lambda: {"impl": wm.mixed_batch()},
+    "lora_shrink": lambda: {"impl": wm.shrink_kernel()},
+    "lora_expand": lambda: {"impl": wm.expand_kernel()},
+    "serving": lambda: {"impl": wm.serving_engine()},
 }
 """Per variant, the right implementations (the mutants' code without a bug)."""
 
@@ -110,6 +117,34 @@ _LIST = [
            "the A convolution without the base's dilation (PEFT 0.21.2's layer)",
            lambda: {"impl": w.conv_layer("dilation_ignored"), "grad": w.conv_grad("dilation_ignored")},
            frozenset({"dilation", "grad_x", "grad_A", "grad_B"})),
+    # ---- many adapters and serving (issue 15) ------------------------------------------------
+    Mutant("adapters.inactive_applied", "adapter_set", "every loaded adapter summed, whatever is active",
+           lambda: {"impl": wm.adapter_set("inactive_applied")}, frozenset({"one_active", "two_active", "disabled"})),
+    Mutant("mixed.base_is_last", "mixed_batch", "'__base__' read as index -1, i.e. the last adapter",
+           lambda: {"impl": wm.mixed_batch("base_is_last")}, frozenset({"mixed", "all_base"})),
+    Mutant("serving.minus_one_is_last", "serving",
+           "index -1 read as the last slot (vLLM's CPU fallback: lora_weights[indices])",
+           lambda: {"impl": wm.serving_engine("minus_one_is_last")},
+           frozenset({"serve_no_adapter", "serve_segments"})),
+    Mutant("serving.scale_twice", "serving", "the scale folded into B at load AND applied in the shrink",
+           lambda: {"impl": wm.serving_engine("scale_twice")}, frozenset(SERVING_ALL)),
+    Mutant("serving.padding_not_zero", "serving",
+           "the rank padding of a slot keeps values of a previous, larger adapter",
+           lambda: {"impl": wm.serving_engine("padding_not_zero")}, frozenset(SERVING_ALL)),
+    Mutant("serving.segment_off_by_one", "serving", "SGMV segments read one token late",
+           lambda: {"impl": wm.serving_engine("segment_off_by_one")}, frozenset({"serve_segments"})),
+    Mutant("serving.rslora_ignored", "serving", "the adapter's scale alpha / r although it is rsLoRA (SGLang #40835)",
+           lambda: {"impl": wm.serving_engine("rslora_ignored")}, frozenset({"serve_rslora"})),
+    Mutant("shrink.minus_one_is_last", "lora_shrink", "index -1 read as the last slot in the shrink kernel",
+           lambda: {"impl": wm.shrink_kernel("minus_one_is_last")},
+           frozenset({"shrink_no_adapter", "shrink_segments"})),
+    Mutant("shrink.segment_off_by_one", "lora_shrink", "SGMV segments read one token late in the shrink",
+           lambda: {"impl": wm.shrink_kernel("segment_off_by_one")}, frozenset({"shrink_segments"})),
+    Mutant("expand.minus_one_is_last", "lora_expand", "index -1 read as the last slot in the expand kernel",
+           lambda: {"impl": wm.expand_kernel("minus_one_is_last")},
+           frozenset({"expand_no_adapter", "expand_segments"})),
+    Mutant("expand.segment_off_by_one", "lora_expand", "SGMV segments read one token late in the expand",
+           lambda: {"impl": wm.expand_kernel("segment_off_by_one")}, frozenset({"expand_segments"})),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}

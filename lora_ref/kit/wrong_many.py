@@ -1,0 +1,142 @@
+"""Plain NumPy implementations of the many-adapter contracts (adapter sets, mixed batches, the
+serving kernels and a serving engine), with optional deliberate bugs: material of
+:mod:`lora_ref.kit.mutants`. Written per token and per adapter, independently of lora-ref's code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["adapter_set", "adapter_set_merge", "expand_kernel", "mixed_batch", "serving_engine", "shrink_kernel"]
+
+
+def _s(a: dict, bug: str | None = None) -> float:
+    if bug == "rslora_ignored":
+        return a["alpha"] / a["r"]
+    return a["alpha"] / (math.sqrt(a["r"]) if a["use_rslora"] else a["r"])
+
+
+# ============================================================================================
+# Adapter sets and mixed batches
+# ============================================================================================
+
+
+def adapter_set(bug: str | None = None):
+    def impl(x, W, adapters, active, *, bias):
+        y = x @ W.T + (0.0 if bias is None else bias)
+        for name in (adapters if bug == "inactive_applied" else active):    # the bug: every loaded adapter
+            a = adapters[name]
+            y = y + _s(a) * ((x @ a["A"].T) @ a["B"].T)
+        return y
+    return impl
+
+
+def adapter_set_merge(bug: str | None = None):
+    def merge(W, adapters, names, *, fan_in_fan_out):
+        for name in names:
+            a = adapters[name]
+            D = _s(a) * (a["B"] @ a["A"])
+            W = W + (D.T if fan_in_fan_out else D)
+        return W
+    return merge
+
+
+def mixed_batch(bug: str | None = None):
+    def impl(x, W, adapters, names, *, bias):
+        order = list(adapters)
+        y = x @ W.T + (0.0 if bias is None else bias)
+        out = []
+        for n, name in enumerate(names):
+            if name == "__base__":
+                if bug != "base_is_last":
+                    out.append(y[n])
+                    continue
+                name = order[-1]                                           # index -1 read as the last one
+            a = adapters[name]
+            out.append(y[n] + _s(a) * ((x[n] @ a["A"].T) @ a["B"].T))
+        return np.stack(out)
+    return impl
+
+
+# ============================================================================================
+# Serving: the two kernels (float32 accumulation for 16-bit storage) and an engine that loads
+# ============================================================================================
+
+
+def _acc(dtype) -> type:
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _tokens(indices, T: int, bug: str | None) -> np.ndarray:
+    if not hasattr(indices, "starts"):
+        return np.asarray(indices)
+    out = np.repeat(np.asarray(indices.indices), np.asarray(indices.lengths))   # (T,)
+    if bug == "segment_off_by_one":                                       # every sequence starts a token late
+        out = np.concatenate([out[:1], out[:-1]])
+    return out
+
+
+def _slot(i: int, n: int, bug: str | None) -> int | None:
+    if i < 0:
+        return n - 1 if bug == "minus_one_is_last" else None               # torch's lora_weights[-1]
+    return i
+
+
+def shrink_kernel(bug: str | None = None):
+    def shrink(x, A_stack, indices, scale):
+        acc = _acc(x.dtype)
+        T, R = x.shape[0], A_stack[0].shape[1]
+        idx = _tokens(indices, T, bug)
+        h = np.zeros((len(A_stack), T, R), dtype=acc)
+        for s, A in enumerate(A_stack):
+            for t in range(T):
+                i = _slot(int(idx[t]), A.shape[0], bug)
+                if i is not None:
+                    h[s, t] = (A[i].astype(acc) @ x[t].astype(acc)) * acc(scale)
+        return h
+    return shrink
+
+
+def expand_kernel(bug: str | None = None):
+    def expand(y, h, B_stack, indices, slices):
+        S, acc = y.dtype, h.dtype
+        out = y.copy()
+        idx = _tokens(indices, y.shape[0], bug)
+        for s, ((off, w), B) in enumerate(zip(slices, B_stack)):
+            for t in range(y.shape[0]):
+                i = _slot(int(idx[t]), B.shape[0], bug)
+                if i is not None:
+                    c = (B[i].astype(acc) @ h[s, t].astype(S).astype(acc)).astype(S)
+                    out[t, off:off + w] = (out[t, off:off + w].astype(acc) + c.astype(acc)).astype(S)
+        return out
+    return expand
+
+
+def serving_engine(bug: str | None = None):
+    """Loads each slice's adapters into zero-padded stacks with the scale folded into B (vLLM's
+    ``lora_b *= scaling``), then runs the two kernels with scale 1."""
+    def serve(y, x, adapters, indices, slices):
+        S = y.dtype
+        R = max(a["r"] for slots in adapters for a in slots if a is not None)
+        A_stack, B_stack = [], []
+        for slots, (_, w) in zip(adapters, slices):
+            A = np.zeros((len(slots), R, x.shape[1]), dtype=S)
+            B = np.zeros((len(slots), w, R), dtype=S)
+            for i, a in enumerate(slots):
+                if a is None:
+                    continue
+                r = a["r"]
+                A[i, :r] = a["A"]
+                B[i, :, :r] = (a["B"].astype(np.float64) * _s(a, bug)).astype(S)   # folded at load
+                if bug == "padding_not_zero" and r < R:                   # left over from a larger adapter
+                    A[i, r:] = 0.5
+                    B[i, :, r:] = 0.5
+            A_stack.append(A)
+            B_stack.append(B)
+        scale = 1.0
+        if bug == "scale_twice":                                         # and again in the shrink
+            scale = _s(next(a for slots in adapters for a in slots if a is not None))
+        h = shrink_kernel(bug)(x, A_stack, indices, scale)
+        return expand_kernel(bug)(y, h, B_stack, indices, slices)
+    return serve
