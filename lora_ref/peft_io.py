@@ -342,7 +342,8 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
             raise NotImplementedError(f"{folder}: only adapter_model.bin (a PyTorch pickle) is present; lora-ref reads "
                                       f"{WEIGHTS_NAME} only (convert it with PEFT: save_pretrained(safe_serialization=True))")
         raise AdapterFormatError(f"{folder}: {WEIGHTS_NAME} is missing")
-    lora_config = config_from_peft_dict(read_json(config_file, error=AdapterFormatError), source=str(config_file))
+    raw = read_json(config_file, error=AdapterFormatError)
+    lora_config = config_from_peft_dict(raw, source=str(config_file))
     stored = read_tensors(weights_file, error=AdapterFormatError)
 
     arrays: dict[str, dict[str, np.ndarray]] = {}
@@ -365,6 +366,12 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
     if not arrays:
         raise AdapterFormatError(f"{weights_file}: holds no LoRA weights")
     embeddings = sorted(m for m, kind in kinds.items() if kind == "embedding")
+    untargeted = [m for m in arrays if not lora_config.targets(m)]
+    if untargeted and raw.get("ensure_weight_tying") is True:
+        raise NotImplementedError(
+            f"{weights_file}: ensure_weight_tying=True: PEFT saved an adapter on the tied module(s) {untargeted} "
+            f"but rewrote target_modules to {lora_config.target_modules!r}, so its own reload drops them on some models "
+            "and keeps them on others (docs/embedding.md); lora-ref refuses rather than guess which model the file means")
     for module, found in arrays.items():
         _check_variant(lora_config, module, found, module in embeddings, weights_file)
     codes = {code for code, _ in stored.values()}

@@ -647,6 +647,24 @@ def test_dora_on_an_embedding_or_a_convolution_is_refused_by_name(tmp_path):
         load_peft_adapter(tmp_path / "conv")
 
 
+def test_a_tied_head_adapter_saved_by_ensure_weight_tying_is_refused(tmp_path):
+    # PEFT with ensure_weight_tying=True and target "lm_head" on GPT-2 saves wte's embedding adapter
+    # and lm_head's linear one, with target_modules rewritten to ["transformer.wte"] (measured in
+    # tests/interop/test_peft_files_variants.py).
+    params = tiny_params()
+    cfg = LoraConfig(r=2, alpha=4.0, target_modules=["transformer.wte"], embedding_modules=["transformer.wte"])
+    save_peft_adapter(tmp_path / "ad", cfg, {"transformer.wte": {"A": np.ones((2, 16)), "B": np.ones((8, 2))}})
+    rewrite_weights(tmp_path / "ad", lambda t: {**t, f"{KEY_PREFIX}lm_head.lora_A.weight": np.ones((2, 8)),
+                                                f"{KEY_PREFIX}lm_head.lora_B.weight": np.ones((16, 2))})
+    with pytest.raises(AdapterFormatError, match="'lm_head'.*does not target this module"):
+        load_peft_adapter(tmp_path / "ad")
+    raw = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps({**raw, "ensure_weight_tying": True}))
+    with pytest.raises(NotImplementedError, match=r"ensure_weight_tying=True: PEFT saved an adapter on the tied "
+                                                  r"module\(s\) \['lm_head'\]"):
+        load_peft_adapter(tmp_path / "ad", params)
+
+
 CONV_CFG = LoraConfig(r=4, alpha=8.0, target_modules=["c1", "c2", "c3"], init="random", rank_pattern={"c3": 2})
 # PEFT's shapes for Conv1d(4, 6, 3, groups=2), Conv2d(4, 6, (3, 2), groups=2), Conv3d(2, 3, 2), r = 4 (c3: 2).
 CONV_BASE = {"c1.weight": (6, 2, 3), "c2.weight": (6, 2, 3, 2), "c3.weight": (3, 2, 2, 2, 2)}
