@@ -266,7 +266,7 @@ def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarra
     """Compare ``actual`` with ``expected`` entry by entry: pass when ``|a - e| <= rtol * magnitude``.
 
     ``actual`` must have ``expected``'s shape and the dtype ``want_dtype`` (default ``dtype``, the
-    dtype the inputs had); it may be anything :func:`numpy.asarray` accepts. ``expected`` and
+    dtype the inputs had; ``"any"``: any floating dtype); it may be anything :func:`numpy.asarray` accepts. ``expected`` and
     ``magnitude`` are float64. An entry of zero magnitude passes only if equal. Never raises for
     a bad ``actual``: the result says what is wrong with it.
     """
@@ -295,7 +295,7 @@ def compare_to_reference(name: str, dtype: Any, actual: Any, expected: np.ndarra
         idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         where, got, exp, diff = tuple(int(i) for i in idx), float(a64[idx]), float(expected[idx]), float(err[idx])
     problems = []
-    if a.dtype.name != want:
+    if want != "any" and a.dtype.name != want:
         problems.append(f"output has dtype {a.dtype.name} for {dtype} inputs" if want == dtype
                         else f"output has dtype {a.dtype.name}, expected {want} for {dtype} inputs")
     if not worst <= rtol:
@@ -348,7 +348,8 @@ def compare_exact(name: str, dtype: Any, actual: Any, expected: np.ndarray) -> P
 @dataclass(frozen=True, eq=False)
 class Output:
     """One output expected of a call. ``pick``: None (the return value itself), an int (its
-    position in a returned tuple) or a str (a key of a returned mapping, or an attribute).
+    position in a returned tuple), a str (a key of a returned mapping, or an attribute), or a
+    callable ``pick(returned) -> (value, problem)`` (problem "" when the value could be formed).
     ``magnitude`` None means the exact rule; otherwise ``expected`` and ``magnitude`` are float64
     and ``rtol`` the bound (``roundings`` the n it came from). ``dtype``: what the value must be."""
 
@@ -358,7 +359,7 @@ class Output:
     magnitude: np.ndarray | None = None
     rtol: float = 0.0
     roundings: int = 0
-    pick: int | str | None = None
+    pick: int | str | Callable[[Any], tuple[Any, str]] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -394,6 +395,11 @@ def _same(a: Any, b: Any) -> bool:
 def _pick(got: Any, out: Output, call: Call) -> tuple[Any, str]:
     if out.pick is None:
         return got, ""
+    if callable(out.pick):
+        try:
+            return out.pick(got)
+        except Exception as exc:  # noqa: BLE001 - a return value the kit cannot read is a failure
+            return None, f"{call.callable} returned {type(got).__name__}, which could not be read: {exc}"
     if isinstance(out.pick, int):
         if not isinstance(got, (tuple, list)) or len(got) != len(call.returns):
             return None, (f"{call.callable} must return a tuple ({', '.join(call.returns)}), "

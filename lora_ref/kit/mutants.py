@@ -59,6 +59,8 @@ def run_correct(variant: str, **options: Any) -> Any:
 
 
 SERVING_ALL = ("serve", "serve_no_adapter", "serve_segments", "serve_slices", "serve_rslora", "serve_empty_slot")
+COMBINE_FACTOR = ("linear", "linear_rslora_first", "ties", "ties_frequency", "dare_linear", "dare_ties",
+                  "magnitude_prune")
 _DORA_FORWARD = {"forward", "forward_rslora", "forward_square", "fan_in_fan_out", "dropout"}
 
 CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
@@ -72,6 +74,7 @@ CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
     "lora_shrink": lambda: {"impl": wm.shrink_kernel()},
     "lora_expand": lambda: {"impl": wm.expand_kernel()},
     "serving": lambda: {"impl": wm.serving_engine()},
+    "combine_adapters": lambda: {"impl": wm.combine()},
 }
 """Per variant, the right implementations (the mutants' code without a bug)."""
 
@@ -145,6 +148,13 @@ _LIST = [
            frozenset({"expand_no_adapter", "expand_segments"})),
     Mutant("expand.segment_off_by_one", "lora_expand", "SGMV segments read one token late in the expand",
            lambda: {"impl": wm.expand_kernel("segment_off_by_one")}, frozenset({"expand_segments"})),
+    # ---- combinations (issue 15) ------------------------------------------------------------
+    Mutant("combine.weights_without_square_root", "combine_adapters",
+           "the weights w_i s_i applied to A and B both, without the square root: (w s)^2 B A",
+           lambda: {"impl": wm.combine("no_square_root")}, frozenset(COMBINE_FACTOR)),
+    Mutant("combine.peft_rslora_scale", "combine_adapters",
+           "the combined adapter keeps the first adapter's use_rslora: scale sqrt(rank), not 1 (PEFT 0.21.2)",
+           lambda: {"impl": wm.combine("peft_rslora_scale")}, frozenset({"linear_rslora_first"})),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}

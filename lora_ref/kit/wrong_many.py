@@ -140,3 +140,61 @@ def serving_engine(bug: str | None = None):
         h = shrink_kernel(bug)(x, A_stack, indices, scale)
         return expand_kernel(bug)(y, h, B_stack, indices, slices)
     return serve
+
+
+# ============================================================================================
+# Combinations: PEFT's add_weighted_adapter written out (and lora-ref's exact)
+# ============================================================================================
+
+
+def _prune_top(t, density):
+    k = int(density * t.size)
+    keep = np.zeros(t.size, dtype=bool)
+    keep[np.argsort(-np.abs(t).reshape(-1), kind="stable")[:k]] = True
+    return t * keep.reshape(t.shape).astype(t.dtype)
+
+
+def _operator(base, ts, vs, density, majority, masks):
+    if base in ("dare_linear", "dare_ties"):
+        ts = [(t * m) / t.dtype.type(density) for t, m in zip(ts, masks)]
+    elif base in ("ties", "magnitude_prune"):
+        ts = [_prune_top(t, density) for t in ts]
+    if base not in ("ties", "dare_ties"):
+        return sum(t * t.dtype.type(v) for t, v in zip(ts, vs))
+    votes = sum(ts) if majority == "total" else sum(np.sign(t) for t in ts)
+    elected = np.where(votes >= 0, 1.0, -1.0)
+    agree = [(np.sign(t) == elected).astype(ts[0].dtype) for t in ts]
+    total = sum(a * t * t.dtype.type(v) for a, t, v in zip(agree, ts, vs))
+    return total / np.maximum(sum(agree), 1.0).astype(ts[0].dtype)
+
+
+def combine(bug: str | None = None):
+    def impl(adapters, weights, method, *, density, majority_sign, masks, rank):
+        items = list(adapters.items())
+        scales = [_s(a) for _, a in items]
+        dt = items[0][1]["A"].dtype
+        if method in ("exact", "cat"):
+            A = np.concatenate([(a["A"] * w) * s for (_, a), w, s in zip(items, weights, scales)])
+            return A, np.concatenate([a["B"] for _, a in items], axis=1), 1.0
+        svd = method.endswith("svd")
+        base = {"svd": "linear"}.get(method, method[:-4] if svd else method)
+        if svd:
+            deltas = [(a["B"] @ a["A"]) * dt.type(s) for (_, a), s in zip(items, scales)]
+            ms = None if masks is None else [masks[n] for n, _ in items]
+            T = _operator(base, deltas, weights, density, majority_sign, ms)
+            U, S, Vh = np.linalg.svd(T, full_matrices=True)
+            return Vh[:rank], U[:, :rank] * S[:rank], 1.0
+        if bug == "no_square_root":                                       # w s on both factors
+            a = b = [w * s for w, s in zip(weights, scales)]
+        else:
+            b = [math.sqrt(abs(w * s)) for w, s in zip(weights, scales)]
+            a = [math.copysign(v, w * s) for v, w, s in zip(b, weights, scales)]
+        mA = None if masks is None else [masks[n][0] for n, _ in items]
+        mB = None if masks is None else [masks[n][1] for n, _ in items]
+        A = _operator(base, [x["A"] for _, x in items], a, density, majority_sign, mA)
+        B = _operator(base, [x["B"] for _, x in items], b, density, majority_sign, mB)
+        r = A.shape[0]
+        first_rslora = items[0][1]["use_rslora"]
+        scale = r / math.sqrt(r) if bug == "peft_rslora_scale" and first_rslora else 1.0
+        return A, B, scale
+    return impl
