@@ -116,10 +116,10 @@ def test_unimplemented_feature_is_invalid(base, tmp_path, capsys):
     base_path, params = base
     write_adapter(tmp_path / "ad", params, LoraConfig(r=2, alpha=2.0, target_modules=["c_attn"], init="random"))
     raw = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
-    raw["use_dora"] = True
+    raw["lora_bias"] = True
     (tmp_path / "ad" / CONFIG_NAME).write_text(json.dumps(raw))
     code, _, err = run_check(capsys, tmp_path / "ad", base_path)
-    assert code == 1 and "use_dora=True is not implemented" in err
+    assert code == 1 and "lora_bias=True is not implemented" in err
 
 
 def test_non_finite_values_are_invalid(base, tmp_path, capsys):
@@ -259,3 +259,90 @@ def test_a_gpt2_adapter_against_a_llama_base_is_invalid(base, llama_base, tmp_pa
                                                       init="random"))
     code, _, err = run_check(capsys, tmp_path / "ad", llama_base[0])
     assert code == 1 and "INVALID" in err and "transformer.h.0.attn.c_attn" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: DoRA, embedding adapters, several adapters in one directory
+# --------------------------------------------------------------------------------------------
+
+
+def dora_setup(params, tmp_path):
+    """A DoRA adapter on c_attn: layer 0's m as if trained (x 1.5 on half the rows), layer 1's at init."""
+    lcfg = LoraConfig(r=2, alpha=4.0, target_modules=["c_attn"], fan_in_fan_out=True, init="random", use_dora=True)
+    from lora_ref.dora import dora_magnitude
+
+    adapters = tr.add_adapters(params, CONFIG, lcfg, rng=5)
+    for module, p in adapters.items():                    # B small (as after training), m its initial value
+        p["B"] = p["B"] * 2.0**-10
+        p["m"] = dora_magnitude(params[module + ".weight"], p["A"], p["B"], lcfg.scale_for(module))
+    m0 = adapters["transformer.h.0.attn.c_attn"]["m"]
+    adapters["transformer.h.0.attn.c_attn"]["m"] = m0 * np.where(np.arange(m0.shape[0]) % 2 == 0, 1.5, 1.0)
+    save_peft_adapter(tmp_path / "dora", lcfg, adapters)
+    return lcfg, adapters
+
+
+def test_dora_adapter_reports_the_merged_change_and_the_magnitudes(base, tmp_path, capsys):
+    base_path, params = base
+    lcfg, adapters = dora_setup(params, tmp_path)
+    code, out, err = run_check(capsys, tmp_path / "dora", base_path)
+    assert code == 0, err
+    assert "use_dora=True" in out and "|W'-W|/|W|" in out
+    lines = out.splitlines()
+    table = {m: next(l.split() for l in lines if l.startswith(m + " ")) for m in adapters}   # the first table
+    fmt = lambda v: f"{np.min(v):.4g} / {np.median(v):.4g} / {np.max(v):.4g}"  # noqa: E731
+    for module, p in adapters.items():
+        W, s = params[module + ".weight"], 2.0
+        V = W + s * p["B"] @ p["A"]                                              # (d_out, d_in)
+        merged = p["m"][:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)  # Eq. 5, written here
+        line = table[module]
+        assert line[7] == f"{np.linalg.norm(merged - W) / np.linalg.norm(W):.3e}" and line[8] == "DoRA"
+        magnitude_line = [l for l in out.splitlines() if l.startswith(module) and "/" in l][0]
+        assert fmt(p["m"] / np.linalg.norm(W, axis=1)) in magnitude_line
+        assert fmt(p["m"] / np.linalg.norm(V, axis=1)) in magnitude_line
+    assert "transformer.h.1.attn.c_attn: m equals ||W + s B A||_row within rounding" in out
+    assert "transformer.h.0.attn.c_attn: m equals" not in out
+
+
+def test_an_embedding_adapter_is_checked_against_its_table(base, tmp_path, capsys):
+    base_path, params = base
+    lcfg = LoraConfig(r=3, alpha=3.0, target_modules=["wte", "c_fc"], fan_in_fan_out=True, init="random",
+                      embedding_modules=["transformer.wte"])
+    adapters = tr.add_adapters(params, CONFIG, lcfg, rng=6)
+    assert adapters["transformer.wte"]["A"].shape == (3, 16)                     # (r, V)
+    save_peft_adapter(tmp_path / "emb", lcfg, adapters)
+    code, out, err = run_check(capsys, tmp_path / "emb", base_path)
+    assert code == 0, err
+    line = [l.split() for l in out.splitlines() if l.startswith("transformer.wte ")][0]
+    E, p = params["transformer.wte.weight"], adapters["transformer.wte"]
+    change = np.linalg.norm(1.0 * (p["B"] @ p["A"]).T) / np.linalg.norm(E)       # s (B A)^T against E (V, D)
+    assert line[1:4] == ["16", "x", "8"] and line[7] == f"{change:.3e}" and line[8] == "embedding"
+    assert "embedding_modules=['transformer.wte']" in out
+    assert "transformer.wte: an embedding adapter on a table tied to the output head" in out
+    # The same factors declared as a linear adapter do not fit the table, and the message says what to do.
+    raw = safetensors.numpy.load_file(str(tmp_path / "emb" / WEIGHTS_NAME))
+    raw = {k.replace("lora_embedding_A", "lora_A.weight").replace("lora_embedding_B", "lora_B.weight"): v
+           for k, v in raw.items()}
+    safetensors.numpy.save_file(raw, str(tmp_path / "emb" / WEIGHTS_NAME))
+    code, out, err = run_check(capsys, tmp_path / "emb", base_path)
+    assert code == 1 and "list it in LoraConfig.embedding_modules" in err
+
+
+def test_several_adapters_get_one_report_each(base, tmp_path, capsys):
+    base_path, params = base
+    from lora_ref.peft_io import save_peft_adapters
+
+    plain = LoraConfig(r=2, alpha=6.0, target_modules=["c_attn"], fan_in_fan_out=True, init="random")
+    dora_cfg, dora = dora_setup(params, tmp_path)
+    wide = tr.GPTConfig(vocab_size=16, n_positions=8, n_embd=12, n_layer=2, n_head=2)
+    save_peft_adapters(tmp_path / "set", {"default": (plain, write_adapter(tmp_path / "x", params, plain)),
+                                          "dora": (dora_cfg, dora)})
+    code, out, err = run_check(capsys, tmp_path / "set", base_path)
+    assert code == 0, err
+    assert out.startswith(f"{tmp_path / 'set'}: 2 adapters (default, dora), one report each")
+    assert "=== adapter 'default'" in out and "=== adapter 'dora'" in out and out.count("OK: the adapter is valid") == 2
+    assert out.rstrip().endswith("OK: all 2 adapters are valid for this base model")
+    # One adapter that does not fit: its error, the others' reports, exit 1.
+    save_peft_adapter(tmp_path / "set" / "wide", plain, tr.add_adapters(tr.init_params(wide, seed=1), wide, plain, rng=1))
+    code, out, err = run_check(capsys, tmp_path / "set", base_path)
+    assert code == 1 and "=== adapter 'wide'" in out and out.count("OK: the adapter is valid") == 2
+    assert "INVALID: 1 of 3 adapters cannot be used with this base model: wide" in err
