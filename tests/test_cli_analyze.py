@@ -176,3 +176,91 @@ def test_unreadable_files_and_unwritable_plots_are_one_line(tmp_path, capsys, mo
     assert main(["analyze", str(tmp_path / "ad"), "--plot", str(tmp_path / "file" / "s.png")]) == 1
     assert one_error_line(capsys) == (f"lora-ref analyze: cannot write the plot {str(tmp_path / 'file' / 's.png')!r}: "
                                       "Not a directory\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: DoRA, embedding and convolution adapters; several adapters in one directory
+# --------------------------------------------------------------------------------------------
+
+
+def stats(v):
+    return {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v))}
+
+
+def test_dora_magnitudes_and_their_relation_to_the_base(tmp_path, capsys):
+    import transformer_ref as tr
+
+    config = tr.GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+    params = tr.init_params(config, seed=0, dtype="float64")
+    tr.save_hf_gpt2(tmp_path / "base", config, params)
+    cfg = LoraConfig(r=2, alpha=4.0, target_modules=["c_fc"], fan_in_fan_out=True, init="random", use_dora=True)
+    adapters = tr.add_adapters(params, config, cfg, rng=3)
+    adapters = {m: {**p, "m": p["m"] * np.linspace(0.5, 1.5, p["m"].shape[0])} for m, p in adapters.items()}
+    save_peft_adapter(tmp_path / "dora", cfg, adapters)
+    out = run_json(capsys, tmp_path / "dora")
+    for module, p in adapters.items():
+        row = out["modules"][module]
+        spec = spectrum(p["A"], p["B"], 2.0)                      # the direction's update s B A
+        assert row["kind"] == "dora" and row["singular_values"] == [float(v) for v in spec.singular_values[:4]]
+        assert row["magnitude"] == stats(p["m"]) and "m_over_row_norm" not in row
+    out = run_json(capsys, tmp_path / "dora", "--base", tmp_path / "base")
+    for module, p in adapters.items():
+        W = params[module + ".weight"]                            # (d_out, d_in)
+        row = out["modules"][module]
+        assert row["m_over_row_norm"] == stats(p["m"] / np.linalg.norm(W, axis=1))
+        assert row["m_over_adapted_row_norm"] == stats(p["m"] / np.linalg.norm(W + 2.0 * p["B"] @ p["A"], axis=1))
+    assert main(["analyze", str(tmp_path / "dora"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert "DoRA magnitudes m (min / median / max over the output rows):" in text and "m / ||W||_row" in text
+    assert main(["analyze", str(tmp_path / "dora")]) == 0
+    assert "--base MODEL_DIR relates them to the base's row norms" in capsys.readouterr().out
+
+
+def test_embedding_and_conv_adapters(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    cfg = LoraConfig(r=4, alpha=2.0, target_modules=["embed_tokens", "c1", "c2"], embedding_modules=["embed_tokens"])
+    adapters = {"model.embed_tokens": {"A": rng.standard_normal((4, 40)), "B": rng.standard_normal((12, 4))},
+                "c1": {"A": rng.standard_normal((4, 6, 3)), "B": rng.standard_normal((8, 2, 1))},      # groups 2
+                "c2": {"A": rng.standard_normal((4, 3, 2, 2)), "B": rng.standard_normal((5, 4, 1, 1))}}
+    save_peft_adapter(tmp_path / "ad", cfg, adapters)
+    out = run_json(capsys, tmp_path / "ad")
+    emb = out["modules"]["model.embed_tokens"]
+    assert emb["kind"] == "embedding" and emb["shape"] == [12, 40]          # s B A is (D, V)
+    # A convolution's delta on each input patch: out[o] = s sum_j B2[o, j] (A_j . patch) with
+    # B2[o, j] = B[o, j - g r/G] when j is in output o's group g = o // (C_out/G), else 0.
+    for module, groups in (("c1", 2), ("c2", 1)):
+        A, B = adapters[module]["A"], adapters[module]["B"]
+        r, C_out = A.shape[0], B.shape[0]
+        o, j = np.meshgrid(np.arange(C_out), np.arange(r), indexing="ij")
+        same_group = (o // (C_out // groups)) == (j // (r // groups))
+        B2 = np.where(same_group, B.reshape(C_out, -1)[o, j % (r // groups)], 0.0)              # (C_out, r)
+        spec = spectrum(A.reshape(r, -1), B2, 0.5)
+        row = out["modules"][module]
+        assert row["kind"] == "conv" and row["shape"] == [C_out, int(np.prod(A.shape[1:]))]
+        assert row["singular_values"] == [float(v) for v in spec.singular_values[:4]]
+    assert main(["analyze", str(tmp_path / "ad")]) == 0
+    text = capsys.readouterr().out
+    assert "c1: convolution adapter: s B A as the (C_out, C_in K) = 8 x 18 matrix applied to each input patch, " \
+           "B block-diagonal over 2 groups" in text
+    assert "model.embed_tokens: embedding adapter: s B A is (D, V) = 12 x 40" in text
+
+
+def test_several_adapters_get_one_report_each(tmp_path, capsys):
+    from lora_ref.peft_io import load_peft_adapters, save_peft_adapters
+
+    first, second = make_adapter(tmp_path / "a", seed=13), make_adapter(tmp_path / "b", seed=14, r=2)
+    save_peft_adapters(tmp_path / "set", {"default": first, "other": second})
+    out = run_json(capsys, tmp_path / "set")
+    assert list(out["adapters"]) == ["default", "other"] and "modules" not in out
+    assert out["adapters"]["other"]["path"] == str(tmp_path / "set" / "other")
+    for name, (cfg, adapters) in load_peft_adapters(tmp_path / "set").items():
+        for module, p in adapters.items():
+            spec = spectrum(p["A"], p["B"], cfg.scale_for(module))
+            assert out["adapters"][name]["modules"][module]["singular_values"] == [
+                float(v) for v in spec.singular_values[:4]]
+    assert main(["analyze", str(tmp_path / "set")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{tmp_path / 'set'}: 2 adapters (default, other), one report each")
+    assert "=== adapter 'default'" in text and "=== adapter 'other'" in text
+    assert main(["analyze", str(tmp_path / "set"), "--compare", str(tmp_path / "a")]) == 2
+    assert "--compare compares two single adapters" in one_error_line(capsys)
