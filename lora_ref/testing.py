@@ -61,21 +61,23 @@ from .kit.conv import CONV_DEFAULT_PROPERTIES, CONV_PROPERTIES, check_lora_conv
 from .kit.embedding import EMBEDDING_DEFAULT_PROPERTIES, EMBEDDING_PROPERTIES, check_lora_embedding
 from .kit.linear import (DEFAULT_PROPERTIES, PROPERTIES, assert_lora_linear_matches, check_lora_linear,
                          lora_linear_magnitude, lora_magnitudes, reference_outputs, rounding_counts)
+from .kit.quant import QUANT_PROPERTIES, check_quantize_4bit
 from .kit.serving import (EXPAND_PROPERTIES, SERVING_PROPERTIES, SHRINK_PROPERTIES, check_lora_expand,
                           check_lora_shrink, check_serving)
 
 __all__ = ["ADAPTER_SET_PROPERTIES", "CHECKS", "COMBINE_PROPERTIES", "CONV_DEFAULT_PROPERTIES", "CONV_PROPERTIES", "DEFAULT_PROPERTIES", "DORA_DEFAULT_PROPERTIES", "DORA_PROPERTIES", "EMBEDDING_DEFAULT_PROPERTIES",
            "EMBEDDING_PROPERTIES", "EXPAND_PROPERTIES", "MIXED_BATCH_PROPERTIES",
-           "SERVING_PROPERTIES", "SHRINK_PROPERTIES", "PROPERTIES", "CheckReport", "LoraCheckReport", "PropertyResult",
+           "QUANT_PROPERTIES", "SERVING_PROPERTIES", "SHRINK_PROPERTIES", "PROPERTIES", "CheckReport", "LoraCheckReport", "PropertyResult",
            "assert_lora_linear_matches", "assert_within", "check_adapter_set", "check_combine_adapters",
            "check_dora_linear", "check_lora_conv",
            "check_lora_embedding", "check_lora_expand", "check_lora_linear",
-           "check_lora_shrink", "check_mixed_batch", "check_serving", "compare_exact",
+           "check_lora_shrink", "check_mixed_batch", "check_quantize_4bit", "check_serving", "compare_exact",
            "compare_to_reference", "dora_reference", "lora_linear_magnitude", "lora_magnitudes", "reference_outputs",
            "reference_rtol", "rounding_counts", "tolerance", "unit_roundoff"]
 
 CHECKS = {"lora_linear": check_lora_linear, "dora_linear": check_dora_linear,
           "lora_embedding": check_lora_embedding, "lora_conv": check_lora_conv, "adapter_set": check_adapter_set,
           "mixed_batch": check_mixed_batch, "lora_shrink": check_lora_shrink, "lora_expand": check_lora_expand,
-          "serving": check_serving, "combine_adapters": check_combine_adapters}
+          "serving": check_serving, "combine_adapters": check_combine_adapters,
+          "quantize_4bit": check_quantize_4bit}
 """Every check of the kit, by variant name (what ``lora-ref conform`` and the mutant zoo iterate)."""

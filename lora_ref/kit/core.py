@@ -142,7 +142,9 @@ class PropertyResult:
     differ, ``error`` is that count and ``bound`` 0. ``passed`` means ``error <= bound`` and the
     output had the expected shape and dtype; ``detail`` says what went wrong ("" when passed).
     ``where``, ``got``, ``expected`` and ``difference`` (``|got - expected|``) describe the worst
-    entry (the first mismatch under the exact rule); None when no array came back.
+    entry (the first mismatch under the exact rule); None when no array came back. ``output``
+    names the output compared when the property's call returns several (the table shows
+    ``property:output``), "" otherwise.
     """
 
     name: str
@@ -156,6 +158,7 @@ class PropertyResult:
     expected: float | None = None
     difference: float | None = None
     mismatches: int | None = None
+    output: str = ""
 
     @property
     def exact(self) -> bool:
@@ -172,10 +175,11 @@ class PropertyResult:
 
     def __str__(self) -> str:
         status = "pass" if self.passed else "FAIL"
+        label = f"{self.name}:{self.output}" if self.output else self.name
         if self.exact:
-            row = f"{self.name:<24} {self.dtype:<8} {self.mismatches:>10d} {'exact':>10}  {status}"
+            row = f"{label:<24} {self.dtype:<8} {self.mismatches:>10d} {'exact':>10}  {status}"
         else:
-            row = f"{self.name:<24} {self.dtype:<8} {self.error:>10.2e} {self.bound:>10.2e}  {status}"
+            row = f"{label:<24} {self.dtype:<8} {self.error:>10.2e} {self.bound:>10.2e}  {status}"
         return row + (f"  {self.detail}" if self.detail else "")
 
 
@@ -438,7 +442,8 @@ def run_call(name: str, label: str, call: Call, fn: Callable) -> list[PropertyRe
     for out in call.outputs:
         value, problem = _pick(got, out, call)
         if problem:
-            results.append(_failed(name, label, out, problem))
+            res = _failed(name, label, out, problem)
+            results.append(dataclasses.replace(res, output=out.name) if len(call.outputs) > 1 else res)
             continue
         if out.magnitude is None:
             res = compare_exact(name, label, value, out.expected)
@@ -448,6 +453,8 @@ def run_call(name: str, label: str, call: Call, fn: Callable) -> list[PropertyRe
         if changed:
             detail = "; ".join(filter(None, [res.detail, f"modified its input {', '.join(changed)} in place"]))
             res = dataclasses.replace(res, passed=False, detail=detail)
+        if len(call.outputs) > 1:
+            res = dataclasses.replace(res, output=out.name)
         results.append(res)
     return results
 

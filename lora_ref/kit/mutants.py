@@ -61,6 +61,10 @@ def run_correct(variant: str, **options: Any) -> Any:
 SERVING_ALL = ("serve", "serve_no_adapter", "serve_segments", "serve_slices", "serve_rslora", "serve_empty_slot")
 COMBINE_FACTOR = ("linear", "linear_rslora_first", "ties", "ties_frequency", "dare_linear", "dare_ties",
                   "magnitude_prune")
+QUANT_ALL = ("nf4", "fp4", "blocks_span_rows", "odd_count", "ties", "blocksize_256", "double_quant", "dequant_nf4",
+             "dequant_fp4", "dequant_blocks_span_rows", "dequant_odd_count", "dequant_double_quant")
+QUANT_PER_ROW = ("blocks_span_rows", "odd_count", "ties", "blocksize_256", "double_quant", "dequant_blocks_span_rows",
+                 "dequant_odd_count", "dequant_double_quant")
 _DORA_FORWARD = {"forward", "forward_rslora", "forward_square", "fan_in_fan_out", "dropout"}
 
 CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
@@ -75,6 +79,7 @@ CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
     "lora_expand": lambda: {"impl": wm.expand_kernel()},
     "serving": lambda: {"impl": wm.serving_engine()},
     "combine_adapters": lambda: {"impl": wm.combine()},
+    "quantize_4bit": lambda: {"impl": wm.quantizer(), "dequantize": wm.dequantizer()},
 }
 """Per variant, the right implementations (the mutants' code without a bug)."""
 
@@ -155,6 +160,19 @@ _LIST = [
     Mutant("combine.peft_rslora_scale", "combine_adapters",
            "the combined adapter keeps the first adapter's use_rslora: scale sqrt(rank), not 1 (PEFT 0.21.2)",
            lambda: {"impl": wm.combine("peft_rslora_scale")}, frozenset({"linear_rslora_first"})),
+    # ---- 4-bit quantisation (issue 16) -------------------------------------------------------
+    Mutant("quant.low_nibble_first", "quantize_4bit", "the first value of each pair packed in the LOW nibble",
+           lambda: {"impl": wm.quantizer("low_nibble_first"), "dequantize": wm.dequantizer("low_nibble_first")},
+           frozenset(QUANT_ALL)),
+    Mutant("quant.ties_up", "quantize_4bit", "a value exactly halfway between two levels rounded to the upper one",
+           lambda: {"impl": wm.quantizer("ties_up")}, frozenset({"ties"}), {"dtypes": ("float32",)}),
+    Mutant("quant.per_row_blocks", "quantize_4bit", "blocks formed within each row instead of the row-major flattening",
+           lambda: {"impl": wm.quantizer("per_row_blocks"), "dequantize": wm.dequantizer("per_row_blocks")},
+           frozenset(QUANT_PER_ROW)),
+    Mutant("quant.nested_offset_forgotten", "quantize_4bit",
+           "double quantisation without the mean: absmax quantised uncentred, and dequantised without adding it back",
+           lambda: {"impl": wm.quantizer("offset_forgotten"), "dequantize": wm.dequantizer("offset_forgotten")},
+           frozenset({"double_quant", "dequant_double_quant"})),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _LIST}

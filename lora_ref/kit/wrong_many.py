@@ -198,3 +198,72 @@ def combine(bug: str | None = None):
         scale = r / math.sqrt(r) if bug == "peft_rslora_scale" and first_rslora else 1.0
         return A, B, scale
     return impl
+
+
+# ============================================================================================
+# 4-bit quantisation, bitsandbytes' conventions written out (the level tables and double
+# quantisation's 8-bit lookup are lora-ref's: data, not convention)
+# ============================================================================================
+
+
+def _levels(quant_type):
+    from ..quant import fp4_levels, nf4_levels
+    return nf4_levels() if quant_type == "nf4" else fp4_levels()
+
+
+def _blocks(n, blocksize, shape, bug):
+    """[(start, stop)] of each block: the row-major flattening, or (the bug) each row on its own."""
+    if bug == "per_row_blocks":
+        cols = shape[-1]
+        return [(r0 + c, r0 + min(c + blocksize, cols)) for r0 in range(0, n, cols) for c in range(0, cols, blocksize)]
+    return [(b, min(b + blocksize, n)) for b in range(0, n, blocksize)]
+
+
+def quantizer(bug: str | None = None):
+    def impl(W, *, blocksize, quant_type, double_quant):
+        from ..quant import double_quantize
+
+        x = np.asarray(W).reshape(-1).astype(np.float32)
+        levels = _levels(quant_type)
+        order = np.argsort(levels, kind="stable")                          # codes in value order
+        s = levels[order]
+        mid = (s[:-1] + s[1:]) / np.float32(2.0)                          # (15,) float32 midpoints
+        absmax, codes = [], []
+        for start, stop in _blocks(x.size, blocksize, W.shape, bug):
+            seg = x[start:stop]
+            a = max(np.max(np.abs(seg)), np.float32(1e-38))
+            full = stop - start == blocksize
+            v = np.clip(seg * (np.float32(1.0) / a) if full else seg / a, -1, 1)
+            below = (mid[None, :] <= v[:, None]) if bug == "ties_up" else (mid[None, :] < v[:, None])
+            codes.append(order[np.sum(below, axis=1)])                    # halfway -> lower (the bug: upper)
+            absmax.append(a)
+        c = np.concatenate(codes).astype(np.uint8)
+        if c.size % 2:
+            c = np.append(c, order[np.sum(mid < 0)]).astype(np.uint8)     # the code of 0
+        hi, lo = (c[1::2], c[0::2]) if bug == "low_nibble_first" else (c[0::2], c[1::2])
+        state = {"weight": ((hi << 4) | lo).astype(np.uint8), "absmax": np.array(absmax, dtype=np.float32)}
+        if double_quant:
+            offset = 0.0 if bug == "offset_forgotten" else None
+            q, nested, off = double_quantize(state["absmax"], offset)
+            state.update(absmax=q, nested_absmax=nested, nested_offset=off)
+        return state
+    return impl
+
+
+def dequantizer(bug: str | None = None):
+    def dequantize(weight, absmax, *, shape, dtype, blocksize, quant_type, nested_absmax, nested_offset):
+        import ml_dtypes
+        from ..quant import dynamic_map
+
+        n = math.prod(shape)
+        codes = np.stack([weight & 0x0F, weight >> 4] if bug == "low_nibble_first" else [weight >> 4, weight & 0x0F],
+                         axis=1).reshape(-1)[:n]
+        if nested_absmax is not None:
+            j = np.arange(absmax.size) // 256
+            a = dynamic_map()[absmax] * nested_absmax[j]
+            absmax = a if bug == "offset_forgotten" else a + np.float32(nested_offset)
+        out = np.empty(n, dtype=np.float32)
+        for k, (start, stop) in enumerate(_blocks(n, blocksize, shape, bug)):
+            out[start:stop] = _levels(quant_type)[codes[start:stop]] * absmax[k]
+        return out.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).reshape(shape)
+    return dequantize
