@@ -83,7 +83,33 @@ CORRECT: dict[str, Callable[[], dict[str, Any]]] = {
 }
 """Per variant, the right implementations (the mutants' code without a bug)."""
 
+_LIN_FORWARD = {"forward", "forward_rslora", "fan_in_fan_out", "dropout", "rank_above_dim", "rank_equals_dims",
+                "rank_equals_d_out"}
+_LIN_MERGE = {"merge", "merge_rslora", "merge_fan_in_fan_out", "merge_rank_equals_dims", "merge_rank_equals_d_out"}
+
+
+def _linear(bug: str, *parts: str) -> Callable[[], dict[str, Any]]:
+    factories = {"impl": w.linear_layer, "merge": w.linear_merge, "grad": w.linear_grad}
+    return lambda: {p: factories[p](bug if p in parts else None) for p in factories}
+
+
 _LIST = [
+    # ---- plain LoRA, rsLoRA (the kit's first properties) ----------------------------------------
+    Mutant("linear.scale_alpha", "lora_linear", "the scale alpha, not alpha / r",
+           _linear("scale_alpha", "impl", "merge", "grad"),
+           frozenset(_LIN_FORWARD | _LIN_MERGE | {"grad_x", "grad_A", "grad_B"})),
+    Mutant("linear.rslora_ignored", "lora_linear", "alpha / r although use_rslora (llama.cpp's converter, SGLang)",
+           _linear("rslora_ignored", "impl", "merge"), frozenset({"forward_rslora", "merge_rslora"})),
+    Mutant("linear.fan_in_fan_out_forgotten", "lora_linear", "W stored (d_in, d_out) used as (d_out, d_in)",
+           _linear("fifo_forgotten", "impl", "merge"), frozenset({"fan_in_fan_out", "merge_fan_in_fan_out"})),
+    Mutant("linear.dropout_on_base", "lora_linear", "the dropout mask applied to the base branch too",
+           _linear("dropout_on_base", "impl"), frozenset({"dropout"})),
+    Mutant("linear.dropout_ignored", "lora_linear", "the dropout mask not applied at all",
+           _linear("dropout_ignored", "impl"), frozenset({"dropout"})),
+    Mutant("linear.layout_guessed_from_shapes", "lora_linear",
+           "A, B transposed when their shapes look like Keras/Flax's (d_in, r), (r, d_out)",
+           _linear("layout_guess", "impl", "merge"),
+           frozenset({"rank_equals_dims", "rank_equals_d_out", "merge_rank_equals_dims", "merge_rank_equals_d_out"})),
     # ---- DoRA (issue 13) --------------------------------------------------------------------
     Mutant("dora.norm_over_input_axis", "dora_linear",
            "the norm over the output axis, one per INPUT feature (LyCORIS/kohya's dora_scale convention)",

@@ -32,7 +32,7 @@ def _scale(alpha: float, r: int, use_rslora: bool, bug: str | None = None) -> fl
 
 
 def linear_layer(bug: str | None = None):
-    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None):
+    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
         Wm = W.T if fan_in_fan_out and bug != "fifo_forgotten" else W        # (d_out, d_in)
         s = _scale(alpha, r, use_rslora, bug)
         if bug == "layout_guess":                                           # Keras/Flax layouts guessed
@@ -45,15 +45,19 @@ def linear_layer(bug: str | None = None):
 
 
 def linear_merge(bug: str | None = None):
-    def merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out, enable_lora=None):
+    def merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out):
         s = _scale(alpha, r, use_rslora, bug)
+        if bug == "layout_guess":
+            d_in, d_out = W.shape if fan_in_fan_out else W.shape[::-1]
+            A = A.T if A.shape[0] == d_in else A
+            B = B.T if B.shape[1] == d_out else B
         D = s * (B @ A)                                                      # (d_out, d_in)
         return W + (D.T if fan_in_fan_out and bug != "fifo_forgotten" else D)
     return merge
 
 
 def linear_grad(bug: str | None = None):
-    def grad(x, W, A, B, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None):
+    def grad(x, W, A, B, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
         Wm = W.T if fan_in_fan_out else W
         s = _scale(alpha, r, use_rslora, bug)
         M = np.ones_like(x) if dropout_mask is None else np.broadcast_to(dropout_mask, x.shape)
