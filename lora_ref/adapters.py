@@ -583,15 +583,15 @@ def _check_entry(value: Any, where: str) -> tuple[LoraConfig, Mapping[str, Mappi
     config, modules = value
     if not isinstance(config, LoraConfig):
         raise TypeError(f"{where}[0] must be a lora_ref.LoraConfig, got {type(config).__name__}")
-    if not isinstance(modules, Mapping) or not modules:
+    if not isinstance(getval(modules), Mapping) or not len(modules):      # an autograd DictBox is one too
         raise TypeError(f"{where}[1] must be a non-empty dict {{module name: {{'A': array, 'B': array}}}}, got {modules!r}"[:300])
     keys = {"A", "B", "m"} if config.use_dora else {"A", "B"}
     out = {}
     for module, arrays in modules.items():
         if not isinstance(module, str) or not module:
             raise TypeError(f"{where}[1] keys must be module names (str), got {module!r}")
-        if not isinstance(arrays, Mapping) or not {"A", "B"} <= set(arrays) <= keys:
-            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+        if not isinstance(getval(arrays), Mapping) or not {"A", "B"} <= set(arrays) <= keys:
+            got = sorted(arrays) if isinstance(getval(arrays), Mapping) else type(arrays).__name__
             want = "'A', 'B' and, for DoRA, 'm'" if config.use_dora else "exactly 'A' and 'B' (its config has no use_dora)"
             raise ValueError(f"{where}[1][{module!r}] must hold {want}, got {got}")
         for key, arr in arrays.items():

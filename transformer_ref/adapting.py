@@ -35,7 +35,7 @@ from lora_ref.embedding import init_lora_embedding, merge_embedding
 from lora_ref.lora import LoraConfig, init_lora, merge
 from lora_ref.quant import QuantState, merge_4bit
 
-from .hosting import check_adapters, check_params, enable_flags, families, family_of
+from .hosting import check_adapters, check_params, embedding_flag, enable_flags, families, family_of
 
 __all__ = ["add_adapters", "merge_adapters", "untie"]
 
@@ -58,7 +58,8 @@ def add_adapters(params: Mapping[str, Any], config: Any, lora_config: LoraConfig
       initialises it at creation (``||W||_row`` when B = 0; it includes s B A when both are random).
     * An embedding table (V, D): PEFT's layout, A (r, V) zero and B (D, r) ~ N(0, 1)
       (``lora_ref.embedding.init_lora_embedding``); with ``init="random"`` both ~ N(0, 1), as PEFT's
-      ``init_lora_weights=False``. DoRA on an embedding and ``enable_lora`` on one are refused.
+      ``init_lora_weights=False``. The config must list it in ``embedding_modules`` (it records the
+      layout for the files); DoRA on an embedding and ``enable_lora`` on one are refused.
 
     Arrays in the dtype of ``params``, on the current backend; ``rng`` an int seed or a
     ``numpy.random.Generator``, drawn from in module order. Raises ValueError if nothing is selected.
@@ -74,7 +75,7 @@ def add_adapters(params: Mapping[str, Any], config: Any, lora_config: LoraConfig
         if not lora_config.targets(name):
             continue
         r, enable = lora_config.rank_for(name), enable_flags(family, lora_config, name)
-        if family.is_embedding(name):
+        if embedding_flag(family, lora_config, name):
             V, D = family.projection_shape(config, name)
             if lora_config.init == "random":                               # PEFT's init_lora_weights=False
                 A = asarray(rng.standard_normal((r, V)).astype(dtype))     # (r, V)

@@ -47,7 +47,7 @@ from lora_ref.quant import QuantState, base_weight
 from .layers import Ops
 
 __all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_ops", "check_params",
-           "check_tokens", "embed", "enable_flags", "families", "family_of", "project", "register"]
+           "check_tokens", "embed", "embedding_flag", "enable_flags", "families", "family_of", "project", "register"]
 
 
 @dataclass(frozen=True)
@@ -423,11 +423,7 @@ def _check_one(raw: Mapping[str, Any], params: Any, lora_config: LoraConfig, fam
             tables = ", ".join(e for f in known for e in f.embeddings)
             raise ValueError(f"{where}adapters has {name!r}, which is not a projection of this model; projections are "
                              f"named like {how}" + (f"; embedding tables are {tables}" if tables else ""))
-        table = owner.is_embedding(name)
-        if table and lora_config.use_dora:
-            raise ValueError(f"{where}adapters has {name!r}, an embedding, and lora_config.use_dora is set: DoRA on an "
-                             "embedding (PEFT's norm over the vocabulary axis) is not implemented; adapt the embedding "
-                             "without use_dora, or leave it out of target_modules")
+        table = embedding_flag(owner, lora_config, name, where)
         keys = {"A", "B", "m"} if lora_config.use_dora and not table else {"A", "B"}
         if not isinstance(ad, Mapping) or set(ad) != keys:
             got = sorted(ad) if isinstance(ad, Mapping) else type(ad).__name__
@@ -459,6 +455,25 @@ def _check_one(raw: Mapping[str, Any], params: Any, lora_config: LoraConfig, fam
                              f"{r}{flags}, so A must be " + " and ".join(f"{k} {want[k]}" for k in arrays)[2:])
         out[name] = arrays
     return out
+
+
+def embedding_flag(family: Family, lora_config: LoraConfig, name: str, where: str = "") -> bool:
+    """Whether module ``name`` is an embedding table, which the family and ``lora_config.embedding_modules``
+    must agree on (the config records the adapter's layout, A (r, V) and B (D, r), for the files that
+    store it: ``save_peft_adapter`` writes ``lora_embedding_A/B`` from it). DoRA on one is refused."""
+    table = family.is_embedding(name)
+    if table and lora_config.use_dora:
+        raise ValueError(f"{where}lora_config adapts {name!r}, an embedding, with use_dora: DoRA on an embedding (PEFT's "
+                         "norm over the vocabulary axis) is not implemented; adapt the embedding without use_dora, or "
+                         "leave it out of target_modules")
+    if table and not lora_config.is_embedding(name):
+        raise ValueError(f"{where}lora_config adapts {name!r}, an embedding table, which its embedding_modules does not "
+                         f"list; add it (e.g. embedding_modules=[{name.rsplit('.', 1)[-1]!r}]): the config records which "
+                         "adapters have the embedding layout A (r, V), B (D, r), as PEFT's files do")
+    if not table and lora_config.is_embedding(name):
+        raise ValueError(f"{where}lora_config.embedding_modules {list(lora_config.embedding_modules)} matches {name!r}, "
+                         f"which is not an embedding table of {family.name} (its tables: {', '.join(family.embeddings)})")
+    return table
 
 
 def enable_flags(family: Family, lora_config: LoraConfig, name: str) -> tuple[bool, ...] | None:

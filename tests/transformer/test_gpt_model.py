@@ -340,7 +340,7 @@ def test_bad_adapters():
         merge_adapters(params, {"transformer.ln_f": adapters[f"{H}.0.attn.c_attn"]}, lc)
     with pytest.raises(ValueError, match=r"'transformer.wte'\] has A \(4, 8\).*table \(V, D\) is \(11, 8\).*so A must be "
                                          r"\(2, 11\) and B \(8, 2\)"):
-        merge_adapters(params, {"transformer.wte": adapters[f"{H}.0.attn.c_attn"]}, lc)
+        merge_adapters(params, {"transformer.wte": adapters[f"{H}.0.attn.c_attn"]}, replace(lc, embedding_modules=["wte"]))
     with pytest.raises(ValueError, match=r"dropout has a mask for 'transformer\.h\.0\.mlp\.c_fc', which has no adapter"):
         forward(params, tokens, TINY, adapters, lc, {f"{H}.0.mlp.c_fc": np.ones((2, 6, 8))})
     with pytest.raises(ValueError, match=r"dropout\['transformer\.h\.0\.attn\.c_attn'\] has shape \(2, 5, 8\)"):
