@@ -32,6 +32,12 @@ once ``W' = W`` it never moves, and it gets there after one cycle in every case 
 "PEFT" merge adds D32 and unmerge subtracts cast(D32): the cycle moves W by about
 ``D32 - cast(D32)``, rounded, every time, in the same direction, so the drift grows.
 :func:`generate_page` measures all three and writes docs/precision.md.
+
+The second half of the file defines what "computing in bfloat16" means in the reference, for a
+LoRA layer whose frozen base is computed in a narrower dtype than its float32 adapters (QLoRA's
+recipe): :func:`narrow_linear` (the base, an autograd primitive with its roundings written out),
+:func:`mixed_linear` (base + adapter, ``lora_linear``'s signature) and :func:`round_to`. Hosts
+use it for a 4-bit base computed in bfloat16 (``lora_ref.quant.base_weight``, docs/quant.md).
 """
 
 from __future__ import annotations
@@ -45,10 +51,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .checks import float_array, positive_int
+from autograd.extend import defvjp, primitive
+
+from .adapters import lora_delta
+from .backend import asarray, dtype_name, getval, namespace, to_numpy
+from .checks import float_array, positive_int, same_dtype, shape_of
 from .testing import tolerance
 
-__all__ = ["DTYPES", "WAYS", "Drift", "audit_case", "delta_weight32", "drift", "generate_page", "merge_cycle"]
+__all__ = ["COMPUTE_DTYPES", "DTYPES", "WAYS", "Drift", "audit_case", "delta_weight32", "drift", "generate_page",
+           "merge_cycle", "mixed_linear", "narrow_linear", "round_to"]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 WAYS = ("one dtype", "float32 then cast", "PEFT")
@@ -150,6 +161,109 @@ def audit_case(d: int = 512, r: int = 8, alpha: float = 16.0, seed: int = 0) -> 
     A = rng.uniform(-bound, bound, (r, d))
     B = rng.normal(0.0, 0.01, (d, r))
     return W, A, B, alpha / r
+
+
+# ============================================================================================
+# Computing in a narrower dtype: what "bfloat16 compute" means (QLoRA's recipe)
+# ============================================================================================
+#
+# QLoRA trains float32 adapters on a 4-bit base computed in bfloat16 inside a float32 model
+# (bitsandbytes' Linear4bit with compute_dtype=bfloat16 under PEFT). lora-ref defines it as what
+# transformers + bitsandbytes 0.50.2 + PEFT compute on the CPU, rounding by rounding (c is the
+# compute dtype; rnd rounds to it, nearest even, and widens back to x's dtype):
+#
+#   y = rnd( rnd(x) rnd(W)^T + rnd(b) ) + s ((x * M) A^T) B^T                      forward
+#       Linear4bit: x.to(c), the weight dequantised to c, the bias cast to c, torch's CPU GEMM in
+#       c -- products of two c numbers are exact in float32 (bfloat16 8 x 8 bits, float16 11 x 11
+#       <= 24), sums in float32, the output rounded once, bias included (tests/test_precision.py
+#       holds torch to it) -- then .to(float32); PEFT's adapter branch on the unrounded x, in
+#       float32 (lora_ref.adapters.lora_delta).
+#   dL/dx = rnd( rnd(G) rnd(W) ) + s ((G B) A) * M                                  backward
+#       MatMul4Bit.backward: grad.to(c) @ W in c, rounded, cast back to float32; A and B get
+#       lora_delta's VJPs from the float32 G. W and b are frozen: no gradient.
+#
+# "Rounding is the identity" (straight-through) is the derivative every implementation uses;
+# autograd.numpy tracing the forward derives exactly these roundings (its cast VJP casts the
+# cotangent), so the hand-written VJP is checked against it bit for bit, and against finite
+# differences where c is x's own dtype (no rounding).
+
+COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_WIDTH = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 1}
+
+
+def round_to(x: Any, dtype: str) -> Any:
+    """``x`` rounded to ``dtype`` (nearest, ties to even) and widened back: x's dtype, x's backend.
+    NumPy arrays (and autograd's boxes of them, traced) cast through ml_dtypes; other backends,
+    which have no bfloat16, round on the host."""
+    raw = getval(x)
+    if dtype == dtype_name(raw.dtype):
+        return x
+    if isinstance(raw, np.ndarray):
+        return x.astype(_np_dtype(dtype)).astype(raw.dtype)
+    return asarray(_cast(to_numpy(raw), dtype).astype(dtype_name(raw.dtype)))
+
+
+def _narrow_linear(x: Any, W: Any, bias: Any = None, compute_dtype: str = "bfloat16") -> Any:
+    """The undecorated forward (see :func:`narrow_linear`); autograd.numpy can trace it."""
+    _check_narrow(x, W, bias, compute_dtype)
+    xp, c = namespace(x, W, bias), compute_dtype
+    y = round_to(x, c) @ xp.matrix_transpose(round_to(W, c))       # (..., d_out) exact products, wide sums
+    if bias is not None:
+        y = y + round_to(bias, c)
+    return round_to(y, c)                                          # the output rounded once to c
+
+
+narrow_linear = primitive(_narrow_linear)
+narrow_linear.__doc__ = """``rnd(rnd(x) rnd(W)^T + rnd(b))``: a frozen linear layer computed in
+    ``compute_dtype`` (rnd rounds to it, nearest even, and widens back; module comment above).
+
+    x (..., d_in), W (d_out, d_in), bias (d_out,) or None: one dtype, float32 or float64;
+    ``compute_dtype`` one of :data:`COMPUTE_DTYPES`, not wider than x's. Returns (..., d_out) in
+    x's dtype. Gradient for x only (``rnd(rnd(G) rnd(W))``, bitsandbytes' backward); W and bias
+    are frozen (asking for theirs is a TypeError). With compute_dtype equal to x's dtype it is
+    ``x W^T + b``.
+    """
+
+
+def _narrow_vjp_x(ans, x, W, bias=None, compute_dtype="bfloat16"):
+    c = compute_dtype
+    return lambda g: round_to(round_to(g, c) @ round_to(W, c), c)   # (..., d_in) dL/dx = rnd(rnd(G) rnd(W))
+
+
+def _frozen(what: str) -> Any:
+    def maker(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"narrow_linear is not differentiable with respect to {what}")
+    return maker
+
+
+defvjp(narrow_linear, _narrow_vjp_x, _frozen("W (a frozen base)"), _frozen("bias (frozen with the base)"))
+
+
+def mixed_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
+                 enable_lora: Any = None, *, compute_dtype: str) -> Any:
+    """A LoRA projection whose frozen base is computed in ``compute_dtype`` and whose adapter in
+    x's dtype (QLoRA's recipe): ``narrow_linear(x, W, bias) + lora_delta(x, A, B, s, mask)``,
+    ``rnd(rnd(x) rnd(W)^T + rnd(b)) + s ((x * mask) A^T) B^T``. The arguments are
+    :func:`lora_ref.lora_linear`'s (A and B None: no adapter), so a host can use it as its
+    ``linear``; both terms are autograd primitives with hand-written VJPs."""
+    y = narrow_linear(x, W, bias, compute_dtype)                          # (..., d_out) the base, in c
+    return y if A is None else y + lora_delta(x, A, B, scale, dropout_mask, enable_lora)   # + s B A x
+
+
+def _check_narrow(x: Any, W: Any, bias: Any, compute_dtype: Any) -> None:
+    for name, a in (("x", x), ("W", W), ("bias", bias)):
+        if a is not None or name != "bias":
+            float_array(a, name, ("float32", "float64"))
+    same_dtype(("x", x), ("W", W), ("bias", bias))
+    wide = dtype_name(getval(x).dtype)
+    if compute_dtype not in COMPUTE_DTYPES or _WIDTH[compute_dtype] > _WIDTH[wide]:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES} and not wider than x's {wide}, "
+                         f"got {compute_dtype!r}")
+    xs, ws = shape_of(x), shape_of(W)
+    if len(ws) != 2 or not xs or xs[-1] != ws[1]:
+        raise ValueError(f"need x (..., d_in) and W (d_out, d_in), got x {xs}, W {ws}")
+    if bias is not None and shape_of(bias) != (ws[0],):
+        raise ValueError(f"bias must have shape ({ws[0]},), got {shape_of(bias)}")
 
 
 # ============================================================================================

@@ -2,7 +2,8 @@
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314 (v1).
 Read top to bottom: Section 2's blockwise quantisation (Eq. 1, 2), Section 3's 4-bit NormalFloat
-(Eq. 4) and double quantisation, then the QLoRA layer's weight (Eq. 5, 6), error bounds, merging.
+(Eq. 4) and double quantisation, the weight a layer uses (Eq. 6), error bounds, merging, and
+the QLoRA layer (Eq. 5: :func:`linear_4bit`; hosts use :func:`base_weight` for a QuantState).
 
 Eq. 1   X^q = round(c X),  c = 1 / absmax(X), per block      (the paper: 127 / absmax for Int8)
 Eq. 2   dequant(c, X^q) = X^q / c
@@ -26,8 +27,8 @@ reference, and it is bit-for-bit bitsandbytes 0.50.2 on the CPU, whose conventio
   through a 65,536-point table (:func:`double_quantize`), so a code can differ from the exact
   nearest level; lora-ref follows it. Dequantised: ``fl(fl(code * nested_absmax) + offset)``.
 
-NumPy only: this is the bit level (float32 arithmetic, ml_dtypes' bfloat16); a host moves the
-dequantised weight to its backend. Shapes: n values, nb = ceil(n / b) blocks, nb2 = ceil(nb / 256).
+NumPy only: this is the bit level (float32 arithmetic, ml_dtypes' bfloat16); linear_4bit moves
+the dequantised weight to its input's backend. Shapes: n values, nb = ceil(n / b) blocks, nb2 = ceil(nb / 256).
 """
 
 from __future__ import annotations
@@ -43,25 +44,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .backend import dtype_name
+from .backend import asarray, dtype_name, getval, to_numpy
 from .checks import boolean, finite_real, float_array, is_int, shape_of
+from .lora import lora_linear
+from .precision import COMPUTE_DTYPES, mixed_linear
 from .testing import tolerance, unit_roundoff
 
-__all__ = [
-    "BLOCKSIZES",
-    "NESTED_BLOCKSIZE",
-    "QUANT_TYPES",
-    "QuantState",
-    "dequantize_4bit",
-    "dequantize_absmax",
-    "double_quantize",
-    "dynamic_map",
-    "error_bound",
-    "fp4_levels",
-    "merge_4bit",
-    "nf4_levels",
-    "quantize_4bit",
-]
+__all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "base_weight", "dequantize_4bit",
+           "dequantize_absmax", "double_quantize", "dynamic_map", "error_bound", "fp4_levels", "linear_4bit",
+           "merge_4bit", "nf4_levels", "quantize_4bit", "quantize_params"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes' quantize_4bit accepts
 QUANT_TYPES = ("nf4", "fp4")
@@ -182,6 +173,9 @@ class QuantState:
     nested_quant_map  float32 (256,)  the dynamic map, or None
     nested_offset     float (a float32 value): the mean subtracted from absmax, or None
     nested_blocksize  256, nested_dtype "float32", or None
+    compute_dtype     what a host computes this weight in (:func:`linear_4bit`): float64, float32,
+                      float16, bfloat16, or None for the model's own dtype. Not in bitsandbytes'
+                      tensors: transformers keeps it in config.json (``bnb_4bit_compute_dtype``).
 
     Immutable; arrays are read-only copies; ``==`` compares every bit.
     """
@@ -198,6 +192,7 @@ class QuantState:
     nested_offset: float | None = None
     nested_blocksize: int | None = None
     nested_dtype: str | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         err = ValueError
@@ -206,6 +201,8 @@ class QuantState:
             raise err(f"QuantState.shape must be a non-empty tuple of positive ints, got {shape!r}")
         if self.dtype not in DTYPES:
             raise err(f"QuantState.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise err(f"QuantState.compute_dtype must be None or one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.quant_type not in QUANT_TYPES:
             raise err(f"QuantState.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         _check_blocksize(self.blocksize, "QuantState.blocksize")
@@ -280,7 +277,8 @@ class QuantState:
         return out
 
     @classmethod
-    def from_bnb_tensors(cls, tensors: Mapping[str, Any], *, error: type[Exception] = ValueError) -> "QuantState":
+    def from_bnb_tensors(cls, tensors: Mapping[str, Any], *, error: type[Exception] = ValueError,
+                         compute_dtype: str | None = None) -> "QuantState":
         """Rebuild a state from bitsandbytes' serialized tensors (keys as :meth:`to_bnb_tensors`
         writes them; NumPy arrays, e.g. from ``safetensors.numpy``). Anything missing, extra or
         inconsistent raises ``error`` (a loader passes its file-format error) naming the key."""
@@ -314,6 +312,7 @@ class QuantState:
                        quant_map=np.asarray(tensors["quant_map"]),
                        shape=tuple(shape) if isinstance(shape, list) else shape,
                        dtype=meta["dtype"], blocksize=meta["blocksize"], quant_type=meta["quant_type"],
+                       compute_dtype=compute_dtype,
                        **({"nested_absmax": np.asarray(tensors["nested_absmax"]),
                            "nested_quant_map": np.asarray(tensors["nested_quant_map"]),
                            "nested_offset": meta["nested_offset"], "nested_blocksize": meta["nested_blocksize"],
@@ -516,18 +515,20 @@ def error_bound(state: QuantState) -> np.ndarray:
 def merge_4bit(state: QuantState, A: Any, B: Any, scale: float) -> QuantState:
     """Merge ``s B A`` into a 4-bit weight: dequantise, add, requantise (PEFT's ``Linear4bit.merge``).
 
-    state holds W (d_out, d_in); A (r, d_in) and B (d_out, r) share a dtype (float32, float16 or
-    bfloat16). ``s B A`` is computed in float32 (``fl(fl(B @ A) * s)``) and rounded to the
-    adapters' dtype; it is added to the dequantised W in the state's dtype when the adapters
-    share it, otherwise in float32 (PEFT adds ``W + delta`` with torch's promotion: a bfloat16
-    base and float32 adapters give float32), and the sum is quantised again with the state's blocksize, quant_type and double quantisation.
-    The result records that dtype. Lossy: the merged weight is rounded to the 4-bit grid again.
-    Unmerging is the same call with ``-scale``.
+    state holds W (d_out, d_in); A (r, d_in) and B (d_out, r) share a dtype (float32, float16,
+    bfloat16, or float64). ``s B A`` is computed in float32 (``fl(fl(B @ A) * s)``; float64 for
+    float64 factors) and rounded to the adapters' dtype; it is added to the dequantised W in the
+    state's dtype when the adapters share it, otherwise in float32 (PEFT adds ``W + delta`` with
+    torch's promotion: a bfloat16 base and float32 adapters give float32; float64 factors: in
+    float64, rounded to float32), and the sum is quantised again with the state's blocksize,
+    quant_type and double quantisation. The result records that dtype (and the state's compute
+    dtype). Lossy: the merged weight is rounded to the 4-bit grid again (docs/quant.md measures
+    it). Unmerging is the same call with ``-scale``.
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    float_array(A, "A", DTYPES)
-    float_array(B, "B", DTYPES)
+    float_array(A, "A", DTYPES + ("float64",))
+    float_array(B, "B", DTYPES + ("float64",))
     A, B = np.asarray(A), np.asarray(B)
     scale = finite_real(scale, "scale")
     if A.dtype != B.dtype:
@@ -539,9 +540,60 @@ def merge_4bit(state: QuantState, A: Any, B: Any, scale: float) -> QuantState:
     if A.shape[1] != d_in or B.shape != (d_out, A.shape[0]):
         raise ValueError(f"A {A.shape} and B {B.shape} do not fit W {state.shape}: need A (r, {d_in}), B ({d_out}, r)")
     W = dequantize_4bit(state)                                                   # (d_out, d_in)
+    work = np.float64 if A.dtype == np.float64 else _F32
     with np.errstate(over="ignore", invalid="ignore"):                           # refused below
-        delta = ((B.astype(_F32) @ A.astype(_F32)) * _F32(scale)).astype(A.dtype)   # (d_out, d_in)
-        merged = W + delta if W.dtype == delta.dtype else W.astype(_F32) + delta.astype(_F32)
+        delta = ((B.astype(work) @ A.astype(work)) * work(scale)).astype(A.dtype)   # (d_out, d_in)
+        merged = W + delta if W.dtype == delta.dtype else W.astype(work) + delta.astype(work)
+        merged = merged.astype(_F32) if merged.dtype == np.float64 else merged   # bitsandbytes' input dtypes
     if not np.all(np.isfinite(merged.astype(_F32))):
         raise ValueError("merge_4bit: the merged weight would contain non-finite values; refusing to merge")
-    return quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
+    out = quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
+    return replace(out, compute_dtype=state.compute_dtype)
+
+
+# ============================================================================================
+# Eq. 5, the QLoRA layer: a frozen 4-bit base, dequantised per forward, and float adapters
+# ============================================================================================
+
+
+def base_weight(state: QuantState, x: Any) -> tuple[Any, str | None]:
+    """Eq. 6 for a host: ``(W, compute_dtype)``, W (d_out, d_in) bitsandbytes' ``fl(level * absmax)``
+    in float32 (widened exactly for a float64 x) in x's dtype and backend; ``compute_dtype`` None
+    when the state computes in x's dtype (W is then used as any weight is), else the narrower
+    dtype (QLoRA's bfloat16) that :func:`lora_ref.precision.mixed_linear` computes it in."""
+    if not isinstance(state, QuantState) or len(state.shape) != 2:
+        raise TypeError(f"state must be a 2-D QuantState (d_out, d_in), got {type(state).__name__}")
+    float_array(x, "x", ("float32", "float64"))
+    wide = dtype_name(getval(x).dtype)
+    W = dequantize_4bit(state, wide)                                    # (d_out, d_in) Eq. 6
+    W = W if isinstance(getval(x), np.ndarray) else asarray(W)          # on x's backend
+    return W, None if state.compute_dtype in (None, wide) else state.compute_dtype
+
+
+def linear_4bit(x: Any, state: QuantState, A: Any = None, B: Any = None, scale: float = 1.0, bias: Any = None,
+                dropout_mask: Any = None, enable_lora: Any = None) -> Any:
+    """Eq. 5, the QLoRA layer: ``Y = X doubleDequant(c1, c2, W^NF4)^T + b + s (X A^T) B^T``, the
+    base dequantised for this call (:func:`base_weight`). :func:`lora_ref.lora_linear`'s arguments
+    with ``state`` in W's place; computed by lora_linear in x's dtype, or by
+    :func:`lora_ref.precision.mixed_linear` in the state's narrower compute dtype. Gradients for
+    x, A and B (the state is not an array and never gets one)."""
+    W, c = base_weight(state, x)
+    if c is None:
+        return lora_linear(x, W, A, B, scale, bias, dropout_mask, enable_lora)
+    return mixed_linear(x, W, A, B, scale, bias, dropout_mask, enable_lora, compute_dtype=c)
+
+
+def quantize_params(params: Mapping[str, Any], names: Any, *, blocksize: int = 64, quant_type: str = "nf4",
+                    double_quant: bool = True, compute_dtype: str | None = None) -> dict[str, Any]:
+    """``params`` with ``names`` (e.g. every projection weight) made QuantStates, QLoRA's recipe by
+    default (NF4, blocks of 64, double quantisation); float64 weights rounded to float32 first
+    (bitsandbytes' input dtypes); QuantStates and the other entries kept as they are."""
+    names, out = list(names), dict(params)
+    if any(n not in params for n in names):
+        raise ValueError(f"names not in params: {[n for n in names if n not in params][:3]}")
+    for n in names:
+        if not isinstance(out[n], QuantState):
+            W = to_numpy(out[n])
+            W = W.astype(_F32) if W.dtype == np.float64 else W
+            out[n] = replace(quantize_4bit(W, blocksize, quant_type, double_quant), compute_dtype=compute_dtype)
+    return out
