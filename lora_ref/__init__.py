@@ -3,7 +3,17 @@
 The math lives in :mod:`lora_ref.lora` (read it top to bottom), what to adapt in
 :mod:`lora_ref.config`, backends in :mod:`lora_ref.backend`, argument checks in
 :mod:`lora_ref.checks`, tolerances and the oracle kit in :mod:`lora_ref.testing`.
+
+Each variant is a room of its own, and its public names (its ``__all__``) are also importable
+from here: :mod:`~lora_ref.dora` (DoRA), :mod:`~lora_ref.embedding` and :mod:`~lora_ref.conv`
+(LoRA on embeddings and convolutions), :mod:`~lora_ref.adapters` (many adapters on one base),
+:mod:`~lora_ref.serving` (what serving engines compute), :mod:`~lora_ref.combine` (adapter
+arithmetic) and :mod:`~lora_ref.quant` (QLoRA's 4-bit base). ``import lora_ref`` stays light: the
+quant room's names are imported on first use (it needs ml_dtypes, whose import costs more than
+all of lora-ref's own), and no room imports SciPy at import time.
 """
+
+import importlib
 
 from .backend import (
     BACKENDS,
@@ -29,8 +39,46 @@ from .lora import (  # first: lora.py imports config.py at its end (see there)
     unmerge,
 )
 from .config import LoraConfig
+from . import adapters, combine, conv, dora, embedding, serving  # noqa: E402  (the variant rooms)
+from .adapters import *  # noqa: E402, F401, F403  (each room's __all__, listed below)
+from .combine import *  # noqa: E402, F401, F403
+from .conv import *  # noqa: E402, F401, F403
+from .dora import *  # noqa: E402, F401, F403
+from .embedding import *  # noqa: E402, F401, F403
+from .serving import *  # noqa: E402, F401, F403
 
 __version__ = "0.1.0"
+
+
+def _quant_names() -> tuple[str, ...]:
+    """lora_ref.quant's ``__all__``, read from its source (importing quant imports ml_dtypes,
+    about 0.6 s on a small machine); if the source does not have a literal ``__all__ = [...]``,
+    quant is imported to ask it. tests/test_lora.py holds the result equal to quant's own."""
+    import ast
+    import re
+    from pathlib import Path
+
+    try:
+        found = re.search(r"^__all__ = (\[.*?\])", Path(__file__).with_name("quant.py").read_text(), re.S | re.M)
+        return tuple(ast.literal_eval(found.group(1)))
+    except (OSError, AttributeError, ValueError, SyntaxError):
+        return tuple(importlib.import_module(".quant", __name__).__all__)
+
+
+_QUANT_NAMES = _quant_names()   # imported on first use, by the module __getattr__ below (PEP 562)
+
+
+def __getattr__(name: str):
+    if name in _QUANT_NAMES:
+        value = getattr(importlib.import_module(".quant", __name__), name)
+        globals()[name] = value                       # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'lora_ref' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_QUANT_NAMES))
+
 
 __all__ = [
     "BACKENDS",
@@ -54,4 +102,5 @@ __all__ = [
     "to_numpy",
     "unmerge",
     "use_backend",
-]
+] + [*adapters.__all__, *combine.__all__, *conv.__all__, *dora.__all__, *embedding.__all__, *serving.__all__,
+     *_QUANT_NAMES]

@@ -764,3 +764,33 @@ def test_bfloat16_is_for_merging_only():
         from lora_ref import merge
 
         merge(W, A.astype(np.float32), B.astype(np.float32), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The package's top level: every variant room's public names, and a light import
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_variant_rooms_public_names_are_re_exported():
+    import lora_ref
+    from lora_ref import adapters, combine, conv, dora, embedding, quant, serving
+
+    assert lora_ref._QUANT_NAMES == tuple(quant.__all__)   # read from quant's source
+    for room in (adapters, combine, conv, dora, embedding, quant, serving):
+        for name in room.__all__:
+            assert getattr(lora_ref, name) is getattr(room, name), (room.__name__, name)
+            assert name in lora_ref.__all__ and name in dir(lora_ref)
+    assert len(set(lora_ref.__all__)) == len(lora_ref.__all__)              # no room shadows another's name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        lora_ref.nothing_here  # noqa: B018
+
+
+def test_import_lora_ref_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_ref; heavy = [m for m in ('ml_dtypes', 'scipy', 'scipy.stats', 'matplotlib', "
+            "'transformer_ref', 'torch') if m in sys.modules]; print(heavy); lora_ref.nf4_levels(); "
+            "print('ml_dtypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"          # quant (and ml_dtypes) load on first use
