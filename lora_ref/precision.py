@@ -175,8 +175,8 @@ def audit_case(d: int = 512, r: int = 8, alpha: float = 16.0, seed: int = 0) -> 
 #   y = rnd( rnd(x) rnd(W)^T + rnd(b) ) + s ((x * M) A^T) B^T                      forward
 #       Linear4bit: x.to(c), the weight dequantised to c, the bias cast to c, torch's CPU GEMM in
 #       c -- products of two c numbers are exact in float32 (bfloat16 8 x 8 bits, float16 11 x 11
-#       <= 24), sums in float32, the output rounded once, bias included (tests/test_precision.py
-#       holds torch to it) -- then .to(float32); PEFT's adapter branch on the unrounded x, in
+#       <= 24), sums in float32, the output rounded once, bias included (held against torch in
+#       tests/interop/test_qlora_hosts.py) -- then .to(float32); PEFT's adapter branch on the unrounded x, in
 #       float32 (lora_ref.adapters.lora_delta).
 #   dL/dx = rnd( rnd(G) rnd(W) ) + s ((G B) A) * M                                  backward
 #       MatMul4Bit.backward: grad.to(c) @ W in c, rounded, cast back to float32; A and B get

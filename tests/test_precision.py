@@ -132,3 +132,94 @@ def test_refusals():
         p.drift(W[:4], A, B, s, "float32", "PEFT")
     with pytest.raises(TypeError, match="W"):
         p.drift(W.astype(np.int64), A, B, s, "float32", "PEFT")
+
+
+# ------------------------------------------------------------------ computing in a narrower dtype
+
+
+def narrow_case(seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 16)).astype(dtype)
+    W = rng.standard_normal((8, 16)).astype(dtype)
+    b = rng.standard_normal(8).astype(dtype)
+    A, B = rng.standard_normal((4, 16)).astype(dtype), rng.standard_normal((8, 4)).astype(dtype)
+    return x, W, b, A, B
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float16"])
+def test_round_to_is_the_cast_and_back(compute):
+    x = narrow_case()[0]
+    want = x.astype(BF16 if compute == "bfloat16" else compute).astype(np.float32)
+    assert p.round_to(x, compute).tobytes() == want.tobytes()
+    assert p.round_to(x, "float32") is x
+    pytest.importorskip("array_api_strict")
+    with lr.use_backend("array_api_strict"):
+        got = p.round_to(lr.asarray(x), compute)
+        assert type(got).__module__.startswith("array_api_strict")
+    assert lr.to_numpy(got).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float16"])
+def test_narrow_linear_rounds_input_weight_bias_and_output(compute):
+    """rnd(rnd(x) rnd(W)^T + rnd(b)): the products of two 16-bit numbers are exact in float32, so
+    only the float32 sums and the final rounding remain; written out here with NumPy."""
+    x, W, b, _, _ = narrow_case()
+    rnd = lambda t: p.round_to(t, compute)                                  # noqa: E731
+    want = rnd(rnd(x) @ rnd(W).T + rnd(b))
+    assert p.narrow_linear(x, W, b, compute).tobytes() == want.tobytes()
+    assert p.narrow_linear(x, W, None, "float32").tobytes() == (x @ W.T).tobytes()   # nothing to round
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float16"])
+def test_narrow_linear_vjp_is_what_autograd_derives(compute):
+    """The hand-written dL/dx = rnd(rnd(G) rnd(W)) is what autograd.numpy derives from the bare
+    forward, bit for bit (its cast VJP casts the cotangent as torch's .to() does)."""
+    import autograd
+
+    x, W, b, _, _ = narrow_case(1)
+    g = np.random.default_rng(2).standard_normal((2, 3, 8)).astype(np.float32)
+    hand = autograd.grad(lambda x_: (p.narrow_linear(x_, W, b, compute) * g).sum())(x)
+    traced = autograd.grad(lambda x_: (p.narrow_linear.fun(x_, W, b, compute) * g).sum())(x)
+    assert hand.tobytes() == traced.tobytes()
+    rnd = lambda t: p.round_to(t, compute)                                  # noqa: E731
+    assert hand.tobytes() == rnd(rnd(g) @ rnd(W)).tobytes()
+
+
+def test_narrow_linear_in_its_own_dtype_against_finite_differences():
+    from autograd.test_util import check_grads
+
+    x, W, b, _, _ = narrow_case(3, "float64")
+    check_grads(lambda x_: p.narrow_linear(x_, W, b, "float64"), modes=["rev"], order=1)(x)
+
+
+def test_mixed_linear_is_lora_linear_in_its_own_dtype_and_lora_delta_on_top():
+    import autograd
+
+    from lora_ref.adapters import lora_delta
+
+    x, W, b, A, B = narrow_case(4)
+    assert p.mixed_linear(x, W, A, B, 0.5, b, compute_dtype="float32").tobytes() == \
+        lr.lora_linear(x, W, A, B, 0.5, b).tobytes()
+    y = p.mixed_linear(x, W, A, B, 0.5, b, compute_dtype="bfloat16")
+    assert y.tobytes() == (p.narrow_linear(x, W, b, "bfloat16") + lora_delta(x, A, B, 0.5)).tobytes()
+    g = np.random.default_rng(5).standard_normal(y.shape).astype(np.float32)
+    dA, dB = autograd.grad(lambda a, b_: (p.mixed_linear(x, W, a, b_, 0.5, b, compute_dtype="bfloat16") * g).sum(),
+                           (0, 1))(A, B)
+    want = autograd.grad(lambda a, b_: (lr.lora_linear(x, W, a, b_, 0.5, b) * g).sum(), (0, 1))(A, B)
+    assert dA.tobytes() == want[0].tobytes() and dB.tobytes() == want[1].tobytes()   # float32, the same VJPs
+
+
+def test_narrow_linear_refusals():
+    import autograd
+
+    x, W, b, _, _ = narrow_case()
+    with pytest.raises(ValueError, match="not wider"):
+        p.narrow_linear(x, W, b, "float64")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        p.narrow_linear(x, W, b, "float8")
+    with pytest.raises(ValueError, match="bias"):
+        p.narrow_linear(x, W, b[:3], "bfloat16")
+    with pytest.raises(ValueError, match="d_in"):
+        p.narrow_linear(x, W.T, b, "bfloat16")
+    with pytest.raises(TypeError, match="bias"):
+        autograd.grad(lambda b_: p.narrow_linear(x, W, b_, "bfloat16").sum())(b)

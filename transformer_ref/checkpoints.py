@@ -23,6 +23,15 @@ stored ``lm_head.weight`` of a tied model equal to the embedding; GPT-2's causal
 ``rotary_emb.inv_freq`` buffers equal to the default RoPE's. Settings the models do not implement
 raise ``NotImplementedError`` naming the field. Checkpoints saved from ``GPT2Model`` /
 ``LlamaModel`` (keys without ``transformer.`` / ``model.``) are accepted.
+
+bitsandbytes 4-bit checkpoints (transformers' ``load_in_4bit``; config.json's
+``quantization_config``) are read too: each quantised weight's tensors (``weight`` packed uint8,
+``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``) become one ``lora_ref.quant.QuantState`` in params,
+computed in ``bnb_4bit_compute_dtype`` (:func:`_read_4bit`), before the declared sizes are checked
+(a state's shape is its JSON blob's, checked against its packed bytes). GPT-2's Conv1D weights
+are stored (d_out, d_in) once quantised (transformers transposes them first): not transposed.
+``dtype=`` converts the float parameters only. Saving 4-bit params is not implemented.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ import safetensors.numpy
 
 from lora_ref.backend import asarray, dtype_name, to_numpy
 from lora_ref.files import FileFormatError, read_json, read_tensors, write_directory_atomically
+from lora_ref.precision import COMPUTE_DTYPES
+from lora_ref.quant import QUANT_TYPES, QuantState
 
 from .gpt2 import PROJECTIONS, GPTConfig
 from .gpt2 import param_shapes as gpt2_shapes
@@ -59,6 +70,7 @@ _UNSUPPORTED = {
     "activation_function": ("gelu_new", "GPT-2's tanh-approximated GELU is the only activation implemented"),
     "add_cross_attention": (False, "cross-attention (an encoder-decoder setting) is not implemented"),
 }
+_4BIT_BLOB = re.compile(r"(.+\.weight)\.quant_state\.bitsandbytes__(?:nf4|fp4)")   # bitsandbytes' JSON blob key
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -184,13 +196,18 @@ def _finish(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[str, 
     missing = [k for k in shapes if k not in tensors]
     if missing:
         raise CheckpointFormatError(f"{where}: missing {len(missing)} parameter(s) of this config, e.g. {missing[:3]}")
-    codes = {stored[k] for k in shapes}
+    codes = {stored[k] for k in shapes if not isinstance(tensors[k], QuantState)}
     if target is None and codes & {"F16", "BF16"}:
         raise CheckpointFormatError(f"{where}: the weights are stored as {sorted(codes & {'F16', 'BF16'})[0]}; pass "
                                     "dtype='float32' or 'float64' to widen them (exactly)")
-    params: dict[str, np.ndarray] = {}
+    params: dict[str, Any] = {}
     for name, shape in shapes.items():
         arr, flip = tensors[name], name.endswith(transposed) if transposed else False
+        if isinstance(arr, QuantState):     # 4-bit: (d_out, d_in) even for Conv1D (transformers transposes first)
+            if arr.shape != shape:
+                raise CheckpointFormatError(f"{where}: 4-bit key {name!r} has shape {arr.shape}, expected {shape}")
+            params[name] = arr
+            continue
         hf_shape = shape[::-1] if flip else shape
         if tuple(arr.shape) != hf_shape:
             raise CheckpointFormatError(f"{where}: key {name!r} has shape {tuple(arr.shape)}, expected {hf_shape} "
@@ -203,10 +220,59 @@ def _finish(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[str, 
         if bad:
             raise CheckpointFormatError(f"{where}: key {name!r} has {bad} non-finite value(s) (inf or nan)")
         params[name] = np.ascontiguousarray(arr.T) if flip else arr   # Conv1D (d_in, d_out) -> (d_out, d_in)
-    kinds = sorted({p.dtype.name for p in params.values()})
+    kinds = sorted({p.dtype.name for p in params.values() if not isinstance(p, QuantState)})
     if len(kinds) > 1:
         raise CheckpointFormatError(f"{where}: mixed dtypes {kinds}; pass dtype='float32' or 'float64' to convert")
     return params
+
+
+def _read_4bit(where: str, raw: Mapping[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` with each bitsandbytes 4-bit weight's tensors (``P.weight`` packed uint8,
+    ``P.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and the JSON blob
+    ``P.weight.quant_state.bitsandbytes__<nf4|fp4>``) replaced by one ``lora_ref.quant.QuantState``
+    under ``P.weight``, computed in config.json's ``quantization_config.bnb_4bit_compute_dtype``.
+    The states are checked against their own blobs here (sizes, maps, double quantisation) and
+    against config.json's quant type and double quantisation; no array is allocated beyond the
+    file's. Other quantisation methods and 8-bit raise NotImplementedError."""
+    blobs = {k: m.group(1) for k in tensors if (m := _4BIT_BLOB.fullmatch(k))}
+    qc = raw.get("quantization_config")
+    if qc is None:
+        if blobs:
+            raise CheckpointFormatError(f"{where}: holds bitsandbytes 4-bit weights ({sorted(blobs)[0]} ...) but "
+                                        "config.json has no quantization_config")
+        return tensors
+    if not isinstance(qc, Mapping) or qc.get("quant_method") != "bitsandbytes" or qc.get("load_in_8bit") \
+            or qc.get("load_in_4bit") is not True:
+        what = qc.get("quant_method") if isinstance(qc, Mapping) else qc
+        raise NotImplementedError(f"{where}: quantization_config (quant_method={what!r}) is not implemented; "
+                                  "transformer_ref reads bitsandbytes 4-bit checkpoints (load_in_4bit)")
+    compute = qc.get("bnb_4bit_compute_dtype") or "float32"         # transformers' default: float32
+    settings = {"bnb_4bit_quant_storage": (qc.get("bnb_4bit_quant_storage", "uint8"), ("uint8",)),
+                "bnb_4bit_compute_dtype": (compute, COMPUTE_DTYPES),
+                "bnb_4bit_quant_type": (qc.get("bnb_4bit_quant_type", "fp4"), QUANT_TYPES)}
+    for key, (value, allowed) in settings.items():
+        if value not in allowed:
+            raise NotImplementedError(f"{CONFIG_NAME} quantization_config.{key}={value!r} is not implemented "
+                                      f"(implemented: {', '.join(allowed)})")
+    if not blobs:
+        raise CheckpointFormatError(f"{where}: config.json asks for 4-bit weights but the file holds none")
+    double = bool(qc.get("bnb_4bit_use_double_quant", False))
+    out = dict(tensors)
+    for blob, prefix in blobs.items():
+        parts = {k: out.pop(k) for k in [k for k in out if k.startswith(prefix + ".")]}
+        if prefix not in out:
+            raise CheckpointFormatError(f"{where}: {blob} has no packed weight {prefix!r}")
+        parts = {"weight": out[prefix], **{k[len(prefix) + 1:]: v for k, v in parts.items()}}
+        try:
+            state = QuantState.from_bnb_tensors(parts, error=CheckpointFormatError, compute_dtype=compute)
+        except CheckpointFormatError as exc:
+            raise CheckpointFormatError(f"{where}: 4-bit weight {prefix!r}: {exc}") from exc
+        if (state.quant_type, state.nested) != (settings["bnb_4bit_quant_type"][0], double):
+            raise CheckpointFormatError(f"{where}: 4-bit weight {prefix!r} is {state.quant_type} with double "
+                                        f"quantisation {state.nested}, but quantization_config says "
+                                        f"{settings['bnb_4bit_quant_type'][0]}, {double}")
+        out[prefix] = state
+    return out
 
 
 def _tied_copy(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[str, str], embedding: str,
@@ -228,6 +294,9 @@ def _prepare_save(config: Any, params: Mapping[str, Any], shapes: Mapping[str, t
         raise ValueError(f"params must have exactly this config's parameters: missing {missing[:3]}, unexpected {extra[:3]}")
     tensors = {}
     for name, shape in shapes.items():
+        if isinstance(params[name], QuantState):
+            raise NotImplementedError(f"params[{name!r}] is 4-bit: saving bitsandbytes checkpoints is not implemented "
+                                      "(save lora_ref.quant.dequantize_4bit of it, or save with transformers)")
         arr = to_numpy(params[name])
         if tuple(arr.shape) != shape:
             raise ValueError(f"params[{name!r}] has shape {tuple(arr.shape)}, expected {shape} (lora-ref layout, (d_out, d_in))")
@@ -296,6 +365,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
         rename = {k: (k if k == "lm_head.weight" else "transformer." + k) for k in tensors}
         tensors = {rename[k]: v for k, v in tensors.items()}
         stored = {rename[k]: v for k, v in stored.items()}
+    tensors = _read_4bit(where, _read_config_json(folder), tensors)      # 4-bit weights -> QuantStates
     wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
     _check_layers(where, "n_layer", config.n_layer, _blocks(tensors, r"transformer\.h\.(\d+)\."), "transformer.h")
     _check_declared(where, [
@@ -317,7 +387,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     params = _finish(where, tensors, stored, shapes, target, _CONV1D)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         _tied_copy(where, tensors, stored, "transformer.wte.weight", "GPT-2")
-    return config, {name: asarray(arr) for name, arr in params.items()}
+    return config, {name: arr if isinstance(arr, QuantState) else asarray(arr) for name, arr in params.items()}
 
 
 def _read_gpt2_config(folder: Path) -> GPTConfig:
@@ -331,7 +401,7 @@ def _read_gpt2_config(folder: Path) -> GPTConfig:
         if field_name in raw and not (type(raw[field_name]) is type(value) and raw[field_name] == value):
             raise NotImplementedError(f"{config_file}: {field_name}={raw[field_name]!r} is not implemented ({why})")
     try:
-        return GPTConfig.from_dict(raw)
+        return GPTConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
     except (TypeError, ValueError) as exc:
         raise CheckpointFormatError(f"{config_file}: invalid GPT-2 config: {exc}") from exc
 
@@ -397,7 +467,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaC
         raise NotImplementedError(f"{config_file}: model_type={raw.get('model_type')!r}; load_hf_llama reads "
                                   f"{', '.join(MODEL_TYPES)} checkpoints")
     try:
-        config = LlamaConfig.from_dict(raw)
+        config = LlamaConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
     except (TypeError, ValueError) as exc:
         raise CheckpointFormatError(f"{config_file}: invalid {raw['model_type']} config: {exc}") from exc
     tensors, stored, where = _read_weights(folder)
@@ -407,6 +477,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaC
         rename = {k: (k if k == "lm_head.weight" else "model." + k) for k in tensors}
         tensors = {rename[k]: v for k, v in tensors.items()}
         stored = {rename[k]: v for k, v in stored.items()}
+    tensors = _read_4bit(where, raw, tensors)                            # 4-bit weights -> QuantStates
     rotary = {k for k in tensors if re.fullmatch(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq", k)}
     emb, q, k = (tensors.get(f"model.{n}.weight") for n in ("embed_tokens", "layers.0.self_attn.q_proj",
                                                           "layers.0.self_attn.k_proj"))
@@ -439,7 +510,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaC
     params = _finish(where, tensors, stored, shapes, target)
     if tied_copy:
         _tied_copy(where, tensors, stored, "model.embed_tokens.weight", config.model_type)
-    return config, {name: asarray(arr) for name, arr in params.items()}
+    return config, {name: arr if isinstance(arr, QuantState) else asarray(arr) for name, arr in params.items()}
 
 
 def _check_inv_freq(key: str, arr: np.ndarray, config: LlamaConfig, where: str) -> None:
