@@ -968,6 +968,67 @@ def test_fuzz_keys_shapes_and_dtypes(saved, data, with_params):
         check_outcome(path, saved[1] if with_params else None)
 
 
+@pytest.fixture(scope="module")
+def saved_variants(tmp_path_factory):
+    """A DoRA adapter and an embedding adapter (with a linear module), saved, with their params."""
+    params = tiny_params()
+    out = {}
+    for name, cfg, make in (("dora", DORA_CFG, dora_adapters), ("embedding", EMB_CFG, embedding_adapters)):
+        path = tmp_path_factory.mktemp(name) / "ad"
+        save_peft_adapter(path, cfg, make(params, cfg))
+        out[name] = Saved((path, params, None))
+    return out
+
+
+SUFFIXES = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"]
+
+
+@NO_RUNTIME_WARNINGS
+@FUZZ
+@given(data=st.data(), with_params=st.booleans(), which=st.sampled_from(["dora", "embedding"]))
+def test_fuzz_variant_files(saved_variants, data, with_params, which):
+    saved = saved_variants[which]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fresh_copy(saved, tmp)
+        tensors = {k: np.array(v) for k, v in reference_read(path / WEIGHTS_NAME).items()}
+        for _ in range(data.draw(st.integers(1, 3), label="edits")):
+            key = data.draw(st.sampled_from(sorted(tensors)), label="key") if tensors else None
+            if key is None:
+                break
+            what = data.draw(st.sampled_from(["rename", "reshape", "drop", "dtype"]), label="edit")
+            value = tensors.pop(key)
+            module = key[len(KEY_PREFIX):].rsplit(".lora_", 1)[0]
+            if what == "rename":
+                tensors[KEY_PREFIX + module + data.draw(st.sampled_from(SUFFIXES), label="suffix")] = value
+            elif what == "reshape":
+                shape = data.draw(st.lists(st.integers(0, 50), min_size=0, max_size=4), label="shape")
+                tensors[key] = np.random.default_rng(0).normal(size=shape)
+            elif what == "dtype":
+                tensors[key] = value.astype(data.draw(st.sampled_from(["float32", "float16"])))
+        if not tensors:
+            return
+        safetensors.numpy.save_file(tensors, str(path / WEIGHTS_NAME))
+        check_outcome(path, saved[1] if with_params else None)
+
+
+@given(ndim=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 3), c_in=st.integers(1, 3),
+       c_out=st.integers(1, 3), kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=30)
+def test_conv_adapters_of_any_geometry_round_trip(ndim, groups, per_group, c_in, c_out, kernel, dtype, seed):
+    r, C_in, C_out, k = groups * per_group, groups * c_in, groups * c_out, tuple(kernel[:ndim])
+    rng = np.random.default_rng(seed)
+    params = {"net.conv.weight": rng.normal(size=(C_out, c_in, *k)).astype(dtype)}     # (C_out, C_in/G, *k)
+    adapters = {"net.conv": {"A": rng.normal(size=(r, C_in, *k)).astype(dtype),
+                             "B": rng.normal(size=(C_out, per_group, *(1,) * ndim)).astype(dtype)}}
+    cfg = LoraConfig(r=r, alpha=2.0, target_modules=["conv"])
+    with tempfile.TemporaryDirectory() as tmp:
+        save_peft_adapter(Path(tmp) / "ad", cfg, adapters)
+        loaded_cfg, loaded = load_peft_adapter(Path(tmp) / "ad", params)
+    assert loaded_cfg == cfg
+    assert_same_adapters(loaded, adapters)
+
+
 # ============================================================================================
 # Atomic saves: an interrupted save leaves the previous adapter intact
 # ============================================================================================
