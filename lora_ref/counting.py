@@ -11,7 +11,9 @@ Nothing here allocates an array: every count is arithmetic on shapes. This modul
   :func:`deberta_v2_parameters`), written from their Hugging Face architectures;
 * the byte accounting (:func:`checkpoint_bytes`, :func:`adam_state_bytes`);
 * :data:`PAPER_CLAIMS`: the paper's reported counts and sizes, with the configuration the paper
-  states for each, and :func:`classify`, which decides whether a reported string recomputes.
+  states for each, and :func:`classify`, which decides whether a reported string recomputes;
+* QLoRA's 4-bit accounting (:func:`quant_bytes`, bitsandbytes' bytes for one weight;
+  :func:`constants_bits`, the QLoRA paper's bits of constants per parameter; :data:`QLORA_CLAIMS`).
 
 Accounting (Hu et al. 2021, Section 5.1): an adapter on a ``(d_out, d_in)`` weight is ``A`` of
 shape ``(r, d_in)`` plus ``B`` of shape ``(d_out, r)``, so ``r (d_in + d_out)`` parameters; for a
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
@@ -39,17 +42,21 @@ __all__ = [
     "PLAIN_MATRICES",
     "PAPER_CLAIMS",
     "PRESETS",
+    "QLORA_BLOCKSIZE",
+    "QLORA_CLAIMS",
     "ModelPreset",
     "PaperClaim",
     "Reported",
     "adam_state_bytes",
     "checkpoint_bytes",
     "classify",
+    "constants_bits",
     "deberta_v2_parameters",
     "format_size",
     "lora_parameters",
     "parse_reported",
     "parse_targets",
+    "quant_bytes",
     "roberta_parameters",
     "round_reported",
     "target_shape",
@@ -105,11 +112,11 @@ class ModelPreset:
 
 
 def _llama(name: str, label: str, source: str, *, vocab: int, d: int, F: int, L: int, H: int, Hk: int,
-           positions: int, theta: float) -> ModelPreset:
+           positions: int, theta: float, eps: float = 1e-5) -> ModelPreset:
     """A LLaMA preset from its Hugging Face config.json values (untied head, no biases)."""
     config = {"vocab_size": vocab, "hidden_size": d, "intermediate_size": F, "num_hidden_layers": L,
               "num_attention_heads": H, "num_key_value_heads": Hk, "max_position_embeddings": positions,
-              "rms_norm_eps": 1e-5, "rope_theta": theta, "tie_word_embeddings": False}
+              "rms_norm_eps": eps, "rope_theta": theta, "tie_word_embeddings": False}
     return ModelPreset(name=name, label=label, family="llama", d_model=d, layers=L, ffn_width=F,
                        config=MappingProxyType(config), source=source, kv_dim=Hk * (d // H),
                        counted=f"LlamaForCausalLM: token embeddings ({vocab}), {L} layers ({H} query heads, "
@@ -185,6 +192,8 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
            vocab=128256, d=4096, F=14336, L=32, H=32, Hk=8, positions=8192, theta=500000.0),
     _llama("llama-3-70b", "LLaMA-3 70B", "Hugging Face meta-llama/Meta-Llama-3-70B config.json",
            vocab=128256, d=8192, F=28672, L=80, H=64, Hk=8, positions=8192, theta=500000.0),
+    _llama("llama-65b", "LLaMA 65B", "Touvron et al. 2023 (LLaMA), Table 2; Hugging Face huggyllama/llama-65b "
+           "config.json", vocab=32000, d=8192, F=22016, L=80, H=64, Hk=64, positions=2048, theta=10000.0, eps=1e-6),
 )})
 
 
@@ -533,3 +542,42 @@ PAPER_CLAIMS: tuple[PaperClaim, ...] = (
     PaperClaim("Table 4", "gpt3-175b", "full", "175,255.8M",
                remark="not recomputable: GPT-3's exact architecture (vocabulary, biases, tying) is unpublished"),
 )
+
+
+# ============================================================================================
+# QLoRA (Dettmers et al. 2023, arXiv 2305.14314): 4-bit weights and their constants
+# ============================================================================================
+
+QLORA_BLOCKSIZE = 64            # Section 3: "a blocksize of 64 for W"
+QLORA_NESTED_BLOCKSIZE = 256    # "... and a blocksize of 256 for c2" (the constants' own blocks)
+
+# The QLoRA paper's memory figures (arXiv 2305.14314v1; its numbers, our words), audited by ``lora-ref count --qlora``.
+QLORA_CLAIMS = MappingProxyType({
+    "constants": ("Section 3", "32/64 = 0.5 bits per parameter without double quantization, "
+                               "8/64 + 32/(64 * 256) = 0.127 bits with it"),
+    "full": ("Section 1", "finetuning a 65B parameter model needs >780GB of GPU memory"),
+    "qlora": ("Abstract", "QLoRA finetunes a 65B parameter model on a single 48GB GPU"),
+})
+
+
+def quant_bytes(shape: Iterable[int], blocksize: int = QLORA_BLOCKSIZE, double_quant: bool = True) -> dict[str, int]:
+    """Bytes bitsandbytes stores for one 4-bit weight of ``shape`` (what
+    ``lora_ref.quant.QuantState.storage_bytes`` gives, from the shape alone): the codes
+    ``ceil(n / 2)``; absmax, one float32 per block of ``blocksize`` (or one uint8 code with double
+    quantisation, plus a float32 per 256 blocks, the 256-entry float32 map and the float32 offset);
+    the 16-entry float32 level table."""
+    n = 1
+    for d in shape:
+        n *= positive_int(d, "shape")
+    nb = -(-n // positive_int(blocksize, "blocksize"))
+    out = {"weight": (n + 1) // 2, "absmax": nb if double_quant else 4 * nb, "quant_map": 16 * 4}
+    if double_quant:
+        out.update(nested_absmax=4 * -(-nb // QLORA_NESTED_BLOCKSIZE), nested_quant_map=256 * 4, nested_offset=4)
+    return out
+
+
+def constants_bits(blocksize: int = QLORA_BLOCKSIZE, double_quant: bool = True) -> Fraction:
+    """Bits of constants per weight as the paper counts them (Section 3): ``32 / b`` (one float32
+    absmax per block), or ``8 / b + 32 / (b * 256)`` with double quantisation: exact."""
+    b = positive_int(blocksize, "blocksize")
+    return Fraction(8, b) + Fraction(32, b * QLORA_NESTED_BLOCKSIZE) if double_quant else Fraction(32, b)

@@ -53,7 +53,8 @@ DIMS = {  # preset: (d_model, layers, MLP width F), sources in the module docstr
 # layers, query heads H, key/value heads Hk. Head width D = d / H; k and v are (Hk D, d).
 LLAMA = {"llama-2-7b": (32000, 4096, 11008, 32, 32, 32), "llama-2-13b": (32000, 5120, 13824, 40, 40, 40),
          "llama-2-70b": (32000, 8192, 28672, 80, 64, 8), "llama-3-8b": (128256, 4096, 14336, 32, 32, 8),
-         "llama-3-70b": (128256, 8192, 28672, 80, 64, 8)}
+         "llama-3-70b": (128256, 8192, 28672, 80, 64, 8),
+         "llama-65b": (32000, 8192, 22016, 80, 64, 64)}      # LLaMA 1 (Touvron et al. 2023, Table 2)
 
 
 def llama_params(V, d, F, L, H, Hk):
@@ -523,3 +524,82 @@ def test_llama_lora_parameters_equal_the_adapters_transformer_ref_allocates(pres
     by_type = count_parameters(LlamaConfig(**p.config), lora_config_for(GATED_MATRICES, 8, family="llama"))["lora_by_type"]
     assert lora_parameters("all", 8, d_model=p.d_model, layers=p.layers, ffn_width=p.ffn_width, kv_dim=p.kv_dim,
                            matrices=p.matrices) == by_type
+
+
+# ============================================================================================
+# --qlora: 4-bit weights, their constants, adapters, Adam (Dettmers et al. 2023)
+# ============================================================================================
+
+
+def bnb_bytes(n: int, double_quant: bool) -> int:
+    """What bitsandbytes stores for a weight of n values in blocks of 64 (n a multiple of 64 here):
+    n / 2 bytes of codes, the 16 float32 levels, and one float32 absmax per block; or with double
+    quantisation one uint8 per block, a float32 per 256 blocks, the 256 float32 map, the offset."""
+    nb = n // 64
+    return n // 2 + 64 + (nb + 4 * -(-nb // 256) + 1024 + 4 if double_quant else 4 * nb)
+
+
+def test_qlora_llama_65b(capsys):
+    V, d, F, L, H, Hk = LLAMA["llama-65b"]
+    out = run_json(capsys, "--qlora")
+    full = llama_params(V, d, F, L, H, Hk)
+    weights = [d * d] * 2 + [d * (Hk * d // H)] * 2 + [d * F] * 3          # q, o; k, v; gate, up, down
+    quantised = L * sum(weights)
+    lora = sum(llama_lora(d, F, L, H, Hk, 64, ("q", "k", "v", "o", "gate", "up", "down")).values())
+    assert (out["model"], out["params"], out["quantised_params"], out["quantised_weights"]) == \
+        ("llama-65b", full, quantised, 7 * L)
+    assert (out["rank"], out["lora_params"]) == (64, lora)
+    b = out["bytes"]
+    assert b["codes"] == quantised // 2 and b["rest_bf16"] == 2 * (full - quantised)
+    for dq, key in ((True, "constants_double_quant"), (False, "constants_float32")):
+        assert b[key] == L * sum(bnb_bytes(n, dq) for n in weights) - quantised // 2
+    assert b["adapters_bf16"] == b["adapter_gradients_bf16"] == 2 * lora and b["adam_state"] == 8 * lora
+    common = quantised // 2 + 2 * (full - quantised) + 4 * lora + 8 * lora
+    assert out["total_bytes"] == {"double_quant": common + b["constants_double_quant"],
+                                  "float32_constants": common + b["constants_float32"]}
+    assert out["full_16bit_bytes"] == 12 * full and out["peft_float32_extra_bytes"] == 4 * lora
+    bits = out["constants_bits"]
+    assert (bits["formula_float32"], bits["formula_double_quant"]) == (32 / 64, 8 / 64 + 32 / (64 * 256))
+    assert bits["stored_double_quant"] == 8 * b["constants_double_quant"] / quantised
+    assert [c["source"] for c in out["claims"]] == ["Section 3", "Section 1", "Abstract"]
+    assert all(c["status"] == "ok" for c in out["claims"])
+    assert 12 * full > 780 * 10**9 and out["total_bytes"]["double_quant"] < 48 * 10**9    # the claims, by hand
+
+
+def test_qlora_text_and_other_presets(capsys):
+    assert main(["count", "--qlora"]) == 0
+    text = capsys.readouterr().out
+    V, d, F, L, H, Hk = LLAMA["llama-65b"]
+    assert f"{12 * llama_params(V, d, F, L, H, Hk):,} bytes" in text and text.count(": ok") == 3
+    out = run_json(capsys, "gpt2", "--qlora", "--targets", "q,v", "--rank", "8")
+    C, F, L = DIMS["gpt2"][0], DIMS["gpt2"][2], DIMS["gpt2"][1]
+    weights = [3 * C * C, C * C, F * C, C * F]                       # c_attn is one (3C, C) weight
+    assert out["quantised_weights"] == 4 * L and out["quantised_params"] == L * sum(weights)
+    assert out["bytes"]["constants_double_quant"] == L * sum(bnb_bytes(n, True) - n // 2 for n in weights)
+    assert out["lora_params"] == lora_params(C, L, 8, 2) and [c["source"] for c in out["claims"]] == ["Section 3"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--qlora", "--paper"], "two audits"),
+    (["--qlora", "--d-model", "64", "--layers", "2"], "counts a preset"),
+    (["roberta-base", "--qlora"], "GPT-2 and LLaMA presets"),
+    (["--qlora", "--rank", "9000"], "--rank must be at most"),
+    (["--qlora", "--targets", "mlp_in"], "--targets"),
+])
+def test_qlora_refusals(capsys, argv, match):
+    assert main(["count", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_quant_bytes_is_what_a_quant_state_stores():
+    import numpy as np
+
+    from lora_ref import quant as q
+    from lora_ref.counting import constants_bits, quant_bytes
+
+    for shape in [(7,), (33,), (2, 48), (64, 64), (300, 70), (96, 224)]:
+        W = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for blocksize in (64, 256):
+            for dq in (False, True):
+                assert quant_bytes(shape, blocksize, dq) == q.quantize_4bit(W, blocksize, "nf4", dq).storage_bytes()
+    assert (constants_bits(64, False), constants_bits(64, True)) == (0.5, 0.126953125)

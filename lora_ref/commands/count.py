@@ -56,14 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, metavar="R", help=f"LoRA rank r (default {_DEFAULT_RANK})")
     parser.add_argument("--paper", action="store_true",
                         help="recompute the LoRA paper's reported counts and flag those that do not recompute")
+    parser.add_argument("--qlora", action="store_true",
+                        help="QLoRA's memory for a GPT-2 or LLaMA preset (default llama-65b): 4-bit weights, their "
+                             "constants with and without double quantisation, adapters, Adam; audits the QLoRA paper's "
+                             "figures (targets default to all, rank to 64)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    overview = not args.paper and all(getattr(args, n) is None for n in ("model", "d_model", "layers", "ffn",
-                                                                         "kv_dim", "targets", "rank"))
+    qlora = getattr(args, "qlora", False)
+    overview = not args.paper and not qlora and all(getattr(args, n) is None for n in (
+        "model", "d_model", "layers", "ffn", "kv_dim", "targets", "rank"))
     try:
-        result = _overview() if overview else _paper_audit(args) if args.paper else _count(args)
+        result = _overview() if overview else _qlora(args) if qlora else _paper_audit(args) if args.paper \
+            else _count(args)
     except _Usage as exc:
         print(f"lora-ref count: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif overview:
         _print_overview(result)
+    elif qlora:
+        _print_qlora(result)
     elif args.paper:
         _print_audit(result)
     else:
@@ -419,3 +427,106 @@ def _print_audit(res: dict[str, Any]) -> None:
           f"and 'roughly 10,000x' rounds {h['ratio']:,.0f}x up.")
     print("Legend: ok = rounds to the reported figure; truncated = only dropping digits gives it; "
           "mismatch = neither; n/a = nothing exact to compare with.")
+
+
+# ============================================================================================
+# QLoRA (Dettmers et al. 2023): what a 4-bit base and its adapters occupy
+# ============================================================================================
+
+_GB = 10**9
+
+
+def _qlora(args: argparse.Namespace) -> dict[str, Any]:
+    """Bytes of a preset fine-tuned with QLoRA, part by part, and the QLoRA paper's figures."""
+    from ..counting import (GATED_MATRICES, PRESETS, QLORA_BLOCKSIZE, QLORA_CLAIMS, adam_state_bytes,
+                            constants_bits, lora_parameters, quant_bytes, target_shape)
+
+    if args.paper:
+        raise _Usage("--qlora and --paper are two audits: give one")
+    given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn", "kv_dim") if getattr(args, n) is not None]
+    if given:
+        raise _Usage(f"--qlora counts a preset (default llama-65b), not {'/'.join(given)}")
+    name = "llama-65b" if args.model is None else args.model
+    if name not in PRESETS or PRESETS[name].family not in ("gpt2", "llama"):
+        ok = [n for n, p in PRESETS.items() if p.family in ("gpt2", "llama")]
+        raise _Usage(f"--qlora counts the GPT-2 and LLaMA presets ({', '.join(ok)}), whose projections transformers "
+                     f"quantises to 4 bits; got {name!r}")
+    p = PRESETS[name]
+    d, L, F, kv = p.d_model, p.layers, p.ffn_width, p.kv_dim or p.d_model
+    targets, rank = _targets_and_rank(argparse.Namespace(targets=args.targets or "all",
+                                                         rank=64 if args.rank is None else args.rank), p.matrices)
+    _check_rank(rank, targets, d, F, kv)
+    full, _ = _full_params(p)
+    shapes = L * ([(3 * d, d), (d, d), (F, d), (d, F)] if p.family == "gpt2" else   # GPT-2's c_attn is one weight
+                  [target_shape(t, d, F, kv) for t in GATED_MATRICES])
+    quantised = sum(a * b for a, b in shapes)
+    stored = {dq: sum(sum(quant_bytes(s, QLORA_BLOCKSIZE, dq).values()) for s in shapes) for dq in (True, False)}
+    codes = sum(quant_bytes(s)["weight"] for s in shapes)
+    lora = sum(lora_parameters(targets, rank, d_model=d, layers=L, ffn_width=F, kv_dim=kv, matrices=p.matrices).values())
+    parts = {"codes": codes, "constants_double_quant": stored[True] - codes, "constants_float32": stored[False] - codes,
+             "rest_bf16": 2 * (full - quantised), "adapters_bf16": 2 * lora, "adapter_gradients_bf16": 2 * lora,
+             "adam_state": adam_state_bytes(lora)}
+    common = parts["codes"] + parts["rest_bf16"] + 4 * lora + parts["adam_state"]
+    total = {"double_quant": common + parts["constants_double_quant"], "float32_constants": common +
+             parts["constants_float32"]}
+    full16 = 4 * full + adam_state_bytes(full)       # bf16 weights and gradients, Adam's m and v in fp32
+    bits = {dq: 8 * (stored[dq] - codes) / quantised for dq in (True, False)}
+    formula = {dq: constants_bits(QLORA_BLOCKSIZE, dq) for dq in (True, False)}
+    claims = [
+        {"source": QLORA_CLAIMS["constants"][0], "claim": QLORA_CLAIMS["constants"][1],
+         "recomputed": f"32/64 = {float(formula[False])}, 8/64 + 32/(64 * 256) = {float(formula[True])}; stored by "
+                       f"bitsandbytes for {name} (level tables and offsets included): {bits[False]:.5f} and "
+                       f"{bits[True]:.5f} bits per quantised parameter",
+         "status": "ok" if (round(float(formula[False]), 3), round(float(formula[True]), 3)) == (0.5, 0.127) else "mismatch"},
+        {"source": QLORA_CLAIMS["full"][0], "claim": QLORA_CLAIMS["full"][1],
+         "recomputed": f"{full:,} parameters x 12 bytes (bf16 weights and gradients, fp32 m and v) = "
+                       f"{full16 / _GB:.1f} GB", "status": "ok" if full16 > 780 * _GB else "mismatch"},
+        {"source": QLORA_CLAIMS["qlora"][0], "claim": QLORA_CLAIMS["qlora"][1],
+         "recomputed": f"{total['double_quant'] / _GB:.2f} GB before activations: {(48 * _GB - total['double_quant']) / _GB:.2f}"
+                       f" GB left of 48 GB, {(48 * 2**30 - total['double_quant']) / _GB:.2f} GB of 48 GiB; without double "
+                       f"quantisation {total['float32_constants'] / _GB:.2f} GB, "
+                       f"{(48 * _GB - total['float32_constants']) / _GB:.2f} GB left of 48 GB",
+         "status": "ok" if total["double_quant"] < 48 * _GB else "mismatch"},
+    ][: 3 if name == "llama-65b" else 1]             # the 65B figures are the paper's LLaMA 65B's
+    return {"model": name, "label": p.label, "config_source": p.source, "params": full, "quantised_params": quantised,
+            "quantised_weights": len(shapes), "blocksize": QLORA_BLOCKSIZE, "targets": list(targets), "rank": rank,
+            "lora_params": lora, "bytes": parts, "total_bytes": total, "full_16bit_bytes": full16,
+            "peft_float32_extra_bytes": 4 * lora,
+            "constants_bits": {"formula_double_quant": float(formula[True]), "formula_float32": float(formula[False]),
+                               "stored_double_quant": bits[True], "stored_float32": bits[False]},
+            "claims": claims}
+
+
+def _print_qlora(res: dict[str, Any]) -> None:
+    from ..counting import format_size
+
+    print(f"QLoRA memory, {res['model']} ({res['label']}) [{res['config_source']}]")
+    print(f"{res['params']:,} parameters; the {res['quantised_weights']} projection weights ({res['quantised_params']:,} "
+          f"parameters) in NF4, blocks of {res['blocksize']}; LoRA r={res['rank']} on {','.join(res['targets'])} "
+          f"({res['lora_params']:,} parameters)")
+    print()
+    b, q = res["bytes"], res["quantised_params"]
+    rows = [("4-bit codes", b["codes"], 8 * b["codes"] / q),
+            ("constants, float32 per block", b["constants_float32"], res["constants_bits"]["stored_float32"]),
+            ("constants, double quantised", b["constants_double_quant"], res["constants_bits"]["stored_double_quant"]),
+            ("the rest in bf16 (embeddings, head, norms)", b["rest_bf16"], None),
+            ("LoRA adapters, bf16", b["adapters_bf16"], None),
+            ("adapter gradients, bf16", b["adapter_gradients_bf16"], None),
+            ("Adam state, 2 x fp32", b["adam_state"], None)]
+    print(f"{'':<42}{'bytes':>16}{'':>4}{'':<22}bits / quantised parameter")
+    for label, n, bits in rows:
+        size = f"{format_size(n)} ({format_size(n, binary=True)})"
+        print(f"{label:<42}{n:>16,}    {size:<22}{'' if bits is None else f'{bits:.5f}'}".rstrip())
+    for label, key in (("total, double quantisation", "double_quant"), ("total, float32 constants", "float32_constants")):
+        n = res["total_bytes"][key]
+        print(f"{label:<42}{n:>16,}    {format_size(n)} ({format_size(n, binary=True)})")
+    print(f"Activations are not counted (they depend on the batch, the sequence and checkpointing). PEFT's default "
+          f"float32 adapters and gradients add {format_size(res['peft_float32_extra_bytes'])}.")
+    print(f"Full fine-tuning in 16 bits (bf16 weights and gradients, fp32 Adam): {res['full_16bit_bytes']:,} bytes = "
+          f"{format_size(res['full_16bit_bytes'])}.")
+    print()
+    print("The QLoRA paper's memory figures (arXiv 2305.14314), recomputed"
+          + (":" if len(res["claims"]) > 1 else " (its 65B figures: lora-ref count --qlora llama-65b):"))
+    for c in res["claims"]:
+        print(f"  {c['source']}: {c['claim']}.")
+        print(f"    {c['recomputed']}: {c['status']}")
