@@ -50,12 +50,12 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, where, reaso
 
 def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     # A read-only folder, as root sees one too (root writes into a 0555 folder regardless).
-    import safetensors.numpy
+    import lora_ref.vectors
 
-    def refuse(tensors, filename, metadata=None):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), filename)
+    def refuse(path, tensors, metadata):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", refuse)
+    monkeypatch.setattr(lora_ref.vectors, "_write_file", refuse)
     assert main(["vectors", str(tmp_path / "v")]) == 1
     err = one_error_line(capsys)
     assert err.startswith(f"lora-ref vectors: cannot write to '{tmp_path / 'v'}/") and err.endswith(

@@ -1,12 +1,15 @@
-"""Golden vectors: written, read back, deterministic, right, and able to fail a wrong layer.
+"""Golden vectors, format v2: written, read back, deterministic, right, and able to fail every
+mutant of their kinds; format v1 refused by name.
 
-The expected values are checked against a second implementation written here in autograd.numpy
-(a dense delta, scattered block by block for fused layers, differentiated by autograd), so the
-vectors do not merely repeat lora_ref.lora_linear's own code path.
-"""
+The linear expected values are checked against a second implementation written here in
+autograd.numpy (a dense delta, scattered block by block for fused layers, differentiated by
+autograd), so the vectors do not merely repeat lora_ref.lora_linear's own code path; the other
+kinds' expected values are the kit's references, which tests/test_kit_*.py hold to independent
+implementations (lora_ref.kit.mutants.CORRECT), run here on the files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -16,14 +19,15 @@ import numpy as np
 import pytest
 from autograd import grad as ag_grad
 
-import lora_ref
 from lora_ref.cli import main
-from lora_ref.testing import assert_within, reference_rtol, rounding_counts, tolerance
-from lora_ref.vectors import (FORMAT_VERSION, GoldenCase, check_against_vectors, golden_cases, load_vectors,
+from lora_ref.kit.linear import rounding_counts
+from lora_ref.kit.mutants import CORRECT, MUTANTS
+from lora_ref.testing import assert_within, reference_rtol, tolerance
+from lora_ref.vectors import (FORMAT_VERSION, KINDS, GoldenCase, check_against_vectors, golden_cases, load_vectors,
                               write_vectors)
 
-KINDS = ("plain", "rslora", "fan_in_fan_out", "dropout", "fused_qkv_q_v", "fused_k_v", "rank_above_dim",
-         "rank_equals_dims", "rank_equals_d_out")
+LINEAR_KINDS = ("plain", "rslora", "fan_in_fan_out", "dropout", "fused_qkv_q_v", "fused_k_v", "rank_above_dim",
+                "rank_equals_dims", "rank_equals_d_out")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,31 @@ def cases(vectors_dir) -> list[GoldenCase]:
 
 
 # --------------------------------------------------------------------------------------------
-# A second forward pass, dense and written out, for independent expected values
+# Contents
 # --------------------------------------------------------------------------------------------
+
+
+def test_every_kind_with_its_dtypes(cases):
+    assert FORMAT_VERSION == 2 and {c.kind for c in cases} == set(KINDS)
+    linear = [c.name for c in cases if c.kind == "lora_linear"]
+    assert linear == [f"{k}_{d}" for k in LINEAR_KINDS for d in ("float64", "float32")]
+    for kind in ("lora_linear", "dora_linear", "lora_shrink", "lora_expand"):     # the C/JS consumer's three
+        assert {"float64", "float32"} <= {c.dtype for c in cases if c.kind == kind}
+    assert {c.dtype for c in cases if c.kind == "lora_shrink"} == {"float64", "float32", "float16", "bfloat16"}
+    assert {c.dtype for c in cases if c.kind == "quantize_4bit"} == {"float32", "float16", "bfloat16"}
+    for case in cases:
+        floats = [v for k, v in case.inputs.items() if v.dtype.kind == "f" or v.dtype.name == "bfloat16"]
+        assert all(v.dtype.name == case.dtype for v in floats if not (case.kind == "lora_expand" and v is case.inputs["h"]))
+        for o in case.outputs.values():
+            assert (o.rule == "tolerance") == (o.magnitude is not None)
+            assert o.expected.dtype.name == ("float64" if o.rule == "tolerance" else o.dtype)
+    by = {c.name: c for c in cases}
+    assert by["rslora_float64"].params["scale"] == 8.0 / math.sqrt(4)
+    assert by["fused_qkv_q_v_float32"].params["enable_lora"] == [True, False, True]
+    assert set(by["dora_dropout_float32"].outputs) == {"y", "m_init", "W_merged", "dx", "dA", "dB", "dm",
+                                                       "dA_exact", "dB_exact"}
+    assert by["expand_bgmv_bfloat16"].inputs["h"].dtype == np.float32                # h in the accumulation dtype
+    assert by["quant_double_quant_float32"].outputs["nested_offset"].expected.shape == ()
 
 
 def dense_forward(x, W_stored, A, B, params, bias, mask):
@@ -62,63 +89,36 @@ def dense_forward(x, W_stored, A, B, params, bias, mask):
     return (y if bias is None else y + bias), s * D
 
 
-def independent_expected(case: GoldenCase) -> dict[str, np.ndarray]:
-    f64 = {k: v.astype(np.float64) for k, v in case.inputs.items()}
-    x, W, A, B, dy = f64["x"], f64["W"], f64["A"], f64["B"], f64["dy"]
-    bias, mask = f64.get("bias"), f64.get("dropout_mask")
-    y, sD = dense_forward(x, W, A, B, case.params, bias, mask)
-    loss = lambda xx, AA, BB: anp.sum(dense_forward(xx, W, AA, BB, case.params, bias, mask)[0] * dy)  # noqa: E731
-    return {"y": y, "W_merged": W + (sD.T if case.params["fan_in_fan_out"] else sD),
-            "dx": ag_grad(loss, 0)(x, A, B), "dA": ag_grad(loss, 1)(x, A, B), "dB": ag_grad(loss, 2)(x, A, B)}
-
-
-# --------------------------------------------------------------------------------------------
-# Contents
-# --------------------------------------------------------------------------------------------
-
-
-def test_every_kind_in_both_dtypes(cases):
-    assert [c.name for c in cases] == [f"{k}_{d}" for k in KINDS for d in ("float64", "float32")]
-    for case in cases:
-        assert case.dtype in case.name
-        assert all(v.dtype.name == case.dtype for v in case.inputs.values())
-        assert all(v.dtype.name == "float64" for v in case.expected.values())
-    by_name = {c.name: c for c in cases}
-    assert by_name["rslora_float64"].params["scale"] == 8.0 / math.sqrt(4)
-    assert by_name["fused_qkv_q_v_float32"].params["enable_lora"] == [True, False, True]
-    assert "dropout_mask" in by_name["dropout_float64"].inputs and "bias" not in by_name["rank_above_dim_float64"].inputs
-    p = by_name["rank_above_dim_float64"].params
-    assert p["r"] > min(by_name["rank_above_dim_float64"].inputs["W"].shape)
-    square, tall = by_name["rank_equals_dims_float64"], by_name["rank_equals_d_out_float32"]
-    assert square.inputs["A"].shape == square.inputs["B"].shape == square.inputs["W"].shape == (4, 4)
-    assert tall.inputs["W"].shape == (3, 6) and tall.inputs["B"].shape == (3, 3) and tall.params["r"] == 3
-
-
-def test_expected_values_match_an_independent_dense_implementation(cases):
+def test_linear_expected_values_match_an_independent_dense_implementation(cases):
     # Both are float64 computations of the same sums (n roundings each): 2 gamma_n(float64) M.
-    for case in cases:
-        d_in = case.inputs["A"].shape[1]
-        d_out = case.expected["y"].shape[-1]
-        n_tokens = math.prod(case.inputs["x"].shape[:-1])
-        counts = rounding_counts(d_in, d_out, case.params["r"], n_tokens, len(case.inputs["A"]) // case.params["r"])
-        ours = independent_expected(case)
+    for case in (c for c in cases if c.kind == "lora_linear"):
+        t = {k: v.astype(np.float64) for k, v in case.inputs.items()}
+        x, W, A, B, dy, bias, mask = (t.get(k) for k in ("x", "W", "A", "B", "dy", "bias", "dropout_mask"))
+        y, sD = dense_forward(x, W, A, B, case.params, bias, mask)
+        loss = lambda xx, AA, BB: anp.sum(dense_forward(xx, W, AA, BB, case.params, bias, mask)[0] * dy)  # noqa: E731
+        ours = {"y": y, "W_merged": W + (sD.T if case.params["fan_in_fan_out"] else sD),
+                "dx": ag_grad(loss, 0)(x, A, B), "dA": ag_grad(loss, 1)(x, A, B), "dB": ag_grad(loss, 2)(x, A, B)}
+        n = len(case.inputs["A"]) // case.params["r"]
+        counts = rounding_counts(A.shape[1], y.shape[-1], case.params["r"], math.prod(x.shape[:-1]), n)
         for name, value in ours.items():
-            bound = 2 * tolerance("float64", counts[name]) * case.magnitudes[name]
-            assert_within(value, case.expected[name], bound, what=f"{case.name}:{name}")
+            bound = 2 * tolerance("float64", counts[name]) * case.outputs[name].magnitude
+            assert_within(value, case.outputs[name].expected, bound, what=f"{case.name}:{name}")
 
 
-def test_manifest_tolerances_are_derived_from_the_rounding_counts(vectors_dir, cases):
-    manifest = json.loads((vectors_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION and manifest["expected_dtype"] == "float64"
-    for entry, case in zip(manifest["cases"], cases):
-        d_in, d_out = case.inputs["A"].shape[1], case.expected["y"].shape[-1]
-        n_tokens = math.prod(case.inputs["x"].shape[:-1])
-        counts = rounding_counts(d_in, d_out, case.params["r"], n_tokens, len(case.inputs["A"]) // case.params["r"])
-        for name, tol in entry["tolerance"].items():
-            assert tol["roundings"] == counts[name] + 2                     # + expected rounded, subtraction
-            assert tol["rtol"] == reference_rtol(case.dtype, tol["roundings"])
-            assert tol["atol"] == tol["rtol"] * case.magnitudes[name].max()
-        assert entry["formula"] and entry["description"]
+def test_tolerances_are_derived(cases):
+    for case in cases:
+        for o in case.outputs.values():
+            if o.rule != "tolerance":
+                continue
+            assert o.atol == o.rtol * o.magnitude.max()
+            if case.kind in ("lora_linear", "dora_linear", "lora_embedding", "lora_conv", "adapter_set",
+                             "mixed_batch", "combine_adapters"):
+                assert o.rtol == reference_rtol(case.dtype, o.roundings), (case.name, o.name)
+        if case.kind == "lora_linear":
+            A, y = case.inputs["A"], case.outputs["y"].expected
+            counts = rounding_counts(A.shape[1], y.shape[-1], case.params["r"],
+                                     math.prod(case.inputs["x"].shape[:-1]), len(A) // case.params["r"])
+            assert {k: o.roundings for k, o in case.outputs.items()} == {k: counts[k] + 2 for k in counts}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,103 +126,85 @@ def test_manifest_tolerances_are_derived_from_the_rounding_counts(vectors_dir, c
 # --------------------------------------------------------------------------------------------
 
 
-def layer(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None,
-          wrong=None):
-    """lora_ref in the case's own dtype (float32 cases computed in float32)."""
-    s = lora_ref.lora_scale(alpha, r, use_rslora and wrong != "rslora_ignored")
-    Wm = W.T if fan_in_fan_out and wrong != "fifo_forgotten" else W
-    if wrong == "layout_guess":               # also accepts Keras/Flax's A (d_in, r), B (r, d_out): guesses
-        A = A.T if A.shape[0] == Wm.shape[1] else A
-        B = B.T if B.shape[1] == Wm.shape[0] else B
-    return lora_ref.lora_linear(x, Wm, A, B, s, bias, dropout_mask, enable_lora)
+@pytest.mark.parametrize("kind", [k for k in CORRECT if k in KINDS])
+def test_right_implementations_pass_every_case_of_their_kind(vectors_dir, kind):
+    # (the independent linear layer has no fused layer: the enable_lora cases are not run for it)
+    report = check_against_vectors(**CORRECT[kind](), vectors=vectors_dir, kind=kind)
+    n_outputs = sum(len(c.outputs) for c in golden_cases(kinds=[kind]) if not c.params.get("enable_lora"))
+    assert report.ok and len(report) == n_outputs, str(report)
 
 
-def merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out, enable_lora=None):
-    return lora_ref.merge(W, A, B, lora_ref.lora_scale(alpha, r, use_rslora), enable_lora=enable_lora,
-                          fan_in_fan_out=fan_in_fan_out)
-
-
-def grads(x, W, A, B, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None):
+def test_lora_ref_itself_passes_the_fused_cases_too(vectors_dir):
+    import lora_ref
     from autograd import make_vjp
-    s = lora_ref.lora_scale(alpha, r, use_rslora)
-    Wm = W.T if fan_in_fan_out else W
-    vjp, _ = make_vjp(lambda xx, AA, BB: lora_ref.lora_linear(xx, Wm, AA, BB, s, bias, dropout_mask, enable_lora),
-                      argnum=(0, 1, 2))(x, A, B)
-    return vjp(dy)
+
+    def layer(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out, enable_lora=None):
+        s = lora_ref.lora_scale(alpha, r, use_rslora)
+        return lora_ref.lora_linear(x, W.T if fan_in_fan_out else W, A, B, s, bias, dropout_mask, enable_lora)
+
+    def merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out, enable_lora=None):
+        return lora_ref.merge(W, A, B, lora_ref.lora_scale(alpha, r, use_rslora), enable_lora=enable_lora,
+                              fan_in_fan_out=fan_in_fan_out)
+
+    def grad(x, W, A, B, dy, **kw):
+        return make_vjp(lambda xx, AA, BB: layer(xx, W, AA, BB, **kw), argnum=(0, 1, 2))(x, A, B)[0](dy)
+
+    report = check_against_vectors(layer, vectors_dir, merge=merge, grad=grad)
+    assert report.ok and len(report) == 18 * 5, str(report)
 
 
-def test_lora_ref_in_each_cases_dtype_passes(vectors_dir):
-    report = check_against_vectors(layer, vectors_dir, merge=merge, grad=grads)
-    assert report.ok, str(report)
-    assert len(report) == 18 * 5                                            # 18 cases x 5 outputs
+@pytest.mark.parametrize("name", [n for n, m in MUTANTS.items() if m.variant in KINDS])
+def test_every_mutant_of_a_kind_fails_its_vectors(cases, name):
+    mutant = MUTANTS[name]
+    report = check_against_vectors(**mutant.callables(), vectors=cases, kind=mutant.variant)
+    assert not report.ok, name
+    assert all(r.exact or r.error > 2 * r.bound for r in report.failed)
 
 
-def test_the_atol_form_passes_lora_ref_in_float32(cases):
-    for case in cases:
-        y = layer(*(case.inputs[k] for k in ("x", "W", "A", "B")), **case.kwargs())
-        assert np.max(np.abs(y.astype(np.float64) - case.expected["y"])) <= case.tolerance["y"]["atol"]
-
-
-@pytest.mark.parametrize("wrong, broken", [
-    ("rslora_ignored", {"rslora"}),
-    ("fifo_forgotten", {"fan_in_fan_out", "fused_qkv_q_v"}),
-    # Issue 11, item 5: guessing the factors' layout from their shapes passed the 10 plain cases the
-    # vectors had; it fails where a rank equals a dimension (the fused q/v case too: its stacked A
-    # is (2 r, d_in) = (4, 4)).
-    ("layout_guess", {"rank_equals_dims", "rank_equals_d_out", "fused_qkv_q_v"}),
-])
-def test_wrong_layers_fail_exactly_their_cases(cases, wrong, broken):
-    report = check_against_vectors(lambda *a, **k: layer(*a, **k, wrong=wrong), cases)
-    failed = {name.split(":")[0].rsplit("_", 1)[0] for name in report.failed_names}
-    assert failed == broken, str(report)
-
-
-def test_case_selection_and_in_memory_cases(cases):
-    plain = [c for c in cases if not c.params["enable_lora"]]
-    names = [c.name for c in plain]
-
-    def no_fused(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):  # no enable_lora
-        return layer(x, W, A, B, alpha=alpha, r=r, use_rslora=use_rslora, bias=bias, dropout_mask=dropout_mask,
-                     fan_in_fan_out=fan_in_fan_out)
-
-    assert check_against_vectors(no_fused, cases, cases=names).ok
-    # Issue 11, item 15: an implementation without enable_lora is not run on the fused cases (it
-    # was reported failing 20 of 70 checks); one that takes **kwargs is.
-    everything = check_against_vectors(no_fused, cases)
-    assert everything.ok and len(everything) == len(plain)                 # one output, y, per case
-    with_merge = check_against_vectors(no_fused, cases, merge=merge)         # merge takes enable_lora
-    assert with_merge.ok and len(with_merge) == len(plain) + len(cases)
-    broad = check_against_vectors(lambda *a, **k: layer(*a, **k), cases)
-    assert broad.ok and len(broad) == len(cases)
-    assert check_against_vectors(layer).ok                                  # None: golden_cases() in memory
+def test_case_selection_fused_cases_and_arguments(cases):
+    plain = [c.name for c in cases if c.kind == "lora_linear" and not c.params["enable_lora"]]
+    impl = CORRECT["lora_linear"]()["impl"]                         # takes no enable_lora keyword
+    report = check_against_vectors(impl, cases)
+    assert report.ok and len(report) == len(plain)                  # the fused cases are not for it
+    assert check_against_vectors(impl, cases, cases=plain[:2]).ok
+    assert check_against_vectors(impl).ok                           # None: built in memory
     with pytest.raises(ValueError, match="unknown case names \\['nope'\\]"):
-        check_against_vectors(layer, cases, cases=["nope"])
+        check_against_vectors(impl, cases, cases=["nope"])
     with pytest.raises(TypeError, match="impl must be a callable"):
         check_against_vectors(None, cases)
+    with pytest.raises(TypeError, match="kind 'lora_shrink' takes the callables impl only, not 'grad'"):
+        check_against_vectors(impl, cases, kind="lora_shrink", grad=impl)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        check_against_vectors(impl, cases, kind="lora")
 
 
 # --------------------------------------------------------------------------------------------
-# Files: determinism, format checks, the command
+# Files: determinism, size, format checks, the command
 # --------------------------------------------------------------------------------------------
 
 
-def test_writing_is_deterministic(tmp_path, vectors_dir):
+def test_writing_is_deterministic_and_small(tmp_path, vectors_dir):
     again = tmp_path / "again"
     write_vectors(again)
     files = sorted(p.name for p in vectors_dir.iterdir())
-    assert files == sorted(p.name for p in again.iterdir()) and len(files) == 19
+    assert files == sorted(p.name for p in again.iterdir()) and len(files) == len(golden_cases()) + 1
     for name in files:
         assert (vectors_dir / name).read_bytes() == (again / name).read_bytes(), name
+    assert sum((vectors_dir / f).stat().st_size for f in files) < 600_000
     other = {c.name: c for c in golden_cases(seed=1)}
     assert not np.array_equal(other["plain_float64"].inputs["x"], load_vectors(again)[0].inputs["x"])
 
 
 def test_loaded_cases_equal_the_in_memory_ones(cases):
-    for loaded, built in zip(cases, golden_cases()):
-        assert loaded.name == built.name and loaded.params == built.params
-        for part in ("inputs", "expected", "magnitudes"):
-            a, b = getattr(loaded, part), getattr(built, part)
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for loaded, built in zip(cases, golden_cases(), strict=True):
+        assert (loaded.name, loaded.kind, loaded.dtype, loaded.params) == (built.name, built.kind, built.dtype,
+                                                                          json.loads(json.dumps(built.params)))
+        assert loaded.inputs.keys() == built.inputs.keys() and loaded.outputs.keys() == built.outputs.keys()
+        for k in loaded.inputs:
+            assert loaded.inputs[k].tobytes() == built.inputs[k].tobytes() and loaded.inputs[k].dtype == built.inputs[k].dtype
+        for k, o in loaded.outputs.items():
+            b = built.outputs[k]
+            assert o.expected.tobytes() == b.expected.tobytes() and (o.rule, o.dtype, o.rtol) == (b.rule, b.dtype, b.rtol)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -238,14 +220,15 @@ def _edit_manifest(root: Path, edit) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_load_rejects_bad_directories(tmp_path, vectors_dir):
+def test_load_rejects_bad_directories_and_names_version_1(tmp_path, vectors_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_vectors(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="holds no golden vectors"):
         load_vectors(tmp_path)
-    bad = _copy(vectors_dir, tmp_path / "version")
-    _edit_manifest(bad, lambda m: m.update(format_version=99))
-    with pytest.raises(ValueError, match="format_version 99 is not supported; this lora-ref reads version 1"):
+    bad = _copy(vectors_dir, tmp_path / "v1")
+    _edit_manifest(bad, lambda m: m.update(format_version=1))
+    with pytest.raises(ValueError, match="format_version 1 is not supported; this lora-ref reads version 2 "
+                                         r"\(version 1 held plain linear LoRA only"):
         load_vectors(bad)
     bad = _copy(vectors_dir, tmp_path / "format")
     _edit_manifest(bad, lambda m: m.update(format="something-else"))
@@ -255,30 +238,39 @@ def test_load_rejects_bad_directories(tmp_path, vectors_dir):
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_vectors(bad)
+    bad = _copy(vectors_dir, tmp_path / "kind")
+    _edit_manifest(bad, lambda m: m["cases"][0].update(kind="lora_moe"))
+    with pytest.raises(ValueError, match="unknown kind 'lora_moe'"):
+        load_vectors(bad)
+
+
+def _rewrite(bad: Path, name: str, change) -> None:
+    from lora_ref.vectors import _read_safetensors, _write_safetensors
+    tensors = _read_safetensors(bad / name)
+    change(tensors)
+    _write_safetensors(bad / name, tensors, {})
+    digest = hashlib.sha256((bad / name).read_bytes()).hexdigest()
+    _edit_manifest(bad, lambda m: next(c for c in m["cases"] if c["file"] == name).update(sha256=digest))
 
 
 def test_load_rejects_changed_or_incomplete_files(tmp_path, vectors_dir):
-    from safetensors.numpy import load_file, save_file
-
     bad = _copy(vectors_dir, tmp_path / "tampered")
     path = bad / "plain_float64.safetensors"
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ValueError, match="plain_float64.*SHA-256"):
         load_vectors(bad)
-    (bad / "plain_float64.safetensors").unlink()
+    path.unlink()
     with pytest.raises(FileNotFoundError, match="plain_float64.safetensors is missing"):
         load_vectors(bad)
     for what, change, match in [
-        ("missing", lambda t: t.pop("dB"), "tensor 'dB' is missing"),
-        ("dtype", lambda t: t.update(y=t["y"].astype(np.float32)), "tensor 'y' has dtype float32, expected float64"),
+        ("missing", lambda t: t.pop("expected.dB"), "tensor 'expected.dB' is missing"),
+        ("dtype", lambda t: t.update({"expected.y": t["expected.y"].astype(np.float32)}),
+         "tensor 'expected.y' has dtype float32, expected float64"),
         ("shape", lambda t: t.update(x=t["x"][:1]), "tensor 'x' has shape \\[1, 3, 8\\]"),
+        ("extra", lambda t: t.update(z=np.zeros(1)), "holds tensors the manifest does not list: \\['z'\\]"),
     ]:
         bad = _copy(vectors_dir, tmp_path / what)
-        tensors = load_file(str(bad / "plain_float64.safetensors"))
-        change(tensors)
-        save_file(tensors, str(bad / "plain_float64.safetensors"))
-        digest = __import__("hashlib").sha256((bad / "plain_float64.safetensors").read_bytes()).hexdigest()
-        _edit_manifest(bad, lambda m: m["cases"][0].update(sha256=digest))
+        _rewrite(bad, "plain_float64.safetensors", change)
         with pytest.raises(ValueError, match=match):
             load_vectors(bad)
 
@@ -291,16 +283,28 @@ def test_write_refuses_to_overwrite(tmp_path, vectors_dir):
         write_vectors(tmp_path / "file")
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         golden_cases(seed=-1)
+    with pytest.raises(ValueError, match="unknown kinds \\['dora'\\]"):
+        golden_cases(kinds=["dora"])
 
 
 def test_command_writes_vectors(tmp_path, capsys):
     out = tmp_path / "v"
     n = len(golden_cases())
     assert main(["vectors", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.splitlines()[-1] == f"wrote {n} cases (format version 1, seed 0) to {out / 'manifest.json'}"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"wrote {n} cases (format version 2, seed 0) to {out / 'manifest.json'}"
+    assert [line.split()[0] for line in printed[:-1]] == list(KINDS)
     assert len(load_vectors(out)) == n
     assert main(["vectors", str(out)]) == 1
     assert "use --force" in capsys.readouterr().err
     assert main(["vectors", str(out), "--force", "--seed", "3"]) == 0
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
+
+
+def test_the_format_page_names_every_kind_and_tensor():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "vectors-format.md").read_text()
+    for case in golden_cases():
+        assert f"`{case.kind}`" in page, case.kind
+        for name in list(case.inputs) + list(case.outputs) + list(case.params):
+            generic = name.split(".")[0] + (".<" if "." in name else "")
+            assert f"`{name}`" in page or f"`{generic}" in page, (case.kind, name)

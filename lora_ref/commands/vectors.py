@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "write golden test vectors (safetensors + manifest.json) for checking another LoRA implementation"
+HELP = ("write golden test vectors of every variant (safetensors + manifest.json, format version 2; "
+        "docs/vectors-format.md) for checking another implementation")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def _error(message: str, status: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..vectors import FORMAT_VERSION, load_vectors, write_vectors
+    from ..vectors import FORMAT_VERSION, KINDS, load_vectors, write_vectors
 
     if args.seed < 0:
         return _error(f"--seed must be a non-negative integer, got {args.seed}", 2)
@@ -44,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         where = exc.filename if exc.filename is not None else out
         return _error(f"cannot write to {str(where)!r}: {exc.strerror or exc}", 1)
-    width = max(len(c.name) for c in cases)
-    for case in cases:
-        print(f"  {case.name:<{width}}  {case.description}")
+    width = max(len(k) for k in KINDS)
+    for kind in KINDS:
+        mine = [c for c in cases if c.kind == kind]
+        dtypes = ", ".join(dict.fromkeys(c.dtype for c in mine))
+        print(f"  {kind:<{width}}  {len(mine):>2} cases  ({dtypes})")
     print(f"wrote {len(cases)} cases (format version {FORMAT_VERSION}, seed {args.seed}) to {manifest}")
     return 0
