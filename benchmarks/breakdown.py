@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from transformer_ref import FAST, REFERENCE, GPTConfig, add_adapters, init_params, lora_config_for
-    from transformer_ref.machine import blas_threads
+    from transformer_ref.machine import blas_threads, keep_freed_memory
 
     from .ref_gpt2 import make_ref_step
 
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     model = {"config": config, "lora_config": lc, "params": params, "adapters": add_adapters(params, config, lc, rng),
              "tokens": rng.integers(0, args.vocab, size=(args.batch, args.seq)),
              "targets": rng.integers(0, args.vocab, size=(args.batch, args.seq))}
+    keep_freed_memory()                                     # as transformer_ref.train does
     peak = thread_peak()
     flops: dict[str, float] = defaultdict(float)
     ops, totals = timed_ops(REFERENCE if args.reference else FAST, clock=clock, flops=flops)

@@ -19,7 +19,9 @@ Shapes: B batch, T tokens, N = B T rows, d_in / d_out a projection's sizes, r ra
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -28,9 +30,8 @@ from autograd.extend import defvjp
 
 from lora_ref.backend import getval, namespace, sum_to_shape
 from lora_ref.checks import positive_int
-from lora_ref.lora import delta_weight
 
-from . import machine
+from . import fast_layers, machine
 from .hosting import family_of
 from .layers import IGNORE_INDEX, REFERENCE, Ops, cached_primitive
 
@@ -52,6 +53,11 @@ __all__ = ["FAST", "auto_threads", "linear", "sharded_value_and_grad"]
 #   (x A^T) B^T would cost at least what forming W + s B A does -- the adapter is added to the
 #   weight first: y = x (W + s B A)^T, one product for both branches, and in the backward
 #   dL/dx = G (W + s B A) likewise. For a single token (generation) the thin products stay.
+#   A fused projection's W + s B A is built block by block: each adapted block of rows is
+#   W_g + s B_k A_k, the others are W's rows as they are (no zero blocks, one pass over W).
+# * When the batch is split over threads (sharded_value_and_grad below), the slices share one
+#   W + s B A per projection per step: the first slice to reach the layer forms it, the others
+#   wait for it (_Folds). The same numbers either way: the same function of the same arrays.
 
 
 def _lora_blocks(enable: tuple[bool, ...] | None, d_out: int, r: int) -> list[tuple[slice, slice, slice]]:
@@ -62,6 +68,54 @@ def _lora_blocks(enable: tuple[bool, ...] | None, d_out: int, r: int) -> list[tu
     enabled = [g for g, on in enumerate(enable) if on]                  # k-th adapted block is block g
     return [(slice(k * r, (k + 1) * r), slice(k * q, (k + 1) * q), slice(g * q, (g + 1) * q))
             for k, g in enumerate(enabled)]
+
+
+def _folded(W: Any, A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | None) -> Any:
+    """W + s B A (d_out, d_in): each adapted block of rows W_g + s B_k A_k, the others W_g."""
+    xp = namespace(W, A, B)
+    if enable_lora is None:
+        return W + (B @ A) * scale                                      # (d_out, d_in)
+    q = W.shape[0] // len(enable_lora)
+    blocks = iter(_lora_blocks(enable_lora, W.shape[0], B.shape[-1]))
+    rows = []
+    for g, on in enumerate(enable_lora):
+        W_g = W[g * q:(g + 1) * q, :]                                    # (q, d_in) block g of W
+        if on:
+            ra, rb, _ = next(blocks)
+            W_g = W_g + (B[rb, :] @ A[ra, :]) * scale                    # W_g + s B_k A_k
+        rows.append(W_g)
+    return xp.concat(rows, axis=0)                                       # (d_out, d_in)
+
+
+class _Folds:
+    """The W + s B A of each projection, formed once for all the slices of one sharded step.
+
+    Keyed by the identity of (W, A, B) and the settings; the arrays are held here for the step,
+    so an identity cannot be reused while the key lives. The first thread to ask forms the
+    weight; a thread asking meanwhile waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made: dict[tuple, tuple[Any, Future]] = {}
+
+    def get(self, W: Any, A: Any, B: Any, scale: float, enable_lora: tuple[bool, ...] | None) -> Any:
+        key = (id(W), id(A), id(B), scale, enable_lora)
+        with self._lock:
+            held = self._made.get(key)
+            mine = held is None
+            if mine:
+                held = self._made[key] = ((W, A, B), Future())
+        if mine:
+            try:
+                held[1].set_result(_folded(W, A, B, scale, enable_lora))
+            except BaseException as exc:
+                held[1].set_exception(exc)
+                raise
+        return held[1].result()
+
+
+_SLICE = threading.local()    # .folds: the _Folds of the sharded step this worker thread computes a slice of
 
 
 def _linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, dropout_mask: Any = None,
@@ -79,7 +133,9 @@ def _linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, drop
     N = X.shape[0]
     fold = A is not None and dropout_mask is None and N * (d_in + d_out) >= d_in * d_out
     if fold:                                                             # W + s B A  (d_out, d_in)
-        W_run = W + ((B @ A) * scale if enable_lora is None else delta_weight(A, B, scale, enable_lora, d_out))
+        folds = getattr(_SLICE, "folds", None)
+        shared = folds is not None and all(type(a) is np.ndarray for a in (W, A, B))   # not while traced
+        W_run = folds.get(W, A, B, scale, enable_lora) if shared else _folded(W, A, B, scale, enable_lora)
     else:
         W_run = W
     Y = X @ xp.matrix_transpose(W_run)                                   # (N, d_out)
@@ -178,9 +234,11 @@ defvjp(linear.primitive, _linear_vjp_x, _linear_vjp_W, _linear_vjp_A, _linear_vj
        _linear_not_differentiable("dropout_mask (a constant)"))
 
 
-FAST: Ops = dataclasses.replace(REFERENCE, linear=linear)
-"""The training-speed op set: :data:`~transformer_ref.layers.REFERENCE`'s layers with the folded
-projection :func:`linear` (equal to the reference up to rounding)."""
+FAST: Ops = dataclasses.replace(REFERENCE, linear=linear, layer_norm=fast_layers.layer_norm, gelu=fast_layers.gelu,
+                                causal_attention=fast_layers.causal_attention)
+"""The training-speed op set: :data:`~transformer_ref.layers.REFERENCE` with the folded projection
+:func:`linear` and GPT-2's LayerNorm, GELU and causal attention from
+:mod:`transformer_ref.fast_layers` (each equal to the reference up to rounding)."""
 
 
 # ============================================================================================
@@ -256,12 +314,18 @@ def sharded_value_and_grad(objective: Callable[..., Any], threads: int | None = 
             return whole(tree, inputs, targets, masks)   # raises loss's own "every position ignored" error
         jobs = [(r, k) for r, k in zip(rows, kept) if k > 0]   # a slice with nothing to score adds nothing
 
+        folds = _Folds()                                                          # this step's W + s B A
+
         def part(r: slice) -> tuple[Any, Any]:
             # a mask with a batch axis (B, T, d_in) is sliced with the batch; one that broadcasts
             # over the batch ((1, T, d_in), (T, d_in), (d_in,)) applies to every slice as it is
             sliced = None if masks is None else {
                 name: (m[r] if m.ndim == 3 and m.shape[0] == t.shape[0] else m) for name, m in masks.items()}
-            return whole(tree, inputs[r], targets[r], sliced)
+            _SLICE.folds = folds
+            try:
+                return whole(tree, inputs[r], targets[r], sliced)
+            finally:
+                del _SLICE.folds
 
         top = trace_stack.top
         try:

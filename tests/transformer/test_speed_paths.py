@@ -13,18 +13,23 @@ of roundings and ``M`` the computation on absolute values, derived beside each a
 
 from __future__ import annotations
 
+import math
+
 import autograd
 import numpy as np
 import pytest
 from _gpt_helpers import TINY, assert_trees_close, chain_length, random_adapters, tiny_model
+from autograd.test_util import check_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_ref import delta_weight, dropout_mask, lora_linear, to_numpy
+from lora_ref import asarray, delta_weight, dropout_mask, lora_linear, to_numpy, use_backend
 from lora_ref.strategies import lora_cases
 from lora_ref.testing import assert_within, lora_linear_magnitude, tolerance
-from transformer_ref import FAST, REFERENCE, lora_config_for, loss, machine
+from transformer_ref import FAST, REFERENCE, fast_layers, lora_config_for, loss, machine
+from transformer_ref.attention import causal_attention
 from transformer_ref.fast import _linear, linear, sharded_value_and_grad
+from transformer_ref.layers import gelu, layer_norm
 
 # ----------------------------------------------------------------------------------------------
 # fast.linear == lora_ref.lora_linear
@@ -220,3 +225,221 @@ def test_sharded_float32_stays_float32():
     value, grads = sharded_value_and_grad(_objective(params, lc), 2)(adapters, tokens, targets, None)
     assert np.asarray(value).dtype == np.float32
     assert all(g.dtype == np.float32 for ad in grads.values() for g in ad.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# fast_layers (FAST's LayerNorm, GELU, causal attention) == the reference layers
+# ----------------------------------------------------------------------------------------------
+#
+# Bounds as in tests/transformer/test_layers.py and test_attention.py: one computation of n
+# chained roundings is within gamma_n M of the exact value (M the computation on absolute values),
+# so two computations within 2 gamma_n M, with n the longer of the two chains. Counting rules: a
+# sum of k terms adds k - 1 roundings to the largest count among its terms; a product or quotient
+# adds 1 to the sum of its factors' counts; sqrt, exp, tanh (within 1 ulp) count 2; a Python
+# constant rounded to the dtype counts 1. Both computations are evaluated in the dtype drawn.
+
+
+def both_vjps(layer, args, argnums, g):
+    """(value, hand VJPs at upstream g for argnums) of ``layer(*args)``."""
+    vjp, y = autograd.make_vjp(lambda *a: layer(*a), argnum=tuple(argnums))(*args)
+    return y, vjp(g)
+
+
+def traced_vjp(layer, args, argnum, g):
+    """autograd.numpy's derivative of sum(layer.fun(*args) * g) in args[argnum]: a second derivation."""
+    def f(a):
+        full = list(args)
+        full[argnum] = a
+        return autograd.numpy.sum(layer.fun(*full, cache=None) * g)
+    return autograd.grad(f)(args[argnum])
+
+
+def untouched(args):
+    """Copies of the array arguments, to show afterwards that nothing was written into them."""
+    return [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
+
+
+def same(before, after):
+    return all(not isinstance(a, np.ndarray) or np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 5), C=st.integers(2, 12), dtype=st.sampled_from(["float64", "float32"]),
+       seed=st.integers(0, 2**31))
+def test_fast_layer_norm_equals_reference(B, T, C, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((B, T, C)) * 3.0 + rng.uniform(-4, 4, (B, T, 1))).astype(dtype)
+    w, b, g = (rng.standard_normal(s).astype(dtype) for s in (C, C, (B, T, C)))
+    args, eps = (x, w, b, 1e-5), 1e-5
+    before = untouched(args + (g,))
+    y, (dx, dw, db) = both_vjps(fast_layers.layer_norm, args, (0, 1, 2), g)
+    y_ref, (dx_ref, dw_ref, db_ref) = both_vjps(layer_norm, args, (0, 1, 2), g)
+    assert same(before, args + (g,))
+    assert all(a.dtype == np.dtype(dtype) for a in (y, dx, dw, db))
+    # Magnitudes (test_layers): xhat's roundings are relative to X = (|x| + |mu|) rstd.
+    x64, w64, b64, g64 = (f64(a) for a in (x, w, b, g))
+    mu = x64.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + eps)
+    X = (np.abs(x64) + np.abs(mu)) * rstd
+    # fast y: mean = sum of x (1/C) (1/C: 1, product: 1, sum: C - 1 -> C + 1), x - mean (C + 2),
+    # var = sum of xc^2 (1/C) (2C + 6), + eps, sqrt, 1/ (2C + 10), xhat (4C + 13), * w, + b (4C + 15);
+    # the reference's (scaled rows, reductions by NumPy's mean) chain is shorter.
+    n_y = 4 * C + 15
+    assert_within(y, y_ref, 2 * tolerance(dtype, n_y) * (X * np.abs(w64) + np.abs(b64)), what="layer_norm")
+    # dx = rstd (gw - mean(gw) - xhat mean(gw xhat)): gw (1), mean(gw xhat) (n_y + C + 2), xhat times it
+    # (2 n_y + C + 3), two subtractions, times rstd (2C + 10): 2 n_y + 3C + 16.
+    gw = np.abs(g64 * w64)
+    M_dx = rstd * (gw + gw.mean(-1, keepdims=True) + X * (gw * X).mean(-1, keepdims=True))
+    assert_within(dx, dx_ref, 2 * tolerance(dtype, 2 * n_y + 3 * C + 16) * M_dx, what="layer_norm dx")
+    # dweight: B T terms g xhat (n_y + 1 each); dbias: the same sum of g, computed the same way.
+    M_dw = (np.abs(g64) * X).reshape(-1, C).sum(0)
+    assert_within(dw, dw_ref, 2 * tolerance(dtype, B * T + n_y + 1) * M_dw, what="layer_norm dweight")
+    assert np.array_equal(db, db_ref)
+    # the hand-written VJP against autograd.numpy on the bare forward (in-place updates and all)
+    assert_within(dx, traced_vjp(fast_layers.layer_norm, args, 0, g), 2 * tolerance(dtype, 2 * n_y + 3 * C + 16) * M_dx,
+                  what="layer_norm dx (autograd.numpy)")
+
+
+def test_fast_layer_norm_falls_back_to_the_reference_where_the_textbook_overflows():
+    """A row whose textbook variance overflows (float32 |x| ~ 3e19) or a non-finite row: the call
+    is the reference layer's, bit for bit, value and gradients (with its NaN row for a NaN input)."""
+    rng = np.random.default_rng(4)
+    for dtype, huge in (("float32", 3e19), ("float64", 1e200)):
+        x = rng.standard_normal((2, 3, 8)).astype(dtype)
+        x[0, 1] *= dtype == "float32" and np.float32(huge) or huge
+        w, b, g = (rng.standard_normal(s).astype(dtype) for s in (8, 8, (2, 3, 8)))
+        nan = x.copy()
+        nan[1, 0, 3] = np.nan
+        for xs in (x, nan):
+            got = both_vjps(fast_layers.layer_norm, (xs, w, b, 1e-5), (0, 1, 2), g)
+            ref = both_vjps(layer_norm, (xs, w, b, 1e-5), (0, 1, 2), g)
+            assert np.array_equal(got[0], ref[0], equal_nan=True)
+            assert all(np.array_equal(a, c, equal_nan=True) for a, c in zip(got[1], ref[1]))
+        assert np.all(np.isnan(got[0][1, 0])) and np.all(np.isfinite(got[0][0]))   # NaN stays in its row
+
+
+@settings(deadline=None)
+@given(n=st.integers(1, 40), dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31))
+def test_fast_gelu_equals_reference(n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 4.0).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    before = untouched((x, g))
+    y, (dx,) = both_vjps(fast_layers.gelu, (x,), (0,), g)
+    y_ref, (dx_ref,) = both_vjps(gelu, (x,), (0,), g)
+    assert same(before, (x, g)) and y.dtype == dx.dtype == np.dtype(dtype)
+    # y = x s, s = (1 + tanh u) / 2, u = c x + c k x^3. u: x^2 (1), times c k (a constant: 1 + 1),
+    # + c (1 + 1), times x (5); tanh (7: its error is relative to |s| <= 1, as u's is, since
+    # |d tanh / du| |u| < 1/2); / 2 exact, + 1/2 (8); times x (9), on M = |x|. The reference:
+    # 0.5 x (1 + tanh(c (x + k x^3))), 8 (test_layers) plus its two constants: 10.
+    x64, g64 = f64(x), f64(g)
+    assert_within(y, y_ref, 2 * tolerance(dtype, 10) * np.abs(x64), what="gelu")
+    # dy/dx = s (1 + x (1 - s)(2c + 6 c k x^2)): 2c + 6ck x^2 (5), times x (6), 1 - s (9), product (16),
+    # + 1 (17), times s (26), times g (27); the reference's 0.5 h (1 + x (2 - h)(c + 3ck x^2)) the same
+    # rules give 26. Terms bounded by |g| (1 + 0.5 |x| c (1 + 3 k x^2)) (test_layers).
+    c = math.sqrt(2.0 / math.pi)
+    M = np.abs(g64) * (1.0 + 0.5 * np.abs(x64) * c * (1.0 + 3 * 0.044715 * x64**2))
+    assert_within(dx, dx_ref, 2 * tolerance(dtype, 27) * M, what="gelu dx")
+    with np.errstate(over="ignore"):            # autograd's tanh VJP g / cosh(u)^2: cosh overflows to inf, g/inf = 0
+        auto = traced_vjp(fast_layers.gelu, (x,), 0, g)
+    assert_within(dx, auto, 2 * tolerance(dtype, 27) * M, what="gelu dx (autograd.numpy)")
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 6), H=st.integers(1, 3), D=st.integers(1, 4),
+       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31))
+def test_fast_attention_equals_reference(B, T, H, D, dtype, seed):
+    rng = np.random.default_rng(seed)
+    C = H * D
+    qkv = (rng.standard_normal((B, T, 3 * C)) * rng.uniform(0.2, 2.0)).astype(dtype)
+    g = rng.standard_normal((B, T, C)).astype(dtype)
+    scale = 1.0 / math.sqrt(D)
+    args = (qkv, H, scale)
+    before = untouched(args + (g,))
+    y, (d,) = both_vjps(fast_layers.causal_attention, args, (0,), g)
+    y_ref, (d_ref,) = both_vjps(causal_attention, args, (0,), g)
+    assert same(before, args + (g,)) and y.dtype == d.dtype == np.dtype(dtype)
+    # The forward is the reference's operations in the reference's order (only written in place).
+    assert np.array_equal(y, y_ref)
+    # Backward. A = the largest score magnitude scale sum_d |q_d k_d|: a score carries D + 1
+    # roundings relative to A, the shifted score D + 2 relative to 2A, and exp turns that absolute
+    # error into a relative one, so P is within e_P = 4 A gamma_{D+2} + gamma_{T+4} of exact,
+    # relative to P (exp 2, sum over T keys, divide 1). Reference: dP = G V^T (D), dP P summed over
+    # T (D + T + 1), minus, times P, times scale (D + T + 4), dq = sum over T (D + 2T + 4). Fast:
+    # y = P V (T), g y summed over D with scale (T + D + 2), V (scale G)^T (D + 1), minus, times P
+    # (T + D + 4), dq (D + 2T + 4). Both within (e_P + gamma_{D+2T+4}) M, where
+    # M = max(2 D T max|g| max|v| scale max|q, k|, T max|g|) bounds every entry of dq, dk, dv
+    # (test_attention's magnitude).
+    q64, k64 = (f64(qkv[..., i * C:(i + 1) * C]).reshape(B, T, H, D) for i in range(2))
+    A = float(np.max(scale * np.abs(np.einsum("bihd,bjhd->bhij", np.abs(q64), np.abs(k64))))) if T else 0.0
+    vmax, gmax, qkmax = (float(np.abs(f64(a)).max()) for a in (qkv[..., 2 * C:], g, qkv[..., :2 * C]))
+    M = max(2 * D * T * gmax * vmax * scale * qkmax, T * gmax)
+    e_P = 4 * A * tolerance(dtype, D + 2) + tolerance(dtype, T + 4)
+    bound = 2 * (e_P + tolerance(dtype, D + 2 * T + 4)) * M
+    assert_within(d, d_ref, bound, what="attention dqkv")
+    assert_within(d, traced_vjp(fast_layers.causal_attention, args, 0, g), bound, what="attention dqkv (autograd.numpy)")
+
+
+def test_fast_layers_finite_differences():
+    rng = np.random.default_rng(6)
+    x, w, b = rng.standard_normal((2, 3, 5)), rng.standard_normal(5), rng.standard_normal(5)
+    check_grads(lambda x, w, b: fast_layers.layer_norm(x, w, b, 1e-5), modes=["rev"], order=1)(x, w, b)
+    check_grads(fast_layers.gelu, modes=["rev"], order=1)(rng.standard_normal(7) * 3.0)
+    check_grads(lambda a: fast_layers.causal_attention(a, 2, 0.5), modes=["rev"], order=1)(rng.standard_normal((2, 4, 12)))
+
+
+def test_fast_layers_vjps_can_be_called_twice():
+    """A VJP that wrote into its cache would give another answer the second time."""
+    rng = np.random.default_rng(7)
+    x, w, b, g = rng.standard_normal((2, 4, 6)), rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal((2, 4, 6))
+    qkv, gy = rng.standard_normal((2, 4, 18)), rng.standard_normal((2, 4, 6))
+    for layer, args, argnums, gg in ((fast_layers.layer_norm, (x, w, b, 1e-5), (0, 1, 2), g),
+                                     (fast_layers.gelu, (x,), (0,), g),
+                                     (fast_layers.causal_attention, (qkv, 2, 0.5), (0,), gy)):
+        vjp, _ = autograd.make_vjp(lambda *a: layer(*a), argnum=argnums)(*args)
+        first = [np.array(a, copy=True) for a in vjp(gg)]
+        assert all(np.array_equal(a, c) for a, c in zip(first, vjp(gg))), layer.__name__
+
+
+def test_fast_layers_on_array_api_strict():
+    """The same array code on array_api_strict (whose in-place operators follow the standard's
+    rules) gives NumPy's numbers."""
+    pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(8)
+    x, w, b, g = rng.standard_normal((2, 4, 6)), rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal((2, 4, 6))
+    qkv, gy = rng.standard_normal((2, 4, 18)), rng.standard_normal((2, 4, 6))
+    cases = ((fast_layers.layer_norm, (x, w, b, 1e-5), (0,), g), (fast_layers.gelu, (x,), (0,), g),
+             (fast_layers.causal_attention, (qkv, 2, 0.5), (0,), gy))
+    for layer, args, argnums, gg in cases:
+        y, (dx,) = both_vjps(layer, args, argnums, gg)
+        with use_backend("array_api_strict"):
+            sargs = tuple(asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+            sy, (sdx,) = both_vjps(layer, sargs, argnums, asarray(gg))
+        assert type(sy).__module__.startswith("array_api_strict")
+        assert np.array_equal(to_numpy(sy), y) and np.array_equal(to_numpy(sdx), dx), layer.__name__
+
+
+def test_sharded_step_forms_each_folded_weight_once(monkeypatch):
+    """The batch slices of one sharded step share W + s B A: formed once per adapted projection
+    (not once per slice), and the result is the unsplit computation's (test_sharded_equals_whole_batch)."""
+    from transformer_ref import fast
+
+    if not machine.per_thread_blas():
+        pytest.skip("NumPy's BLAS cannot run single-threaded per worker here: no batch split")
+    lc = lora_config_for(["q", "v"], r=2, alpha=3.0)
+    params, tokens, targets = tiny_model()
+    adapters = random_adapters(params, TINY, lc)
+    formed = []
+    original = fast._folded
+    monkeypatch.setattr(fast, "_folded", lambda *a: formed.append(id(a[1])) or original(*a))
+    def objective(ad, x, y, masks):
+        return loss(params, x, y, TINY, ad, lc, masks, ops=FAST)
+
+    value, grads = sharded_value_and_grad(objective, 2)(adapters, tokens, targets, None)
+    assert sorted(formed) == sorted(id(ad["A"]) for ad in adapters.values())     # each once, both slices folded
+    formed.clear()
+    ref_value, ref_grads = autograd.value_and_grad(objective)(adapters, tokens, targets, None)
+    assert len(formed) == len(adapters)                                         # unsplit: once each as well
+    n = 2 * chain_length(TINY, 2) + 2                                           # as test_sharded_equals_whole_batch
+    assert_within(value, ref_value, 2 * tolerance("float64", n) * abs(float(ref_value)), what="sharded FAST loss")
+    assert_trees_close(grads, ref_grads, "float64", n, what="sharded FAST dL/dadapters")

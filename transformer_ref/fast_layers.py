@@ -1,0 +1,230 @@
+"""GPT-2's LayerNorm, GELU and causal attention in the order that trains fastest, for ``fast.FAST``.
+
+Each layer here computes what its namesake in :mod:`transformer_ref.layers` /
+:mod:`transformer_ref.attention` computes -- the same function, the same arguments, the same
+gradients up to rounding (tests/transformer/test_speed_paths.py holds value and every VJP to the
+reference, by hypothesis, within bounds derived from the rounding chains) -- with fewer passes
+over memory. These layers are memory-bound (a few flops per element read), so passes are what
+they cost. Measured on one thread (``python -m benchmarks.breakdown``; docs/transformer.md):
+
+* :func:`layer_norm` -- the textbook formula, row means as matrix-vector products (``X @ (1/C)``:
+  BLAS, several times faster than NumPy's reduction along a short last axis), without the
+  reference's power-of-two row scaling. That scaling only changes exponents, so for every row
+  whose variance is finite both give the same value up to rounding; a row whose textbook
+  variance overflows (|x| beyond ~1e19 in float32) makes the whole call fall back to the
+  reference layer, as does a non-finite input (the reference's NaN row).
+* :func:`gelu` -- ``x s`` with ``s = (1 + tanh(u)) / 2``, ``u = c (x + k x^3)``: the reference's
+  value, 8 passes instead of 9 forward and backward.
+* :func:`causal_attention` -- the reference's scores and softmax; the backward takes the
+  softmax's row term from the output, ``rowsum(dP * P) = rowsum(G * Y)`` (FlashAttention's
+  ``D_i = dO_i . O_i``: ``sum_j dP_ij P_ij = sum_j (g_i . v_j) P_ij = g_i . y_i``), a (B, T, C)
+  product instead of a (B, H, T, T) one, and the scale rides on the smaller ``G`` instead of the
+  scores.
+
+In-place updates: each forward and backward here writes, with ``*=``, ``+=``, ``-=``, into
+arrays it has just created itself and that nothing else holds yet (never an argument, never an
+array already in the cache). That is what saves the passes: ``u *= x`` reuses memory that is in
+cache instead of filling a new array. It is safe under autograd: these functions run on plain
+arrays inside their primitives, and when ``traced(FAST)`` has autograd.numpy trace the bare
+forward, an ``ArrayBox`` has no in-place operators, so ``u *= x`` rebinds ``u`` to a new box --
+plain differentiable code. The reference layers do not do this.
+
+Shapes: B batch, T tokens, C channels, H heads, D = C / H, N = rows (B T), F = MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from autograd.extend import defvjp
+
+from lora_ref.backend import getval, namespace, sum_to_shape
+
+from . import attention as _ref_attention
+from . import layers as _ref_layers
+from .layers import cached_primitive
+
+__all__ = ["causal_attention", "gelu", "layer_norm"]
+
+
+def _all_finite(a: Any) -> bool:
+    """Whether every entry of ``a`` (a small array, e.g. (N, 1)) is finite; read on its value."""
+    a = getval(a)
+    xp = namespace(a)
+    return bool(xp.all(xp.isfinite(a)))
+
+
+# ============================================================================================
+# LayerNorm: y = (x - mean) / sqrt(var + eps) * weight + bias, the textbook order
+# ============================================================================================
+
+
+def _layer_norm(x: Any, weight: Any, bias: Any, eps: float, cache: dict | None = None) -> Any:
+    """x (..., C), weight (C,), bias (C,), eps a Python float -> (..., C); layers.layer_norm's value."""
+    xp = namespace(x, weight, bias)
+    C = x.shape[-1]
+    X = xp.reshape(x, (-1, C))                                        # (N, C)
+    avg = xp.full((C, 1), 1.0 / C, dtype=X.dtype)                     # (C, 1): X @ avg = row means
+    with np.errstate(over="ignore", invalid="ignore"):                # an overflow here is caught below
+        xc = X - X @ avg                                              # (N, C) x - mean
+        var = (xc * xc) @ avg                                         # (N, 1) biased, as GPT-2
+    if not _all_finite(var):                                          # overflow (or a non-finite x):
+        return _ref_layers._layer_norm(x, weight, bias, eps, cache)   # the reference's scaled rows
+    rstd = 1.0 / xp.sqrt(var + eps)                                   # (N, 1)
+    xc *= rstd                                                        # (N, C) xhat = (x - mean) rstd
+    y = xc * weight
+    y += bias                                                         # (N, C) xhat weight + bias
+    if cache is not None:
+        cache["xhat"], cache["rstd"] = xc, rstd
+    return xp.reshape(y, tuple(x.shape))                              # (..., C)
+
+
+layer_norm = cached_primitive(_layer_norm)
+layer_norm.__doc__ = """LayerNorm over the last axis, :func:`transformer_ref.layers.layer_norm`'s value in
+    the textbook order (see the module docstring). x (..., C); weight, bias (C,); eps a Python float.
+    """
+
+
+# dL/dx = rstd (gw - mean(gw) - xhat mean(gw xhat)),  gw = g weight   (layers.layer_norm's derivation)
+# dL/dweight = sum_rows g xhat,   dL/dbias = sum_rows g.  A call that fell back to the reference
+# layer (its cache holds the scaled rows' r and 1/t) takes the reference's VJP.
+def _ln_vjp_x(ans, x, weight, bias, eps, cache):
+    if "rstd" not in cache:
+        return _ref_layers._ln_vjp_x(ans, x, weight, bias, eps, cache)
+
+    def vjp(g):
+        xp = namespace(g)
+        C = x.shape[-1]
+        xhat, rstd = cache["xhat"], cache["rstd"]
+        avg = xp.full((C, 1), 1.0 / C, dtype=xhat.dtype)              # (C, 1)
+        gw = xp.reshape(g, (-1, C)) * weight                          # (N, C) dL/dxhat
+        m1 = gw @ avg                                                 # (N, 1) mean(gw)
+        m2 = (gw * xhat) @ avg                                        # (N, 1) mean(gw xhat)
+        gw -= xhat * m2
+        gw -= m1
+        gw *= rstd                                                    # (N, C) dL/dx
+        return xp.reshape(gw, tuple(x.shape))                         # (..., C)
+    return vjp
+
+
+def _ln_xhat(cache: dict, shape: tuple[int, ...]) -> Any:
+    xhat = cache["xhat"]
+    return namespace(xhat).reshape(xhat, shape)
+
+
+defvjp(layer_norm.primitive,
+       _ln_vjp_x,
+       lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g * _ln_xhat(cache, tuple(g.shape)),
+                                                                       weight.shape),
+       lambda ans, x, weight, bias, eps, cache: lambda g: sum_to_shape(g, bias.shape),
+       None)
+
+
+# ============================================================================================
+# GELU (tanh approximation): y = x s,  s = (1 + tanh(u)) / 2,  u = c (x + k x^3)
+# ============================================================================================
+
+_C = _ref_layers._GELU_C          # sqrt(2 / pi), a Python float
+_K = _ref_layers._GELU_K          # 0.044715
+
+
+def _gelu(x: Any, cache: dict | None = None) -> Any:
+    """x (...) -> (...), elementwise; layers.gelu's value: 0.5 x (1 + tanh(u)) = x (1 + tanh(u)) / 2."""
+    xp = namespace(x)
+    x2 = x * x                                                        # x^2, kept for the backward
+    u = x2 * (_C * _K)
+    u += _C
+    u *= x                                                            # u = c x + c k x^3
+    s = xp.tanh(u)
+    s *= 0.5
+    s += 0.5                                                          # s = (1 + tanh u) / 2
+    if cache is not None:
+        cache["x2"], cache["s"] = x2, s
+    return x * s
+
+
+gelu = cached_primitive(_gelu)
+gelu.__doc__ = """GPT-2's GELU (tanh approximation), :func:`transformer_ref.layers.gelu`'s value
+    in fewer passes. x any shape, float."""
+
+
+# y = x s:  dy/dx = s + x ds/dx,  ds/dx = (1 - tanh(u)^2) u' / 2 = 2 s (1 - s) u'  (1 - t^2 = 4 s (1 - s)
+# for t = 2 s - 1),  u' = c + 3 c k x^2.  So  dy/dx = s (1 + x (1 - s) (2c + 6 c k x^2)).
+def _gelu_vjp(ans, x, cache):
+    def vjp(g):
+        x2, s = cache["x2"], cache["s"]
+        d = x2 * (6.0 * _C * _K)
+        d += 2.0 * _C                                                 # 2 u'
+        d *= x
+        d *= 1.0 - s                                                  # x (1 - s) 2 u'
+        d += 1.0
+        d *= s                                                        # dy/dx
+        d *= g
+        return d
+    return vjp
+
+
+defvjp(gelu.primitive, _gelu_vjp)
+
+
+# ============================================================================================
+# Causal self-attention: y = softmax(q k^T scale + causal mask) v, every head at once
+# ============================================================================================
+
+
+def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
+    """qkv (B, T, 3C) = [q | k | v] -> y (B, T, C); attention.causal_attention's value and layout
+    (scores transposed, S^T with keys along axis -2, for the same reason as there)."""
+    xp = namespace(qkv)
+    Bsz, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                     # (B, T, 3, H, D)
+    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
+    ST = k @ xp.matrix_transpose(q)                                     # (B, H, T, T)  S^T[j, i] = k_j . q_i
+    ST *= scale
+    ST += _ref_attention._causal_bias(xp, T, ST.dtype)                  # -inf where key j > query i
+    ST -= xp.max(ST, axis=-2, keepdims=True)                            # per query; finite (key j = i)
+    PT = xp.exp(ST)                                                     # masked entries: exp(-inf) = 0
+    PT /= xp.sum(PT, axis=-2, keepdims=True)                            # (B, H, T, T)  P^T, softmax over keys
+    Y = xp.matrix_transpose(PT) @ v                                     # (B, H, T, D)  P V
+    if cache is not None:
+        cache["PT"], cache["q"], cache["k"], cache["v"] = PT, q, k, v
+    return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
+
+
+causal_attention = cached_primitive(_causal_attention)
+causal_attention.__doc__ = """Causal multi-head self-attention, :func:`transformer_ref.attention.causal_attention`'s
+    value (qkv (B, T, 3C), n_head, scale a Python float -> (B, T, C)), with a cheaper backward."""
+
+
+# With P = softmax(S), Y = P V, G = dL/dY (attention.py's derivation):
+#   dS = P * (dP - rowsum(dP * P)),   dP = G V^T,   and  rowsum(dP * P)_i = sum_j (g_i . v_j) P_ij = g_i . y_i
+# so the row term is the per-head dot product of g and the output y (= ans): (B, T, C) work.
+# With scale folded into G and the row term:  scale dS^T = P^T * (V (scale G)^T - scale delta);
+#   dQ = (scale dS) K,   dK = (scale dS)^T Q,   dV = P^T G.
+def _attention_vjp(ans, qkv, n_head, scale, cache):
+    def vjp(g):
+        xp = namespace(g)
+        Bsz, T, C = g.shape
+        D = C // n_head
+        PT, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
+        G = xp.permute_dims(xp.reshape(g, (Bsz, T, n_head, D)), (0, 2, 1, 3))  # (B, H, T, D) dL/dY
+        gy = xp.reshape(g * ans, (-1, D))                                 # (B T H, D)
+        delta = gy @ xp.full((D, 1), scale, dtype=gy.dtype)               # (B T H, 1)  scale g_i . y_i per head
+        delta = xp.reshape(xp.permute_dims(xp.reshape(delta, (Bsz, T, n_head)), (0, 2, 1)),
+                           (Bsz, n_head, 1, T))                           # (B, H, 1, T): one per query i
+        dST = v @ xp.matrix_transpose(G * scale)                          # (B, H, T, T)  scale dP^T = V (scale G)^T
+        dST -= delta
+        dST *= PT                                                         # scale dS^T
+        dq = xp.matrix_transpose(dST) @ k                                 # (B, H, T, D)  scale dS K
+        dk = dST @ q                                                      # (B, H, T, D)  scale dS^T Q
+        dv = PT @ G                                                       # (B, H, T, D)  P^T G
+        d = xp.stack([xp.permute_dims(t, (0, 2, 1, 3)) for t in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
+    return vjp
+
+
+defvjp(causal_attention.primitive, _attention_vjp, None, None)
