@@ -143,3 +143,138 @@ def test_broken_peft_layers_fail_and_are_named(bug, broken):
     assert set(report.failed_names) == broken, str(report)
     assert {r.name for r in report if r.passed} == set(DEFAULT_PROPERTIES) - broken   # the rest passes
     assert all(r.error > 100 * r.bound for r in report.failed)                         # by far
+
+
+# --------------------------------------------------------------------------------------------
+# DoRA (use_dora=True) and embedding LoRA: PEFT's real layers pass the kit's other checks
+# --------------------------------------------------------------------------------------------
+
+from lora_ref.testing import DORA_PROPERTIES, EMBEDDING_PROPERTIES, check_dora_linear, check_lora_embedding  # noqa: E402
+
+
+def peft_dora(W, A, B, m, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
+    """PEFT's DoRA layer holding W, bias, A, B and m (m None: PEFT recomputes it from W, A, B);
+    in train mode with the fixed mask as its dropout when there is one (PEFT applies DoRA's
+    dropout form only then), else eval mode."""
+    dtype = TORCH_DTYPES[W.dtype]
+    if fan_in_fan_out:
+        d_in, d_out = W.shape
+        base = Conv1D(d_out, d_in)
+    else:
+        d_out, d_in = W.shape
+        base = torch.nn.Linear(d_in, d_out, bias=True)
+    model = OneLayer(base).to(dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.from_numpy(W))
+        base.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros(d_out, dtype=dtype))
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False, use_dora=True,
+                             use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+    model = peft.get_peft_model(model, config)
+    layer = model.base_model.model.proj
+    magnitude = layer.lora_magnitude_vector["default"]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(A))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(B))
+        if m is None:                                     # PEFT's own initial magnitude, ||W + s B A||
+            magnitude.update_layer(base_layer=layer.get_base_layer(), lora_A=layer.lora_A["default"].weight,
+                                   lora_B=layer.lora_B["default"].weight, scaling=layer.scaling["default"])
+        else:
+            magnitude.weight.copy_(torch.from_numpy(m))
+    if dropout_mask is not None:
+        layer.lora_dropout["default"] = Mask(torch.from_numpy(dropout_mask))
+        model.train()
+    else:
+        model.eval()
+    return model, layer
+
+
+def peft_dora_impl(x, W, A, B, m, **kw):
+    model, _ = peft_dora(W, A, B, m, **kw)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def peft_dora_magnitude(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out):
+    _, layer = peft_dora(W, A, B, None, alpha=alpha, r=r, use_rslora=use_rslora, bias=None, dropout_mask=None,
+                         fan_in_fan_out=fan_in_fan_out)
+    return layer.lora_magnitude_vector["default"].weight.detach().numpy().copy()
+
+
+def peft_dora_merge(W, A, B, m, **kw):
+    model, _ = peft_dora(W, A, B, m, bias=None, dropout_mask=None, **kw)
+    return model.merge_and_unload().proj.weight.detach().numpy().copy()
+
+
+def peft_dora_grad(x, W, A, B, m, dy, *, detach_norm, **kw):
+    if not detach_norm:
+        raise NotImplementedError("PEFT computes DoRA's gradient with the norm detached only")
+    model, layer = peft_dora(W, A, B, m, **kw)
+    xt = torch.from_numpy(x).requires_grad_()
+    model(xt).backward(torch.from_numpy(dy))
+    return (xt.grad.numpy(), layer.lora_A["default"].weight.grad.numpy(), layer.lora_B["default"].weight.grad.numpy(),
+            layer.lora_magnitude_vector["default"].weight.grad.numpy())
+
+
+DETACHED_ONLY = [p for p in DORA_PROPERTIES if not p.endswith("_exact")]
+
+
+def test_peft_dora_passes_the_dora_kit():
+    # Linear and Conv1D, rsLoRA, PEFT's train-mode dropout, its initial magnitude, merge_and_unload,
+    # and torch-autograd gradients of x, lora_A, lora_B, lora_magnitude_vector (the norm detached).
+    report = check_dora_linear(peft_dora_impl, magnitude=peft_dora_magnitude, merge=peft_dora_merge,
+                               grad=peft_dora_grad, properties=DETACHED_ONLY)
+    assert report.ok and len(report) == 2 * len(DETACHED_ONLY), str(report)
+    exact = check_dora_linear(peft_dora_impl, grad=peft_dora_grad, properties=["grad_A_exact"], dtypes=("float64",))
+    assert exact[0].detail == "raised NotImplementedError: PEFT computes DoRA's gradient with the norm detached only"
+
+
+def test_peft_dora_with_the_magnitude_of_W_alone_fails_the_magnitude_properties():
+    def from_W(W, A, B, **kw):
+        return peft_dora_magnitude(W, A, 0 * B, **kw)        # PEFT's update_layer with B = 0: ||W||
+    report = check_dora_linear(peft_dora_impl, magnitude=from_W)
+    assert set(report.failed_names) == {"magnitude", "magnitude_fan_in_fan_out"}, str(report)
+
+
+class OneEmbedding(torch.nn.Module):
+    def __init__(self, emb: torch.nn.Module) -> None:
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+
+def peft_embedding(E, A, B, *, alpha, r, use_rslora, lora_dropout=0.0):
+    dtype = TORCH_DTYPES[E.dtype]
+    model = OneEmbedding(torch.nn.Embedding(*E.shape)).to(dtype)
+    with torch.no_grad():
+        model.emb.weight.copy_(torch.from_numpy(E))
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["emb"], init_lora_weights=False,
+                             use_rslora=use_rslora, lora_dropout=lora_dropout)
+    model = peft.get_peft_model(model, config)
+    layer = model.base_model.model.emb
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].copy_(torch.from_numpy(A))
+        layer.lora_embedding_B["default"].copy_(torch.from_numpy(B))
+    model.train()                                             # dropout would act now, if PEFT applied it
+    return model, layer
+
+
+def test_peft_embedding_lora_passes_the_embedding_kit():
+    # Including no_dropout: lora_dropout=0.5 in train mode changes nothing on PEFT's embedding path.
+    def impl(ids, E, A, B, **kw):
+        model, _ = peft_embedding(E, A, B, **kw)
+        with torch.no_grad():
+            return model(torch.from_numpy(ids)).numpy()
+
+    def merge(E, A, B, **kw):
+        model, _ = peft_embedding(E, A, B, **kw)
+        return model.merge_and_unload().emb.weight.detach().numpy().copy()
+
+    def grad(ids, E, A, B, dy, **kw):
+        model, layer = peft_embedding(E, A, B, **kw)
+        model(torch.from_numpy(ids)).backward(torch.from_numpy(dy))
+        return layer.lora_embedding_A["default"].grad.numpy(), layer.lora_embedding_B["default"].grad.numpy()
+
+    report = check_lora_embedding(impl, merge=merge, grad=grad)
+    assert report.ok and len(report) == 2 * len(EMBEDDING_PROPERTIES), str(report)
