@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from autograd.extend import defvjp, primitive
@@ -69,7 +68,11 @@ _F32 = np.float32
 def _np_dtype(dtype: str) -> Any:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    if dtype == "bfloat16":
+        import ml_dtypes          # here, not at import: it takes about a second to import
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
 
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -33,9 +33,8 @@ from lora_ref.checks import generator
 from lora_ref.dora import dora_magnitude, dora_merge
 from lora_ref.embedding import init_lora_embedding, merge_embedding
 from lora_ref.lora import LoraConfig, init_lora, merge
-from lora_ref.quant import QuantState, merge_4bit
 
-from .hosting import check_adapters, check_params, embedding_flag, enable_flags, families, family_of
+from .hosting import check_adapters, check_params, embedding_flag, enable_flags, families, family_of, is_4bit
 
 __all__ = ["add_adapters", "merge_adapters", "untie"]
 
@@ -156,7 +155,9 @@ def merge_adapters(params: Mapping[str, Any], adapters: Any, lora_config: LoraCo
 
 def _merge_module(W: Any, module: str, pairs: list[tuple[Mapping[str, Any], LoraConfig]]) -> Any:
     """W with each (arrays, config) of ``pairs`` merged, in order (see :func:`merge_adapters`)."""
-    if isinstance(W, QuantState):    # a 4-bit base: PEFT's path per adapter, dequantise + s B A + requantise
+    if is_4bit(W):                   # a 4-bit base: PEFT's path per adapter, dequantise + s B A + requantise
+        from lora_ref.quant import merge_4bit
+
         for ad, lc in pairs:
             if "m" in ad or lc.enable_for(module) is not None:
                 raise NotImplementedError(f"merging a DoRA or enable_lora adapter into the 4-bit {module} is not implemented")

@@ -49,10 +49,9 @@ import safetensors.numpy
 
 from lora_ref.backend import asarray, dtype_name, to_numpy
 from lora_ref.files import FileFormatError, read_json, read_tensors, write_directory_atomically
-from lora_ref.precision import COMPUTE_DTYPES
-from lora_ref.quant import QUANT_TYPES, QuantState
 
 from .gpt2 import PROJECTIONS, GPTConfig
+from .hosting import is_4bit
 from .gpt2 import param_shapes as gpt2_shapes
 from .llama import MODEL_TYPES, LlamaConfig
 from .llama import param_shapes as llama_shapes
@@ -196,14 +195,14 @@ def _finish(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[str, 
     missing = [k for k in shapes if k not in tensors]
     if missing:
         raise CheckpointFormatError(f"{where}: missing {len(missing)} parameter(s) of this config, e.g. {missing[:3]}")
-    codes = {stored[k] for k in shapes if not isinstance(tensors[k], QuantState)}
+    codes = {stored[k] for k in shapes if not is_4bit(tensors[k])}
     if target is None and codes & {"F16", "BF16"}:
         raise CheckpointFormatError(f"{where}: the weights are stored as {sorted(codes & {'F16', 'BF16'})[0]}; pass "
                                     "dtype='float32' or 'float64' to widen them (exactly)")
     params: dict[str, Any] = {}
     for name, shape in shapes.items():
         arr, flip = tensors[name], name.endswith(transposed) if transposed else False
-        if isinstance(arr, QuantState):     # 4-bit: (d_out, d_in) even for Conv1D (transformers transposes first)
+        if is_4bit(arr):                    # 4-bit: (d_out, d_in) even for Conv1D (transformers transposes first)
             if arr.shape != shape:
                 raise CheckpointFormatError(f"{where}: 4-bit key {name!r} has shape {arr.shape}, expected {shape}")
             params[name] = arr
@@ -220,7 +219,7 @@ def _finish(where: str, tensors: Mapping[str, np.ndarray], stored: Mapping[str, 
         if bad:
             raise CheckpointFormatError(f"{where}: key {name!r} has {bad} non-finite value(s) (inf or nan)")
         params[name] = np.ascontiguousarray(arr.T) if flip else arr   # Conv1D (d_in, d_out) -> (d_out, d_in)
-    kinds = sorted({p.dtype.name for p in params.values() if not isinstance(p, QuantState)})
+    kinds = sorted({p.dtype.name for p in params.values() if not is_4bit(p)})
     if len(kinds) > 1:
         raise CheckpointFormatError(f"{where}: mixed dtypes {kinds}; pass dtype='float32' or 'float64' to convert")
     return params
@@ -241,6 +240,8 @@ def _read_4bit(where: str, raw: Mapping[str, Any], tensors: dict[str, Any]) -> d
             raise CheckpointFormatError(f"{where}: holds bitsandbytes 4-bit weights ({sorted(blobs)[0]} ...) but "
                                         "config.json has no quantization_config")
         return tensors
+    from lora_ref.precision import COMPUTE_DTYPES        # here: quant imports ml_dtypes (about a second)
+    from lora_ref.quant import QUANT_TYPES, QuantState
     if not isinstance(qc, Mapping) or qc.get("quant_method") != "bitsandbytes" or qc.get("load_in_8bit") \
             or qc.get("load_in_4bit") is not True:
         what = qc.get("quant_method") if isinstance(qc, Mapping) else qc
@@ -294,7 +295,7 @@ def _prepare_save(config: Any, params: Mapping[str, Any], shapes: Mapping[str, t
         raise ValueError(f"params must have exactly this config's parameters: missing {missing[:3]}, unexpected {extra[:3]}")
     tensors = {}
     for name, shape in shapes.items():
-        if isinstance(params[name], QuantState):
+        if is_4bit(params[name]):
             raise NotImplementedError(f"params[{name!r}] is 4-bit: saving bitsandbytes checkpoints is not implemented "
                                       "(save lora_ref.quant.dequantize_4bit of it, or save with transformers)")
         arr = to_numpy(params[name])
@@ -387,7 +388,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     params = _finish(where, tensors, stored, shapes, target, _CONV1D)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         _tied_copy(where, tensors, stored, "transformer.wte.weight", "GPT-2")
-    return config, {name: arr if isinstance(arr, QuantState) else asarray(arr) for name, arr in params.items()}
+    return config, {name: arr if is_4bit(arr) else asarray(arr) for name, arr in params.items()}
 
 
 def _read_gpt2_config(folder: Path) -> GPTConfig:
@@ -510,7 +511,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaC
     params = _finish(where, tensors, stored, shapes, target)
     if tied_copy:
         _tied_copy(where, tensors, stored, "model.embed_tokens.weight", config.model_type)
-    return config, {name: arr if isinstance(arr, QuantState) else asarray(arr) for name, arr in params.items()}
+    return config, {name: arr if is_4bit(arr) else asarray(arr) for name, arr in params.items()}
 
 
 def _check_inv_freq(key: str, arr: np.ndarray, config: LlamaConfig, where: str) -> None:

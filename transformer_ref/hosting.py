@@ -29,6 +29,7 @@ accepted wherever one adapter dict is (each adapter with its own config; ``lora_
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -41,13 +42,12 @@ from lora_ref.adapters import BASE, AdapterSet
 from lora_ref.backend import dtype_name, getval, namespace
 from lora_ref.checks import index_array, is_array, is_integer_array
 from lora_ref.lora import LoraConfig
-from lora_ref.precision import mixed_linear
-from lora_ref.quant import QuantState, base_weight
 
 from .layers import Ops
 
 __all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_ops", "check_params",
-           "check_tokens", "embed", "embedding_flag", "enable_flags", "families", "family_of", "project", "register"]
+           "check_tokens", "embed", "embedding_flag", "enable_flags", "families", "family_of", "is_4bit", "project",
+           "register"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,10 @@ def project(ops: Ops, params: Mapping[str, Any], name: str, x: Any, adapters: An
     """
     W = params[name + ".weight" if weight is None else weight]
     b = params.get(name + ".bias")
-    if isinstance(W, QuantState):   # QLoRA: a frozen 4-bit base, dequantised per forward (docs/quant.md)
+    if is_4bit(W):                  # QLoRA: a frozen 4-bit base, dequantised per forward (docs/quant.md)
+        from lora_ref.precision import mixed_linear
+        from lora_ref.quant import base_weight
+
         W, compute = base_weight(W, x)
         ops = ops if compute is None else replace(ops, linear=partial(mixed_linear, compute_dtype=compute))
     if isinstance(adapters, AdapterSet):
@@ -254,6 +257,13 @@ def adapts(adapters: Any, module: str) -> bool:
     if isinstance(raw, AdapterSet):
         return any(module in raw.modules(n) for n in raw.names)
     return raw is not None and module in raw
+
+
+def is_4bit(value: Any) -> bool:
+    """Whether ``value`` is a ``lora_ref.quant.QuantState`` (a QLoRA 4-bit weight), without importing
+    lora_ref.quant (and ml_dtypes, about a second): if it was never imported, no state exists."""
+    quant = sys.modules.get("lora_ref.quant")
+    return quant is not None and isinstance(value, quant.QuantState)
 
 
 def embed(ops: Ops, params: Mapping[str, Any], name: str, ids: Any, adapters: Any = None,
@@ -338,7 +348,7 @@ def check_params(params: Any, family: Family, config: Any) -> str:
     first = next(iter(shapes))
     for name, shape in shapes.items():
         value = getval(params[name])
-        if isinstance(value, QuantState):              # QLoRA's frozen 4-bit base: projections and lm_head
+        if is_4bit(value):                             # QLoRA's frozen 4-bit base: projections and lm_head
             if not (family.is_projection(name.removesuffix(".weight")) or name == "lm_head.weight") or value.shape != shape:
                 raise ValueError(f"params[{name!r}] is a 4-bit QuantState of shape {value.shape}; only projection "
                                  f"weights and lm_head.weight may be, with their (d_out, d_in) = {shape}")

@@ -32,12 +32,11 @@ from lora_ref.adapters import AdapterSet
 from lora_ref.backend import asarray, namespace
 from lora_ref.checks import non_negative_int, positive_int, positive_real
 from lora_ref.lora import LoraConfig, dropout_mask
-from lora_ref.quant import QuantState, quantize_params
 
 from . import machine
 from .fast import FAST, auto_threads, sharded_value_and_grad
 from .adapting import add_adapters
-from .hosting import check_ops, check_params, family_of
+from .hosting import check_ops, check_params, family_of, is_4bit
 from .layers import Ops
 
 __all__ = ["AdamState", "TrainResult", "adam_init", "adam_update", "train"]
@@ -179,8 +178,10 @@ def train(params: Mapping[str, Any], config: Any, task: Any, *, mode: str = "lor
     rng = np.random.default_rng(seed)
     params = dict(params)
     if mode == "qlora":    # QLoRA: the projections quantised (NF4, blocks of 64, double quantisation), then LoRA
+        from lora_ref.quant import quantize_params
+
         params, mode = quantize_params(params, [n + ".weight" for n in family.projection_names(config)]), "lora"
-    if mode == "full" and any(isinstance(v, QuantState) for v in params.values()):
+    if mode == "full" and any(is_4bit(v) for v in params.values()):
         raise ValueError("mode='full' cannot train 4-bit (QuantState) weights; train adapters on them (mode='lora')")
     if mode == "lora":
         if not isinstance(lora_config, LoraConfig):
