@@ -99,7 +99,7 @@ def cases():
         with torch.no_grad():                                    # N(0, 1) factors scaled to a trained update's size
             for layer in lora_layers(pm).values():
                 for p in (*layer.lora_embedding_A.values(), *layer.lora_embedding_B.values()):
-                    p.mul_(0.05 if family == "gpt2" else 0.2)     # s B A about a third of the table's entries
+                    p.mul_(0.05 if family == "gpt2" else 0.2)
         out[case] = (pm, config, params, ref_config(kwargs, embedding_modules=tables), copied(pm))
     return out
 
