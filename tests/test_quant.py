@@ -380,3 +380,84 @@ def test_merge_records_the_promoted_dtype():
     A, B = rng.standard_normal((2, 64)).astype(F32), rng.standard_normal((8, 2)).astype(F32)
     assert q.merge_4bit(s, A, B, 1.0).dtype == "float32"
     assert q.merge_4bit(s, A.astype(ml_dtypes.bfloat16), B.astype(ml_dtypes.bfloat16), 1.0).dtype == "bfloat16"
+
+
+def test_merge_keeps_the_compute_dtype_and_takes_float64_factors():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(8)
+    s = replace(q.quantize_4bit(rng.standard_normal((8, 64)).astype(F32), 64, "nf4", True), compute_dtype="bfloat16")
+    A, B = rng.standard_normal((2, 64)), rng.standard_normal((8, 2))          # float64
+    merged = q.merge_4bit(s, A, B, 0.5)
+    assert (merged.compute_dtype, merged.dtype, merged.nested) == ("bfloat16", "float32", True)
+    want = (q.dequantize_4bit(s, "float64") + (B @ A) * 0.5).astype(F32)        # the sum, rounded to float32 once
+    assert merged == replace(q.quantize_4bit(want, 64, "nf4", True), compute_dtype="bfloat16")
+
+
+# ------------------------------------------------------------------ the QLoRA layer (Eq. 5) and its compute dtype
+
+
+def qlora_case(seed=9):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 5, 64)).astype(F32)
+    s = q.quantize_4bit(rng.standard_normal((32, 64)).astype(F32), 64, "nf4", True)
+    A, B = rng.standard_normal((4, 64)).astype(F32), rng.standard_normal((32, 4)).astype(F32)
+    return x, s, A, B, rng.standard_normal(32).astype(F32)
+
+
+def test_compute_dtype_is_validated_and_read_with_the_tensors():
+    from dataclasses import replace
+
+    _, s, *_ = qlora_case()
+    with pytest.raises(ValueError, match="compute_dtype"):
+        replace(s, compute_dtype="int8")
+    t = s.to_bnb_tensors()
+    assert "compute_dtype" not in t["quant_state.bitsandbytes__nf4"].tobytes().decode()    # not bitsandbytes' field
+    assert q.QuantState.from_bnb_tensors(t, compute_dtype="bfloat16") == replace(s, compute_dtype="bfloat16")
+    assert replace(s, compute_dtype="bfloat16") != s
+
+
+def test_linear_4bit_is_lora_linear_on_the_dequantised_weight():
+    from dataclasses import replace
+
+    from lora_ref import lora_linear
+    from lora_ref.precision import mixed_linear
+
+    x, s, A, B, b = qlora_case()
+    W = q.dequantize_4bit(s)
+    assert q.base_weight(s, x)[1] is None and q.base_weight(s, x)[0].tobytes() == W.tobytes()
+    assert q.linear_4bit(x, s, A, B, 2.0, b).tobytes() == lora_linear(x, W, A, B, 2.0, b).tobytes()
+    x64 = x.astype(np.float64)                                   # a float64 model: the levels widened exactly
+    assert q.linear_4bit(x64, s, None, None, 1.0).tobytes() == lora_linear(x64, W.astype(np.float64), None, None,
+                                                                           1.0).tobytes()
+    bf = replace(s, compute_dtype="bfloat16")
+    assert q.base_weight(bf, x)[1] == "bfloat16"
+    assert q.linear_4bit(x, bf, A, B, 2.0, b).tobytes() == mixed_linear(x, W, A, B, 2.0, b,
+                                                                        compute_dtype="bfloat16").tobytes()
+    with pytest.raises(TypeError, match="QuantState"):
+        q.linear_4bit(x, W, A, B, 2.0)
+
+
+def test_base_weight_lands_on_the_input_backend():
+    pytest.importorskip("array_api_strict")
+    from lora_ref import asarray, to_numpy, use_backend
+
+    x, s, *_ = qlora_case()
+    with use_backend("array_api_strict"):
+        W, compute = q.base_weight(s, asarray(x))
+        assert type(W).__module__.startswith("array_api_strict") and compute is None
+    assert to_numpy(W).tobytes() == q.dequantize_4bit(s).tobytes()
+
+
+def test_quantize_params_applies_the_recipe_to_the_named_weights_only():
+    rng = np.random.default_rng(10)
+    params = {"a.weight": rng.standard_normal((8, 64)), "b.weight": rng.standard_normal((8, 64)).astype(F32),
+              "norm.weight": np.ones(8)}
+    out = q.quantize_params(params, ["a.weight", "b.weight"], compute_dtype="bfloat16")
+    assert out["norm.weight"] is params["norm.weight"] and params["a.weight"].dtype == np.float64
+    want = q.quantize_4bit(params["a.weight"].astype(F32), 64, "nf4", True)        # float64 rounded to float32 first
+    assert out["a.weight"].weight.tobytes() == want.weight.tobytes() and out["a.weight"].nested
+    assert out["b.weight"].compute_dtype == "bfloat16"
+    assert q.quantize_params(out, ["a.weight"])["a.weight"] is out["a.weight"]      # a state is kept
+    with pytest.raises(ValueError, match="not in params"):
+        q.quantize_params(params, ["c.weight"])
