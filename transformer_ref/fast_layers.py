@@ -15,15 +15,16 @@ they cost. Measured on one thread (``python -m benchmarks.breakdown``; docs/tran
   reference layer, as does a non-finite input (the reference's NaN row).
 * :func:`gelu` -- ``x s`` with ``s = (1 + tanh(u)) / 2``, ``u = c (x + k x^3)``: the reference's
   value, 8 passes instead of 9 forward and backward.
-* :func:`causal_attention` -- the reference's scores and softmax; the backward takes the
-  softmax's row term from the output, ``rowsum(dP * P) = rowsum(G * Y)`` (FlashAttention's
-  ``D_i = dO_i . O_i``: ``sum_j dP_ij P_ij = sum_j (g_i . v_j) P_ij = g_i . y_i``), a (B, T, C)
-  product instead of a (B, H, T, T) one, and the scale rides on the smaller ``G`` instead of the
-  scores.
+* :func:`causal_attention` -- the reference's scores and softmax, computed per block of queries
+  against the keys that block can see (3/4 of the T x T work for two blocks); the backward
+  takes the softmax's row term from the output, ``rowsum(dP * P) = rowsum(G * Y)``
+  (FlashAttention's ``D_i = dO_i . O_i``: ``sum_j dP_ij P_ij = sum_j (g_i . v_j) P_ij = g_i . y_i``),
+  a (B, T, C) product instead of a (B, H, T, T) one, the scale rides on the smaller ``G``, and
+  the three gradients are written straight into qkv's layout.
 
-In-place updates: each forward and backward here writes, with ``*=``, ``+=``, ``-=``, into
-arrays it has just created itself and that nothing else holds yet (never an argument, never an
-array already in the cache). That is what saves the passes: ``u *= x`` reuses memory that is in
+In-place updates: each forward and backward here writes, with ``*=``, ``+=``, ``-=`` (and the
+attention's backward with slice assignment), into arrays it has just created itself and that
+nothing else holds yet (never an argument, never an array already in the cache). That is what saves the passes: ``u *= x`` reuses memory that is in
 cache instead of filling a new array. It is safe under autograd: these functions run on plain
 arrays inside their primitives, and when ``traced(FAST)`` has autograd.numpy trace the bare
 forward, an ``ArrayBox`` has no in-place operators, so ``u *= x`` rebinds ``u`` to a new box --
@@ -42,7 +43,6 @@ from autograd.extend import defvjp
 
 from lora_ref.backend import getval, namespace, sum_to_shape
 
-from . import attention as _ref_attention
 from . import layers as _ref_layers
 from .layers import cached_primitive
 
@@ -172,57 +172,92 @@ defvjp(gelu.primitive, _gelu_vjp)
 # ============================================================================================
 # Causal self-attention: y = softmax(q k^T scale + causal mask) v, every head at once
 # ============================================================================================
+#
+# Query i attends to keys j <= i only: half the T x T scores are masked. The queries are taken in
+# n blocks [s, t), and block [s, t) is scored against keys [0, t) alone -- the keys after t are
+# masked for every query of the block -- so the score and P V products, and the softmax's
+# elementwise work, cover (n + 1) / (2 n) of the full T x T (3/4 for n = 2): blocks of about 64
+# queries, at least 2 (measured fastest at T = 64 and 128; more blocks, smaller matrix products).
+# Scores are kept transposed, S^T with keys along axis -2, as in attention.py.
+
+
+def _query_blocks(T: int) -> list[tuple[int, int]]:
+    """[s, t) ranges splitting T queries into max(2, ceil(T / 64)) blocks (one for T = 1)."""
+    n = 1 if T < 2 else max(2, -(-T // 64))
+    edges = [T * b // n for b in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _block_bias(xp: Any, s: int, t: int, dtype: Any) -> Any:
+    """(t, t - s) additive mask [key j, query i] for keys [0, t) and queries [s, t): 0 where j <= i, -inf after."""
+    keep = xp.reshape(xp.arange(t), (t, 1)) <= xp.reshape(xp.arange(s, t), (1, t - s))
+    return xp.where(keep, xp.zeros((t, t - s), dtype=dtype), xp.full((t, t - s), -math.inf, dtype=dtype))
 
 
 def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
-    """qkv (B, T, 3C) = [q | k | v] -> y (B, T, C); attention.causal_attention's value and layout
-    (scores transposed, S^T with keys along axis -2, for the same reason as there)."""
+    """qkv (B, T, 3C) = [q | k | v] -> y (B, T, C); attention.causal_attention's value, per block of queries."""
     xp = namespace(qkv)
     Bsz, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
     heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                     # (B, T, 3, H, D)
     q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
-    ST = k @ xp.matrix_transpose(q)                                     # (B, H, T, T)  S^T[j, i] = k_j . q_i
-    ST *= scale
-    ST += _ref_attention._causal_bias(xp, T, ST.dtype)                  # -inf where key j > query i
-    ST -= xp.max(ST, axis=-2, keepdims=True)                            # per query; finite (key j = i)
-    PT = xp.exp(ST)                                                     # masked entries: exp(-inf) = 0
-    PT /= xp.sum(PT, axis=-2, keepdims=True)                            # (B, H, T, T)  P^T, softmax over keys
-    Y = xp.matrix_transpose(PT) @ v                                     # (B, H, T, D)  P V
+    PTs, Ys = [], []
+    for s, t in _query_blocks(T):
+        ST = k[:, :, :t, :] @ xp.matrix_transpose(q[:, :, s:t, :])      # (B, H, t, t - s)  S^T[j, i] = k_j . q_i
+        ST *= scale
+        ST += _block_bias(xp, s, t, ST.dtype)                           # -inf where key j > query i
+        ST -= xp.max(ST, axis=-2, keepdims=True)                        # per query; finite (key j = i)
+        PT = xp.exp(ST)                                                 # masked entries: exp(-inf) = 0
+        PT /= xp.sum(PT, axis=-2, keepdims=True)                        # P^T, softmax over keys [0, t)
+        PTs.append(PT)
+        Y = xp.matrix_transpose(PT) @ v[:, :, :t, :]                    # (B, H, t - s, D)  P V
+        Ys.append(xp.permute_dims(Y, (0, 2, 1, 3)))                     # (B, t - s, H, D)
     if cache is not None:
-        cache["PT"], cache["q"], cache["k"], cache["v"] = PT, q, k, v
-    return xp.reshape(xp.permute_dims(Y, (0, 2, 1, 3)), (Bsz, T, C))    # (B, T, H, D) -> (B, T, C)
+        cache["PT"], cache["q"], cache["k"], cache["v"] = PTs, q, k, v
+    return xp.reshape(xp.concat(Ys, axis=1), (Bsz, T, C))               # (B, T, H, D) -> (B, T, C)
 
 
 causal_attention = cached_primitive(_causal_attention)
 causal_attention.__doc__ = """Causal multi-head self-attention, :func:`transformer_ref.attention.causal_attention`'s
-    value (qkv (B, T, 3C), n_head, scale a Python float -> (B, T, C)), with a cheaper backward."""
+    value (qkv (B, T, 3C), n_head, scale a Python float -> (B, T, C)), scoring each block of
+    queries against the keys it can see, with a cheaper backward."""
 
 
 # With P = softmax(S), Y = P V, G = dL/dY (attention.py's derivation):
 #   dS = P * (dP - rowsum(dP * P)),   dP = G V^T,   and  rowsum(dP * P)_i = sum_j (g_i . v_j) P_ij = g_i . y_i
-# so the row term is the per-head dot product of g and the output y (= ans): (B, T, C) work.
-# With scale folded into G and the row term:  scale dS^T = P^T * (V (scale G)^T - scale delta);
-#   dQ = (scale dS) K,   dK = (scale dS)^T Q,   dV = P^T G.
+# so the row term is the per-head dot product of g and the output y (= ans): (B, T, C) work, not
+# (B, H, T, T). With scale folded into G and the row term:  scale dS^T = P^T * (V (scale G)^T - scale delta);
+#   dQ = (scale dS) K,   dK = (scale dS)^T Q,   dV = P^T G,
+# per block of queries [s, t): its dQ rows are its own; it adds to dK and dV of keys [0, t). The
+# blocks are taken last first, so the block that sees every key writes dK and dV, the others add.
 def _attention_vjp(ans, qkv, n_head, scale, cache):
     def vjp(g):
         xp = namespace(g)
         Bsz, T, C = g.shape
         D = C // n_head
-        PT, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
+        PTs, q, k, v = cache["PT"], cache["q"], cache["k"], cache["v"]
         G = xp.permute_dims(xp.reshape(g, (Bsz, T, n_head, D)), (0, 2, 1, 3))  # (B, H, T, D) dL/dY
         gy = xp.reshape(g * ans, (-1, D))                                 # (B T H, D)
         delta = gy @ xp.full((D, 1), scale, dtype=gy.dtype)               # (B T H, 1)  scale g_i . y_i per head
         delta = xp.reshape(xp.permute_dims(xp.reshape(delta, (Bsz, T, n_head)), (0, 2, 1)),
                            (Bsz, n_head, 1, T))                           # (B, H, 1, T): one per query i
-        dST = v @ xp.matrix_transpose(G * scale)                          # (B, H, T, T)  scale dP^T = V (scale G)^T
-        dST -= delta
-        dST *= PT                                                         # scale dS^T
-        dq = xp.matrix_transpose(dST) @ k                                 # (B, H, T, D)  scale dS K
-        dk = dST @ q                                                      # (B, H, T, D)  scale dS^T Q
-        dv = PT @ G                                                       # (B, H, T, D)  P^T G
-        d = xp.stack([xp.permute_dims(t, (0, 2, 1, 3)) for t in (dq, dk, dv)], axis=2)  # (B, T, 3, H, D)
+        Gs = G * scale                                                    # (B, H, T, D)
+        d = xp.empty((Bsz, T, 3, n_head, D), dtype=g.dtype)               # [dq | dk | dv] in qkv's layout
+        for (s, t), PT in reversed(list(zip(_query_blocks(T), PTs))):
+            dST = v[:, :, :t, :] @ xp.matrix_transpose(Gs[:, :, s:t, :])  # (B, H, t, t - s)  scale dP^T
+            dST -= delta[:, :, :, s:t]
+            dST *= PT                                                     # scale dS^T
+            dq = xp.matrix_transpose(dST) @ k[:, :, :t, :]                # (B, H, t - s, D)  scale dS K
+            dk = dST @ q[:, :, s:t, :]                                    # (B, H, t, D)  scale dS^T Q
+            dv = PT @ G[:, :, s:t, :]                                     # (B, H, t, D)  P^T G
+            d[:, s:t, 0, :, :] = xp.permute_dims(dq, (0, 2, 1, 3))
+            if t == T:                                                    # the last block: every key
+                d[:, :, 1, :, :] = xp.permute_dims(dk, (0, 2, 1, 3))
+                d[:, :, 2, :, :] = xp.permute_dims(dv, (0, 2, 1, 3))
+            else:
+                d[:, :t, 1, :, :] += xp.permute_dims(dk, (0, 2, 1, 3))
+                d[:, :t, 2, :, :] += xp.permute_dims(dv, (0, 2, 1, 3))
         return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
     return vjp
 
