@@ -169,8 +169,8 @@ def test_train_continues_given_adapters(pretrained):
 
 def test_train_rejects_bad_arguments(pretrained):
     config, params, _, down = pretrained
-    with pytest.raises(ValueError, match="mode must be 'lora' or 'full', got 'qlora'"):
-        train(params, config, down, mode="qlora")
+    with pytest.raises(ValueError, match="mode must be 'lora', 'qlora' or 'full', got 'half'"):
+        train(params, config, down, mode="half")
     with pytest.raises(TypeError, match="mode='lora' needs lora_config"):
         train(params, config, down, mode="lora")
     with pytest.raises(ValueError, match="mode='full' trains params only"):

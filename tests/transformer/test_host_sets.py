@@ -114,9 +114,9 @@ def test_mixed_batch_rows_equal_each_row_alone(family, ops_name):
             assert np.array_equal(y[i:i + 1], alone), (i, name)
         else:                                # FAST folds s B A into W for a whole batch, not for a single row
             assert_within(y[i:i + 1], alone, bound(params, config, "float64"), what=f"FAST row {i}")
-    assert np.array_equal(tr.forward(params, tokens, config, S.disabled(), adapter_names=names), y)  # active ignored
-    assert np.array_equal(tr.forward(params, tokens, config, S, adapter_names=[BASE] * 4),
-                          tr.forward(params, tokens, config))
+    assert np.array_equal(tr.forward(params, tokens, config, S.disabled(), ops=ops, adapter_names=names), y)  # active ignored
+    assert np.array_equal(tr.forward(params, tokens, config, S, ops=ops, adapter_names=[BASE] * 4),
+                          tr.forward(params, tokens, config, ops=ops))
 
 
 @pytest.mark.parametrize("family", CONFIGS)
