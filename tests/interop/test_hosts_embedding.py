@@ -152,6 +152,25 @@ def test_embedding_logits_and_gradients_equal_peft(cases, case, monkeypatch):
         assert np.all(theirs[table]["A"][:, PAD] == 0.0) and np.all(grads[table]["A"][:, PAD] == 0.0)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("gpt2")])
+def test_an_untied_merged_gpt2_saves_and_loads_in_transformers(cases, case, monkeypatch, tmp_path):
+    """save_hf_gpt2 of the untying merge (tie_word_embeddings false, lm_head.weight written) is a
+    checkpoint GPT2LMHeadModel loads untied, and its logits are PEFT's unmerged model's."""
+    from transformer_ref.checkpoints import save_hf_gpt2
+
+    pm, config, params, lc, adapters = cases[case]
+    merged = tr.merge_adapters(params, adapters, lc)
+    save_hf_gpt2(tmp_path, tr.untie(config), merged)
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).double().eval()
+    assert not model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert np.array_equal(model.lm_head.weight.detach().numpy(), params["transformer.wte.weight"])
+    tokens, _ = tokens_and_targets(config.vocab_size)
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    report("hosts-embedding", f"{case}: merged, saved untied, transformers' logits vs PEFT unmerged", theirs,
+           peft_logits(pm, tokens, monkeypatch), bound(merged, tr.untie(config), max(lc.rank_for(m) for m in adapters)))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_merged_tables_and_the_tied_head(cases, case, monkeypatch):
     pm, config, params, lc, adapters = cases[case]
