@@ -28,6 +28,26 @@ typedef struct {
 typedef struct { double *y, *W_merged, *dx, *dA, *dB; } lora_outputs;
 typedef struct { double *y, *m_init, *W_merged, *dx, *dA, *dB, *dm, *dA_exact, *dB_exact; } dora_outputs;
 
+/* Several adapters on one linear layer (adapter_set, mixed_batch). Row n of x gets the adapters
+ * list[n][0:count[n]] summed in that order: y = x W^T + bias + sum_a s_a (x A_a^T) B_a^T.
+ * W_merged = W + sum over merged[0:n_merged] of s_a B_a A_a. */
+typedef struct {
+    long r;
+    double alpha;
+    int use_rslora;
+    const double *A, *B;            /* (r, d_in), (d_out, r) */
+} adapter;
+
+typedef struct {
+    long N, d_in, d_out;
+    const double *x, *W, *bias;     /* W (d_out, d_in); bias may be NULL */
+    const adapter *adapters;
+    const long *const *list;        /* N lists of adapter numbers */
+    const long *count;              /* N list lengths */
+    const long *merged;
+    long n_merged;
+} multi_problem;
+
 /* Serving: T tokens; slot[t] in [-1, n) is token t's adapter slot, -1 for none. Computed in the
  * accumulation dtype (the f32 or f64 version), with expand's results rounded to `storage`. */
 typedef struct {
@@ -44,6 +64,7 @@ typedef struct {
 #define CONFORMANCE_DECLARE(suffix)                                                           \
     void run_lora_##suffix(const lora_problem *p, lora_outputs *out);                         \
     void run_dora_##suffix(const lora_problem *p, dora_outputs *out);                         \
+    void run_multi_##suffix(const multi_problem *p, double *y, double *W_merged);             \
     void run_shrink_##suffix(const serving_problem *p, double *h);                            \
     void run_expand_##suffix(const serving_problem *p, double *y);
 CONFORMANCE_DECLARE(f32)

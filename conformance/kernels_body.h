@@ -291,6 +291,64 @@ void K(run_dora)(const lora_problem *p, dora_outputs *out)
     free(V); free(C); free(f); free(P); free(dV); free(dVe);
 }
 
+/* ---- several adapters on one weight ---- */
+
+/* y = x W^T + bias + sum over row n's adapters a of s_a ((x A_a^T) B_a^T);
+ * W_merged = W + sum over the merged adapters of s_a B_a A_a (NULL: not wanted). */
+void K(run_multi)(const multi_problem *p, double *y_out, double *W_merged)
+{
+    long N = p->N, I = p->d_in, O = p->d_out;
+    real *x = K(in)(p->x, N * I), *W = K(in)(p->W, O * I), *bias = p->bias ? K(in)(p->bias, O) : NULL;
+    real *y = zeros((size_t)(N * O), sizeof *y);
+    static const int one_block = 1;
+    for (long n = 0; n < N; n++)
+        for (long o = 0; o < O; o++) {
+            real acc = 0;
+            for (long i = 0; i < I; i++)
+                acc += x[n * I + i] * W[o * I + i];
+            y[n * O + o] = bias ? acc + bias[o] : acc;
+        }
+    for (long n = 0; n < N; n++)
+        for (long e = 0; e < p->count[n]; e++) {
+            const adapter *a = &p->adapters[p->list[n][e]];
+            real s = K(lora_scale)(a->alpha, a->r, a->use_rslora);
+            real *A = K(in)(a->A, a->r * I), *B = K(in)(a->B, O * a->r), *u = zeros((size_t)a->r, sizeof *u);
+            for (long j = 0; j < a->r; j++) {     /* u = x[n] A_a^T (r,) */
+                real acc = 0;
+                for (long i = 0; i < I; i++)
+                    acc += x[n * I + i] * A[j * I + i];
+                u[j] = acc;
+            }
+            for (long o = 0; o < O; o++) {        /* y[n] += s_a (u B_a^T) */
+                real acc = 0;
+                for (long j = 0; j < a->r; j++)
+                    acc += u[j] * B[o * a->r + j];
+                y[n * O + o] += s * acc;
+            }
+            free(A);
+            free(B);
+            free(u);
+        }
+    K(out)(y_out, y, N * O);
+    if (W_merged) {
+        real *Wm = zeros((size_t)(O * I), sizeof *Wm), *next = zeros((size_t)(O * I), sizeof *next);
+        memcpy(Wm, W, (size_t)(O * I) * sizeof *Wm);
+        for (long e = 0; e < p->n_merged; e++) {  /* Wm = Wm + s_a B_a A_a, one adapter at a time */
+            const adapter *a = &p->adapters[p->merged[e]];
+            lora_problem one = {.N = 0, .d_in = I, .d_out = O, .r = a->r, .n_blocks = 1, .on = &one_block};
+            real *A = K(in)(a->A, a->r * I), *B = K(in)(a->B, O * a->r);
+            K(lora_merge)(&one, K(lora_scale)(a->alpha, a->r, a->use_rslora), Wm, A, B, next);
+            memcpy(Wm, next, (size_t)(O * I) * sizeof *Wm);
+            free(A);
+            free(B);
+        }
+        K(out)(W_merged, Wm, O * I);
+        free(Wm);
+        free(next);
+    }
+    free(x); free(W); free(bias); free(y);
+}
+
 /* ---- serving: the shrink and expand kernels (docs/serving.md V1, V2) ---- */
 
 /* The slot token t reads, or -1 for none. */

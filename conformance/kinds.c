@@ -207,6 +207,151 @@ static int run_dora_linear(lora_case *c)
     return 0;
 }
 
+/* ---- adapter_set and mixed_batch: several adapters on one weight ---- */
+
+#define MAX_ADAPTERS 32
+
+typedef struct {
+    multi_problem p;
+    long n_adapters, x_rank, x_shape[ST_MAX_RANK], W_shape[2];
+    adapter adapters[MAX_ADAPTERS];
+    const char *names[MAX_ADAPTERS];
+} multi_case;
+
+/* x, W (d_out, d_in), bias, and each adapter of params.adapters: A.<name>, B.<name>. */
+static int read_multi(lora_case *c, multi_case *m)
+{
+    multi_problem *p = &m->p;
+    const st_tensor *x = case_tensor(c, "x", -1), *W = case_tensor(c, "W", 2);
+    const json *list = json_get_type(c->params, "adapters", JSON_ARRAY);
+    if (!x || !W)
+        return -1;
+    CHECK(x->rank >= 1, "x must have at least one axis");
+    CHECK(list && list->count >= 1 && list->count <= MAX_ADAPTERS, "params.adapters is not a list of 1 to %d adapters",
+          MAX_ADAPTERS);
+    m->x_rank = x->rank;
+    shape_of(x, m->x_shape);
+    shape_of(W, m->W_shape);
+    p->d_out = m->W_shape[0], p->d_in = m->W_shape[1];
+    CHECK(m->x_shape[x->rank - 1] == p->d_in, "x's last axis is %ld, W's input axis %ld",
+          m->x_shape[x->rank - 1], p->d_in);
+    p->N = (long)(x->count / (size_t)(p->d_in ? p->d_in : 1));
+    long d_out = p->d_out;
+    p->x = input(c, "x", (int)m->x_rank, m->x_shape, 0);
+    p->W = input(c, "W", 2, m->W_shape, 0);
+    p->bias = input(c, "bias", 1, &d_out, 1);
+    if (!p->x || !p->W || c->error[0])
+        return -1;
+    m->n_adapters = (long)list->count;
+    for (long k = 0; k < m->n_adapters; k++) {
+        const json *entry = &list->items[k];
+        const char *name = json_get_string(entry, "name");
+        const json *alpha = json_get_type(entry, "alpha", JSON_NUMBER), *r = json_get_type(entry, "r", JSON_NUMBER);
+        const json *rs = json_get_type(entry, "use_rslora", JSON_BOOL);
+        CHECK(name && alpha && r && r->is_integer && r->integer >= 1 && rs,
+              "params.adapters[%ld] lacks name, alpha, a positive integer r or use_rslora", k);
+        adapter *a = &m->adapters[k];
+        m->names[k] = name;
+        a->alpha = alpha->number, a->r = (long)r->integer, a->use_rslora = rs->boolean;
+        char tensor[300];
+        long A_shape[2] = {a->r, p->d_in}, B_shape[2] = {p->d_out, a->r};
+        snprintf(tensor, sizeof tensor, "A.%s", name);
+        a->A = input(c, tensor, 2, A_shape, 0);
+        snprintf(tensor, sizeof tensor, "B.%s", name);
+        a->B = input(c, tensor, 2, B_shape, 0);
+        if (!a->A || !a->B)
+            return -1;
+        if (BROKEN("layout"))
+            a->A = transposed(c, a->A, p->d_in, a->r);
+    }
+    p->adapters = m->adapters;
+    return 0;
+}
+
+/* The adapter called `name`, or -1 with an error. */
+static long adapter_number(lora_case *c, const multi_case *m, const json *name)
+{
+    if (name->type == JSON_STRING)
+        for (long k = 0; k < m->n_adapters; k++)
+            if (strcmp(m->names[k], name->string) == 0)
+                return k;
+    return case_error(c, "a name in params does not name an adapter of params.adapters");
+}
+
+/* A params list of adapter names -> their numbers. */
+static long *adapter_numbers(lora_case *c, const multi_case *m, const char *param, long *count)
+{
+    const json *names = json_get_type(c->params, param, JSON_ARRAY);
+    if (!names) {
+        case_error(c, "params.%s is not a list of adapter names", param);
+        return NULL;
+    }
+    long *numbers = case_alloc(c, names->count, sizeof *numbers);
+    for (size_t k = 0; k < names->count; k++)
+        if ((numbers[k] = adapter_number(c, m, &names->items[k])) < 0)
+            return NULL;
+    *count = (long)names->count;
+    return numbers;
+}
+
+static int run_adapter_set(lora_case *c)
+{
+    multi_case m;
+    memset(&m, 0, sizeof m);
+    int fan_in_fan_out;
+    if (case_bool(c, "fan_in_fan_out", &fan_in_fan_out))
+        return -1;
+    CHECK(!fan_in_fan_out, "adapter_set with fan_in_fan_out true is not implemented here");
+    if (read_multi(c, &m))
+        return -1;
+    long n_active;
+    const long *active = adapter_numbers(c, &m, "active", &n_active);
+    m.p.merged = adapter_numbers(c, &m, "merged", &m.p.n_merged);
+    if (!active || !m.p.merged)
+        return -1;
+    const long **list = case_alloc(c, (size_t)m.p.N, sizeof *list);
+    long *count = case_alloc(c, (size_t)m.p.N, sizeof *count);
+    for (long n = 0; n < m.p.N; n++)                  /* every row: the active adapters */
+        list[n] = active, count[n] = n_active;
+    m.p.list = list, m.p.count = count;
+    long y_shape[ST_MAX_RANK];
+    memcpy(y_shape, m.x_shape, sizeof y_shape);
+    y_shape[m.x_rank - 1] = m.p.d_out;
+    double *y = case_result(c, "y", c->type, (int)m.x_rank, y_shape);
+    double *W_merged = case_result(c, "W_merged", c->type, 2, m.W_shape);
+    (c->type == DT_F32 ? run_multi_f32 : run_multi_f64)(&m.p, y, W_merged);
+    return 0;
+}
+
+static int run_mixed_batch(lora_case *c)
+{
+    multi_case m;
+    memset(&m, 0, sizeof m);
+    if (read_multi(c, &m))
+        return -1;
+    const json *names = json_get_type(c->params, "names", JSON_ARRAY);
+    CHECK(names && (long)names->count == m.x_shape[0], "params.names is not one name per sample (x's first axis)");
+    long rows = m.p.N / m.x_shape[0];                 /* rows of x per sample */
+    const long **list = case_alloc(c, (size_t)m.p.N, sizeof *list);
+    long *count = case_alloc(c, (size_t)m.p.N, sizeof *count);
+    long *number = case_alloc(c, names->count, sizeof *number);
+    for (long q = 0; q < m.x_shape[0]; q++) {
+        const json *name = &names->items[q];
+        int base = name->type == JSON_STRING && strcmp(name->string, "__base__") == 0;
+        if (!base && (number[q] = adapter_number(c, &m, name)) < 0)
+            return -1;
+        for (long n = q * rows; n < (q + 1) * rows; n++)
+            list[n] = &number[q], count[n] = base ? 0 : 1;
+    }
+    m.p.list = list, m.p.count = count;
+    long y_shape[ST_MAX_RANK];
+    memcpy(y_shape, m.x_shape, sizeof y_shape);
+    y_shape[m.x_rank - 1] = m.p.d_out;
+    double *y = case_result(c, "y", c->type, (int)m.x_rank, y_shape);
+    (c->type == DT_F32 ? run_multi_f32 : run_multi_f64)(&m.p, y, NULL);
+    return 0;
+}
+
 /* ---- lora_shrink and lora_expand ---- */
 
 /* Each token's slot: BGMV reads `indices`; SGMV gives sequence q the tokens
@@ -376,6 +521,8 @@ static const struct {
 } KINDS[] = {
     {"lora_linear", run_lora_linear, 0},
     {"dora_linear", run_dora_linear, 0},
+    {"adapter_set", run_adapter_set, 0},
+    {"mixed_batch", run_mixed_batch, 0},
     {"lora_shrink", run_lora_shrink, 1},
     {"lora_expand", run_lora_expand, 1},
 };

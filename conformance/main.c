@@ -266,7 +266,7 @@ int main(int argc, char **argv)
         tally *t = tally_for(c.kind);
         const char *skip = kind_skip_reason(c.kind, c.type);
         if (skip) {
-            report("SKIP", &c, "", skip);
+            report("SKIP", &c, "(case)", skip);
             t->skipped++;
             skipped++;
             continue;
