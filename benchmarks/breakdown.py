@@ -199,10 +199,10 @@ def thread_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.breakdown``: a GPT-2 LoRA step's time per layer against the matmul limit."""
+    """``python -m benchmarks.breakdown``: a LoRA step's time per layer against the matmul limit."""
     import numpy as np
 
-    from transformer_ref import FAST, REFERENCE, GPTConfig, add_adapters, init_params, lora_config_for
+    from transformer_ref import FAST, REFERENCE, GPTConfig, LlamaConfig, add_adapters, init_params, lora_config_for
     from transformer_ref.machine import blas_threads, keep_freed_memory
 
     from .ref_gpt2 import make_ref_step
@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--matrices", default="q,v", help="comma-separated subset of q,k,v,o,mlp_in,mlp_out")
+    ap.add_argument("--matrices", default="q,v", help="comma-separated subset of q,k,v,o,mlp_in,mlp_out "
+                    "(LLaMA: q,k,v,o,gate,up,down)")
+    ap.add_argument("--family", choices=("gpt2", "llama"), default="gpt2",
+                    help="gpt2, or llama (MLP width 4C, as many key/value heads as query heads, untied head)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reference", action="store_true", help="the REFERENCE op set (default FAST)")
     ap.add_argument("--threads", type=int, default=1, help="batch slices in parallel (default 1)")
@@ -225,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     heads = args.n_head or max(1, args.n_embd // 64)
-    config = GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
-                       n_head=heads)
-    lc = lora_config_for(args.matrices.split(","), r=args.rank, alpha=16.0, init="random")
+    if args.family == "llama":
+        config: Any = LlamaConfig(vocab_size=args.vocab, hidden_size=args.n_embd, intermediate_size=4 * args.n_embd,
+                                  num_hidden_layers=args.n_layer, num_attention_heads=heads,
+                                  max_position_embeddings=args.seq)
+    else:
+        config = GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
+                           n_head=heads)
+    lc = lora_config_for(args.matrices.split(","), r=args.rank, alpha=16.0, init="random", family=args.family)
     rng = np.random.default_rng(0)
     params = init_params(config, rng, args.dtype)
     model = {"config": config, "lora_config": lc, "params": params, "adapters": add_adapters(params, config, lc, rng),
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                              clock=clock if args.threads == 1 else time.perf_counter)
     per_step = {k: v / args.repeats for k, v in flops.items()}
     rate = peak["best"] * 1e6                               # FLOPs per ms, one thread
-    print(f"{'REFERENCE' if args.reference else 'FAST'} LoRA step, {args.dtype}, n_embd={args.n_embd} "
+    print(f"{'REFERENCE' if args.reference else 'FAST'} {args.family} LoRA step, {args.dtype}, n_embd={args.n_embd} "
           f"n_layer={args.n_layer} T={args.seq} batch={args.batch} r={args.rank} on {args.matrices}, "
           f"{args.threads} slice(s); clock: {args.clock}; one thread's float32 matmul limit "
           f"{peak['best']:.1f} GFLOP/s")

@@ -31,7 +31,7 @@ from autograd.extend import defvjp
 from lora_ref.backend import getval, namespace, sum_to_shape
 from lora_ref.checks import positive_int
 
-from . import fast_layers, machine
+from . import fast_layers, fast_llama, machine
 from .hosting import family_of
 from .layers import IGNORE_INDEX, REFERENCE, Ops, cached_primitive
 
@@ -140,7 +140,7 @@ def _linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, drop
         W_run = W
     Y = X @ xp.matrix_transpose(W_run)                                   # (N, d_out)
     if bias is not None:
-        Y = Y + bias
+        Y += bias                                                        # in place: Y is this call's own
     Xd = X
     if A is not None and not fold:
         if dropout_mask is not None:                                     # dropout on the adapter branch only
@@ -234,11 +234,14 @@ defvjp(linear.primitive, _linear_vjp_x, _linear_vjp_W, _linear_vjp_A, _linear_vj
        _linear_not_differentiable("dropout_mask (a constant)"))
 
 
-FAST: Ops = dataclasses.replace(REFERENCE, linear=linear, layer_norm=fast_layers.layer_norm, gelu=fast_layers.gelu,
-                                causal_attention=fast_layers.causal_attention)
+FAST: Ops = dataclasses.replace(
+    REFERENCE, linear=linear, layer_norm=fast_layers.layer_norm, gelu=fast_layers.gelu,
+    causal_attention=fast_layers.causal_attention, rms_norm=fast_llama.rms_norm, swiglu=fast_llama.swiglu,
+    grouped_query_attention=fast_llama.grouped_query_attention)
 """The training-speed op set: :data:`~transformer_ref.layers.REFERENCE` with the folded projection
-:func:`linear` and GPT-2's LayerNorm, GELU and causal attention from
-:mod:`transformer_ref.fast_layers` (each equal to the reference up to rounding)."""
+:func:`linear`, GPT-2's LayerNorm, GELU and causal attention from :mod:`transformer_ref.fast_layers`
+and LLaMA's RMSNorm, SwiGLU and grouped-query attention from :mod:`transformer_ref.fast_llama`
+(each equal to the reference up to rounding)."""
 
 
 # ============================================================================================

@@ -194,6 +194,17 @@ def _block_bias(xp: Any, s: int, t: int, dtype: Any) -> Any:
     return xp.where(keep, xp.zeros((t, t - s), dtype=dtype), xp.full((t, t - s), -math.inf, dtype=dtype))
 
 
+def _keys_part(d: Any, t: int, T: int, part: Any, *inner: Any) -> None:
+    """Write a block's contribution to the gradient of keys [0, t) into ``d[:, :t, *inner]`` (d is
+    (B, T, ...), a backward's own fresh array): the block that sees every key (t = T, taken first)
+    sets it, the others add to it."""
+    at = (slice(None), slice(0, t)) + inner + (Ellipsis,)
+    if t == T:
+        d[at] = part
+    else:
+        d[at] += part
+
+
 def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
     """qkv (B, T, 3C) = [q | k | v] -> y (B, T, C); attention.causal_attention's value, per block of queries."""
     xp = namespace(qkv)
@@ -251,13 +262,9 @@ def _attention_vjp(ans, qkv, n_head, scale, cache):
             dq = xp.matrix_transpose(dST) @ k[:, :, :t, :]                # (B, H, t - s, D)  scale dS K
             dk = dST @ q[:, :, s:t, :]                                    # (B, H, t, D)  scale dS^T Q
             dv = PT @ G[:, :, s:t, :]                                     # (B, H, t, D)  P^T G
-            d[:, s:t, 0, :, :] = xp.permute_dims(dq, (0, 2, 1, 3))
-            if t == T:                                                    # the last block: every key
-                d[:, :, 1, :, :] = xp.permute_dims(dk, (0, 2, 1, 3))
-                d[:, :, 2, :, :] = xp.permute_dims(dv, (0, 2, 1, 3))
-            else:
-                d[:, :t, 1, :, :] += xp.permute_dims(dk, (0, 2, 1, 3))
-                d[:, :t, 2, :, :] += xp.permute_dims(dv, (0, 2, 1, 3))
+            d[:, s:t, 0, :, :] = xp.permute_dims(dq, (0, 2, 1, 3))        # (B, t - s, H, D)
+            _keys_part(d, t, T, xp.permute_dims(dk, (0, 2, 1, 3)), 1)       # (B, t, H, D) into d[:, :t, 1]
+            _keys_part(d, t, T, xp.permute_dims(dv, (0, 2, 1, 3)), 2)
         return xp.reshape(d, (Bsz, T, 3 * C))                             # (B, T, 3C)
     return vjp
 

@@ -14,6 +14,7 @@ of roundings and ``M`` the computation on absolute values, derived beside each a
 from __future__ import annotations
 
 import math
+import warnings
 
 import autograd
 import numpy as np
@@ -26,10 +27,10 @@ from hypothesis import strategies as st
 from lora_ref import asarray, delta_weight, dropout_mask, lora_linear, to_numpy, use_backend
 from lora_ref.strategies import lora_cases
 from lora_ref.testing import assert_within, lora_linear_magnitude, tolerance
-from transformer_ref import FAST, REFERENCE, fast_layers, lora_config_for, loss, machine
-from transformer_ref.attention import causal_attention
+from transformer_ref import FAST, REFERENCE, fast_layers, fast_llama, lora_config_for, loss, machine
+from transformer_ref.attention import causal_attention, grouped_query_attention
 from transformer_ref.fast import _linear, linear, sharded_value_and_grad
-from transformer_ref.layers import gelu, layer_norm
+from transformer_ref.layers import gelu, layer_norm, rms_norm, swiglu
 
 # ----------------------------------------------------------------------------------------------
 # fast.linear == lora_ref.lora_linear
@@ -446,3 +447,176 @@ def test_sharded_step_forms_each_folded_weight_once(monkeypatch):
     n = 2 * chain_length(TINY, 2) + 2                                           # as test_sharded_equals_whole_batch
     assert_within(value, ref_value, 2 * tolerance("float64", n) * abs(float(ref_value)), what="sharded FAST loss")
     assert_trees_close(grads, ref_grads, "float64", n, what="sharded FAST dL/dadapters")
+
+
+# ----------------------------------------------------------------------------------------------
+# fast_llama (FAST's RMSNorm, SwiGLU, grouped-query attention) == the reference layers
+# ----------------------------------------------------------------------------------------------
+
+
+def sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@settings(deadline=None)
+@given(n=st.integers(1, 40), dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31))
+def test_fast_swiglu_equals_reference(n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    gate, up, g = (rng.standard_normal(n) * 8.0).astype(dtype), *(rng.standard_normal((2, n)).astype(dtype))
+    before = untouched((gate, up, g))
+    y, (dgate, dup) = both_vjps(fast_llama.swiglu, (gate, up), (0, 1), g)
+    y_ref, (dgate_ref, dup_ref) = both_vjps(swiglu, (gate, up), (0, 1), g)
+    assert same(before, (gate, up, g)) and y.dtype == dgate.dtype == dup.dtype == np.dtype(dtype)
+    x, u, gg = f64(gate), f64(up), f64(g)
+    # y: exp(-x) 2, + 1 3, 1/. 4 (sigmoid), times x 5, times up 6; the reference 7 (test_layers).
+    assert_within(y, y_ref, 2 * tolerance(dtype, 7) * np.abs(x * sig(x) * u), what="swiglu")
+    # dgate = g up s (1 + x sigmoid(-x)), sigmoid(-x) = 1 / (1 + exp(x)) (4), times x 5, + 1 6, times s
+    # 11, times g 12, times up 13; the reference 17, on |g up| (s + 3 |x| s sigmoid(-x)) (test_layers:
+    # the terms autograd's chain forms; the hand formulas' terms are within it).
+    M = np.abs(gg * u) * (sig(x) + 3.0 * np.abs(x) * sig(x) * sig(-x))
+    assert_within(dgate, dgate_ref, 2 * tolerance(dtype, 17) * M, what="swiglu dgate")
+    assert_within(dup, dup_ref, 2 * tolerance(dtype, 7) * np.abs(gg * x * sig(x)), what="swiglu dup")
+    assert_within(dgate, traced_vjp(fast_llama.swiglu, (gate, up), 0, g), 2 * tolerance(dtype, 17) * M,
+                  what="swiglu dgate (autograd.numpy)")
+
+
+def test_fast_swiglu_at_the_ends_of_the_range():
+    """Where exp(-x) or exp(x) overflows the sigmoid is 0 (the reference's is 0 or subnormal there):
+    no NaN, no warning, silu(x) = x for large x and 0 for very negative x, the derivative 1 and 0."""
+    for dtype in ("float32", "float64"):
+        x = np.array([1000.0, -1000.0, 0.0, 50.0, -50.0], dtype=dtype)
+        one = np.ones_like(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y, (dgate,) = both_vjps(fast_llama.swiglu, (x, one), (0,), one)
+        y_ref, (dgate_ref,) = both_vjps(swiglu, (x, one), (0,), one)
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(dgate))
+        assert y[0] == 1000.0 and y[1] == 0.0 and y[2] == 0.0 and dgate[0] == 1.0 and dgate[1] == 0.0 and dgate[2] == 0.5
+        tiny = float(np.finfo(dtype).smallest_normal)           # where the reference underflows too
+        assert np.all(np.abs(y - y_ref) <= 2 * tolerance(dtype, 7) * np.abs(y_ref) + 1000.0 * tiny)
+        assert np.all(np.abs(dgate - dgate_ref) <= 2 * tolerance(dtype, 17) * (1.0 + np.abs(x)) + 1000.0 * tiny)
+
+
+def rms_bounds(x, w, g, eps):
+    """Magnitudes of RMSNorm's y, dx and dweight (rho from each row scaled by its largest magnitude,
+    so it does not overflow): test_layers.rms_magnitudes."""
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    top = np.abs(x).max(axis=-1, keepdims=True)
+    s = np.where(top > 1.0, top, 1.0)
+    rho = (1.0 / s) / np.sqrt(np.mean((x / s) ** 2, axis=-1, keepdims=True) + eps / s / s)
+    xhat, gw = np.abs(x) * rho, np.abs(g * w)
+    M_dx = rho * (gw + xhat * np.mean(gw * xhat, axis=-1, keepdims=True))
+    return xhat * np.abs(w), M_dx, (np.abs(g) * xhat).reshape(-1, x.shape[-1]).sum(0)
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 4), C=st.integers(1, 9), dtype=st.sampled_from(["float64", "float32"]),
+       seed=st.integers(0, 2**31))
+def test_fast_rms_norm_equals_reference(B, T, C, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal((B, T, C)) + 0.5) * 10.0 ** rng.integers(-3, 4, size=(B, T, 1))).astype(dtype)
+    w, g, eps = rng.standard_normal(C).astype(dtype), rng.standard_normal((B, T, C)).astype(dtype), 1e-5
+    before = untouched((x, w, g))
+    y, (dx, dw) = both_vjps(fast_llama.rms_norm, (x, w, eps), (0, 1), g)
+    y_ref, (dx_ref, dw_ref) = both_vjps(rms_norm, (x, w, eps), (0, 1), g)
+    assert same(before, (x, w, g)) and y.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
+    My, Mdx, Mdw = rms_bounds(x, w, g, eps)
+    # Fast: x^2 1, times 1/C (a constant: 1 + 1), sum of C (C + 2), + eps (C + 3), sqrt (C + 5), 1/.
+    # (C + 6) = rho; x rho (C + 7), times weight (C + 8). dx = rho (gw - xhat mean(gw xhat)): gw 1,
+    # gw xhat (C + 9), the mean (2C + 10), xhat times it (3C + 18), minus (3C + 19), times rho (4C + 26).
+    # dweight: g xhat (C + 8) summed over N rows (N + C + 7). The reference's counts (test_layers:
+    # C + 6, 4C + 19, N + C + 5) are within these.
+    n_y, n_dx, n_dw = C + 8, 4 * C + 26, B * T + C + 7
+    assert_within(y, y_ref, 2 * tolerance(dtype, n_y) * My, what="rms_norm")
+    assert_within(dx, dx_ref, 2 * tolerance(dtype, n_dx) * Mdx, what="rms_norm dx")
+    assert_within(dw, dw_ref, 2 * tolerance(dtype, n_dw) * Mdw, what="rms_norm dweight")
+    assert_within(dx, traced_vjp(fast_llama.rms_norm, (x, w, eps), 0, g), 2 * tolerance(dtype, n_dx) * Mdx,
+                  what="rms_norm dx (autograd.numpy)")
+
+
+def test_fast_rms_norm_falls_back_where_the_textbook_overflows_and_for_float16():
+    rng = np.random.default_rng(9)
+    for dtype, huge in (("float32", 1e30), ("float64", 1e200), ("float16", 1.0)):
+        x = rng.standard_normal((2, 3, 8)).astype(dtype)
+        x[0, 1] *= np.asarray(huge, dtype)
+        w, g = rng.standard_normal(8).astype(dtype), rng.standard_normal((2, 3, 8)).astype(dtype)
+        got = both_vjps(fast_llama.rms_norm, (x, w, 1e-5), (0, 1), g)
+        ref = both_vjps(rms_norm, (x, w, 1e-5), (0, 1), g)
+        assert np.array_equal(got[0], ref[0]) and all(np.array_equal(a, b) for a, b in zip(got[1], ref[1])), dtype
+        assert np.all(np.isfinite(got[0]))
+    with pytest.raises(ValueError, match="weight must have shape"):       # the reference's checks
+        fast_llama.rms_norm(np.ones((2, 3)), np.ones(4), 1e-5)
+
+
+def gqa_bounds(q, k, v, g, H, Hk, scale, dtype):
+    """Per-entry bounds of one computation of y, dq, dk, dv: test_attention.attention_reference's error
+    model (a_il = scale |q_i|.|k_l|, eps_P = 4 A_i gamma(D + 2) + gamma(T + 4), Ms = scale P (b +
+    rowsum(b P)), b = |Gy| |V|^T), with the fast backward's counts, one longer than the reference's:
+    its row term g_i . y_i (y: eps_P + gamma(T) on P|V|; times g, summed over D with scale: T + D + 2,
+    on scale rowsum(b P)) and V (scale G)^T (D + 1), minus, times P: dS within 2 eps_P + gamma(D + T + 4)
+    of Ms; dq + T, dk + T + G, dv + T + G (sums over at most T keys or queries, in any grouping)."""
+    q, k, v, g = (f64(a) for a in (q, k, v, g))
+    B, T, HD = q.shape
+    D, G = HD // H, H // Hk
+    gam = lambda n: tolerance(dtype, n)   # noqa: E731
+    out = {name: np.zeros(a.shape) for name, a in (("y", q), ("dq", q), ("dk", k), ("dv", v))}
+    causal = np.tril(np.ones((T, T), bool))
+    for b, h in np.ndindex(B, H):
+        qc, kc = slice(h * D, (h + 1) * D), slice((h // G) * D, (h // G + 1) * D)
+        Q, K, V, Gy = q[b, :, qc], k[b, :, kc], v[b, :, kc], g[b, :, qc]
+        S = np.where(causal, Q @ K.T * scale, -np.inf)
+        P = np.exp(S - S.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        a = np.where(causal, np.abs(Q) @ np.abs(K).T * scale, 0.0)
+        eps_P = 4 * a.max(1) * gam(D + 2) + gam(T + 4)                           # (T,) per query
+        bmat = np.abs(Gy) @ np.abs(V).T
+        Ms = scale * P * (bmat + (bmat * P).sum(1, keepdims=True))
+        e_S = 2 * eps_P + gam(D + T + 4)
+        out["y"][b, :, qc] = (eps_P + gam(T))[:, None] * (P @ np.abs(V))
+        out["dq"][b, :, qc] = (e_S + gam(T))[:, None] * (Ms @ np.abs(K))
+        out["dk"][b, :, kc] += Ms.T @ (np.abs(Q) * (e_S + gam(T + G))[:, None])
+        out["dv"][b, :, kc] += P.T @ (np.abs(Gy) * (eps_P + gam(T + G))[:, None])
+    return out
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 6), Hk=st.integers(1, 3), G=st.integers(1, 3), D=st.integers(1, 4),
+       dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31))
+def test_fast_gqa_equals_reference(B, T, Hk, G, D, dtype, seed):
+    rng = np.random.default_rng(seed)
+    H, scale = Hk * G, D ** -0.5
+    q, g = (rng.standard_normal((B, T, H * D)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((B, T, Hk * D)).astype(dtype) for _ in range(2))
+    args = (q, k, v, H, Hk, scale)
+    before = untouched(args + (g,))
+    y, grads = both_vjps(fast_llama.grouped_query_attention, args, (0, 1, 2), g)
+    y_ref, grads_ref = both_vjps(grouped_query_attention, args, (0, 1, 2), g)
+    assert same(before, args + (g,)) and all(a.dtype == np.dtype(dtype) for a in (y, *grads))
+    bound = gqa_bounds(q, k, v, g, H, Hk, scale, dtype)
+    assert_within(y, y_ref, 2 * bound["y"], what="gqa")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_within(grads[i], grads_ref[i], 2 * bound[name], what=f"gqa {name}")
+        assert_within(grads[i], traced_vjp(fast_llama.grouped_query_attention, args, i, g), 2 * bound[name],
+                      what=f"gqa {name} (autograd.numpy)")
+    # a VJP asked for one argument alone gives that argument's gradient of the VJP asked for all three
+    for i in range(3):
+        assert np.array_equal(both_vjps(fast_llama.grouped_query_attention, args, (i,), g)[1][0], grads[i])
+
+
+def test_fast_llama_layers_finite_differences_and_array_api_strict():
+    rng = np.random.default_rng(10)
+    x, up, w = rng.standard_normal((2, 3, 5)) * 2.0, rng.standard_normal((2, 3, 5)), rng.standard_normal(5)
+    q, k, v = rng.standard_normal((2, 4, 12)), rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 4, 6))
+    check_grads(fast_llama.swiglu, modes=["rev"], order=1)(x, up)
+    check_grads(lambda x, w: fast_llama.rms_norm(x, w, 1e-5), modes=["rev"], order=1)(x, w)
+    check_grads(lambda q, k, v: fast_llama.grouped_query_attention(q, k, v, 4, 2, 0.5), modes=["rev"], order=1)(q, k, v)
+    pytest.importorskip("array_api_strict")
+    cases = ((fast_llama.swiglu, (x, up), (0, 1), x), (fast_llama.rms_norm, (x, w, 1e-5), (0, 1), x),
+             (fast_llama.grouped_query_attention, (q, k, v, 4, 2, 0.5), (0, 1, 2), q))
+    for layer, args, argnums, gg in cases:
+        y, gs = both_vjps(layer, args, argnums, gg)
+        with use_backend("array_api_strict"):
+            sy, sgs = both_vjps(layer, tuple(asarray(a) if isinstance(a, np.ndarray) else a for a in args), argnums,
+                                asarray(gg))
+        assert type(sy).__module__.startswith("array_api_strict")
+        assert np.array_equal(to_numpy(sy), y) and all(np.array_equal(to_numpy(a), b) for a, b in zip(sgs, gs))
