@@ -145,11 +145,11 @@ def _predicted(name, vectors, manifest):
     """{(case, output)} that the mistake `name` must fail, from the manifest and the case files."""
     serving = ("lora_shrink", "lora_expand")
     if name == "scale":                           # alpha instead of alpha / r: wrong unless r = 1
-        wrong = lambda p: p["r"] != 1            # noqa: E731
-        return _touched(manifest, wrong, wrong)
+        return _touched(manifest, lambda p: p["r"] != 1, lambda a: a["r"] != 1)
     if name == "rslora":                          # alpha / r instead of alpha / sqrt(r)
-        wrong = lambda p: p["use_rslora"] and p["r"] != 1   # noqa: E731
-        return _touched(manifest, wrong, wrong)
+        def rslora(p):
+            return p["use_rslora"] and p["r"] != 1
+        return _touched(manifest, rslora, rslora)
     if name == "layout":                          # A read transposed: wherever an A is used
         return _touched(manifest, lambda p: True, lambda a: True)
     if name == "dora_axis":                       # only a square V can be normed the wrong way
