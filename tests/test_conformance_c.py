@@ -47,11 +47,16 @@ def _build(compiler, out, break_name=None):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """{None: the program, name: the program broken by CONFORMANCE_BREAK=name}, built in parallel."""
-    compiler = _compiler()
-    if compiler is None:
+def compiler():
+    found = _compiler()
+    if found is None:
         pytest.skip("no C compiler found (tried $CC, gcc, cc, clang): the C consumer cannot be built")
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(compiler, tmp_path_factory):
+    """{None: the program, name: the program broken by CONFORMANCE_BREAK=name}, built in parallel."""
     where = tmp_path_factory.mktemp("conformance_build")
     names = (None, *BREAKS)
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -184,10 +189,7 @@ def test_each_broken_build_fails_exactly_the_cases_its_mistake_touches(name, bui
         _outputs(manifest, lambda c: c["kind"] in CHECKED_KINDS) - predicted)
 
 
-def test_an_unknown_break_name_is_refused(tmp_path, vectors):
-    compiler = _compiler()
-    if compiler is None:
-        pytest.skip("no C compiler found (tried $CC, gcc, cc, clang)")
+def test_an_unknown_break_name_is_refused(compiler, tmp_path, vectors):
     program = _build(compiler, tmp_path / "typo", "scael")
     done = subprocess.run([str(program), str(vectors)], capture_output=True, text=True)
     assert done.returncode == 2 and "CONFORMANCE_BREAK=scael" in done.stderr and "scale" in done.stderr
