@@ -4,9 +4,10 @@ conformance/ is a C program (libc and libm only) written from docs/vectors-forma
 JSON and safetensors readers, its own LoRA, DoRA and serving shrink/expand kernels. This module
 writes the vectors with `lora-ref vectors`, builds the program with the machine's C compiler and
 runs it: it must pass every output of every case of the kinds it implements (plain LoRA, DoRA,
-several adapters on one weight, serving shrink and expand) and list every other case as skipped. Then each deliberately broken build
-(-DCONFORMANCE_BREAK=<name>, conformance/broken.h) must fail, and fail exactly the case outputs
-its mistake touches, predicted here from the manifest and the case files, not typed by hand.
+several adapters on one weight, serving shrink and expand) and list every other case as skipped.
+Then each deliberately broken build (-DCONFORMANCE_BREAK=<name>, conformance/broken.h) must fail,
+and fail exactly the case outputs its mistake touches, predicted here from the manifest and the
+case files, not typed by hand.
 
 Skipped, with the reason, where no C compiler is found (CC, gcc, cc or clang).
 """
@@ -187,6 +188,13 @@ def test_each_broken_build_fails_exactly_the_cases_its_mistake_touches(name, bui
     # everything else still passes: the mistake is caught by name, not by a crash
     assert {key for key, (v, _, _) in lines.items() if v == "PASS"} == (
         _outputs(manifest, lambda c: c["kind"] in CHECKED_KINDS) - predicted)
+
+
+def test_every_break_in_broken_h_is_tested():
+    text = (SOURCE / "broken.h").read_text()
+    listed = text[text.index("BREAKS[][2] = {"):text.index("};", text.index("BREAKS[][2] = {"))]
+    names = {line.split('"')[1] for line in listed.splitlines() if line.strip().startswith('{"')}
+    assert names == set(BREAKS)
 
 
 def test_an_unknown_break_name_is_refused(compiler, tmp_path, vectors):
