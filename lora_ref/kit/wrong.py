@@ -39,9 +39,17 @@ def linear_layer(bug: str | None = None):
             A = A.T if A.shape[0] == Wm.shape[1] else A
             B = B.T if B.shape[1] == Wm.shape[0] else B
         xd = x if dropout_mask is None or bug == "dropout_ignored" else x * dropout_mask
-        y = (xd if bug == "dropout_on_base" else x) @ Wm.T + xd @ (s * (B @ A)).T
+        y = (xd if bug == "dropout_on_base" else x) @ Wm.T + xd @ _delta(A, B, s, bug).T
         return y if bias is None else y + bias
     return impl
+
+
+def _delta(A, B, s, bug):
+    """``s B A`` (d_out, d_in); with ``factors_float32`` (Keras 3's ``enable_lora``: its factors are
+    float32 variables whatever the layer's dtype) formed in float32 and widened back."""
+    if bug == "factors_float32":
+        return (np.float32(s) * (B.astype(np.float32) @ A.astype(np.float32))).astype(A.dtype)
+    return s * (B @ A)
 
 
 def linear_merge(bug: str | None = None):
@@ -51,7 +59,7 @@ def linear_merge(bug: str | None = None):
             d_in, d_out = W.shape if fan_in_fan_out else W.shape[::-1]
             A = A.T if A.shape[0] == d_in else A
             B = B.T if B.shape[1] == d_out else B
-        D = s * (B @ A)                                                      # (d_out, d_in)
+        D = _delta(A, B, s, bug)                                             # (d_out, d_in)
         return W + (D.T if fan_in_fan_out and bug != "fifo_forgotten" else D)
     return merge
 

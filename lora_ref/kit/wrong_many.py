@@ -25,9 +25,12 @@ def _s(a: dict, bug: str | None = None) -> float:
 def adapter_set(bug: str | None = None):
     def impl(x, W, adapters, active, *, bias):
         y = x @ W.T + (0.0 if bias is None else bias)
-        for name in (adapters if bug == "inactive_applied" else active):    # the bug: every loaded adapter
+        names = list(adapters) if bug == "inactive_applied" else list(active)   # the bug: every loaded adapter
+        if bug == "last_active_only":                                       # set_adapter([...]) keeping one
+            names = names[-1:]
+        for name in names:
             a = adapters[name]
-            y = y + _s(a) * ((x @ a["A"].T) @ a["B"].T)
+            y = y + _s(a, bug) * ((x @ a["A"].T) @ a["B"].T)
         return y
     return impl
 
@@ -36,8 +39,8 @@ def adapter_set_merge(bug: str | None = None):
     def merge(W, adapters, names, *, fan_in_fan_out):
         for name in names:
             a = adapters[name]
-            D = _s(a) * (a["B"] @ a["A"])
-            W = W + (D.T if fan_in_fan_out else D)
+            D = _s(a, bug) * (a["B"] @ a["A"])
+            W = W + (D.T if fan_in_fan_out and bug != "fifo_forgotten" else D)
         return W
     return merge
 
@@ -46,6 +49,8 @@ def mixed_batch(bug: str | None = None):
     def impl(x, W, adapters, names, *, bias):
         order = list(adapters)
         y = x @ W.T + (0.0 if bias is None else bias)
+        if bug == "first_sample_adapter":                                  # the batch takes sample 0's adapter
+            names = [names[0]] * len(names)
         out = []
         for n, name in enumerate(names):
             if name == "__base__":
@@ -54,7 +59,7 @@ def mixed_batch(bug: str | None = None):
                     continue
                 name = order[-1]                                           # index -1 read as the last one
             a = adapters[name]
-            out.append(y[n] + _s(a) * ((x[n] @ a["A"].T) @ a["B"].T))
+            out.append(y[n] + _s(a, bug) * ((x[n] @ a["A"].T) @ a["B"].T))
         return np.stack(out)
     return impl
 
