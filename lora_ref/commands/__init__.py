@@ -6,8 +6,8 @@ and any import of ``transformer_ref`` or matplotlib, happens inside ``run``. So 
 command, as :data:`COMMANDS` does, costs nothing, and ``lora-ref --help`` stays fast.
 """
 
-from . import analyze, audit, check, combine, count, demo, vectors
+from . import analyze, audit, check, combine, conform, count, demo, vectors
 
 COMMANDS = {module.__name__.rsplit(".", 1)[1]: module
-            for module in (analyze, audit, check, combine, count, demo, vectors)}
+            for module in (analyze, audit, check, combine, conform, count, demo, vectors)}
 """Command name -> its module, in the order ``lora-ref --help`` lists them."""
