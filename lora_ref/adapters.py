@@ -189,6 +189,7 @@ def _lora_delta(x: Any, A: Any, B: Any, scale: float, dropout_mask: Any = None,
                 enable_lora: tuple[bool, ...] | None = None) -> Any:
     """The undecorated forward of :func:`lora_delta`; autograd.numpy can trace it."""
     _validate_delta(x, A, B, scale, dropout_mask, enable_lora)
+    scale = checks.finite_real(scale, "scale")                       # a Python float: float32 stays float32
     xp = namespace(x, A, B, dropout_mask)
     xd = x if dropout_mask is None else x * dropout_mask             # dropout on the adapter branch
     h = xd @ xp.matrix_transpose(A)                                   # (..., n r)   A x
@@ -245,7 +246,7 @@ def _vjp_x(ans, x, A, B, scale, dropout_mask=None, enable_lora=None):
         dx = _gB(g, B, enable_lora) @ A                                  # (..., d_in)  (G B) A
         if dropout_mask is not None:
             dx = dx * dropout_mask                                       # * M
-        return dx * scale                                                # * s
+        return dx * checks.finite_real(scale, "scale")                   # * s
     return vjp
 
 
@@ -254,7 +255,7 @@ def _vjp_A(ans, x, A, B, scale, dropout_mask=None, enable_lora=None):
         xp = namespace(g)
         xd = _flat(x if dropout_mask is None else x * dropout_mask)      # (N, d_in)
         gB = _flat(_gB(g, B, enable_lora))                               # (N, n r)
-        return (xp.matrix_transpose(gB) @ xd) * scale                    # (n r, d_in)  s (G B)^T Xd
+        return (xp.matrix_transpose(gB) @ xd) * checks.finite_real(scale, "scale")  # (n r, d_in)  s (G B)^T Xd
     return vjp
 
 
@@ -266,7 +267,7 @@ def _vjp_B(ans, x, A, B, scale, dropout_mask=None, enable_lora=None):
         parts = [xp.matrix_transpose(G[:, cols]) @ H[:, ra]              # (q, r)  G_k^T H_k
                  for ra, _, cols in _blocks(enable_lora, _d_out(B, enable_lora), B.shape[1])]
         dB = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)   # (n q, r)
-        return dB * scale
+        return dB * checks.finite_real(scale, "scale")
     return vjp
 
 
