@@ -36,7 +36,7 @@ from lora_ref.backend import getval
 from lora_ref.lora import LoraConfig
 
 from .gpt2 import FAMILY as GPT2
-from .hosting import Family, families, family_of
+from .hosting import Family, embedding_flag, families, family_of
 
 __all__ = ["MATRIX_TYPES", "adapter_counts", "count_parameters", "count_trainable", "lora_config_for",
            "matrix_shapes", "matrix_module"]
@@ -157,14 +157,20 @@ def count_parameters(config: Any, lora_config: LoraConfig | None = None) -> dict
 
     * ``"base"``: parameters of the model (a tied output projection counted once, as the embedding)
     * ``"base_by_name"``: ``{state-dict name: count}``
-    * ``"lora"``: adapter parameters in total (0 when ``lora_config`` is None)
-    * ``"lora_by_module"``: ``{module name: count}`` for each adapted module
+    * ``"lora"``: adapter parameters in total (0 when ``lora_config`` is None), DoRA's magnitudes included
+    * ``"lora_by_module"``: ``{module name: count}`` for each adapted module, embedding tables included
     * ``"lora_by_type"``: ``{matrix type: count}`` summed over layers (types as in this module's
       docstring; a fused ``c_attn`` with ``enable_lora`` flags splits into q / k / v, one without
-      counts as ``qkv``); only types with a nonzero count appear
+      counts as ``qkv``; an embedding table is its own type, its module name's last part: ``wte``,
+      ``wpe``, ``embed_tokens``); only types with a nonzero count appear
+    * ``"dora_magnitude"``: the entries of DoRA's magnitudes m among ``lora`` (``d_out`` per adapted
+      projection with ``use_dora``, else 0)
     * ``"lora_fraction"``: ``lora / base``
 
-    Targeting follows ``lora_config.targets`` / ``rank_for`` / ``enable_for`` exactly as
+    Per module: a projection ``(d_out, d_in)`` has ``r (d_in + d_out)`` (A and B; a fused one with n
+    of G blocks enabled ``n r (d_in + d_out / G)``), plus ``d_out`` with ``use_dora``; an embedding
+    table ``(V, D)`` has ``r (V + D)`` (A (r, V), B (D, r)). Targeting follows ``lora_config.targets``
+    / ``rank_for`` / ``enable_for`` / ``embedding_modules`` exactly as
     :func:`transformer_ref.add_adapters` does, so the counts equal the sizes it would allocate.
     """
     family = family_of(config)
@@ -174,9 +180,16 @@ def count_parameters(config: Any, lora_config: LoraConfig | None = None) -> dict
     fused = _fused(family)
     by_module: dict[str, int] = {}
     by_type: dict[str, int] = {}
+    magnitudes = 0
     if lora_config is not None:
-        for name in family.projection_names(config):
+        for name in family.adaptable_names(config):
             if not lora_config.targets(name):
+                continue
+            if embedding_flag(family, lora_config, name):                # (V, D): A (r, V), B (D, r)
+                V, D = family.projection_shape(config, name)
+                by_module[name] = lora_config.rank_for(name) * (V + D)
+                t = name.rsplit(".", 1)[-1]
+                by_type[t] = by_type.get(t, 0) + by_module[name]
                 continue
             d_out, d_in = family.projection_shape(config, name)
             r, enable = lora_config.rank_for(name), lora_config.enable_for(name)
@@ -190,12 +203,15 @@ def count_parameters(config: Any, lora_config: LoraConfig | None = None) -> dict
                 names = fused[suffix] if suffix in fused and len(enable) == len(fused[suffix]) else \
                     tuple(f"{_whole_type(family, suffix)}[{g}]" for g in range(len(enable)))
                 parts = {names[g]: r * (d_in + q) for g, on in enumerate(enable) if on}
+            if lora_config.use_dora:                                      # DoRA's m (d_out,): never fused
+                parts = {t: n + d_out for t, n in parts.items()}
+                magnitudes += d_out
             by_module[name] = sum(parts.values())
             for t, n in parts.items():
                 by_type[t] = by_type.get(t, 0) + n
     base, lora = sum(by_name.values()), sum(by_module.values())
     return {"base": base, "base_by_name": by_name, "lora": lora, "lora_by_module": by_module,
-            "lora_by_type": by_type, "lora_fraction": lora / base}
+            "lora_by_type": by_type, "dora_magnitude": magnitudes, "lora_fraction": lora / base}
 
 
 def adapter_counts(config: Any, matrices: Iterable[str], r: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ import pytest
 from lora_ref import LoraConfig
 from transformer_ref import (
     GPTConfig,
+    LlamaConfig,
     adapter_counts,
     add_adapters,
     count_parameters,
@@ -169,6 +170,43 @@ def test_counts_equal_allocated_adapters():
         assert counts["lora_fraction"] == counts["lora"] / counts["base"]
     whole = count_parameters(config, LoraConfig(r=2, alpha=1.0, target_modules=["c_attn"]))
     assert whole["lora_by_type"] == {"qkv": 3 * 2 * (16 + 48)}
+    assert whole["dora_magnitude"] == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_counts_include_embedding_adapters_and_doras_magnitudes(family):
+    """An embedding table (V, D) adapts with r (V + D) entries, a DoRA projection (d_out, d_in) with
+    r (d_in + d_out) + d_out: the counts equal what add_adapters allocates, entry for entry."""
+    if family == "gpt2":
+        config = GPTConfig(vocab_size=16, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+        tables, D = {"transformer.wte": 16, "transformer.wpe": 8}, 16
+        embedded = LoraConfig(r=3, alpha=1.0, target_modules=["wte", "wpe", "c_proj"], embedding_modules=["wte", "wpe"])
+        dora = LoraConfig(r=2, alpha=1.0, target_modules=["c_attn", "c_fc"], use_dora=True, layers_to_transform=[1])
+        dora_shapes = {"transformer.h.1.attn.c_attn": (48, 16), "transformer.h.1.mlp.c_fc": (64, 16)}
+    else:
+        config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)
+        tables, D = {"model.embed_tokens": 16}, 16
+        embedded = LoraConfig(r=3, alpha=1.0, target_modules=["embed_tokens", "o_proj"], embedding_modules=["embed_tokens"])
+        dora = LoraConfig(r=2, alpha=1.0, target_modules=["k_proj", "down_proj"], use_dora=True, layers_to_transform=[1])
+        dora_shapes = {"model.layers.1.self_attn.k_proj": (8, 16), "model.layers.1.mlp.down_proj": (16, 32)}
+    params = init_params(config, 0)
+    for lc in (embedded, dora):
+        adapters = add_adapters(params, config, lc, 0)
+        counts = count_parameters(config, lc)
+        assert counts["lora"] == count_trainable(adapters) == sum(counts["lora_by_type"].values())
+        assert counts["lora_by_module"] == {k: count_trainable(v) for k, v in adapters.items()}
+    counts = count_parameters(config, embedded)
+    for name, n_rows in tables.items():                                   # r (V + D), by formula
+        assert counts["lora_by_module"][name] == 3 * (n_rows + D)
+        assert counts["lora_by_type"][name.rsplit(".", 1)[-1]] == 3 * (n_rows + D)
+    assert counts["dora_magnitude"] == 0
+    counts = count_parameters(config, dora)
+    assert counts["lora_by_module"] == {m: 2 * (d_in + d_out) + d_out for m, (d_out, d_in) in dora_shapes.items()}
+    assert counts["dora_magnitude"] == sum(d_out for d_out, _ in dora_shapes.values())
+    plain = count_parameters(config, LoraConfig(r=2, alpha=1.0, target_modules=dora.target_modules,
+                                                layers_to_transform=[1]))
+    assert counts["lora"] - plain["lora"] == counts["dora_magnitude"]
 
 
 def test_matrix_shapes_and_lora_config_for():
