@@ -258,18 +258,18 @@ def main(argv: list[str] | None = None) -> int:
           f"n_layer={args.n_layer} T={args.seq} batch={args.batch} r={args.rank} on {args.matrices}, "
           f"{args.threads} slice(s); clock: {args.clock}; one thread's float32 matmul limit "
           f"{peak['best']:.1f} GFLOP/s")
-    print(f"{'part':<28}{'ms':>9}{'GFLOP':>9}{'limit ms':>10}{'over ms':>9}")
+    print(f"{'part':<34}{'ms':>9}{'GFLOP':>11}{'limit ms':>11}{'over ms':>9}")
     total, total_limit = 0.0, 0.0
     for name, ms in out["parts_ms"].items():
         limit = per_step.get(name, 0.0) / rate
         total += ms
         total_limit += limit
-        print(f"{name:<28}{ms:>9.1f}{per_step.get(name, 0.0) / 1e9:>9.2f}{limit:>10.1f}{ms - limit:>9.1f}")
-    print(f"{'layers, total':<28}{total:>9.1f}{sum(per_step.values()) / 1e9:>9.2f}{total_limit:>10.1f}"
+        print(f"{name:<34}{ms:>9.1f}{per_step.get(name, 0.0) / 1e9:>11.4g}{limit:>11.4g}{ms - limit:>9.1f}")
+    print(f"{'layers, total':<34}{total:>9.1f}{sum(per_step.values()) / 1e9:>11.4g}{total_limit:>11.4g}"
           f"{total - total_limit:>9.1f}")
     label = "step (thread CPU)" if args.threads == 1 and args.clock == "thread" else "step (wall)"
-    print(f"{label:<28}{out['step_ms']:>9.1f}   rest (Adam, autograd, residuals): {out['step_ms'] - total:.1f}"
-          if args.threads == 1 else f"{label:<28}{out['step_ms']:>9.1f}")
+    print(f"{label:<34}{out['step_ms']:>9.1f}   rest (Adam, autograd, residuals): {out['step_ms'] - total:.1f}"
+          if args.threads == 1 else f"{label:<34}{out['step_ms']:>9.1f}")
     return 0
 
 

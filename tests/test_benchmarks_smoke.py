@@ -280,6 +280,52 @@ def test_profile_times_a_copy_of_the_op_set_and_leaves_fast_alone() -> None:
     assert out["step_ms"] > 0.0 and "linear forward" in out["parts_ms"]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_breakdown_counts_the_step_flop_formula_layer_by_layer(family: str) -> None:
+    """benchmarks.breakdown.matmul_flops, summed over the calls of one LoRA step (counted from each
+    call's arguments, whatever the op set computes), is benchmarks.flops.step_flops's count: the
+    forward's projections, LoRA products and attention, and the backward's, layer 0's input
+    gradients left out because autograd never asks for them."""
+    import dataclasses
+    from collections import defaultdict
+
+    import autograd
+
+    from benchmarks.breakdown import timed_ops
+    from benchmarks.flops import step_flops
+    from benchmarks.ref_gpt2 import make_model
+    from benchmarks.suites import LLAMA_TINY, TINY
+    from transformer_ref import FAST, REFERENCE, loss
+
+    shape = LLAMA_TINY if family == "llama" else TINY
+    model = make_model(shape)
+    params, tokens, targets, adapters, lc, config = (model[k] for k in (
+        "params", "tokens", "targets", "adapters", "lora_config", "config"))
+    want = step_flops(shape)
+    for base in (FAST, REFERENCE):
+        flops: dict[str, float] = defaultdict(float)
+        ops, _ = timed_ops(base, flops=flops)
+        autograd.value_and_grad(lambda ad: loss(params, tokens, targets, config, ad, lc, ops=ops))(adapters)
+        forward = sum(v for k, v in flops.items() if k.endswith("forward"))
+        assert forward == want["lora_forward"], dataclasses.asdict(shape)
+        assert sum(flops.values()) == want["lora_step"]
+
+
+def test_breakdown_command_prints_each_layer_against_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.breakdown import main
+
+    assert main(["--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--seq", "8", "--batch", "2", "--vocab", "16",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("FAST gpt2 LoRA step, float32, n_embd=16") and "matmul limit" in out
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in out.splitlines()[2:]
+            if line.split()[1] in ("forward", "backward")}
+    assert {"linear forward", "linear backward", "causal_attention forward", "gelu backward"} <= set(rows)
+    assert float(rows["gelu forward"][1]) == 0.0 and float(rows["linear forward"][1]) > 0.0   # GFLOP column
+    assert float(rows["gelu forward"][2]) == 0.0 and float(rows["linear forward"][2]) > 0.0   # limit ms
+    assert "rest (Adam, autograd, residuals)" in out
+
+
 def test_step_command_times_train(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.step import main
 
