@@ -15,7 +15,8 @@ flops        the step's floating-point operations and bytes, counted analyticall
 ref_gpt2     the lora-ref side: the model, and ``transformer_ref.train`` timed step by step
 torch_gpt2   the PyTorch side: transformers GPT-2 + PEFT LoRA, eager or ``torch.compile``, CPU
 suites       the lora-ref-only measurements (inference, memory, backends, profile, delta_svd)
-breakdown    a step's time per layer, from a timed copy of the op set
+breakdown    a step's time per layer, from a timed copy of the op set, against the matmul limit
+             (``python -m benchmarks.breakdown``)
 step         ``python -m benchmarks.step``: milliseconds per ``train()`` step, one line
 report       benchmarks/results/*.json -> docs/performance.md (tables) and docs/performance.png
 """
