@@ -20,7 +20,8 @@ import pytest
 from lora_ref.cli import main
 from lora_ref.testing import tolerance
 from transformer_ref import GPTConfig, LlamaConfig, demo
-from transformer_ref.bounds import logit_rounding_chain
+from transformer_ref import init_params
+from transformer_ref.bounds import logit_magnitude, logit_rounding_chain
 from transformer_ref.demo import DemoConfig, compute, run_demo, summary_text, write_report
 from transformer_ref.machine import blas_threads
 
@@ -128,6 +129,37 @@ def test_logit_rounding_chain_counts_every_operation():
     assert chain(1, 2) - chain(1, 1) == 4
     # the mean cross-entropy over N positions adds shift, exp, sum (V), log, subtract, mean (N)
     assert chain(1, 1, loss_batch=6) - chain(1, 1) == 5 + 6 + 4
+
+
+def test_logit_rounding_chain_counts_doras_extra_roundings():
+    """A DoRA projection is lora_ref.dora.dora_rounding_counts' d_in + r + 12 roundings, 6 more than
+    LoRA's: four projections on each block's path, in both families."""
+    gpt = GPTConfig(vocab_size=5, n_positions=4, n_embd=8, n_layer=2, n_head=2, n_inner=32)
+    llama = LlamaConfig(vocab_size=5, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=4)
+    for config in (gpt, llama):
+        assert logit_rounding_chain(config, 3, dora=True) - logit_rounding_chain(config, 3) == 2 * 4 * 6
+    with pytest.raises(TypeError, match="dora must be True or False, got 1"):
+        logit_rounding_chain(gpt, 3, dora=1)
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(vocab_size=7, n_positions=4, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=False),
+    LlamaConfig(vocab_size=7, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=4, tie_word_embeddings=False)], ids=["gpt2", "llama"])
+def test_logit_magnitude_reads_the_head_the_params_hold(config):
+    """Untied params: the bound is on lm_head.weight, not on the embedding table (which it used to read)."""
+    params = init_params(config, 0)
+    table = "transformer.wte.weight" if isinstance(config, GPTConfig) else "model.embed_tokens.weight"
+    tied = {k: v for k, v in params.items() if k != "lm_head.weight"}
+    # the head doubled (exact in binary): every term doubles, so the bound does too, exactly
+    untied = {**tied, "lm_head.weight": 2.0 * params[table]}
+    assert logit_magnitude(untied, config) == 2.0 * logit_magnitude(tied, config)
+    # and it is the formula on the head: max_v sum_c |head[v, c]| (sqrt(C) |g_c| + |b_c|)
+    g, b = ((params["transformer.ln_f.weight"], params["transformer.ln_f.bias"]) if isinstance(config, GPTConfig)
+            else (params["model.norm.weight"], 0.0))
+    head = np.abs(params["lm_head.weight"])
+    assert logit_magnitude(params, config) == float((head @ (math.sqrt(8) * np.abs(g) + np.abs(b))).max())
 
 
 def test_merge_check_is_within_its_bound_and_not_vacuous(tiny):

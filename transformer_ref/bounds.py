@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import to_numpy
+from lora_ref.dora import dora_rounding_counts
 from lora_ref.testing import rounding_counts
 
 from .hosting import family_of
@@ -27,9 +28,11 @@ __all__ = ["logit_magnitude", "logit_rounding_chain"]
 
 
 def logit_rounding_chain(config: Any, r: int = 1, *, T: int | None = None,
-                         loss_batch: int | None = None) -> int:
+                         loss_batch: int | None = None, dora: bool = False) -> int:
     """Roundings along the longest input-to-logit path of :func:`transformer_ref.forward`, every
-    projection counted as LoRA-adapted at rank ``r`` (an upper bound for those that are not).
+    projection counted as LoRA-adapted at rank ``r`` (an upper bound for those that are not), or
+    with ``dora=True`` as DoRA-adapted: ``lora_ref.dora.dora_rounding_counts(...)["y"]`` = d_in + r + 12
+    per projection (the norm of each row of W + s B A and the magnitude's factor m / norm: 6 more).
 
     Per operation (C = n_embd, D = head_dim, F = mlp_width, T = sequence length, default
     n_positions), a sum or dot product of length k counting k:
@@ -52,8 +55,12 @@ def logit_rounding_chain(config: Any, r: int = 1, *, T: int | None = None,
     added: shift, exp, sum (V), log, subtract, mean (N) = V + N + 4.
     """
     family_of(config)                       # a registered family's config, else TypeError
+    if not isinstance(dora, bool):
+        raise TypeError(f"dora must be True or False, got {dora!r}")
 
     def proj(d_in: int, d_out: int) -> int:
+        if dora:
+            return dora_rounding_counts(d_in, d_out, max(r, 1), 1)["y"]
         return rounding_counts(d_in, d_out, max(r, 1), 1)["y"]
 
     if isinstance(config, LlamaConfig):
@@ -76,18 +83,21 @@ def logit_rounding_chain(config: Any, r: int = 1, *, T: int | None = None,
 
 
 def logit_magnitude(params: Mapping[str, Any], config: Any) -> float:
-    """``max_v sum_c |wte[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|)``: a bound on every
+    """``max_v sum_c |head[v, c]| (sqrt(C) |ln_f.weight[c]| + |ln_f.bias[c]|)``: a bound on every
     logit and on the sum of the absolute values of the terms of its last dot product (the
     LayerNorm output satisfies ``|xhat_c| <= sqrt(C)``). For LLaMA, ``max_v sum_c |head[v, c]|
-    sqrt(C) |norm.weight[c]|`` with head ``lm_head`` (or ``embed_tokens`` when tied): RMSNorm's
-    output satisfies ``|xhat_c| <= sqrt(C)`` too."""
+    sqrt(C) |norm.weight[c]|``: RMSNorm's output satisfies ``|xhat_c| <= sqrt(C)`` too. The head
+    is the one the params hold: ``lm_head.weight`` when present (an untied model, or a tied one
+    untied by merging an embedding adapter), else the token embedding it is tied to (GPT-2's
+    ``transformer.wte.weight``, LLaMA's ``model.embed_tokens.weight``)."""
     family_of(config)                       # a registered family's config, else TypeError
-    if isinstance(config, LlamaConfig):
-        head = params["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-        W = np.abs(to_numpy(head).astype(np.float64))                                  # (V, C)
+    llama = isinstance(config, LlamaConfig)
+    table = "model.embed_tokens.weight" if llama else "transformer.wte.weight"
+    head = params["lm_head.weight"] if "lm_head.weight" in params else params[table]
+    W = np.abs(to_numpy(head).astype(np.float64))                                     # (V, C)
+    if llama:
         g = np.abs(to_numpy(params["model.norm.weight"]).astype(np.float64))           # (C,)
         return float((W @ (math.sqrt(config.hidden_size) * g)).max())
-    wte = np.abs(to_numpy(params["transformer.wte.weight"]).astype(np.float64))      # (V, C)
-    g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))      # (C,)
-    b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))        # (C,)
-    return float((wte @ (math.sqrt(config.n_embd) * g + b)).max())
+    g = np.abs(to_numpy(params["transformer.ln_f.weight"]).astype(np.float64))        # (C,)
+    b = np.abs(to_numpy(params["transformer.ln_f.bias"]).astype(np.float64))          # (C,)
+    return float((W @ (math.sqrt(config.n_embd) * g + b)).max())
