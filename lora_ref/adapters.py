@@ -62,7 +62,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from autograd.extend import Box, defvjp, primitive
+from autograd.extend import defvjp, primitive
 
 from . import checks
 from .backend import getval, namespace
@@ -188,8 +188,7 @@ def _d_out(B: Any, enable: tuple[bool, ...] | None) -> int:
 def _lora_delta(x: Any, A: Any, B: Any, scale: float, dropout_mask: Any = None,
                 enable_lora: tuple[bool, ...] | None = None) -> Any:
     """The undecorated forward of :func:`lora_delta`; autograd.numpy can trace it."""
-    _validate_delta(x, A, B, scale, dropout_mask, enable_lora)
-    scale = checks.finite_real(scale, "scale")                       # a Python float: float32 stays float32
+    scale = _validate_delta(x, A, B, scale, dropout_mask, enable_lora)   # s as a Python float
     xp = namespace(x, A, B, dropout_mask)
     xd = x if dropout_mask is None else x * dropout_mask             # dropout on the adapter branch
     h = xd @ xp.matrix_transpose(A)                                   # (..., n r)   A x
@@ -281,14 +280,14 @@ defvjp(lora_delta, _vjp_x, _vjp_A, _vjp_B, _no_grad("scale (a constant)"),
        _no_grad("dropout_mask (a constant)"))
 
 
-def _validate_delta(x, A, B, scale, mask, enable) -> None:
+def _validate_delta(x, A, B, scale, mask, enable) -> float:
     for name, arr in (("x", x), ("A", A), ("B", B)):
         checks.float_array(arr, name)
     if x.ndim < 1 or A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"x must be (..., d_in), A 2-D (r, d_in) and B 2-D (d_out, r); "
                          f"got x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     checks.same_dtype(("x", x), ("A", A), ("B", B), ("dropout_mask", mask))
-    checks.finite_real(scale, "scale")
+    scale = checks.finite_real(scale, "scale")           # returned: a NumPy scalar must not reach array code
     if x.shape[-1] != A.shape[1]:
         raise ValueError(f"x has d_in={x.shape[-1]} (shape {tuple(x.shape)}) but A has d_in={A.shape[1]} "
                          f"(shape {tuple(A.shape)})")
@@ -307,24 +306,12 @@ def _validate_delta(x, A, B, scale, mask, enable) -> None:
         ok = len(m) <= len(shape) and all(a in (1, b) for a, b in zip(m[::-1], shape[::-1]))
         if not ok:
             raise ValueError(f"dropout_mask of shape {m} does not broadcast to x's shape {shape}")
+    return scale
 
 
 # ============================================================================================
 # (S0), (S1): the active set summed; () is the disabled state
 # ============================================================================================
-
-
-def _plus(a: Any, b: Any) -> Any:
-    """``a + b``, with an autograd box on the left when only ``b`` is one. IEEE addition commutes
-    exactly, so this is the same number; it matters because array_api_strict's ``Array.__add__``
-    refuses a box instead of deferring to the box's ``__radd__`` (a plain base output plus a traced
-    adapter term, when only the adapters are trained)."""
-    return b + a if isinstance(b, Box) and not isinstance(a, Box) else a + b
-
-
-def _times(a: Any, b: Any) -> Any:
-    """``a * b`` with the same care as :func:`_plus` (multiplication commutes exactly too)."""
-    return b * a if isinstance(b, Box) and not isinstance(a, Box) else a * b
 
 
 def _check_with_base(x: Any, W: Any, adapters: dict[str, Adapter], names: Sequence[str]) -> None:
@@ -389,7 +376,7 @@ def adapter_set_linear(x: Any, W: Any, adapters: Mapping[str, Any], active: Sequ
     y = lora_linear(x, W, None, None, 1.0, bias)                          # (..., d_out)  W x + b
     for name in active:                                                   # (S1), in activation order
         a = adapters[name]
-        y = _plus(y, lora_delta(x, a.A, a.B, a.scale, masks.get(name), a.enable_lora))
+        y = y + lora_delta(x, a.A, a.B, a.scale, masks.get(name), a.enable_lora)
     return y
 
 
@@ -431,7 +418,7 @@ def mixed_batch_linear(x: Any, W: Any, adapters: Mapping[str, Any], names: Seque
         a = adapters[name]
         pick = xp.asarray([1.0 if n == name else 0.0 for n in names], dtype=getval(x).dtype)  # (N,)
         pick = xp.reshape(pick, (len(names),) + (1,) * (x.ndim - 1))      # (N, 1, ..., 1)
-        y = _plus(y, _times(lora_delta(x, a.A, a.B, a.scale, None, a.enable_lora), pick))  # exact 0 elsewhere
+        y = y + lora_delta(x, a.A, a.B, a.scale, None, a.enable_lora) * pick  # exact 0 elsewhere
     return y
 
 
