@@ -144,22 +144,13 @@ def as_adapters(adapters: Any, name: str = "adapters") -> dict[str, Adapter]:
         checks.same_dtype((f"{where}.A", A), (f"{where}.B", B))
         enable = rest[0] if rest else None
         if enable is not None:
-            enable = _check_enable(enable, f"{where}.enable_lora")
+            enable = checks.enable_flags(enable, f"{where}.enable_lora")
         n = 1 if enable is None else sum(enable)
         if A.shape[0] != n * B.shape[1]:
             raise ValueError(f"{where}: A has {A.shape[0]} rows but B has rank {B.shape[1]}"
                              f"{f' and {n} enabled blocks' if n > 1 else ''} (A {tuple(A.shape)}, B {tuple(B.shape)})")
         out[key] = Adapter(A, B, checks.finite_real(scale, f"{where}.scale"), enable)
     return out
-
-
-def _check_enable(value: Any, name: str) -> tuple[bool, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise TypeError(f"{name} must be a non-empty sequence of booleans, got {value!r}")
-    flags = tuple(checks.boolean(f, name) for f in value)
-    if not any(flags):
-        raise ValueError(f"{name} enables no block: {value!r}")
-    return flags
 
 
 # ============================================================================================
@@ -293,7 +284,7 @@ def _validate_delta(x, A, B, scale, mask, enable) -> float:
                          f"(shape {tuple(A.shape)})")
     n = 1
     if enable is not None:
-        enable = _check_enable(enable, "enable_lora")
+        enable = checks.enable_flags(enable, "enable_lora")
         n = sum(enable)
         if B.shape[0] % n:
             raise ValueError(f"enable_lora={enable}: B's {B.shape[0]} rows do not split into {n} blocks")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "INTEGER_DTYPES",
     "boolean",
+    "enable_flags",
     "finite_real",
     "float_array",
     "generator",
@@ -135,6 +137,19 @@ def numpy_generator(value: Any, name: str) -> np.random.Generator:
     if not isinstance(value, np.random.Generator):
         raise TypeError(f"{name} must be a numpy.random.Generator, got {type(value).__name__}")
     return value
+
+
+def enable_flags(value: Any, name: str) -> tuple[bool, ...]:
+    """loralib ``enable_lora`` flags (which row-blocks of a fused weight are adapted): a non-empty
+    sequence of bools with at least one True, as a tuple of Python bools."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"{name} must be a non-empty sequence of booleans such as (True, False, True), got {value!r}")
+    flags = tuple(value)
+    if not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise TypeError(f"{name} must contain booleans only, got {value!r}")
+    if not any(flags):
+        raise ValueError(f"{name} enables no block: {value!r}; leave the module out of the targets instead")
+    return tuple(bool(f) for f in flags)
 
 
 def generator(seed: Any, name: str) -> np.random.Generator:

@@ -23,6 +23,7 @@ never an exponential. docs/files.md says why this rule rather than a time limit.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import boolean, finite_real, is_int, positive_int, probability
-from .lora import INIT_SCHEMES, lora_scale
+from .checks import boolean, enable_flags as check_enable_lora, finite_real, is_int, positive_int, probability
 
 try:                                        # the parser of Python's re (3.11+), for check_regex
     from re import _constants as _sre
@@ -41,7 +41,24 @@ except ImportError:                         # Python 3.10
     import sre_constants as _sre
     import sre_parse as _sre_parse
 
-__all__ = ["MAX_REPETITIONS", "LoraConfig", "check_enable_lora", "check_regex"]
+__all__ = ["INIT_SCHEMES", "MAX_REPETITIONS", "LoraConfig", "check_enable_lora", "check_regex", "lora_scale"]
+
+INIT_SCHEMES = ("kaiming", "gaussian", "random")
+"""How :func:`lora_ref.lora.init_lora` may draw A and B (``LoraConfig.init``)."""
+
+
+# The scale s (Section 4.1: "We then scale dW x by alpha / r"): the one number the config's rank
+# and alpha decide; lora_ref.lora applies it.
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor s multiplying B A x (Section 4.1 of the paper; rsLoRA, arXiv 2312.03732).
+
+    ``s = alpha / r`` (LoRA), or ``s = alpha / sqrt(r)`` (rsLoRA, rank-stabilised). Returned as a
+    Python float so that a float32 computation stays float32 under NumPy 2's promotion rules.
+    """
+    r = positive_int(r, "r")
+    alpha = finite_real(alpha, "alpha")
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
 
 MAX_REPETITIONS = 3
 """The most repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a pattern may hold: matching a name of
@@ -143,18 +160,6 @@ def _frozen_mapping(value: Any, name: str, check: Any) -> Mapping[str, Any]:
         check_regex(key, f"{name} key")
         out[key] = check(item, f"{name}[{key!r}]")
     return MappingProxyType(out)
-
-
-def check_enable_lora(value: Any, name: str) -> tuple[bool, ...]:
-    """loralib ``enable_lora`` flags: a non-empty tuple of bools, at least one True."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise TypeError(f"{name} must be a non-empty sequence of booleans such as (True, False, True), got {value!r}")
-    flags = tuple(value)
-    if not all(isinstance(f, (bool, np.bool_)) for f in flags):
-        raise TypeError(f"{name} must contain booleans only, got {value!r}")
-    if not any(flags):
-        raise ValueError(f"{name} enables no block: {value!r}; leave the module out of the targets instead")
-    return tuple(bool(f) for f in flags)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from autograd.extend import defvjp, primitive
 from .backend import asarray, dtype_name, float_dtype, namespace, sum_to_shape, to_numpy
 from .checks import (FLOAT_DTYPES, finite_real, float_array, numpy_generator, positive_int, positive_real,
                      probability, same_dtype)
+from .config import INIT_SCHEMES, LoraConfig, check_enable_lora, lora_scale
 
 __all__ = [
     "INIT_SCHEMES",
@@ -60,24 +61,7 @@ __all__ = [
     "unmerge",
 ]
 
-INIT_SCHEMES = ("kaiming", "gaussian", "random")
 MERGE_DTYPES = FLOAT_DTYPES + ("bfloat16",)   # merge / unmerge / delta_weight (bfloat16: ml_dtypes, NumPy)
-
-
-# ============================================================================================
-# The scale s (Section 4.1: "We then scale dW x by alpha / r")
-# ============================================================================================
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """The factor s multiplying B A x (Section 4.1 of the paper; rsLoRA, arXiv 2312.03732).
-
-    ``s = alpha / r`` (LoRA), or ``s = alpha / sqrt(r)`` (rsLoRA, rank-stabilised). Returned as a
-    Python float so that a float32 computation stays float32 under NumPy 2's promotion rules.
-    """
-    r = positive_int(r, "r")
-    alpha = finite_real(alpha, "alpha")
-    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 # ============================================================================================
@@ -503,9 +487,3 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> float | None:
         if not ok:
             raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     return scale
-
-
-# LoraConfig lives in lora_ref.config, which imports lora_scale and INIT_SCHEMES from this module;
-# it is re-exported here (so ``from lora_ref.lora import LoraConfig`` keeps working), last, once
-# everything config.py needs from this module exists. So is the enable_lora flag check.
-from .config import LoraConfig, check_enable_lora  # noqa: E402

@@ -55,7 +55,7 @@ from autograd.extend import defvjp, primitive
 from .adapters import lora_delta
 from .backend import asarray, dtype_name, getval, namespace, to_numpy
 from .checks import float_array, positive_int, same_dtype, shape_of
-from .testing import tolerance
+from .kit.core import tolerance
 
 __all__ = ["COMPUTE_DTYPES", "DTYPES", "WAYS", "Drift", "audit_case", "delta_weight32", "drift", "generate_page",
            "merge_cycle", "mixed_linear", "narrow_linear", "round_to"]

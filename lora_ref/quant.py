@@ -48,7 +48,7 @@ from .backend import asarray, dtype_name, getval, to_numpy
 from .checks import boolean, finite_real, float_array, is_int, shape_of
 from .lora import lora_linear
 from .precision import COMPUTE_DTYPES, mixed_linear
-from .testing import tolerance, unit_roundoff
+from .kit.core import tolerance, unit_roundoff
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "base_weight", "dequantize_4bit",
            "dequantize_absmax", "double_quantize", "dynamic_map", "error_bound", "fp4_levels", "linear_4bit",
