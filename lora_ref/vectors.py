@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import numbers
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -93,7 +94,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
         header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
 
@@ -120,16 +121,38 @@ def _spec(a: np.ndarray) -> dict[str, Any]:
     return {"dtype": a.dtype.name, "shape": list(a.shape)}
 
 
-def _entry(case: GoldenCase, path: Path) -> dict[str, Any]:
+def _entry(case: GoldenCase) -> dict[str, Any]:
+    """The case's manifest entry; ``sha256`` is filled in once its file is written."""
     outputs = {}
     for name, o in case.outputs.items():
         e = {"rule": o.rule, "dtype": o.dtype, "expected": f"expected.{name}", "shape": list(o.expected.shape)}
         if o.rule == "tolerance":
             e.update(magnitude=f"magnitude.{name}", roundings=o.roundings, rtol=o.rtol, atol=o.atol)
         outputs[name] = e
-    return {"name": case.name, "kind": case.kind, "file": path.name, "sha256": _sha256(path), "dtype": case.dtype,
-            "description": case.description, "formula": case.formula, "params": dict(case.params),
-            "inputs": {k: _spec(case.inputs[k]) for k in sorted(case.inputs)}, "outputs": outputs}
+    return {"name": case.name, "kind": case.kind, "file": f"{case.name}.safetensors", "sha256": "",
+            "dtype": case.dtype, "description": case.description, "formula": case.formula,
+            "params": dict(case.params), "inputs": {k: _spec(case.inputs[k]) for k in sorted(case.inputs)},
+            "outputs": outputs}
+
+
+def _strict_json(value: Any, where: str) -> None:
+    """Refuse, naming the field, what strict JSON (RFC 8259) cannot hold: NaN and infinities (which
+    ``json.dumps`` would write as ``NaN``/``Infinity``, refused by strict parsers), non-string keys,
+    and values that are not None, bool, int, float, str, list or dict."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is {value!r}: the manifest is strict JSON (RFC 8259), which has no NaN "
+                             "or infinity; a golden case must have finite params and tolerances")
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; JSON keys are strings")
+            _strict_json(v, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _strict_json(v, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, (bool, int, str)):
+        raise TypeError(f"{where} is a {type(value).__name__}, which JSON cannot hold")
 
 
 def write_vectors(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
@@ -145,23 +168,26 @@ def write_vectors(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out / MANIFEST} already exists; pass overwrite=True to replace it")
     cases = golden_cases(seed)
+    entries = [_entry(case) for case in cases]
+    for entry in entries:                             # before any file is written
+        _strict_json(entry, f"manifest case {entry['name']!r}")
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for case in cases:
+    for case, entry in zip(cases, entries):
         tensors = {**case.inputs, **{f"expected.{k}": o.expected for k, o in case.outputs.items()},
                    **{f"magnitude.{k}": o.magnitude for k, o in case.outputs.items() if o.magnitude is not None}}
-        path = out / f"{case.name}.safetensors"
+        path = out / entry["file"]
         _write_file(path, tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION), "case": case.name,
                                     "kind": case.kind})
-        entries.append(_entry(case, path))
+        entry["sha256"] = _sha256(path)
     from . import __version__
 
     kinds = {k: {"callables": ["impl", *KINDS[k]["callables"]], "cases": sum(c.kind == k for c in cases)}
              for k in KINDS}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "generator": f"lora-ref {__version__}",
                 "seed": int(seed), "comparison": _COMPARISON, "kinds": kinds, "cases": entries}
+    _strict_json(manifest, "manifest")
     path = out / MANIFEST
-    path.write_text(_dumps(manifest) + "\n")
+    path.write_bytes((_dumps(manifest) + "\n").encode("ascii"))     # json.dumps escapes non-ASCII: ASCII text
     return path
 
 
@@ -175,11 +201,11 @@ def _dumps(value: Any, indent: str = "") -> str:
                                                                                for y in x)) for x in items)
 
     if not isinstance(value, (dict, list)) or flat(value):
-        return json.dumps(value, separators=(", ", ": "))
+        return json.dumps(value, separators=(", ", ": "), allow_nan=False)
     inner = indent + " "
     if isinstance(value, list):
         return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in value) + "\n" + indent + "]"
-    return ("{\n" + ",\n".join(f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in value.items())
+    return ("{\n" + ",\n".join(f"{inner}{json.dumps(k, allow_nan=False)}: {_dumps(v, inner)}" for k, v in value.items())
             + "\n" + indent + "}")
 
 

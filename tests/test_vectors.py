@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import autograd.numpy as anp
@@ -308,3 +310,37 @@ def test_the_format_page_names_every_kind_and_tensor():
         for name in list(case.inputs) + list(case.outputs) + list(case.params):
             generic = name.split(".")[0] + (".<" if "." in name else "")
             assert f"`{name}`" in page or f"`{generic}" in page, (case.kind, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest is strict JSON (RFC 8259): no NaN or infinity is ever written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, change", [
+    ("params.alpha", lambda c: replace(c, params={**c.params, "alpha": float("nan")})),
+    ("outputs.y.rtol", lambda c: replace(c, outputs={**c.outputs, "y": replace(c.outputs["y"], rtol=math.inf)})),
+    ("outputs.y.atol", lambda c: replace(c, outputs={**c.outputs, "y": replace(c.outputs["y"], atol=-math.inf)})),
+])
+def test_a_non_finite_manifest_value_is_refused_before_any_file_is_written(tmp_path, monkeypatch, field, change):
+    import lora_ref.vectors as vectors
+
+    built = golden_cases(kinds=["lora_linear"])
+    monkeypatch.setattr(vectors, "golden_cases", lambda seed: [built[0], change(built[1])])
+    out = tmp_path / "v"
+    with pytest.raises(ValueError, match=f"manifest case 'plain_float32'.{re.escape(field)} is -?(nan|inf): the "
+                                         r"manifest is strict JSON \(RFC 8259\), which has no NaN or infinity"):
+        write_vectors(out)
+    assert not out.exists()                                          # refused before anything was written
+
+
+def test_the_manifest_parses_as_strict_json(vectors_dir):
+    def refuse(token):
+        raise AssertionError(f"manifest.json holds {token}, which strict JSON parsers refuse")
+
+    raw = (vectors_dir / "manifest.json").read_bytes()
+    assert raw.isascii()
+    json.loads(raw, parse_constant=refuse)                           # NaN, Infinity, -Infinity would call it
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        from lora_ref.vectors import _dumps
+        _dumps({"x": [float("nan")]})
