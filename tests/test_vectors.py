@@ -344,3 +344,206 @@ def test_the_manifest_parses_as_strict_json(vectors_dir):
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         from lora_ref.vectors import _dumps
         _dumps({"x": [float("nan")]})
+
+
+# --------------------------------------------------------------------------------------------
+# Magnitudes: docs/vectors-format.md's formula for every kind and output, recomputed here from the
+# stored inputs with nothing from lora-ref, against the stored magnitude.<output>
+# --------------------------------------------------------------------------------------------
+
+
+def _f64abs(a) -> np.ndarray:
+    return np.abs(np.asarray(a, dtype=np.float64))
+
+
+def _scale(a: dict) -> float:
+    return a["alpha"] / (math.sqrt(a["r"]) if a["use_rslora"] else a["r"])
+
+
+def _linear_magnitudes(p, t):
+    W = t["W"].T if p["fan_in_fan_out"] else t["W"]                      # (d_out, d_in)
+    d_out, d_in = W.shape
+    s, r = abs(_scale(p)), p["r"]
+    x = t["x"].reshape(-1, d_in)                                         # (N, d_in)
+    xd = x * t["dropout_mask"].reshape(-1, d_in) if "dropout_mask" in t else x
+    mask = t["dropout_mask"].reshape(-1, d_in) if "dropout_mask" in t else np.ones_like(x)
+    dy = t["dy"].reshape(-1, d_out)
+    enable = p["enable_lora"] or [True]
+    q = d_out // len(enable)
+    g = [j for j, on in enumerate(enable) if on]                          # the enabled blocks, in order
+    A = [t["A"][k * r:(k + 1) * r] for k in range(len(g))]                 # (r, d_in) each
+    B = [t["B"][k * q:(k + 1) * q] for k in range(len(g))]                 # (q, r) each
+    D = np.zeros((d_out, d_in))
+    for k, gk in enumerate(g):
+        D[gk * q:(gk + 1) * q] = B[k] @ A[k]
+    y = x @ W.T + t.get("bias", 0.0) + s * (xd @ D.T)
+    dx = dy @ W + s * mask * (dy @ D)
+    dA = np.concatenate([s * (dy[:, gk * q:(gk + 1) * q] @ B[k]).T @ xd for k, gk in enumerate(g)])
+    dB = np.concatenate([s * dy[:, gk * q:(gk + 1) * q].T @ (xd @ A[k].T) for k, gk in enumerate(g)])
+    Wm = W + s * D
+    return {"y": y.reshape(t["dy"].shape), "W_merged": Wm.T if p["fan_in_fan_out"] else Wm,
+            "dx": dx.reshape(t["x"].shape), "dA": dA, "dB": dB}
+
+
+def _dora_magnitudes(p, t, signed):
+    Ws = signed["W"].astype(np.float64)
+    W = (t["W"].T if p["fan_in_fan_out"] else t["W"])                    # |W|, (d_out, d_in)
+    Ws = Ws.T if p["fan_in_fan_out"] else Ws
+    d_out, d_in = W.shape
+    scale = _scale(p)
+    s = abs(scale)
+    Va = W + s * (t["B"] @ t["A"])
+    V = Ws + scale * (signed["B"].astype(np.float64) @ signed["A"].astype(np.float64))
+    C = np.sqrt(np.sum(V * V, axis=1))                                   # (d_out,)
+    N = np.sqrt(np.sum(Va * Va, axis=1))
+    kappa = N / C
+    fm = t["m"] / C * (1 + kappa)
+    x = t["x"].reshape(-1, d_in)
+    Md = t["dropout_mask"].reshape(-1, d_in) if "dropout_mask" in t else np.ones_like(x)
+    xd, b = x * Md, t.get("bias", 0.0)
+    y = x @ W.T + b + (fm + 1) * (xd @ W.T + b) + fm * (xd @ (s * t["B"] @ t["A"]).T)
+    G = t["dy"].reshape(-1, d_out)
+    E = G.T @ xd                                                         # (d_out, d_in)
+    phi = np.sum(E * Va, axis=1)
+    dV = fm[:, None] * E
+    dV_exact = dV + (t["m"] / C * (2 + 3 * kappa) * phi / C**2)[:, None] * Va
+    Wm = fm[:, None] * Va
+    out = {"y": y.reshape(t["dy"].shape), "m_init": N, "W_merged": Wm.T if p["fan_in_fan_out"] else Wm,
+           "dx": (((G * fm) @ Va) * Md + (G @ W) * (1 + 2 * Md)).reshape(t["x"].shape),
+           "dA": s * t["B"].T @ dV, "dB": s * dV @ t["A"].T, "dm": phi / C * (1 + kappa),
+           "dA_exact": s * t["B"].T @ dV_exact, "dB_exact": s * dV_exact @ t["A"].T}
+    return out, float(kappa.max())
+
+
+def _embedding_magnitudes(p, t, ids):
+    s, ids = abs(_scale(p)), ids.reshape(-1)
+    dy = t["dy"].reshape(len(ids), -1)                                   # (N, D)
+    dA = np.zeros_like(t["A"])
+    np.add.at(dA.T, ids, s * dy @ t["B"])                                # each occurrence adds to its column
+    return {"y": (t["E"][ids] + s * t["A"].T[ids] @ t["B"].T).reshape(t["dy"].shape),
+            "E_merged": t["E"] + s * (t["B"] @ t["A"]).T, "dA": dA, "dB": s * dy.T @ t["A"].T[ids]}
+
+
+def _conv(x, W, stride, padding, dilation, groups):
+    """torch.nn.functional.conv1d/conv2d (cross-correlation, zero padding), x (N, C_in, *S)."""
+    nd, k = W.ndim - 2, W.shape[2:]
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in padding])
+    O = [(xp.shape[2 + d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in range(nd)]
+    N, C, Co = x.shape[0], x.shape[1], W.shape[0]
+    y = np.zeros((N, Co, *O))
+    for off in np.ndindex(*k):
+        window = tuple(slice(off[d] * dilation[d], off[d] * dilation[d] + stride[d] * (O[d] - 1) + 1, stride[d])
+                       for d in range(nd))
+        patch = xp[(slice(None), slice(None)) + window].reshape(N, groups, C // groups, *O)
+        w = W[(slice(None), slice(None)) + off].reshape(groups, Co // groups, C // groups)
+        y += np.einsum("goc,ngc...->ngo...", w, patch).reshape(N, Co, *O)
+    return y
+
+
+def _conv_magnitudes(p, t):
+    s, geo, G = abs(_scale(p)), [p["stride"], p["padding"], p["dilation"]], p["groups"]
+    nd = len(p["stride"])
+    one = [[1] * nd, [0] * nd, [1] * nd]
+    mask = t.get("dropout_mask", np.ones_like(t["x"]))
+    bias = t["bias"].reshape((-1,) + (1,) * nd)
+
+    def lora(x, A, B):
+        return s * _conv(_conv(x * mask, A, *geo, 1), B, *one, G)
+
+    def jacobian_t(f, at):                            # J^T |dy| of a map linear in its argument, by basis
+        out = np.empty(at.size)
+        for j in range(at.size):
+            e = np.zeros(at.size)
+            e[j] = 1.0
+            out[j] = np.sum(f(e.reshape(at.shape)) * t["dy"])
+        return out.reshape(at.shape)
+
+    out = {"y": _conv(t["x"], t["W"], *geo, G) + bias + lora(t["x"], t["A"], t["B"]),
+           "dx": jacobian_t(lambda e: _conv(e, t["W"], *geo, G) + lora(e, t["A"], t["B"]), t["x"]),
+           "dA": jacobian_t(lambda e: lora(t["x"], e, t["B"]), t["A"]),
+           "dB": jacobian_t(lambda e: lora(t["x"], t["A"], e), t["B"])}
+    if G == 1:
+        out["W_merged"] = t["W"] + s * np.einsum("ok,ki...->oi...", t["B"].reshape(t["B"].shape[:2]), t["A"])
+    return out
+
+
+def _adapter_magnitudes(case, p, t):
+    ads = {a["name"]: (t[f"A.{a['name']}"], t[f"B.{a['name']}"], abs(_scale(a))) for a in p["adapters"]}
+    x, W, b = t["x"], t["W"], t["bias"]
+    term = lambda xx, name: ads[name][2] * (xx @ ads[name][0].T) @ ads[name][1].T  # noqa: E731
+    if case.kind == "mixed_batch":
+        return {"y": np.stack([x[n] @ W.T + b + (0 if a == "__base__" else term(x[n], a))
+                               for n, a in enumerate(p["names"])])}
+    return {"y": x @ W.T + b + sum(term(x, a) for a in p["active"]),
+            "W_merged": W + sum(ads[a][2] * ads[a][1] @ ads[a][0] for a in p["merged"])}
+
+
+def _serving_magnitudes(case, p, t, indices):
+    if case.kind == "lora_shrink":
+        h = np.zeros(case.outputs["h"].expected.shape)                   # (n_slices, T, R)
+        for s in range(p["n_slices"]):
+            for k, i in enumerate(indices):
+                if i >= 0:
+                    h[s, k] = abs(p["scale"]) * t["A_stack"][s, i] @ t["x"][k]
+        return {"h": h}
+    y = np.zeros(t["y"].shape)                                           # copied entries: 0
+    for s, (off, width) in enumerate(p["slices"]):
+        for k, i in enumerate(indices):
+            if i >= 0:
+                y[k, off:off + width] = t["y"][k, off:off + width] + t[f"B_stack.{s}"][i] @ t["h"][s, k]
+    return {"y": y}
+
+
+def _combine_magnitudes(p, t):
+    names, w = [a["name"] for a in p["adapters"]], p["weights"]
+    ws = [abs(wi * _scale(a)) for wi, a in zip(w, p["adapters"])]
+    div = p["density"] if p["method"].startswith("dare") else 1.0
+    if p["method"] in ("exact", "cat") or p["method"].endswith("svd"):
+        M = sum(v * t[f"B.{n}"] @ t[f"A.{n}"] for v, n in zip(ws, names)) / div
+        return {"delta": M + np.sqrt(np.sum(M * M)) if p["method"].endswith("svd") else M}
+    M_A = sum(math.sqrt(v) * t[f"A.{n}"] for v, n in zip(ws, names)) / div
+    M_B = sum(math.sqrt(v) * t[f"B.{n}"] for v, n in zip(ws, names)) / div
+    return {"delta": 1.0 * M_B @ M_A}                                    # the combined adapter's scale, 1
+
+
+def spec_magnitudes(case: GoldenCase) -> tuple[dict[str, np.ndarray], float]:
+    """Every magnitude.<output> of ``case`` by docs/vectors-format.md's formulas, and the factor by
+    which DoRA's depend on the conditioning kappa (1 for the other kinds)."""
+    t = {k: _f64abs(v) for k, v in case.inputs.items() if v.dtype.kind != "i"}
+    p = case.params
+    if case.kind == "lora_linear":
+        return _linear_magnitudes(p, t), 1.0
+    if case.kind == "dora_linear":
+        out, kappa = _dora_magnitudes(p, t, case.inputs)
+        # f_mag = |m| (1 + kappa) / C needs C, computed from the signed V: two float64 computations
+        # of C differ by 2 gamma_n kappa C (dora_magnitudes), so f_mag, phi / C^2 (1 + kappa) and
+        # the exact gradient's (2 + 3 kappa) |m| phi / C^3 by at most 2 gamma_n (4 kappa + 2)
+        # relatively; with the non-negative sums' own gamma_n: 2 gamma_n (4 kappa + 3) M.
+        return out, 4 * kappa + 3
+    if case.kind == "lora_embedding":
+        return _embedding_magnitudes(p, t, case.inputs["ids"]), 1.0
+    if case.kind == "lora_conv":
+        return _conv_magnitudes(p, t), 1.0
+    if case.kind in ("adapter_set", "mixed_batch"):
+        return _adapter_magnitudes(case, p, t), 1.0
+    if case.kind in ("lora_shrink", "lora_expand"):
+        return _serving_magnitudes(case, p, t, case.inputs["indices"]), 1.0
+    if case.kind == "combine_adapters":
+        return _combine_magnitudes(p, t), 1.0
+    return {}, 1.0                                                       # quantize_4bit: exact outputs only
+
+
+def test_every_magnitude_is_the_formula_the_format_page_states(cases):
+    # Both sides are float64 sums of non-negative terms, each of at most `roundings` roundings:
+    # they differ by at most 2 gamma_n M (times DoRA's conditioning factor, derived above).
+    checked = 0
+    for case in cases:
+        mine, factor = spec_magnitudes(case)
+        stored = case.magnitudes
+        assert set(mine) == set(stored), (case.name, sorted(mine), sorted(stored))
+        for name, M in stored.items():
+            n = case.outputs[name].roundings
+            assert mine[name].shape == M.shape, (case.name, name)
+            assert_within(mine[name], M, 2 * tolerance("float64", n) * factor * M, what=f"{case.name}:{name}")
+            checked += 1
+    assert checked == sum(len(c.magnitudes) for c in cases) > 150
