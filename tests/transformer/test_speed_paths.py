@@ -146,13 +146,43 @@ def test_fast_model_equals_reference_model(matrices, r, dropout, dtype, seed):
         return autograd.value_and_grad(lambda p: loss(p, tokens, targets, TINY, ops=ops))(params)
 
     # Two computations of one model, forward and backward: 2 * chain_length roundings apart at most
-    # (_gpt_helpers), measured against each value's own size.
-    n = 2 * chain_length(TINY, r)
+    # (_gpt_helpers), measured against each value's own size; FAST's LayerNorm chains one more
+    # rounding than bounds.py's count (2C + 9: the row means' 1/C factor) and its GELU two (10:
+    # its constants), so 2 more per LayerNorm and GELU on the path (two of each per block, ln_f).
+    n = 2 * (chain_length(TINY, r) + 2 * (3 * TINY.n_layer + 1))
     for what, run in (("LoRA", lora), ("full", full)):
         (value, grads), (ref_value, ref_grads) = run(FAST), run(REFERENCE)
         assert np.asarray(value).dtype == np.dtype(dtype)
         assert_within(value, ref_value, 2 * tolerance(dtype, n) * abs(float(ref_value)), what=f"{what} loss")
         assert_trees_close(grads, ref_grads, dtype, n, what=f"{what} gradients")
+
+
+@settings(max_examples=10, deadline=None)
+@given(matrices=st.sets(st.sampled_from(["q", "k", "v", "o", "gate", "up", "down"]), min_size=1),
+       r=st.integers(1, 3), dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**31))
+def test_fast_llama_model_equals_reference_model(matrices, r, dtype, seed):
+    from transformer_ref import LlamaConfig, add_adapters, init_params
+    from transformer_ref.bounds import logit_rounding_chain
+
+    config = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8, rms_norm_eps=1e-5)
+    rng = np.random.default_rng(seed % 1000)
+    params = {k: (np.asarray(v, np.float64) * (1.0 if k.endswith("norm.weight") else 10.0)).astype(dtype)
+              for k, v in init_params(config, rng, "float64").items()}
+    tokens, targets = rng.integers(0, 11, size=(2, 6)), rng.integers(0, 11, size=(2, 6))
+    lc = lora_config_for(sorted(matrices), r=r, alpha=2.0 * r, family="llama", init="random")
+    adapters = add_adapters(params, config, lc, rng)
+
+    def run(ops):
+        return autograd.value_and_grad(lambda ad: loss(params, tokens, targets, config, ad, lc, ops=ops))(adapters)
+
+    # as for GPT-2 above: forward and backward, 2 * the chain, with FAST's RMSNorm 2 roundings longer
+    # (C + 8, its 1/C factor and the sum's) on each of the 2 per block and the final one
+    n = 2 * (logit_rounding_chain(config, r, T=6, loss_batch=12) + 2 * (2 * config.num_hidden_layers + 1))
+    (value, grads), (ref_value, ref_grads) = run(FAST), run(REFERENCE)
+    assert np.asarray(value).dtype == np.dtype(dtype)
+    assert_within(value, ref_value, 2 * tolerance(dtype, n) * abs(float(ref_value)), what="LLaMA loss")
+    assert_trees_close(grads, ref_grads, dtype, n, what="LLaMA gradients")
 
 
 # ----------------------------------------------------------------------------------------------
