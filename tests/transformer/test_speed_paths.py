@@ -471,6 +471,9 @@ def test_sharded_step_forms_each_folded_weight_once(monkeypatch):
 
     value, grads = sharded_value_and_grad(objective, 2)(adapters, tokens, targets, None)
     assert sorted(formed) == sorted(id(ad["A"]) for ad in adapters.values())     # each once, both slices folded
+    again = sharded_value_and_grad(objective, 2)(adapters, tokens, targets, None)   # whichever slice folds
+    assert float(again[0]) == float(value)
+    assert all(np.array_equal(again[1][k][p], grads[k][p]) for k in grads for p in ("A", "B"))
     formed.clear()
     ref_value, ref_grads = autograd.value_and_grad(objective)(adapters, tokens, targets, None)
     assert len(formed) == len(adapters)                                         # unsplit: once each as well
