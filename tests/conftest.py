@@ -18,6 +18,11 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--write-bugs-page", action="store_true", default=False,
+                     help="tests/test_bugs.py: rewrite docs/bugs.md from lora_ref/kit/bugs.py before checking it")
+
+
 def _gpu_skip_reason() -> str | None:
     try:
         import cupy

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv_grad", "conv_layer", "conv_merge", "dora_grad", "dora_layer", "dora_magnitude", "dora_merge",
-           "embedding_grad", "embedding_layer", "embedding_merge", "linear_grad", "linear_layer", "linear_merge"]
+__all__ = ["conv_grad", "conv_layer", "conv_merge", "dora_base_grad", "dora_grad", "dora_layer", "dora_magnitude",
+           "dora_merge", "embedding_grad", "embedding_layer", "embedding_merge", "linear_grad", "linear_layer",
+           "linear_merge", "keras_dense_layer", "keras_dense_merge", "llama_cpp_layer", "loralib_conv_layer", "loralib_conv_merge", "merge_cycles",
+           "tied_embedding_merge"]
 
 
 def _scale(alpha: float, r: int, use_rslora: bool, bug: str | None = None) -> float:
@@ -23,6 +25,8 @@ def _scale(alpha: float, r: int, use_rslora: bool, bug: str | None = None) -> fl
         return float(alpha)                                          # forgot to divide by r
     if bug == "rslora_ignored":
         return alpha / r                                             # rsLoRA's scale ignored
+    if bug == "alpha_default_rank":
+        return 1.0                                                   # alpha left at its default, r
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
@@ -254,3 +258,160 @@ def conv_grad(bug: str | None = None):
         vjp, _ = make_vjp(f, argnum=(0, 1, 2))(x, A, B)
         return vjp(dy)
     return grad
+
+
+# ============================================================================================
+# Shipping implementations, re-implemented from their source (lora_ref.kit.bugs' material):
+# bug=None is the fixed version, the named bug the released one.
+# ============================================================================================
+
+
+def llama_cpp_layer(bug: str | None = None):
+    """llama.cpp's LoRA path for a PEFT adapter: convert_lora_to_gguf.py writes
+    ``adapter.lora.alpha = adapter_config["lora_alpha"]`` (float32 metadata; ``use_rslora`` is never
+    read: bug ``"alpha_copied"``; the fix writes ``lora_alpha * sqrt(r)`` for an rsLoRA adapter), and
+    llama-adapter.h's ``get_scale`` applies ``adapter_scale * alpha / rank`` in float, rank = B's r."""
+    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
+        written = alpha * math.sqrt(r) if use_rslora and bug != "alpha_copied" else alpha   # the converter
+        meta = np.float32(written)                                                      # GGUF float32
+        scale = np.float32(1.0) * meta / np.float32(B.shape[1])                          # get_scale
+        Wm = W.T if fan_in_fan_out else W
+        xd = x if dropout_mask is None else x * dropout_mask
+        y = x @ Wm.T + (xd @ A.T) @ B.T * x.dtype.type(scale)
+        return y if bias is None else y + bias
+    return impl
+
+
+def _keras_kernel(W, A, B, alpha, r, use_rslora, fan_in_fan_out, bug):
+    """Keras 3.15.1's ``Dense.kernel`` with LoRA: ``cast(kernel + (lora_alpha / rank) *
+    matmul(lora_kernel_a, lora_kernel_b), compute_dtype)``, kernel (d_in, d_out). With bug
+    ``"float32"`` (the torch backend): the factors are float32 variables (``enable_lora``'s
+    ``dtype="float32"``), and ``ops.matmul`` computes in float32 anyway (``result_type`` maps float64
+    to float32, as JAX does by default). Fixed: the factors and the product in the layer's dtype.
+    The scale is passed as lora_alpha = alpha (times sqrt(r) for rsLoRA: Keras has none); with bug
+    ``"alpha_default_rank"`` it is not passed, and lora_alpha defaults to the rank: scale 1."""
+    kernel = W if fan_in_fan_out else W.T                                     # (d_in, d_out)
+    scale = (alpha * math.sqrt(r) if use_rslora else alpha) / r
+    if bug == "alpha_default_rank":                                           # enable_lora(rank): alpha = rank
+        scale = 1.0
+    a, b = A.T, B.T                                                           # Keras' (d_in, r), (r, d_out)
+    if bug == "float32":
+        a, b = a.astype(np.float32), b.astype(np.float32)
+    return (kernel + scale * _ordered_matmul(a, b)).astype(W.dtype)
+
+
+def _ordered_matmul(a, b):
+    """``a @ b`` summed in a fixed order, one rounding per product and per sum (no FMA): the same
+    bits on every CPU, so that the page written from it is too."""
+    out = a[..., :, :1] * b[:1, :]
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., :, k:k + 1] * b[k:k + 1, :]
+    return out
+
+
+def keras_dense_layer(bug: str | None = None):
+    """Keras 3.15.1's ``Dense.call``: ``matmul(inputs, kernel)``, then ``add(x, bias)``. With bug
+    ``"float32"`` (the torch backend) a float64 matmul is computed and returned in float32, and
+    adding the float64 bias (``torch.add``) widens the result back: a float64 layer without bias
+    returns float32. No dropout."""
+    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
+        if dropout_mask is not None:
+            raise NotImplementedError("Keras' enable_lora has no dropout")
+        kernel = _keras_kernel(W, A, B, alpha, r, use_rslora, fan_in_fan_out, bug)
+        narrow = np.float32 if bug == "float32" and x.dtype == np.float64 else x.dtype
+        y = _ordered_matmul(x.astype(narrow), kernel.astype(narrow))
+        return y if bias is None else y.astype(np.result_type(y, bias)) + bias
+    return impl
+
+
+def keras_dense_merge(bug: str | None = None):
+    """``Dense.kernel`` with LoRA (what saving a merged model writes), back in W's layout."""
+    def merge(W, A, B, *, alpha, r, use_rslora, fan_in_fan_out):
+        kernel = _keras_kernel(W, A, B, alpha, r, use_rslora, fan_in_fan_out, bug)
+        return kernel if fan_in_fan_out else kernel.T
+    return merge
+
+
+def _loralib_factors(A, B, kernel: int, bug: str | None):
+    """loralib 0.1.2's ConvLoRA sizes its factors lora_A (r k, C_in k), lora_B (C_out k, r k) (bug
+    ``"kernel_squared"``; zeros, as nothing of a PEFT adapter fits them); the fix sizes them for the
+    weight: lora_A (r, C_in k) = A flattened, lora_B (C_out, r)."""
+    r, c_in, c_out = A.shape[0], A.shape[1], B.shape[0]
+    if bug == "kernel_squared":
+        return np.zeros((r * kernel, c_in * kernel), A.dtype), np.zeros((c_out * kernel, r * kernel), B.dtype)
+    return A.reshape(r, -1), B.reshape(c_out, r)
+
+
+def _loralib_view(lora_A, lora_B, shape):
+    """``(lora_B @ lora_A).view(conv.weight.shape)``, raising torch's error where the sizes differ."""
+    delta = lora_B @ lora_A
+    if delta.size != math.prod(shape):
+        raise RuntimeError(f"shape '[{', '.join(map(str, shape))}]' is invalid for input of size {delta.size}")
+    return delta.reshape(shape)
+
+
+def loralib_conv_layer(bug: str | None = None):
+    """loralib's ConvLoRA forward: ``conv(x, W + (lora_B @ lora_A).view(W.shape) * scaling, bias)``
+    (no dropout, no rsLoRA), 1-D here."""
+    def impl(x, W, A, B, *, alpha, r, use_rslora, bias, stride, padding, dilation, groups, dropout_mask):
+        lora_A, lora_B = _loralib_factors(A, B, W.shape[2], bug)
+        merged = W + _loralib_view(lora_A, lora_B, W.shape) * x.dtype.type(alpha / r)
+        y = _conv(x, merged, stride, padding, dilation, groups)
+        return y + bias.reshape((-1,) + (1,) * (x.ndim - 2))
+    return impl
+
+
+def loralib_conv_merge(bug: str | None = None):
+    """loralib merges on ``eval()``: ``weight += (lora_B @ lora_A).view(weight.shape) * scaling``."""
+    def merge(W, A, B, *, alpha, r, use_rslora):
+        lora_A, lora_B = _loralib_factors(A, B, W.shape[2], bug)
+        return W + _loralib_view(lora_A, lora_B, W.shape) * W.dtype.type(alpha / r)
+    return merge
+
+
+def tied_embedding_merge(bug: str | None = None):
+    """Merging an embedding adapter into a table the output head shares. PEFT 0.21.2 adds
+    ``s (B A)^T`` to the one shared table, so the head moves too (bug ``"shared_table"``); with
+    ``ensure_weight_tying`` the head's Linear adapter shares the factors and is merged as well,
+    adding the delta twice (bug ``"shared_table"`` with ``head_adapted``). The fix unties: the
+    lookup gets ``E + s (B A)^T``, the head what the unmerged model's head computes with."""
+    def impl(E, A, B, *, alpha, r, use_rslora, head_adapted):
+        D = (B @ A).T * E.dtype.type(_scale(alpha, r, use_rslora))               # (V, D)
+        if bug == "shared_table":
+            table = E + D + D if head_adapted else E + D                         # merged once per adapter
+            return table, table
+        return E + D, (E + D if head_adapted else E.copy())
+    return impl
+
+
+def dora_base_grad(bug: str | None = None):
+    """dL/dW of DoRA's layer in PEFT's dropout form with the norm detached:
+    ``y = x W^T + b + (f - 1) (xd W^T) + f s (xd A^T) B^T``, f constant, so
+    ``dL/dW = G^T X + ((f - 1) G)^T Xd`` (d_out, d_in), returned in W's layout. PEFT 0.21.2 with
+    ``fan_in_fan_out`` computes the second term's ``W^T`` as ``nn.Parameter(W.T)``, a new leaf, so
+    it sends nothing to W (bug ``"transpose_leaf"``)."""
+    def grad(x, W, A, B, m, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out):
+        Wm, s, V, C, f = _dora_parts(W, A, B, m, alpha, r, use_rslora, fan_in_fan_out, None)
+        M = np.ones_like(x) if dropout_mask is None else np.broadcast_to(dropout_mask, x.shape)
+        X, G, Mf = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), M.reshape(-1, x.shape[-1])
+        dW = G.T @ X                                                          # the base layer's term
+        if not (bug == "transpose_leaf" and fan_in_fan_out):
+            dW = dW + ((f - 1.0) * G).T @ (X * Mf)                             # the correction's term
+        return dW.T if fan_in_fan_out else dW
+    return grad
+
+
+def merge_cycles(bug: str | None = None):
+    """``cycles`` times merge then unmerge of float32 factors into a 16-bit W, as PEFT 0.21.2's LoRA
+    Linear does on the CPU: the delta ``D32 = fl32(fl32(B @ A) * s)``; merge ``W = cast(fl32(W +
+    D32))`` (``weight.data += delta``); unmerge ``W = cast(W - cast(D32))`` (``weight.data -=
+    delta.to(orig_dtype)``: bug ``"rounded_delta"``), or, fixed, ``cast(fl32(W - D32))``."""
+    def impl(W, A, B, *, alpha, r, use_rslora, cycles):
+        f32 = np.float32
+        D32 = (B.astype(f32) @ A.astype(f32)) * f32(_scale(alpha, r, use_rslora))
+        sub = D32.astype(W.dtype).astype(f32) if bug == "rounded_delta" else D32
+        for _ in range(cycles):
+            W = (W.astype(f32) + D32).astype(W.dtype)                          # merge
+            W = (W.astype(f32) - sub).astype(W.dtype)                          # unmerge
+        return W
+    return impl

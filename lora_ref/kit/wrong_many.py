@@ -8,7 +8,8 @@ import math
 
 import numpy as np
 
-__all__ = ["adapter_set", "adapter_set_merge", "expand_kernel", "mixed_batch", "serving_engine", "shrink_kernel"]
+__all__ = ["adapter_set", "adapter_set_merge", "bnb_native_dequantizer", "combine", "dequantizer", "expand_kernel",
+           "mixed_batch", "quantizer", "serving_engine", "sglang_engine", "shrink_kernel", "vllm_shrink"]
 
 
 def _s(a: dict, bug: str | None = None) -> float:
@@ -270,5 +271,82 @@ def dequantizer(bug: str | None = None):
         out = np.empty(n, dtype=np.float32)
         for k, (start, stop) in enumerate(_blocks(n, blocksize, shape, bug)):
             out[start:stop] = _levels(quant_type)[codes[start:stop]] * absmax[k]
+        return out.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).reshape(shape)
+    return dequantize
+
+
+# ============================================================================================
+# Shipping implementations, re-implemented from their source (lora_ref.kit.bugs' material):
+# bug=None is the fixed version, the named bug the released one.
+# ============================================================================================
+
+
+def vllm_shrink(bug: str | None = None):
+    """vLLM's CPU fallback (vllm/lora/ops/torch_ops/lora_ops.py): ``bgmv_shrink`` selects
+    ``lora_a_weights[lora_indices_tensor]``, so a token's index -1 (no adapter) picks the LAST slot,
+    as PyTorch (and NumPy) indexing does (bug ``"index_minus_one"``); ``sgmv_shrink`` expands the
+    sequences' indices with ``repeat_interleave`` first. The fix leaves those tokens' rows at zero,
+    as the Triton kernel does (``if lora_index == -1: return`` into a zeroed buffer)."""
+    def shrink(x, A_stack, indices, scale):
+        acc = _acc(x.dtype)
+        idx = np.asarray(indices) if not hasattr(indices, "starts") else \
+            np.repeat(np.asarray(indices.indices), np.asarray(indices.lengths))       # repeat_interleave
+        out = np.zeros((len(A_stack), x.shape[0], A_stack[0].shape[1]), dtype=acc)
+        for s, A in enumerate(A_stack):
+            selected = A[idx].astype(acc)                                            # (T, R, d_in)
+            h = np.einsum("bi,boi->bo", x.astype(acc), selected) * acc(scale)       # (T, R)
+            out[s] = h if bug == "index_minus_one" else np.where((idx >= 0)[:, None], h, acc(0.0))
+        return out
+    return shrink
+
+
+def sglang_engine(bug: str | None = None):
+    """SGLang's LoRA serving step: each adapter's scaling is ``LoRAAdapter.scaling = lora_alpha / r``
+    (``use_rslora`` not read: bug ``"rslora_ignored"``; fixed: ``alpha / sqrt(r)``), applied per token
+    to its adapter's ``A x`` (float32 accumulation), then the expand adds ``h B^T`` to y."""
+    def serve(y, x, adapters, indices, slices):
+        S, acc = y.dtype, _acc(y.dtype)
+        R = max(a["r"] for slots in adapters for a in slots if a is not None)
+        idx = _tokens(indices, x.shape[0], None)
+        out = y.copy()
+        for slots, (off, w) in zip(adapters, slices):
+            for t in range(x.shape[0]):
+                a = slots[idx[t]] if idx[t] >= 0 else None
+                if a is None:
+                    continue
+                A = np.zeros((R, x.shape[1]), S)
+                B = np.zeros((w, R), S)
+                A[:a["r"]], B[:, :a["r"]] = a["A"], a["B"]                          # zero-padded to R
+                h = (A.astype(acc) @ x[t].astype(acc)) * acc(_s(a, bug))
+                c = (B.astype(acc) @ h.astype(S).astype(acc)).astype(S)
+                out[t, off:off + w] = (out[t, off:off + w].astype(acc) + c.astype(acc)).astype(S)
+        return out
+    return serve
+
+
+def bnb_native_dequantizer(bug: str | None = None):
+    """bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` (backends/cpu/ops.py, csrc's AVX-512
+    kernel): W viewed as (m, n) rows; where the kernel runs (n even; on an AVX-512 CPU a block below
+    2048; and, as measured, n a multiple of 16) it scales entry (i, j) by ``absmax[i * (n //
+    blocksize) + j // blocksize]``, which is right only when every row starts a block (bug
+    ``"row_index"``); bitsandbytes' pure-PyTorch path (the fix) uses the row-major block
+    ``(i n + j) // blocksize``. The nested absmax is resolved first, as bitsandbytes does."""
+    right = dequantizer()
+
+    def dequantize(weight, absmax, *, shape, dtype, blocksize, quant_type, nested_absmax, nested_offset):
+        import ml_dtypes
+        from ..quant import dynamic_map
+
+        n, m = shape[-1], math.prod(shape[:-1])
+        if not (bug == "row_index" and n % 2 == 0 and n % 16 == 0 and blocksize < 2048 and m > 1
+                and n % blocksize):
+            return right(weight, absmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
+                         nested_absmax=nested_absmax, nested_offset=nested_offset)
+        if nested_absmax is not None:
+            j = np.arange(absmax.size) // 256
+            absmax = dynamic_map()[absmax] * nested_absmax[j] + np.float32(nested_offset)
+        codes = np.stack([weight >> 4, weight & 0x0F], axis=1).reshape(m, n)              # (m, n)
+        block = np.arange(m)[:, None] * (n // blocksize) + np.arange(n)[None, :] // blocksize
+        out = _levels(quant_type)[codes] * absmax[block]                                 # float32
         return out.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).reshape(shape)
     return dequantize
