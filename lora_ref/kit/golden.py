@@ -156,11 +156,14 @@ def _linear_formula(spec: LoraCase) -> str:
         y = f"y = x @ {W}{bias} + s * (({xd} @ A.T) @ B.T)"
         dW = "s * (B @ A).T" if spec.fan_in_fan_out else "s * (B @ A)"
     else:
-        y = (f"y = x @ {W}{bias} + s * delta, where, with q = d_out / {len(spec.enable_lora)} and the k-th "
-             f"enabled block g_k (enable_lora = {list(spec.enable_lora)}), delta[..., g_k q:(g_k+1) q] = "
-             f"({xd} @ A[k r:(k+1) r].T) @ B[k q:(k+1) q].T and disabled blocks of delta are 0")
-        dW = ("s * D.T" if spec.fan_in_fan_out else "s * D") + \
-             " with D[g_k q:(g_k+1) q, :] = B[k q:(k+1) q] @ A[k r:(k+1) r], disabled rows 0"
+        enable = list(spec.enable_lora)
+        g = [j for j, on in enumerate(enable) if on]
+        y = (f"with enable_lora = {enable}: G = {len(enable)} blocks, n = {len(g)} enabled (g_k = {g} for k = "
+             f"0..{len(g) - 1}), q = d_out / G; D is the (d_out, d_in) delta with D[g_k q + j, :] = "
+             f"B[k q + j, :] @ A[k r:(k+1) r, :] for j < q, and the rows of disabled blocks 0; "
+             f"y = x @ {W}{bias} + s * ({xd} @ D.T)")
+        dW = ("s * D.T (block g is columns g q:(g+1) q of the stored W)" if spec.fan_in_fan_out
+              else "s * D (block g is rows g q:(g+1) q of W)")
     return f"s = {s}; {y}; W_merged = W + {dW}; dx, dA, dB = gradients of sum(y * dy) with respect to x, A, B"
 
 
@@ -344,18 +347,19 @@ _MIXED_FORMULA = ("s_a as for adapter_set; y[n] = x[n] @ W.T + bias + s_a * ((x[
 def _set_cases(seed: int) -> list[GoldenCase]:
     out = []
     for kind, name, desc, dtype in [(k, n, d, t) for k, n, d in (
-            ("adapter_set", "adapters_active", "three adapters (ranks 2, 3, 4; 'b' rsLoRA), 'c' then 'a' active, "
-                                               "'a' and 'c' merged"),
+            ("adapter_set", "adapters_active", "three adapters (ranks 2, 3, 4; 'b' rsLoRA), 'c' then 'b' active, "
+                                               "'a' and 'b' merged: each output leaves one adapter out and uses "
+                                               "the rsLoRA one"),
             ("mixed_batch", "adapters_mixed", "five samples named a, __base__, c, a, b")) for t in ("float64", "float32")]:
         full = f"{name}_{dtype}"
         x, W, bias, ads = kad._draw(7, 5, (5, 3) if kind == "mixed_batch" else (2, 3), _seed(seed, full))
         cast = lambda a: np.ascontiguousarray(a.astype(dtype))  # noqa: E731
         x, W, bias, ads = cast(x), cast(W), cast(bias), kad._cast(ads, dtype)
         if kind == "adapter_set":
-            calls = [kad.adapter_set_calls(x, W, bias, ads, "impl", ["c", "a"], extra_roundings=EXTRA_ROUNDINGS),
-                     kad.adapter_set_calls(x, W, bias, ads, "merge", ["a", "c"], extra_roundings=EXTRA_ROUNDINGS)]
-            params = {"adapters": _adapter_params(ads), "active": ["c", "a"], "merged": ["a", "c"],
-                      "fan_in_fan_out": False}
+            active, merged = ["c", "b"], ["a", "b"]
+            calls = [kad.adapter_set_calls(x, W, bias, ads, "impl", active, extra_roundings=EXTRA_ROUNDINGS),
+                     kad.adapter_set_calls(x, W, bias, ads, "merge", merged, extra_roundings=EXTRA_ROUNDINGS)]
+            params = {"adapters": _adapter_params(ads), "active": active, "merged": merged, "fan_in_fan_out": False}
         else:
             names = ["a", "__base__", "c", "a", "b"]
             calls = [kad.adapter_set_calls(x, W, bias, ads, "mixed", names, extra_roundings=EXTRA_ROUNDINGS)]
@@ -395,11 +399,13 @@ _SERVING = [  # (name, description, which, draw options, scale, dtypes)
     ("expand_slices", "three slices of widths 4, 2, 2, a column in no slice around each (unchanged)", "expand",
      {"widths": (4, 2, 2), "gap": 1}, 1.0, ("float64", "float32")),
 ]
-_SHRINK_FORMULA = ("Acc = float64 for float64 storage, float32 otherwise; for each slice s and token t with i = "
-                   "indices[t]: h[s, t, :] = scale * (A_stack[s, i] @ x[t]) computed in Acc, and 0 where i = -1")
-_EXPAND_FORMULA = ("for each slice s = (offset, width) and token t with i = indices[t] >= 0: y_out[t, offset:offset + "
-                   "width] = fl_S(y[t, offset:offset + width] + fl_S(B_stack.s[i] @ fl_S(h[s, t]))) summed in Acc "
-                   "(fl_S: rounding to the storage dtype); every other entry of y_out equals y bit for bit")
+_SHRINK_FORMULA = ("(V1) Acc = float64 for float64 storage, float32 otherwise; fl_D rounds to D; for each slice s "
+                   "and token t with i = indices[t]: h[s, t, k] = fl_Acc(fl_Acc(sum_j x[t, j] A_stack[s, i, k, j]) * "
+                   "fl_Acc(scale)) if i >= 0 (the sum in Acc, any order), h[s, t, k] = 0 if i = -1")
+_EXPAND_FORMULA = ("(V2) fl_D rounds to D; for each slice s = (offset, width) and token t with i = indices[t] >= 0: "
+                   "c[t, o] = fl_S(sum_k fl_S(h[s, t, k]) B_stack.s[i, o, k]), the sum over k in Acc, then "
+                   "y_out[t, offset + o] = fl_S(y[t, offset + o] + c[t, o]), the add in Acc, for o < width; every "
+                   "other entry of y_out (tokens with i = -1, columns in no slice) equals y bit for bit")
 
 
 def _serving_cases(seed: int) -> list[GoldenCase]:
