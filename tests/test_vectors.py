@@ -654,7 +654,12 @@ def test_optional_tensors_flags_segments_and_slices_follow_the_general_rules(cas
             assert (p["dropout_p"] is None) == ("dropout_mask" not in t), case.name
         if case.kind == "adapter_set":
             assert p["fan_in_fan_out"] is False
+        if case.kind in ("lora_linear", "dora_linear"):                   # null, never left out
+            assert {"dropout_p", "fan_in_fan_out"} <= set(p) and (case.kind == "dora_linear") != ("enable_lora" in p)
         if case.kind == "combine_adapters":
+            base = p["method"].removesuffix("_svd")
+            assert (p["density"] is None) == (base not in ("ties", "dare_linear", "dare_ties", "magnitude_prune"))
+            assert (p["rank"] is None) == (not p["method"].endswith("svd"))
             masks = {k.split(".")[0] for k in t if k.startswith("mask")}
             assert masks == {"none": set(), "factor": {"mask_A", "mask_B"}, "delta": {"mask"}}[p["masks"]]
         if case.kind in ("lora_shrink", "lora_expand"):
@@ -672,7 +677,7 @@ def test_optional_tensors_flags_segments_and_slices_follow_the_general_rules(cas
                            for s, (o, w) in enumerate(p["slices"]))
     # the page's fused example: under fan_in_fan_out, k's block is columns 4..7 of W, left unchanged
     fused = next(c for c in cases if c.name == "fused_qkv_q_v_float64")
-    assert fused.inputs["W"].shape == (4, 12) and fused.inputs["A"].shape == (4, 4) and fused.inputs["B"].shape == (8, 2)
+    assert [fused.inputs[k].shape for k in ("W", "A", "B")] == [(4, 12), (4, 4), (8, 2)]
     merged, W = fused.outputs["W_merged"].expected, fused.inputs["W"]
     assert np.array_equal(merged[:, 4:8], W[:, 4:8]) and not np.array_equal(merged[:, 0:4], W[:, 0:4])
 
