@@ -125,15 +125,19 @@ def _host_ints(value: Any, name: str) -> np.ndarray:
     return arr
 
 
-def token_indices(segments: Segments, n_tokens: int) -> np.ndarray:
+def token_indices(segments: Segments, n_tokens: int, *, n_slots: int | None = None) -> np.ndarray:
     """SGMV -> BGMV: the (T,) per-token slots, ``repeat_interleave(indices, lengths)``.
 
     Checks that the segments cover ``[0, n_tokens)`` in order with no gap or overlap
-    (``starts[0] = 0``, ``starts[q + 1] = starts[q] + lengths[q]``, ``sum(lengths) = n_tokens``).
+    (``starts[0] = 0``, ``starts[q + 1] = starts[q] + lengths[q]``, ``sum(lengths) = n_tokens``)
+    and that every segment's slot is ``>= -1``, and ``< n_slots`` when ``n_slots`` is given: a
+    zero-length segment too, although it covers no token (the kernels pass ``n_slots``).
     """
     if not isinstance(segments, Segments):
         raise TypeError(f"segments must be a Segments, got {type(segments).__name__}")
     n_tokens = checks.non_negative_int(n_tokens, "n_tokens")
+    if n_slots is not None:
+        n_slots = checks.non_negative_int(n_slots, "n_slots")
     starts, lengths, idx = (_host_ints(v, f"segments.{n}") for v, n in
                             ((segments.starts, "starts"), (segments.lengths, "lengths"), (segments.indices, "indices")))
     if not len(starts) == len(lengths) == len(idx):
@@ -141,11 +145,27 @@ def token_indices(segments: Segments, n_tokens: int) -> np.ndarray:
                          f"{len(starts)}, {len(lengths)}, {len(idx)}")
     if np.any(lengths < 0):
         raise ValueError(f"segments.lengths must be >= 0, got {lengths.tolist()}")
+    bad = idx < NO_ADAPTER
+    if n_slots is not None:
+        bad |= idx >= n_slots
+    if np.any(bad):
+        q = int(np.argmax(bad))
+        slots = f"[-1, {n_slots}) (-1: no adapter; {n_slots} slots)" if n_slots is not None else ">= -1 (-1: no adapter)"
+        raise ValueError(f"segments.indices[{q}] = {int(idx[q])} (segment {q}, {int(lengths[q])} tokens) is not a "
+                         f"slot: every segment's slot must be {slots}")
     expected = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
     if not np.array_equal(starts, expected):
         q = int(np.argmax(starts != expected))
-        raise ValueError(f"segments.starts[{q}] = {int(starts[q])} but the sequences before it end at "
-                         f"{int(expected[q])}: segments must cover the tokens in order, without gaps")
+        start, end = int(starts[q]), int(expected[q])
+        if q == 0:
+            what = "the first sequence must start at token 0"
+        elif start < end:
+            what = f"the sequences before it end at {end}: segments overlap"
+        else:
+            gap = f"token {end}" if start == end + 1 else f"tokens {end} to {start - 1}"
+            what = f"the sequences before it end at {end}: a gap ({gap} in no segment)"
+        raise ValueError(f"segments.starts[{q}] = {start} but {what}; segments must cover the tokens in order, "
+                         "without gaps or overlaps")
     if int(lengths.sum()) != n_tokens:
         raise ValueError(f"segments cover {int(lengths.sum())} tokens but the batch has {n_tokens}")
     return np.repeat(idx, lengths)                                        # (T,)
@@ -253,7 +273,8 @@ def _per_slice(stack: Any, name: str) -> list[Any]:
 
 def _indices(indices: Any, n_tokens: int, n_slots: int, xp: Any) -> tuple[Any, Any]:
     """Per-token slots as (safe gather index with -1 -> 0, has-adapter mask (T,)) in namespace xp."""
-    host = token_indices(indices, n_tokens) if isinstance(indices, Segments) else _host_ints(indices, "indices")
+    host = (token_indices(indices, n_tokens, n_slots=n_slots) if isinstance(indices, Segments)
+            else _host_ints(indices, "indices"))
     if host.shape != (n_tokens,):
         raise ValueError(f"indices must have one entry per token ({n_tokens}), got {host.shape[0]}")
     bad = (host < NO_ADAPTER) | (host >= n_slots)

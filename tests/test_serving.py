@@ -325,3 +325,37 @@ def test_bad_input():
         segments_for(["x"], ["a"], [1])
     with pytest.raises(TypeError, match="storage dtype must be one of"):
         accumulation_dtype("int8")
+
+
+def test_every_segment_slot_is_checked_even_an_empty_segment():
+    # Segment 1 has length 0, so slot 9 reaches no token; it is still no slot of 2 and is refused.
+    x = np.ones((5, 4))
+    A, B = stack_adapters([(np.ones((2, 4)), np.ones((3, 2)), 1.0)] * 2)              # 2 slots
+    bad = Segments([0, 2, 2], [2, 0, 3], [0, 9, 1])
+    message = r"segments.indices\[1\] = 9 \(segment 1, 0 tokens\) is not a slot: .* \[-1, 2\)"
+    with pytest.raises(ValueError, match=message):
+        lora_shrink(x, A, bad, 1.0)
+    with pytest.raises(ValueError, match=message):
+        lora_expand(np.zeros((5, 3)), np.zeros((1, 5, 2)), B, bad, [(0, 3)])
+    with pytest.raises(ValueError, match=message):
+        token_indices(bad, 5, n_slots=2)
+    with pytest.raises(ValueError, match=r"segments.indices\[0\] = -2 \(segment 0, 2 tokens\) .* >= -1"):
+        token_indices(Segments([0, 2], [2, 3], [-2, 0]), 5)                   # below -1: refused without n_slots
+    assert token_indices(bad, 5).tolist() == [0, 0, 1, 1, 1]                     # no slot count: no upper bound
+    good = Segments([0, 2, 2], [2, 0, 3], [0, 1, -1])                            # the empty segment's slot in range
+    assert token_indices(good, 5, n_slots=2).tolist() == [0, 0, -1, -1, -1]
+    h = lora_shrink(x, A, good, 1.0)
+    assert np.array_equal(h, lora_shrink(x, A, [0, 0, -1, -1, -1], 1.0))
+    with pytest.raises(ValueError, match=r"segments.indices\[2\] = 2 .* \[-1, 2\)"):        # a slot one past the end
+        lora_shrink(x, A, Segments([0, 2, 2], [2, 0, 3], [0, 1, 2]), 1.0)
+
+
+@pytest.mark.parametrize("starts, lengths, message", [
+    ([0, 1], [2, 3], r"segments.starts\[1\] = 1 but the sequences before it end at 2: segments overlap"),
+    ([0, 3], [2, 3], r"segments.starts\[1\] = 3 but the sequences before it end at 2: a gap \(token 2 in no"),
+    ([0, 4], [2, 1], r"a gap \(tokens 2 to 3 in no segment\)"),
+    ([2, 0], [3, 2], r"segments.starts\[0\] = 2 but the first sequence must start at token 0"),
+])
+def test_bad_segment_starts_are_named_overlap_or_gap(starts, lengths, message):
+    with pytest.raises(ValueError, match=message + ".*without gaps or overlaps"):
+        token_indices(Segments(starts, lengths, [0] * len(starts)), 5)
