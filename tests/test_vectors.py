@@ -683,9 +683,9 @@ def test_optional_tensors_flags_segments_and_slices_follow_the_general_rules(cas
 
 
 @pytest.mark.parametrize("starts, lengths, message", [
-    ([0, 3], [2, 3], "without gaps"),                                    # a gap
-    ([0, 1], [2, 3], "without gaps"),                                    # an overlap
-    ([2, 0], [3, 2], "without gaps"),                                    # not sorted
+    ([0, 3], [2, 3], "a gap"),                                           # a gap
+    ([0, 1], [2, 3], "segments overlap"),                                # an overlap
+    ([2, 0], [3, 2], "the first sequence must start at token 0"),        # not sorted
     ([0], [3], "segments cover 3 tokens but the batch has 5"),           # tokens outside every segment
 ])
 def test_lora_ref_refuses_the_segments_the_format_page_rules_out(starts, lengths, message):
@@ -694,6 +694,8 @@ def test_lora_ref_refuses_the_segments_the_format_page_rules_out(starts, lengths
     with pytest.raises(ValueError, match=message):
         token_indices(Segments(starts, lengths, [0] * len(starts)), 5)
     assert token_indices(Segments([0, 2, 2], [2, 0, 3], [0, 1, -1]), 5).tolist() == [0, 0, -1, -1, -1]
+    with pytest.raises(ValueError, match=r"segments.indices\[1\] = 9 \(segment 1, 0 tokens\) is not a slot"):
+        token_indices(Segments([0, 2, 2], [2, 0, 3], [0, 9, -1]), 5, n_slots=2)   # a slot of an empty segment too
 
 
 def test_lora_ref_refuses_overlapping_slices_and_takes_them_in_any_order():
