@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
 import io
 import re
 import sys
@@ -83,6 +84,27 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
                     f"{', '.join(missing)} were skipped (not installed)")
 
 
+class _Hidden(importlib.abc.MetaPathFinder):
+    """Makes ``import name`` (and its submodules) fail as for a package that is not installed."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if any(fullname == n or fullname.startswith(n + ".") for n in self.names):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by the test)", name=fullname)
+        return None
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> None:
+    """Uninstall ``names`` for this test, as far as imports can tell. Not ``sys.modules[n] = None``:
+    libraries that look a package up in sys.modules (array_api_compat asks for ``torch.Tensor``
+    there) would then find None instead of nothing."""
+    for key in [k for k in sys.modules if any(k == n or k.startswith(n + ".") for n in names)]:
+        monkeypatch.delitem(sys.modules, key)
+    monkeypatch.setattr(sys, "meta_path", [_Hidden(tuple(names)), *sys.meta_path])
+
+
 def _mentions_optional(page: Path) -> bool:
     code = "\n".join(body for _, body, _ in blocks(page))
     return any(re.search(rf"\b{name}\b", code) for name in OPTIONAL)
@@ -92,17 +114,14 @@ def _mentions_optional(page: Path) -> bool:
 def test_pages_pass_or_skip_without_the_interop_packages(page: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # Issue 11, item 16: with only the test extra, docs/oracle.md's PyTorch consumer failed the suite.
-    # Hide the interop extra (an import of a name set to None in sys.modules raises ImportError).
-    for name in (*OPTIONAL, "safetensors.torch"):
-        monkeypatch.setitem(sys.modules, name, None)
+    _hide(monkeypatch, (*OPTIONAL, "safetensors.torch"))
     monkeypatch.chdir(tmp_path)
     missing = run_page(page)
     assert set(missing) <= set(OPTIONAL)
 
 
 def test_the_oracle_page_skips_its_torch_block_without_torch(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    _hide(monkeypatch, ("torch", "safetensors.torch"))
     page = ROOT / "docs" / "oracle.md"
     with pytest.raises(pytest.skip.Exception, match=r"oracle\.md: every other block ran .*needing torch were skipped"):
         test_page_examples_run(page, tmp_path, monkeypatch)
