@@ -1,6 +1,6 @@
 """Attention: GPT-2's fused causal attention, grouped-query attention and rotary position embedding.
 
-Each layer is an autograd primitive made with :func:`transformer_ref.layers.cached_primitive`,
+Each layer is an autograd primitive made with :func:`transformer_ref.primitive.cached_primitive`,
 under the contract of :mod:`transformer_ref.layers`: the forward is array code on any backend
 that fills a ``cache`` with what the backward needs, the VJPs below it are derived by hand with
 the equations beside the code, and ``layer.fun`` is the bare forward that ``autograd.numpy``
@@ -33,7 +33,7 @@ from autograd.extend import defvjp, defvjp_argnums
 from lora_ref import checks
 from lora_ref.backend import dtype_name, getval, namespace
 
-from .layers import cached_primitive
+from .primitive import cached_primitive
 
 __all__ = ["apply_rope", "causal_attention", "grouped_query_attention", "rope", "rope_tables"]
 

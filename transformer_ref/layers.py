@@ -31,13 +31,12 @@ Shapes: B batch, T tokens, C channels, V vocabulary, N = B * T rows, ``...`` any
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from autograd.extend import defvjp, primitive
+from autograd.extend import defvjp
 
 from lora_ref import checks
 from lora_ref.backend import dtype_name, getval, namespace, sum_to_shape, to_numpy
@@ -46,6 +45,8 @@ from lora_ref.checks import index_array, integer_array
 from lora_ref.dora import dora_linear
 from lora_ref.embedding import lora_embedding
 from lora_ref.lora import lora_linear
+
+from .primitive import cached_primitive
 
 __all__ = [
     "IGNORE_INDEX",
@@ -63,32 +64,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # a target equal to this is left out of the loss (PyTorch's and HF's convention)
-
-
-def cached_primitive(forward: Callable[..., Any], check: Callable[..., tuple] | None = None) -> Callable[..., Any]:
-    """Make ``forward(*args, cache=None)`` an autograd primitive called with a fresh cache dict.
-
-    The returned function has ``.fun`` (the bare forward, traceable by autograd.numpy) and
-    ``.primitive`` (the autograd primitive, on which the VJPs are defined with ``defvjp``). The
-    VJP makers receive the same ``cache`` dict the forward filled, so nothing is computed twice;
-    a new dict per call, so nothing is shared between calls or threads. With ``check``, each call
-    first runs ``check(*args)``, which validates the arguments and returns them (scalars as
-    Python types); ``.fun`` stays unchecked.
-    """
-    p = primitive(forward)
-
-    if check is None:
-        @functools.wraps(forward)
-        def layer(*args: Any) -> Any:
-            return p(*args, cache={})
-    else:
-        @functools.wraps(forward)
-        def layer(*args: Any) -> Any:
-            return p(*check(*args), cache={})
-
-    layer.fun = forward
-    layer.primitive = p
-    return layer
 
 
 # ============================================================================================
