@@ -47,6 +47,23 @@ def without_timing(result):
     return r
 
 
+def tiny_result_keys(family: str) -> list[str]:
+    """The runs of TINY: the paper's (Tables 5 and 6), then the variants at variant_rank."""
+    b, v = TINY.budget_rank, TINY.variant_rank
+    paper = ["full"] + [f"lora-qv-r{r}" for r in TINY.ranks] + [f"lora-q-r{2 * b}", f"lora-qkvo-r{b // 2}"]
+    dora = [f"lora-cattn-r{v}", f"dora-cattn-r{v}"] if family == "gpt2" else [f"dora-qv-r{v}"]
+    return paper + dora + [f"qlora-qv-r{v}"]
+
+
+def lora_count(row: dict, C: int, L: int) -> int:
+    """An adapter run's trainable parameters by hand: Section 5.1's 2 L_LoRA d_model r on (C, C) matrices;
+    GPT-2's whole fused c_attn (3C, C): L r (C + 3C); DoRA adds one magnitude per output feature."""
+    k, r = L * len(row["matrices"]), row["r"]
+    if row["whole"]:
+        return L * r * (C + 3 * C) + (L * 3 * C if row["method"] == "dora" else 0)
+    return 2 * k * C * r + (k * C if row["method"] == "dora" else 0)
+
+
 def table(report: str, header_start: str) -> list[list[str]]:
     """The cells of each row of the Markdown table whose header line starts with ``header_start``."""
     lines = report.splitlines()
@@ -73,7 +90,7 @@ def test_runs_are_the_papers_table_5_and_6(tiny):
     result, _ = tiny
     runs = result["runs"]
     b = TINY.budget_rank
-    assert list(runs) == (["full"] + [f"lora-qv-r{r}" for r in TINY.ranks] + [f"lora-q-r{2 * b}", f"lora-qkvo-r{b // 2}"])
+    assert list(runs) == tiny_result_keys("gpt2")
     assert [runs[k]["matrices"] for k in runs if runs[k]["group"] == "equal budget"] == [["q"], ["q", "k", "v", "o"]]
     # Table 5: W_q at 2b, (W_q, W_v) at b and all four at b / 2 train the same number of parameters.
     budget = {runs[k]["trainable"]["measured"] for k in (f"lora-q-r{2 * b}", f"lora-qv-r{b}", f"lora-qkvo-r{b // 2}")}
@@ -90,7 +107,7 @@ def test_trainable_parameters_and_adam_bytes_match_their_formulas(tiny):
     assert result["model"]["parameters"] == n_full
     itemsize = np.dtype(TINY.dtype).itemsize
     for key, row in result["runs"].items():
-        expected = n_full if key == "full" else 2 * L * len(row["matrices"]) * C * row["r"]   # Section 5.1
+        expected = n_full if key == "full" else lora_count(row, C, L)
         t = row["trainable"]
         assert t["measured"] == t["formula"] == t["count_parameters"] == expected, key
         assert row["adam_bytes"]["measured"] == row["adam_bytes"]["formula"] == 2 * expected * itemsize, key
@@ -170,7 +187,8 @@ def test_merge_check_is_within_its_bound_and_not_vacuous(tiny):
             continue
         m = row["merge"]
         n = logit_rounding_chain(GPTConfig(vocab_size=5, n_positions=2 * TINY.length, n_embd=TINY.n_embd,
-                                           n_layer=TINY.n_layer, n_head=TINY.n_head), row["r"])
+                                           n_layer=TINY.n_layer, n_head=TINY.n_head), row["r"],
+                                 dora=row["method"] == "dora")
         assert m["chain_length"] == n
         for dtype in ("float32", "float64"):
             check = m[dtype]
@@ -240,8 +258,9 @@ def test_report_shows_the_computed_numbers(tiny):
     report = (out / "report.md").read_text()
     runs = result["runs"]
     rows = table(report, "| run | trainable | held-out loss")
-    assert [r[0] for r in rows] == ["pretrained, not fine-tuned"] + [row["label"] for row in runs.values()]
-    for cells, row in zip(rows[1:], runs.values()):
+    paper = [row for row in runs.values() if row["group"] != "variant"]          # the variants: test_demo_variants
+    assert [r[0] for r in rows] == ["pretrained, not fine-tuned"] + [row["label"] for row in paper]
+    for cells, row in zip(rows[1:], paper):
         e = row["eval"]
         assert cells[1:7] == [f"{row['trainable']['measured']:,}", g4(e["loss"]), g4(e["accuracy"]),
                               g4(e["changed_accuracy"]), g4(e["sequence_accuracy"]), g4(row["final_train_loss"])]
@@ -412,6 +431,8 @@ def test_cli_refuses_an_existing_report_without_force(tmp_path, monkeypatch, cap
     ({"alpha": float("inf")}, "alpha must be finite"),
     ({"n_layer": 1.5}, "n_layer must be a positive int"),
     ({"n_head": 3}, "n_embd must be divisible by n_head"),
+    ({"variant_rank": 3}, r"variant_rank must be one of ranks \(1, 2, 4, 8, 16\)"),
+    ({"n_swaps": 3}, "n_swaps must be at most n_symbols / 4 = 2"),
     ({"finetune_steps": 0}, "finetune_steps must be a positive int"),
 ])
 def test_config_validation_names_the_field(change, message):
@@ -437,6 +458,7 @@ def test_presets_fit_the_issue():
         assert preset.ranks == (1, 2, 4, 8, 64) and max(preset.ranks) < preset.n_embd
         assert preset.phi_ranks == (8, 64) and preset.amplification_ranks == (4, 64)
         assert preset.budget_rank == 4                            # W_q r=8, (W_q, W_v) r=4, all four r=2
+        assert preset.variant_rank == 4                           # DoRA and QLoRA next to LoRA Wq,Wv r=4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,10 +483,10 @@ def test_llama_run_counts_and_merge_check(tiny_llama):
     # q, k, v, o C^2 each (as many kv heads as heads), gate, up, down C F each, two RMSNorms C; the final norm C
     n_full = 2 * V * C + L * (4 * C * C + 3 * C * F + 2 * C) + C
     assert result["model"]["parameters"] == n_full and result["model"]["family"] == "llama"
-    assert list(result["runs"]) == list(tiny_result_keys())
+    assert list(result["runs"]) == tiny_result_keys("llama")
     itemsize = np.dtype(TINY.dtype).itemsize
     for key, row in result["runs"].items():
-        expected = n_full if key == "full" else 2 * L * len(row["matrices"]) * C * row["r"]   # Section 5.1
+        expected = n_full if key == "full" else lora_count(row, C, L)
         assert row["trainable"]["measured"] == row["trainable"]["formula"] == expected, key
         assert row["adam_bytes"]["measured"] == 2 * expected * itemsize, key
         if key == "full":
@@ -472,14 +494,12 @@ def test_llama_run_counts_and_merge_check(tiny_llama):
         m = row["merge"]
         llama = LlamaConfig(vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=L,
                             num_attention_heads=TINY.n_head, max_position_embeddings=2 * TINY.length, rms_norm_eps=1e-5)
-        assert m["chain_length"] == logit_rounding_chain(llama, row["r"])
+        assert m["chain_length"] == logit_rounding_chain(llama, row["r"], dora=row["method"] == "dora")
         for dtype in ("float32", "float64"):
             assert m[dtype]["max_abs_error"] <= m[dtype]["bound"] < m[dtype]["adapter_effect"], (key, dtype)
 
 
-def tiny_result_keys():
-    b = TINY.budget_rank
-    return ["full"] + [f"lora-qv-r{r}" for r in TINY.ranks] + [f"lora-q-r{2 * b}", f"lora-qkvo-r{b // 2}"]
+
 
 
 def test_llama_report_and_summary(tiny_llama):

@@ -19,6 +19,7 @@ from lora_ref.testing import tolerance
 from transformer_ref.demo.report import (PAPER_TABLE_7, _phi_chance_moments, accuracy_saturation_caveat,
                                          amplification_regime_caveat, below_untuned_caveat, phi_chance,
                                          phi_chance_caveat, report_markdown)
+from transformer_ref.demo.report_variants import combination_caveat, variant_caveat
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = json.loads((ROOT / "docs" / "reproduction" / "quick.json").read_text())
@@ -49,7 +50,7 @@ def section(report: str, heading: str) -> str:
 def test_saturation_is_said_when_two_runs_reach_accuracy_one():
     result = crafted(full=(1.0, 0.001), lora_qv_r4=(1.0, 0.002), lora_qv_r8=(1.0, 0.004))
     sentence = accuracy_saturation_caveat(result)
-    assert sentence.startswith("Accuracy saturates: 3 of the 8 runs get every held-out answer right")
+    assert sentence.startswith(f"Accuracy saturates: 3 of the {len(BASE['runs'])} runs get every held-out answer right")
     # the loss ranks them: lowest full fine-tuning, highest r=8
     assert "lowest for full fine-tuning (0.001) and highest for LoRA Wq,Wv r=8 (0.004)" in sentence
     assert sentence in section(report_markdown(result), "Findings")
@@ -175,3 +176,98 @@ def test_no_regime_sentence_when_the_update_is_not_larger(delta_norm):
     result = with_norms(delta_norm, 4.0)
     assert amplification_regime_caveat(result) is None
     assert "exceeds `|W|_F`" not in report_markdown(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA and QLoRA below the LoRA run they are compared with
+# ----------------------------------------------------------------------------------------------
+
+
+def with_losses(**losses) -> dict:
+    """The base result with the named runs' held-out losses set (every other run's left as it is)."""
+    result = copy.deepcopy(BASE)
+    for key, loss in losses.items():
+        result["runs"][key.replace("_", "-")]["eval"]["loss"] = loss
+    return result
+
+
+def test_a_variant_below_its_lora_run_is_qualified():
+    result = with_losses(dora_cattn_r4=0.25, lora_cattn_r4=0.5, qlora_qv_r4=0.125, lora_qv_r4=0.5)
+    sentence = variant_caveat(result)
+    runs = result["runs"]
+    extra = runs["dora-cattn-r4"]["trainable"]["measured"] - runs["lora-cattn-r4"]["trainable"]["measured"]
+    q, before = result["qlora"]["downstream"]["loss"], result["pretraining"]["downstream_before"]["loss"]
+    assert sentence.startswith("Below the LoRA run it is compared with: DoRA c_attn r=4 ends below LoRA c_attn r=4 "
+                               f"(0.25 against 0.5) while training {extra:,} more parameters (DoRA's magnitudes m); "
+                               "QLoRA Wq,Wv r=4 ends below LoRA Wq,Wv r=4 (0.125 against 0.5) on a base that alone "
+                               f"scores held-out loss {q:.4g} against the float base's {before:.4g}.")
+    assert "not shown to be more than run-to-run variation" in sentence
+    report = report_markdown(result)
+    assert sentence in section(report, "DoRA and QLoRA next to LoRA") and sentence in section(report, "Findings")
+
+
+def test_no_variant_sentence_when_each_variant_is_at_least_its_lora_runs_loss():
+    result = with_losses(dora_cattn_r4=0.5, lora_cattn_r4=0.5, qlora_qv_r4=0.75, lora_qv_r4=0.5)
+    assert variant_caveat(result) is None
+    assert "Below the LoRA run it is compared with" not in report_markdown(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two adapters: the combinations, and a mixed batch beyond its bound
+# ----------------------------------------------------------------------------------------------
+
+
+def with_combination(exact, a_alone, b_alone, linear) -> dict:
+    """The base result with the combinations' evaluations set: each argument is
+    ``((loss A, swapped A), (loss B, swapped B))``; svd like exact."""
+    result = copy.deepcopy(BASE)
+    comb = result["two_tasks"]["combinations"]
+    def put(ev, values):
+        for task, (loss, swapped) in zip("AB", values):
+            ev[task].update(loss=loss, changed_accuracy=swapped)
+    for name in ("exact", "cat", "svd"):
+        put(comb["methods"][name]["eval"], exact)
+    put(comb["methods"]["linear"]["eval"], linear)
+    put(comb["baselines"]["a"], a_alone)
+    put(comb["baselines"]["b"], b_alone)
+    return result
+
+
+def test_the_exact_sum_worse_than_each_adapter_alone_is_explained():
+    result = with_combination(exact=((2.0, 1.0), (3.0, 1.0)), a_alone=((0.5, 1.0), (4.0, 0.0)),
+                              b_alone=((4.0, 0.0), (0.25, 1.0)), linear=((2.5, 1.0), (3.5, 1.0)))
+    sentence = combination_caveat(result)
+    assert sentence.startswith("The exact sum does worse than each adapter alone on its own task (on task A 2 against "
+                               "0.5 for adapter a alone; on task B 3 against 0.25 for adapter b alone).")
+    assert "A loss below the exact sum's" not in sentence
+    assert sentence in section(report_markdown(result), "Two adapters on one base")
+
+
+def test_a_lower_loss_from_a_weaker_edit_of_the_other_task_is_explained():
+    result = with_combination(exact=((2.0, 1.0), (3.0, 1.0)), a_alone=((2.0, 1.0), (4.0, 0.0)),
+                              b_alone=((4.0, 0.0), (3.0, 1.0)), linear=((1.0, 1.0), (3.5, 0.25)))
+    sentence = combination_caveat(result)
+    assert sentence == ("A loss below the exact sum's is not a better combination here: `linear` on task A (1 against "
+                        "2, with task B's swapped symbols right 0.25 of the time against 1). Each such model applies "
+                        "the other task's edit less, which that task's strings do not want; read the loss with the "
+                        "swapped columns.")
+
+
+def test_no_combination_sentence_when_the_sum_is_as_good_and_no_loss_hides_a_weaker_edit():
+    result = with_combination(exact=((0.5, 1.0), (0.25, 1.0)), a_alone=((0.5, 1.0), (4.0, 0.0)),
+                              b_alone=((4.0, 0.0), (0.25, 1.0)), linear=((1.0, 1.0), (0.125, 1.0)))
+    assert combination_caveat(result) is None
+    report = report_markdown(result)
+    assert "The exact sum does worse" not in report and "A loss below the exact sum's" not in report
+
+
+def test_a_mixed_batch_or_a_sum_beyond_its_bound_is_called_a_defect():
+    result = copy.deepcopy(BASE)
+    mb = result["two_tasks"]["mixed_batch"]
+    assert "Every row's loss equals its own adapter's, within the bound." in report_markdown(result)
+    mb["groups"]["b"]["max_abs_error"] = mb["max_abs_error"] = 2 * mb["bound"]
+    report = report_markdown(result)
+    assert "A row's loss differs from its own adapter's by MORE than the bound: a defect." in report
+    assert "every row's loss does NOT equal its own adapter's" in section(report, "Findings")
+    result["two_tasks"]["combinations"]["methods"]["cat"]["error"] = 1.0
+    assert "`exact` or `cat` is NOT within its rounding bound" in report_markdown(result)

@@ -30,7 +30,7 @@ import pytest
 from lora_ref.cli import main
 from lora_ref.commands import demo as demo_command
 from transformer_ref import demo
-from transformer_ref.demo import experiment
+from transformer_ref.demo import common
 from transformer_ref.demo.reproduction import BEGIN, END, NAMES, render_section, replace_section, update_page
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,8 +211,8 @@ def test_bad_input_is_refused_by_name(tmp_path):
 
 
 def preset_doc(name: str) -> str:
-    """The docstring under DEFAULT or QUICK in experiment.py (Python keeps no attribute docstrings)."""
-    after = Path(experiment.__file__).read_text().split(f"\n{name.upper()} = ", 1)[1]
+    """The docstring under DEFAULT or QUICK in common.py (Python keeps no attribute docstrings)."""
+    after = Path(common.__file__).read_text().split(f"\n{name.upper()} = ", 1)[1]
     return " ".join(after.split('"""')[1].split())
 
 

@@ -2,10 +2,11 @@
 
 :func:`compute` does, deterministically for a seed (and a machine, see below):
 
-1. pretrain the demo's small GPT on the pretraining cipher (the demo's own ``_setup`` and
-   ``_pretrain``, :mod:`transformer_ref.demo.experiment`);
+1. pretrain the demo's small GPT on the pretraining cipher (the demo's own ``make_setup`` and
+   ``pretrain``, :mod:`transformer_ref.demo.common`);
 2. take two DIFFERENT downstream tasks: task A is the demo's (``n_swaps`` pairs of symbols
-   swapped), task B swaps other pairs (the first seed after A's whose pairs are disjoint from A's);
+   swapped), task B swaps other pairs (:func:`~transformer_ref.demo.common.second_task`: the first
+   seed after A's whose pairs are disjoint from A's; the demo's two-adapter step uses the same pair);
 3. train adapter ``a`` on task A with rsLoRA (scale alpha / sqrt(r)) and adapter ``b`` on task B
    with plain LoRA (alpha / r), same rank, same targets (the MLP's ``c_fc`` and ``mlp.c_proj``:
    unfused weights, which every combination method accepts), ``a`` first: PEFT 0.21.2 copies the
@@ -48,7 +49,6 @@ internal consistency, not its bytes.
 from __future__ import annotations
 
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -62,15 +62,11 @@ from lora_ref.lora import LoraConfig
 from lora_ref.testing import tolerance
 
 from .. import add_adapters, projection_names
-from ..data import downstream_task, evaluate
+from ..data import evaluate
 from ..train import train
-from .experiment import DEFAULT as DEMO_DEFAULT
-from .experiment import QUICK as DEMO_QUICK
-from .experiment import DemoConfig
-from .experiment import make_setup as _setup
-from .experiment import pretrain as _pretrain
-from .experiment import run_rng as _run_rng
-from .experiment import versions as _versions
+from .common import DEFAULT as DEMO_DEFAULT
+from .common import QUICK as DEMO_QUICK
+from .common import DemoConfig, cpu_name, make_setup, pretrain, run_rng, second_task, versions
 
 __all__ = ["BEGIN", "DEFAULT", "END", "QUICK", "CombineConfig", "compute", "render_section", "replace_section",
            "summary_text"]
@@ -148,12 +144,12 @@ def compute(config: CombineConfig = DEFAULT, *, progress: bool | None = None) ->
     if not isinstance(config, CombineConfig):
         raise TypeError(f"config must be a transformer_ref.demo.combination.CombineConfig, got {type(config).__name__}")
     start = time.perf_counter()
-    setup = _setup(config.demo, progress)
-    task_b = _second_task(setup)
+    setup = make_setup(config.demo, progress)
+    task_b = second_task(setup)
     tasks = {"A": setup.downstream, "B": task_b}
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    pretrained, _ = _pretrain(setup)
+    pretrained, _ = pretrain(setup)
     timing["pretraining_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     trained = {name: _train_adapter(setup, config, pretrained, name, tasks[task], rslora)
@@ -176,7 +172,7 @@ def compute(config: CombineConfig = DEFAULT, *, progress: bool | None = None) ->
         return out
 
     result: dict[str, Any] = {
-        "config": config.to_dict(), "versions": _versions(), "cpu": cpu_name(),
+        "config": config.to_dict(), "versions": versions(), "cpu": cpu_name(),
         "tasks": {k: {"changed": list(t.changed)} for k, t in tasks.items()},
         "adapters": {n: {"task": task, "rank": lc.r, "alpha": lc.alpha, "use_rslora": lc.use_rslora,
                          "scale": lc.scale} for (n, (_, lc)), task in zip(trained.items(), "AB")},
@@ -220,17 +216,6 @@ def _audit_method(method: str, kwargs: dict[str, dict], sources: dict[str, Any],
     return row, deltas
 
 
-def _second_task(setup: Any) -> Any:
-    """Task B: the pretraining cipher with other pairs swapped, disjoint from task A's (the first
-    seed after A's that gives disjoint pairs; ``CombineConfig`` ensures there is room for them)."""
-    first = set(setup.downstream.changed)
-    for k in range(2, 10_000):
-        task = downstream_task(setup.pretraining, setup.config.n_swaps, seed=setup.seeds["task"] + k)
-        if not first & set(task.changed):
-            return task
-    raise RuntimeError("no second task with swaps disjoint from the first was found")  # pragma: no cover
-
-
 def _train_adapter(setup: Any, config: CombineConfig, pretrained: Any, name: str, task: Any,
                    rslora: bool) -> tuple[Any, LoraConfig]:
     """Adapter ``name`` trained on ``task`` from the pretrained model -> ``(adapters, LoraConfig)``.
@@ -239,7 +224,7 @@ def _train_adapter(setup: Any, config: CombineConfig, pretrained: Any, name: str
     the batches from the fine-tuning seed, the demo's steps, batch size and LoRA learning rate."""
     demo = config.demo
     lc = LoraConfig(r=config.rank, alpha=demo.alpha, use_rslora=rslora, target_modules=config.targets)
-    initial = add_adapters(pretrained, setup.gpt, lc, _run_rng(setup.seeds["adapters"], f"combine {name}"))
+    initial = add_adapters(pretrained, setup.gpt, lc, run_rng(setup.seeds["adapters"], f"combine {name}"))
     res = train(pretrained, setup.gpt, task, mode="lora", lora_config=lc, adapters=initial,
                 steps=demo.finetune_steps, batch_size=demo.batch_size, lr=demo.lora_lr,
                 seed=setup.seeds["finetune"], progress=setup.show)
@@ -254,7 +239,7 @@ def _method_kwargs(method: str, config: CombineConfig, sources: dict[str, Any], 
         for m in sources:
             kw[m]["density"] = config.density
     if method.startswith("dare"):
-        rng = _run_rng(seed, f"combine {method}")
+        rng = run_rng(seed, f"combine {method}")
         for m in sources:
             kw[m]["masks"] = dare_masks(sources[m], method, config.density, rng)
     return kw
@@ -319,18 +304,6 @@ def _cross_check(sources: dict[str, Any], weights: list[float], linear: np.ndarr
     return {"linear_error": _rel(linear - target, target), "cross": _rel(cross, target),
             "residual": _rel(residual, target), "bound": _rel(bound, target),
             "within": bool(np.all(np.abs(residual) <= bound))}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what :mod:`platform` says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ============================================================================================

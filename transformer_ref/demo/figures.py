@@ -64,7 +64,7 @@ def _loss_curves(fig: Any, result: dict[str, Any]) -> None:
     ax1.set(yscale="log", xlabel="step", ylabel="training loss",
             title=f"pretraining (full, from scratch; all {n_layer} layers)")
     for row in result["runs"].values():
-        style = {"full": "k-", "rank sweep": "-", "equal budget": "--"}[row["group"]]
+        style = {"full": "k-", "rank sweep": "-", "equal budget": "--", "variant": ":"}[row["group"]]
         ax2.plot(np.arange(len(row["losses"])), row["losses"], style, lw=0.8, label=row["label"])
     ax2.set(yscale="log", xlabel="step", ylabel="training loss",
             title=f"fine-tuning on the downstream task (adapters on all {n_layer} layers)")
@@ -74,7 +74,8 @@ def _loss_curves(fig: Any, result: dict[str, Any]) -> None:
 
 
 def _rank_sweep(fig: Any, result: dict[str, Any]) -> None:
-    """Held-out loss and accuracy on the swapped symbols versus rank (Table 6), with the other runs."""
+    """Held-out loss and accuracy on the swapped symbols versus rank (Table 6), with the other runs
+    (Table 5's at their rank as squares, the variants -- DoRA, QLoRA -- as diamonds)."""
     runs = result["runs"]
     sweep = [k for k, row in runs.items() if row["group"] == "rank sweep"]
     ranks = [runs[k]["r"] for k in sweep]
@@ -86,8 +87,9 @@ def _rank_sweep(fig: Any, result: dict[str, Any]) -> None:
         ax.plot(ranks, [runs[k]["eval"][metric] for k in sweep], "o-", label="LoRA Wq,Wv")
         ax.axhline(runs["full"]["eval"][metric], color="k", ls="--", label="full fine-tuning")
         for row in runs.values():
-            if row["group"] == "equal budget":
-                ax.plot([row["r"]], [row["eval"][metric]], "s", label=row["label"])
+            if row["group"] in ("equal budget", "variant"):
+                ax.plot([row["r"]], [row["eval"][metric]], "s" if row["group"] == "equal budget" else "D", ms=5,
+                        label=row["label"])
         ax.axhline(result["pretraining"]["downstream_before"][metric], color="grey", ls=":", label="before fine-tuning")
         ax.set_xscale("log", base=2)
         _integer_axis(ax.xaxis, ranks)
@@ -104,7 +106,7 @@ def _parameters(fig: Any, result: dict[str, Any]) -> None:
     runs = result["runs"]
     itemsize = np.dtype(result["model"]["dtype"]).itemsize
     ax = fig.subplots()
-    styles = {"full": ("k*", 12), "rank sweep": ("o", 7), "equal budget": ("s", 7)}
+    styles = {"full": ("k*", 12), "rank sweep": ("o", 7), "equal budget": ("s", 7), "variant": ("D", 6)}
     for row in runs.values():
         marker, size = styles[row["group"]]
         ax.plot([row["trainable"]["measured"]], [row["eval"]["loss"]], marker, ms=size, label=row["label"])

@@ -30,9 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import (_bytes, _command_line, _fmt, _int, _list, _lora_keys, _merge_ratios, _phi_entries, _sweep_keys,
-                     accuracy_saturation_caveat, amplification_regime_caveat, below_untuned_caveat, phi_chance,
-                     phi_chance_caveat, report_markdown, summary_text)
+from .formats import _bytes, _fmt, _int, _list, _lora_keys, _merge_ratios, _paper_keys, _sweep_keys, _variant_pairs
+from .report import (_command_line, accuracy_saturation_caveat, amplification_regime_caveat, below_untuned_caveat,
+                     phi_chance, phi_chance_caveat, report_markdown, summary_text)
+from .report_variants import combination_caveat
 
 __all__ = ["BEGIN", "END", "NAMES", "render_section", "replace_section", "update_page"]
 
@@ -99,7 +100,7 @@ def render_section(results: Mapping[str, dict[str, Any]]) -> str:
     ]
     for paragraph in (_accuracy(main, other, cmds["quick"]), _budget(main), _memory(main), _merge(main),
                       _spectra(main), _phi(main, other, cmds["quick"]), _amplification(main, other, cmds["quick"]),
-                      _llama(main, llama, cmds["llama"])):
+                      _llama(main, llama, cmds["llama"]), _variants(main, llama), _two_tasks(main, llama)):
         lines += [paragraph, ""]
     lines += ["## The terminal output", "",
               "What each command printed (`summary_text` of its results; the wall time is the run's, as above):", ""]
@@ -181,7 +182,7 @@ def _budget(m: dict[str, Any]) -> str:
     below = below_untuned_caveat(m)
     if below:
         text += " " + below
-    best = min(_lora_keys(m), key=lambda k: runs[k]["eval"]["loss"])
+    best = min(_paper_keys(m), key=lambda k: runs[k]["eval"]["loss"])
     text += (f" Adapting more matrices at a lower rank (all four at r = {b // 2}) "
              + ("did best among the LoRA runs, as in the paper." if best == f"lora-qkvo-r{b // 2}" else
                 f"did not do best among the LoRA runs here ({runs[best]['label']} did), unlike in the paper."))
@@ -314,10 +315,10 @@ def _amplification(m: dict[str, Any], o: dict[str, Any], o_cmd: str) -> str:
 
 def _llama(m: dict[str, Any], ll: dict[str, Any], ll_cmd: str) -> str:
     def matched(res: dict[str, Any]) -> list[str]:
-        return [k for k in _lora_keys(res) if res["runs"][k]["eval"]["accuracy"] >= res["runs"]["full"]["eval"]["accuracy"]]
+        return [k for k in _paper_keys(res) if res["runs"][k]["eval"]["accuracy"] >= res["runs"]["full"]["eval"]["accuracy"]]
 
     runs, same = ll["runs"], matched(ll)
-    short = [k for k in _lora_keys(ll) if k not in same]
+    short = [k for k in _paper_keys(ll) if k not in same]
     text = (f"**On the LLaMA architecture** (`{ll_cmd}`, the same task, seeds and runs), "
             + (_list([runs[k]["label"] for k in same]) if same else "no LoRA run")
             + f" match{'es' * (len(same) == 1)} full fine-tuning's held-out accuracy "
@@ -332,6 +333,67 @@ def _llama(m: dict[str, Any], ll: dict[str, Any], ll_cmd: str) -> str:
         return text + f" The two runs took about as long here ({t_m:.1f} s for GPT-2, {t_ll:.1f} s for LLaMA)."
     return text + (f" GPT-2's run was the {'faster' if t_m < t_ll else 'slower'} of the two here ({t_m:.1f} s "
                    f"against {t_ll:.1f} s).")
+
+
+def _variants(m: dict[str, Any], ll: dict[str, Any]) -> str:
+    """DoRA and QLoRA against their LoRA partners, in both families; the 4-bit base's cost."""
+    def pairs(res: dict[str, Any], method: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        return [(res["runs"][p], res["runs"][k]) for p, k in _variant_pairs(res) if res["runs"][k]["method"] == method]
+
+    def loss(row: dict[str, Any]) -> str:
+        return _fmt(row["eval"]["loss"])
+
+    dora = [(name, lo, v) for name, res in (("GPT-2", m), ("LLaMA", ll)) for lo, v in pairs(res, "dora")]
+    qlora = [(name, lo, v) for name, res in (("GPT-2", m), ("LLaMA", ll)) for lo, v in pairs(res, "qlora")]
+    if not dora and not qlora:
+        return "**DoRA and QLoRA.** These results hold no variant runs."
+    below = [v["eval"]["loss"] < lo["eval"]["loss"] for _, lo, v in dora]
+    text = ("**DoRA and QLoRA next to LoRA at the same rank.** "
+            + ("DoRA " + _list([f"{'ends below' if b else 'does not end below'} LoRA on {name} ({v['label']} "
+                                f"{loss(v)} against {lo['label']} {loss(lo)})" for (name, lo, v), b in zip(dora, below)])
+               + (": no difference that holds across the two architectures, with one seed each. " if 0 < sum(below) < len(below)
+                  else ", in both architectures; with one seed each, that is not shown to be more than run-to-run "
+                  "variation. " if below and all(below) else ". ") if dora else ""))
+    if qlora:
+        same = all(v["eval"]["accuracy"] == lo["eval"]["accuracy"] for _, lo, v in qlora)
+        text += ("QLoRA, LoRA on the base held in 4-bit NormalFloat, ends at held-out loss "
+                 + _list([f"{loss(v)} against {loss(lo)} on the float base ({name})" for name, lo, v in qlora])
+                 + (", with the same held-out accuracy" if same else ", the accuracies differing") + ".")
+    if "qlora" in m:
+        q, pre = m["qlora"], m["pretraining"]
+        before = pre["downstream_before"]
+        answers = (q["downstream"]["accuracy"] == before["accuracy"]
+                   and q["pretraining"]["accuracy"] == pre["eval"]["accuracy"])
+        reach = all(v["eval"]["accuracy"] >= lo["eval"]["accuracy"] for _, lo, v in qlora)
+        text += (f" On GPT-2, the 4-bit base alone, whose weights are {_fmt(q['weight_error']['all'], 3)} off in "
+                 f"relative Frobenius norm, scores a downstream held-out loss of {_fmt(q['downstream']['loss'])} "
+                 f"before fine-tuning, against {_fmt(before['loss'])} for the float base, and "
+                 + ("the same held-out accuracy on both tasks: here quantising the base changes its losses, not its "
+                    "answers" if answers else "other held-out accuracies: quantising the base changes some of its answers")
+                 + (", and LoRA on the 4-bit base reaches LoRA's accuracy on the float base."
+                    if reach else ", and LoRA on the 4-bit base does not reach LoRA's accuracy on the float base."))
+    return text
+
+
+def _two_tasks(m: dict[str, Any], ll: dict[str, Any]) -> str:
+    """The mixed batch and the combinations (GPT-2's tables; LLaMA's terminal line)."""
+    if "two_tasks" not in m:
+        return "**Two adapters on one base.** These results hold no two-adapter step."
+    mb, comb = m["two_tasks"]["mixed_batch"], m["two_tasks"]["combinations"]
+    within = mb["max_abs_error"] <= mb["bound"] and (
+        "two_tasks" not in ll or ll["two_tasks"]["mixed_batch"]["max_abs_error"] <= ll["two_tasks"]["mixed_batch"]["bound"])
+    exact = comb["methods"]["exact"]["eval"]
+    text = ("**Two adapters on one base.** " + ("Served together in one mixed batch, every row got its own adapter's "
+            "loss" if within else "In the mixed batch, a row's loss was NOT its own adapter's") +
+            f": at most {mb['max_abs_error']:.3e} apart on GPT-2, within its bound of {mb['bound']:.3e}")
+    if "two_tasks" in ll:
+        lmb = ll["two_tasks"]["mixed_batch"]
+        text += f", and {lmb['max_abs_error']:.2e} against {lmb['bound']:.2e} on LLaMA"
+    text += (f". Combined exactly, one adapter gets task A's swapped symbols right {_fmt(exact['A']['changed_accuracy'])} "
+             f"of the time and task B's {_fmt(exact['B']['changed_accuracy'])}, at held-out loss "
+             f"{_fmt(exact['A']['loss'])} on A and {_fmt(exact['B']['loss'])} on B.")
+    caveat = combination_caveat(m)
+    return text + (" " + caveat if caveat else "")
 
 
 # ============================================================================================

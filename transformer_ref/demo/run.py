@@ -27,7 +27,8 @@ import numpy as np
 from lora_ref.checks import positive_int
 
 from ..machine import blas_threads
-from .experiment import DEFAULT, DemoConfig, compute
+from .common import DEFAULT, DemoConfig
+from .experiment import compute
 from .figures import write_figures
 from .report import report_markdown
 
