@@ -27,6 +27,8 @@ static const char *const BREAKS[][2] = {
     {"layout", "A read transposed: its bytes taken as (d_in, r) row-major instead of (r, d_in)"},
     {"dora_axis", "DoRA's norm taken over the output axis (V's columns) where V is square"},
     {"dora_exact", "DoRA's dA_exact, dB_exact computed with the norm held constant, like dA, dB"},
+    {"merge_transpose", "adapter_set's merge under fan_in_fan_out adds the deltas untransposed to the stored "
+                        "(d_in, d_out) W (where it is square, so no shape tells)"},
     {"minus_one", "serving index -1 read as the last slot (Python's negative indexing)"},
     {"slice_offset", "expand writes its slices side by side from column 0, ignoring their offsets"},
 };

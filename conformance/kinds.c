@@ -213,12 +213,15 @@ static int run_dora_linear(lora_case *c)
 
 typedef struct {
     multi_problem p;
+    int fan_in_fan_out;             /* W stored (d_in, d_out); p.W is then its transpose */
+    const double *W_stored;
     long n_adapters, x_rank, x_shape[ST_MAX_RANK], W_shape[2];
     adapter adapters[MAX_ADAPTERS];
     const char *names[MAX_ADAPTERS];
 } multi_case;
 
-/* x, W (d_out, d_in), bias, and each adapter of params.adapters: A.<name>, B.<name>. */
+/* x, W (d_out, d_in), or (d_in, d_out) when m->fan_in_fan_out is set, bias, and each adapter of
+ * params.adapters: A.<name> (r, d_in), B.<name> (d_out, r) in both layouts of W. */
 static int read_multi(lora_case *c, multi_case *m)
 {
     multi_problem *p = &m->p;
@@ -232,16 +235,17 @@ static int read_multi(lora_case *c, multi_case *m)
     m->x_rank = x->rank;
     shape_of(x, m->x_shape);
     shape_of(W, m->W_shape);
-    p->d_out = m->W_shape[0], p->d_in = m->W_shape[1];
+    p->d_out = m->W_shape[m->fan_in_fan_out ? 1 : 0], p->d_in = m->W_shape[m->fan_in_fan_out ? 0 : 1];
     CHECK(m->x_shape[x->rank - 1] == p->d_in, "x's last axis is %ld, W's input axis %ld",
           m->x_shape[x->rank - 1], p->d_in);
     p->N = (long)(x->count / (size_t)(p->d_in ? p->d_in : 1));
     long d_out = p->d_out;
     p->x = input(c, "x", (int)m->x_rank, m->x_shape, 0);
-    p->W = input(c, "W", 2, m->W_shape, 0);
+    m->W_stored = input(c, "W", 2, m->W_shape, 0);
     p->bias = input(c, "bias", 1, &d_out, 1);
-    if (!p->x || !p->W || c->error[0])
+    if (!p->x || !m->W_stored || c->error[0])
         return -1;
+    p->W = m->fan_in_fan_out ? transposed(c, m->W_stored, p->d_in, p->d_out) : m->W_stored;   /* (d_out, d_in) */
     m->n_adapters = (long)list->count;
     for (long k = 0; k < m->n_adapters; k++) {
         const json *entry = &list->items[k];
@@ -298,10 +302,8 @@ static int run_adapter_set(lora_case *c)
 {
     multi_case m;
     memset(&m, 0, sizeof m);
-    int fan_in_fan_out;
-    if (case_bool(c, "fan_in_fan_out", &fan_in_fan_out))
+    if (case_bool(c, "fan_in_fan_out", &m.fan_in_fan_out))
         return -1;
-    CHECK(!fan_in_fan_out, "adapter_set with fan_in_fan_out true is not implemented here");
     if (read_multi(c, &m))
         return -1;
     long n_active;
@@ -319,7 +321,21 @@ static int run_adapter_set(lora_case *c)
     y_shape[m.x_rank - 1] = m.p.d_out;
     double *y = case_result(c, "y", c->type, (int)m.x_rank, y_shape);
     double *W_merged = case_result(c, "W_merged", c->type, 2, m.W_shape);
-    (c->type == DT_F32 ? run_multi_f32 : run_multi_f64)(&m.p, y, W_merged);
+    void (*run)(const multi_problem *, double *, double *) = c->type == DT_F32 ? run_multi_f32 : run_multi_f64;
+    run(&m.p, y, W_merged);                           /* W_merged as (d_out, d_in) */
+    if (!m.fan_in_fan_out)
+        return 0;
+    if (BROKEN("merge_transpose") && m.p.d_in == m.p.d_out) {
+        /* the deltas added untransposed to the stored (d_in, d_out) W: W + D, not W + D^T */
+        multi_problem wrong = m.p;
+        wrong.W = m.W_stored;
+        run(&wrong, case_alloc(c, (size_t)(m.p.N * m.p.d_out), sizeof(double)), W_merged);
+        return 0;
+    }
+    size_t entries = (size_t)(m.p.d_out * m.p.d_in);  /* back to W's stored layout: W + D^T */
+    double *math = case_alloc(c, entries, sizeof *math);
+    memcpy(math, W_merged, entries * sizeof *math);
+    transpose_into(W_merged, math, m.p.d_out, m.p.d_in);
     return 0;
 }
 

@@ -208,7 +208,7 @@ int main(int argc, char **argv)
     if (!known) {
         fprintf(stderr, "built with CONFORMANCE_BREAK=%s, which is not one of:\n", BREAK_NAME);
         for (size_t k = 0; k < sizeof BREAKS / sizeof BREAKS[0]; k++)
-            fprintf(stderr, "  %-13s %s\n", BREAKS[k][0], BREAKS[k][1]);
+            fprintf(stderr, "  %-15s %s\n", BREAKS[k][0], BREAKS[k][1]);
         return 2;
     }
     if (argc != 2) {

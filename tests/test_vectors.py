@@ -155,20 +155,20 @@ def test_lora_ref_itself_passes_the_fused_cases_too(vectors_dir):
     assert report.ok and len(report) == 18 * 5, str(report)
 
 
-# Mutants no case of format version 2 can show, each with the reason (strict: a case that catches
-# one makes its test fail until it is taken off this list).
-NOT_SHOWN = {"adapters.merge_transpose_forgotten":
-             "every adapter_set case has fan_in_fan_out false (conformance/ refuses true), so a merge that "
-             "forgets the transpose of a W stored (d_in, d_out) is right on every case"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_SHOWN[n]))
-                                  if n in NOT_SHOWN else n for n, m in MUTANTS.items() if m.variant in KINDS])
+@pytest.mark.parametrize("name", [n for n, m in MUTANTS.items() if m.variant in KINDS])
 def test_every_mutant_of_a_kind_fails_its_vectors(cases, name):
     mutant = MUTANTS[name]
     report = check_against_vectors(**mutant.callables(), vectors=cases, kind=mutant.variant)
     assert not report.ok, name
     assert all(r.exact or r.error > 2 * r.bound for r in report.failed)
+
+
+def test_the_fan_in_fan_out_adapter_set_case_catches_a_forgotten_transpose(cases):
+    # Only the fan_in_fan_out case's W_merged can show this mistake (every other W is (d_out, d_in)).
+    mutant = MUTANTS["adapters.merge_transpose_forgotten"]
+    report = check_against_vectors(**mutant.callables(), vectors=cases, kind="adapter_set")
+    assert {r.name for r in report.failed} == {f"adapters_fan_in_fan_out_{d}:W_merged"
+                                               for d in ("float64", "float32")}, str(report)
 
 
 def test_case_selection_fused_cases_and_arguments(cases):
@@ -477,13 +477,15 @@ def _conv_magnitudes(p, t):
 
 def _adapter_magnitudes(case, p, t):
     ads = {a["name"]: (t[f"A.{a['name']}"], t[f"B.{a['name']}"], abs(_scale(a))) for a in p["adapters"]}
-    x, W, b = t["x"], t["W"], t["bias"]
+    x, b = t["x"], t["bias"]
+    fifo = p.get("fan_in_fan_out", False)
+    W = t["W"].T if fifo else t["W"]                                     # (d_out, d_in)
     term = lambda xx, name: ads[name][2] * (xx @ ads[name][0].T) @ ads[name][1].T  # noqa: E731
     if case.kind == "mixed_batch":
         return {"y": np.stack([x[n] @ W.T + b + (0 if a == "__base__" else term(x[n], a))
                                for n, a in enumerate(p["names"])])}
-    return {"y": x @ W.T + b + sum(term(x, a) for a in p["active"]),
-            "W_merged": W + sum(ads[a][2] * ads[a][1] @ ads[a][0] for a in p["merged"])}
+    merged = W + sum(ads[a][2] * ads[a][1] @ ads[a][0] for a in p["merged"])
+    return {"y": x @ W.T + b + sum(term(x, a) for a in p["active"]), "W_merged": merged.T if fifo else merged}
 
 
 def _serving_magnitudes(case, p, t, indices):
@@ -647,13 +649,33 @@ def test_dora_gradients_are_the_formulas_the_format_page_states(cases):
                           what=f"{case.name}:{name}")
 
 
+def test_adapter_set_outputs_are_the_formulas_the_format_page_states(cases):
+    # Plain NumPy from the stored tensors, W transposed under fan_in_fan_out and W_merged given back
+    # in the stored layout; both float64 computations of n roundings: within 2 gamma_n M.
+    fifo = 0
+    for case in (c for c in cases if c.kind == "adapter_set"):
+        t, p = {k: v.astype(np.float64) for k, v in case.inputs.items()}, case.params
+        Wm = t["W"].T if p["fan_in_fan_out"] else t["W"]                # (d_out, d_in)
+        delta = {a["name"]: _scale(a) * t[f"B.{a['name']}"] @ t[f"A.{a['name']}"] for a in p["adapters"]}
+        merged = Wm + sum(delta[a] for a in p["merged"])
+        mine = {"y": t["x"] @ Wm.T + t["bias"] + sum(t["x"] @ delta[a].T for a in p["active"]),
+                "W_merged": merged.T if p["fan_in_fan_out"] else merged}
+        for name, o in case.outputs.items():
+            assert_within(mine[name], o.expected, 2 * tolerance("float64", o.roundings) * o.magnitude,
+                          what=f"{case.name}:{name}")
+        fifo += p["fan_in_fan_out"]
+    assert fifo == 2                                                     # float64 and float32
+
+
 def test_optional_tensors_flags_segments_and_slices_follow_the_general_rules(cases):
     for case in cases:
         p, t = case.params, case.inputs
         if "dropout_p" in p:                                             # null exactly when no mask is stored
             assert (p["dropout_p"] is None) == ("dropout_mask" not in t), case.name
-        if case.kind == "adapter_set":
-            assert p["fan_in_fan_out"] is False
+        if case.kind == "adapter_set":                                   # W's layout follows the flag
+            d_out, d_in = case.outputs["y"].expected.shape[-1], t["x"].shape[-1]
+            assert t["W"].shape == ((d_in, d_out) if p["fan_in_fan_out"] else (d_out, d_in)), case.name
+            assert case.outputs["W_merged"].expected.shape == t["W"].shape
         if case.kind in ("lora_linear", "dora_linear"):                   # null, never left out
             assert {"dropout_p", "fan_in_fan_out"} <= set(p) and (case.kind == "dora_linear") != ("enable_lora" in p)
         if case.kind == "combine_adapters":

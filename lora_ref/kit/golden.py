@@ -338,35 +338,45 @@ def _conv_calls(case: GoldenCase) -> dict[str, Call]:
 # adapter_set and mixed_batch
 # ============================================================================================
 
-_SET_FORMULA = ("s_a = alpha_a / r_a (alpha_a / sqrt(r_a) if use_rslora); y = x @ W.T + bias + sum over a in active "
-                "(in order) of s_a * ((x @ A_a.T) @ B_a.T); W_merged = W + sum over a in merged of s_a * (B_a @ A_a)")
+_SCALES = "s_a = alpha_a / r_a (alpha_a / sqrt(r_a) if use_rslora); "
+_SET_FORMULA = (_SCALES + "y = x @ W.T + bias + sum over a in active (in order) of s_a * ((x @ A_a.T) @ B_a.T); "
+                "W_merged = W + sum over a in merged of s_a * (B_a @ A_a)")
+_SET_FIFO_FORMULA = (_SCALES + "W stored (d_in, d_out) (fan_in_fan_out), Wm = W.T; y = x @ Wm.T + bias + sum over a "
+                     "in active (in order) of s_a * ((x @ A_a.T) @ B_a.T); W_merged = W + (sum over a in merged of "
+                     "s_a * (B_a @ A_a)).T, in W's stored layout: W_merged[i, o] = W[i, o] + that sum's [o, i]")
 _MIXED_FORMULA = ("s_a as for adapter_set; y[n] = x[n] @ W.T + bias + s_a * ((x[n] @ A_a.T) @ B_a.T) with a = "
                   "names[n], and y[n] = x[n] @ W.T + bias where names[n] is '__base__'")
+_SETS = [  # (kind, name, description, (d_in, d_out), active or names, merged, fan_in_fan_out)
+    ("adapter_set", "adapters_active", "three adapters (ranks 2, 3, 4; 'b' rsLoRA), 'c' then 'b' active, 'a' and 'b' "
+     "merged: each output leaves one adapter out and uses the rsLoRA one", (7, 5), ["c", "b"], ["a", "b"], False),
+    ("adapter_set", "adapters_fan_in_fan_out", "W stored (d_in, d_out) as GPT-2's Conv1D, square (6 x 6) so a merge "
+     "that forgets the transpose is not a shape error; 'b' then 'a' active, all three merged", (6, 6), ["b", "a"],
+     ["a", "b", "c"], True),
+    ("mixed_batch", "adapters_mixed", "five samples named a, __base__, c, a, b", (7, 5),
+     ["a", "__base__", "c", "a", "b"], None, None),
+]
 
 
 def _set_cases(seed: int) -> list[GoldenCase]:
     out = []
-    for kind, name, desc, dtype in [(k, n, d, t) for k, n, d in (
-            ("adapter_set", "adapters_active", "three adapters (ranks 2, 3, 4; 'b' rsLoRA), 'c' then 'b' active, "
-                                               "'a' and 'b' merged: each output leaves one adapter out and uses "
-                                               "the rsLoRA one"),
-            ("mixed_batch", "adapters_mixed", "five samples named a, __base__, c, a, b")) for t in ("float64", "float32")]:
-        full = f"{name}_{dtype}"
-        x, W, bias, ads = kad._draw(7, 5, (5, 3) if kind == "mixed_batch" else (2, 3), _seed(seed, full))
-        cast = lambda a: np.ascontiguousarray(a.astype(dtype))  # noqa: E731
-        x, W, bias, ads = cast(x), cast(W), cast(bias), kad._cast(ads, dtype)
-        if kind == "adapter_set":
-            active, merged = ["c", "b"], ["a", "b"]
-            calls = [kad.adapter_set_calls(x, W, bias, ads, "impl", active, extra_roundings=EXTRA_ROUNDINGS),
-                     kad.adapter_set_calls(x, W, bias, ads, "merge", merged, extra_roundings=EXTRA_ROUNDINGS)]
-            params = {"adapters": _adapter_params(ads), "active": active, "merged": merged, "fan_in_fan_out": False}
-        else:
-            names = ["a", "__base__", "c", "a", "b"]
-            calls = [kad.adapter_set_calls(x, W, bias, ads, "mixed", names, extra_roundings=EXTRA_ROUNDINGS)]
-            params = {"adapters": _adapter_params(ads), "names": names}
-        inputs = {"x": x, "W": W, "bias": bias, **{f"{p}.{n}": a[p] for n, a in ads.items() for p in ("A", "B")}}
-        out.append(GoldenCase(full, kind, dtype, desc, _SET_FORMULA if kind == "adapter_set" else _MIXED_FORMULA,
-                              params, inputs, _outputs(calls)))
+    for kind, name, desc, (d_in, d_out), names, merged, fifo in _SETS:
+        for dtype in ("float64", "float32"):
+            full = f"{name}_{dtype}"
+            x, W, bias, ads = kad._draw(d_in, d_out, (5, 3) if kind == "mixed_batch" else (2, 3), _seed(seed, full))
+            cast = lambda a: np.ascontiguousarray(a.astype(dtype))  # noqa: E731
+            x, W, bias, ads = cast(x), cast(W), cast(bias), kad._cast(ads, dtype)    # W (d_out, d_in)
+            stored = np.ascontiguousarray(W.T) if fifo else W                        # (d_in, d_out) under fifo
+            if kind == "adapter_set":
+                calls = [kad.adapter_set_calls(x, W, bias, ads, "impl", names, extra_roundings=EXTRA_ROUNDINGS),
+                         kad.adapter_set_calls(x, stored, bias, ads, "merge", merged, fan_in_fan_out=fifo,
+                                               extra_roundings=EXTRA_ROUNDINGS)]
+                params = {"adapters": _adapter_params(ads), "active": names, "merged": merged, "fan_in_fan_out": fifo}
+            else:
+                calls = [kad.adapter_set_calls(x, W, bias, ads, "mixed", names, extra_roundings=EXTRA_ROUNDINGS)]
+                params = {"adapters": _adapter_params(ads), "names": names}
+            formula = {False: _SET_FORMULA, True: _SET_FIFO_FORMULA, None: _MIXED_FORMULA}[fifo]
+            inputs = {"x": x, "W": stored, "bias": bias, **{f"{p}.{n}": a[p] for n, a in ads.items() for p in "AB"}}
+            out.append(GoldenCase(full, kind, dtype, desc, formula, params, inputs, _outputs(calls)))
     return out
 
 
@@ -376,7 +386,8 @@ def _set_calls(case: GoldenCase) -> dict[str, Call]:
     if case.kind == "mixed_batch":
         return {"impl": Call("impl", (t["x"], t["W"], ads, list(p["names"])), ("x", "W", "adapters", "names"),
                              {"bias": t["bias"]}, (o["y"].output(),))}
-    return {"impl": Call("impl", (t["x"], t["W"], ads, list(p["active"])), ("x", "W", "adapters", "active"),
+    W = t["W"].T if p["fan_in_fan_out"] else t["W"]        # impl takes the (d_out, d_in) weight
+    return {"impl": Call("impl", (t["x"], W, ads, list(p["active"])), ("x", "W", "adapters", "active"),
                          {"bias": t["bias"]}, (o["y"].output(),)),
             "merge": Call("merge", (t["W"], ads, list(p["merged"])), ("W", "adapters", "names"),
                           {"fan_in_fan_out": p["fan_in_fan_out"]}, (o["W_merged"].output(),))}
