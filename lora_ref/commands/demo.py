@@ -4,7 +4,9 @@ Pretrains a small GPT-2 (or, with ``--model llama``, LLaMA) architecture model (
 on a cipher task, fine-tunes it with full fine-tuning and with LoRA at several ranks and target
 sets, and writes ``DIR/report.md`` with figures: loss curves, loss and accuracy versus rank,
 trainable parameters and optimizer bytes, the merge check, singular-value spectra, subspace
-similarity (Figure 3) and amplification (Table 7). The experiment lives upstairs, in
+similarity (Figure 3) and amplification (Table 7). Beside LoRA at one rank: DoRA, and QLoRA on the
+model quantised to 4-bit NF4 (with the quantised base's error on the task); and a second adapter
+trained on a second task, both served in one mixed batch, then combined (exact, cat, svd, linear). The experiment lives upstairs, in
 :mod:`transformer_ref.demo` (it needs a model); this command imports it when it runs, so
 importing ``lora_ref`` never imports ``transformer_ref``. See docs/reproduction.md.
 
@@ -21,8 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-HELP = ("pretrain a small GPT-2 or LLaMA, fine-tune it with LoRA and in full, and write a report "
-        "(the paper's Tables 5-7, Figure 3)")
+HELP = ("pretrain a small GPT-2 or LLaMA, fine-tune it with LoRA, DoRA, QLoRA and in full, serve and combine "
+        "two adapters, and write a report (the paper's Tables 5-7, Figure 3)")
 
 RUN_TIMES = {"default": (90, 180), "quick": (10, 60)}
 """Seconds a run of each preset takes on 2 CPU cores shared with other work: the range measured while
