@@ -383,15 +383,21 @@ def _two_tasks(m: dict[str, Any], ll: dict[str, Any]) -> str:
     within = mb["max_abs_error"] <= mb["bound"] and (
         "two_tasks" not in ll or ll["two_tasks"]["mixed_batch"]["max_abs_error"] <= ll["two_tasks"]["mixed_batch"]["bound"])
     exact = comb["methods"]["exact"]["eval"]
+    def apart(e: float, fmt: str) -> str:
+        return "bit for bit" if e == 0.0 else f"at most {e:{fmt}} apart"
+
+    def rate(x: float) -> str:
+        return "every time" if x == 1.0 else f"{_fmt(x)} of the time"
+
     text = ("**Two adapters on one base.** " + ("Served together in one mixed batch, every row got its own adapter's "
             "loss" if within else "In the mixed batch, a row's loss was NOT its own adapter's") +
-            f": at most {mb['max_abs_error']:.3e} apart on GPT-2, within its bound of {mb['bound']:.3e}")
+            f": {apart(mb['max_abs_error'], '.3e')} on GPT-2, where the bound is {mb['bound']:.3e}")
     if "two_tasks" in ll:
         lmb = ll["two_tasks"]["mixed_batch"]
-        text += f", and {lmb['max_abs_error']:.2e} against {lmb['bound']:.2e} on LLaMA"
-    text += (f". Combined exactly, one adapter gets task A's swapped symbols right {_fmt(exact['A']['changed_accuracy'])} "
-             f"of the time and task B's {_fmt(exact['B']['changed_accuracy'])}, at held-out loss "
-             f"{_fmt(exact['A']['loss'])} on A and {_fmt(exact['B']['loss'])} on B.")
+        text += f", and {apart(lmb['max_abs_error'], '.2e')} on LLaMA (bound {lmb['bound']:.2e})"
+    text += (f". Combined exactly into one adapter, the two get task A's swapped symbols right "
+             f"{rate(exact['A']['changed_accuracy'])} and task B's {rate(exact['B']['changed_accuracy'])}, at held-out "
+             f"loss {_fmt(exact['A']['loss'])} on A and {_fmt(exact['B']['loss'])} on B.")
     caveat = combination_caveat(m)
     return text + (" " + caveat if caveat else "")
 
