@@ -60,7 +60,7 @@ __all__ = ["FAST", "auto_threads", "linear", "sharded_value_and_grad"]
 # * When the batch is split over threads (sharded_value_and_grad below), the slices share one
 #   W + s B A per projection per step: the first slice to reach the layer forms it, the others
 #   wait for it (_Folds). The same numbers either way: the same function of the same arrays.
-#   This saves CPU time (measured: ~5 thread-ms of a ~1000 thread-ms GPT-2 step at n_embd 512),
+#   This saves CPU time (measured: about 4 thread-ms of a ~1000 thread-ms GPT-2 step, n_embd 512),
 #   not wall time when the slices reach each layer together; it helps a slice that runs late.
 
 
