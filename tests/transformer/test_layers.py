@@ -507,8 +507,11 @@ def test_op_sets_are_immutable_values():
     from transformer_ref import fast, layers
 
     assert REFERENCE.linear is lora_linear and FAST.linear is fast.linear
-    assert all(getattr(REFERENCE, f.name) is getattr(FAST, f.name) for f in dataclasses.fields(Ops)   # FAST's own:
-               if f.name not in ("linear", "layer_norm", "gelu", "causal_attention"))          # fast(_layers).py
+    own = ("linear", "layer_norm", "gelu", "causal_attention",                  # fast.py, fast_layers.py
+           "rms_norm", "swiglu", "grouped_query_attention")                     # fast_llama.py
+    assert all(getattr(FAST, name) is not getattr(REFERENCE, name) for name in own)
+    assert all(getattr(REFERENCE, f.name) is getattr(FAST, f.name) for f in dataclasses.fields(Ops)
+               if f.name not in own)
     with pytest.raises(dataclasses.FrozenInstanceError):
         REFERENCE.linear = fast.linear                      # nobody can switch the reference
     t = traced(REFERENCE)
