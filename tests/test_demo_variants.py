@@ -19,8 +19,9 @@ from transformer_ref import forward, init_params, lora_config_for
 from transformer_ref.bounds import logit_rounding_chain
 from transformer_ref.data import evaluate, pretraining_task
 from transformer_ref.demo import DemoConfig, run_demo, summary_text
-from transformer_ref.demo.runs import lora_config, runs
-from transformer_ref.demo.two_tasks import MIXED_ROWS, sample_losses
+from transformer_ref.demo.quantised import quantisation_error
+from transformer_ref.demo.runs import dequantized, lora_config, merge_check, runs
+from transformer_ref.demo.two_tasks import MIXED_ROWS, sample_losses, two_tasks
 
 TINY = DemoConfig(n_embd=32, n_layer=1, n_head=2, n_symbols=8, length=4, n_swaps=1, pretrain_steps=40,
                   finetune_steps=15, batch_size=8, ranks=(1, 2, 4, 8, 16), budget_rank=4, phi_ranks=(8, 16),
@@ -267,3 +268,16 @@ def test_lora_config_for_the_combined_adapters_keeps_the_blocks():
     """The combined GPT-2 adapter keeps enable_lora's (q, v) blocks at the new rank, scale 1."""
     lc = lora_config_for(("q", "v"), 8, alpha=8.0, family="gpt2")
     assert lc.enable_for("transformer.h.0.attn.c_attn") == (True, False, True) and lc.scale == 1.0
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: runs({"n_embd": 32}), TypeError, "config must be a transformer_ref.demo.DemoConfig, got dict"),
+    (lambda: lora_config("lora-qv-r4", None, 8.0), TypeError, "run must be a transformer_ref.demo.runs.Run"),
+    (lambda: dequantized([]), TypeError, "params must be a dict of arrays"),
+    (lambda: merge_check({}, {}, None, None, None, 0), ValueError, "r must be a positive int, got 0"),
+    (lambda: two_tasks(None, {}, {}, {}), TypeError, "setup must be a transformer_ref.demo.common.Setup"),
+    (lambda: quantisation_error(None, {}, {}), TypeError, "setup must be a transformer_ref.demo.common.Setup"),
+])
+def test_bad_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -36,6 +36,8 @@ __all__ = ["quantisation_error"]
 def quantisation_error(setup: Setup, pretrained: Mapping[str, Any], quantised: Mapping[str, Any]) -> dict[str, Any]:
     """The result's ``"qlora"`` section for the pretrained params and the same params with their
     projections quantised (``quantised``: the QLoRA run's ``TrainResult.params``)."""
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a transformer_ref.demo.common.Setup (from make_setup), got {type(setup).__name__}")
     names = [k for k, v in quantised.items() if is_4bit(v)]
     if not names:
         raise ValueError("quantised holds no 4-bit weight (lora_ref.quant.QuantState): pass the QLoRA run's params")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import asarray, dtype_name, to_numpy
+from lora_ref.checks import positive_int
 from lora_ref.lora import LoraConfig
 from lora_ref.testing import tolerance
 
@@ -70,6 +71,9 @@ class Run:
 
 def runs(config: DemoConfig) -> list[Run]:
     """The runs of an experiment of ``config``, in order (the partners of variants come first)."""
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a transformer_ref.demo.DemoConfig, got {type(config).__name__}")
+
     def lora(mats: tuple[str, ...], r: int, group: str) -> Run:
         return Run(f"lora-{''.join(mats)}-r{r}", f"LoRA {','.join(_TYPE_NAMES[m] for m in mats)} r={r}",
                    group, mats, r)
@@ -90,7 +94,10 @@ def runs(config: DemoConfig) -> list[Run]:
 
 
 def lora_config(run: Run, model: Any, alpha: float) -> LoraConfig | None:
-    """The run's ``LoraConfig`` for the model config ``model`` (None for full fine-tuning)."""
+    """The run's ``LoraConfig`` for the model config ``model`` (None for full fine-tuning), ``alpha``
+    fixed for every rank (scale alpha / r)."""
+    if not isinstance(run, Run):
+        raise TypeError(f"run must be a transformer_ref.demo.runs.Run (from runs()), got {type(run).__name__}")
     if run.matrices is None:
         return None
     dora = run.method == "dora"
@@ -205,6 +212,8 @@ def dequantized(params: Mapping[str, Any]) -> dict[str, Any]:
     array (bitsandbytes' ``fl(level * absmax)`` in float32, widened exactly to the other params'
     float64 if they are): the weights a forward on the 4-bit params computes with when the states
     have no compute dtype of their own (it dequantises each one per call), as plain arrays."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of arrays (state-dict names), got {type(params).__name__}")
     states = [v for v in params.values() if is_4bit(v)]
     if not states:
         return dict(params)
@@ -228,6 +237,7 @@ def merge_check(params: Mapping[str, Any], adapters: Mapping[str, Any], lora_con
     widened exactly), each against its bound ``2 gamma_n M``; and how far the adapters move the
     logits at all (so the check is not vacuous). ``tokens`` (N, T) integer inputs; ``dora``: the
     adapters are DoRA's (``n`` counts its extra roundings, ``logit_rounding_chain(dora=True)``)."""
+    r = positive_int(r, "r")
     n = logit_rounding_chain(gpt, r, dora=dora)
     M = logit_magnitude(params, gpt)
     out: dict[str, Any] = {"chain_length": n, "magnitude": M}

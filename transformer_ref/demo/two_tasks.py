@@ -85,6 +85,8 @@ def two_tasks(setup: Setup, pretrained: Mapping[str, Any], trained: Mapping[str,
     ``progress``: a tqdm bar whose postfix names the step, or None. ``known``: evaluations on task
     A the demo already made, ``{"pretrained": ..., "a": ...}`` (``data.evaluate`` of the pretrained
     model and of adapter a's run, as the combinations evaluate), reused instead of recomputed."""
+    if not isinstance(setup, Setup):
+        raise TypeError(f"setup must be a transformer_ref.demo.common.Setup (from make_setup), got {type(setup).__name__}")
     config, gpt = setup.config, setup.gpt
     key_a = f"lora-qv-r{config.variant_rank}"
     if key_a not in trained:
