@@ -179,21 +179,29 @@ def _lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     """The undecorated forward (see :func:`lora_linear`); autograd.numpy can trace it."""
     scale = _validate(x, W, A, B, scale, bias, dropout_mask, enable_lora)  # a Python float from here on
     xp = namespace(x, W, A, B, bias, dropout_mask)
-    y = x @ xp.matrix_transpose(W)                                # (..., d_out)   W0 x
+    d_out, d_in = W.shape
+    lead = tuple(x.shape[:-1])                                    # the leading (batch, token) dims
+    N = math.prod(lead)
+    X = xp.reshape(x, (N, d_in))                                  # (N, d_in): every product is 2-D
+    y = X @ xp.matrix_transpose(W)                                # (N, d_out)     W0 x
     if bias is not None:
         y = y + bias
-    if A is None:
-        return y
-    xd = x if dropout_mask is None else x * dropout_mask          # dropout on the adapter branch only
-    h = xd @ xp.matrix_transpose(A)                               # (..., n r)     A x
-    if enable_lora is None:
-        delta = h @ xp.matrix_transpose(B)                        # (..., d_out)   B A x
-    else:
-        blocks = _blocks(enable_lora, W.shape[0], B.shape[-1])
-        parts = [h[..., ra] @ xp.matrix_transpose(B[rb, :]) for ra, rb, _ in blocks]  # (..., q): B_k A_k x
-        q = W.shape[0] // len(enable_lora)
-        delta = _scatter(xp, parts, enable_lora, tuple(x.shape[:-1]) + (q,), -1, x.dtype)  # (..., d_out)
-    return y + delta * scale                                      # Eq. 3: W0 x + s B A x
+    if A is not None:
+        Xd = X if dropout_mask is None else xp.reshape(x * dropout_mask, (N, d_in))  # (N, d_in) adapter branch only
+        H = Xd @ xp.matrix_transpose(A)                           # (N, n r)       A x
+        if enable_lora is None:
+            y = y + (H @ xp.matrix_transpose(B)) * scale          # (N, d_out)     Eq. 3: W0 x + s B (A x)
+        else:                                                     # block g: y_g + s B_k (A_k x), or y_g alone
+            q, blocks = d_out // len(enable_lora), iter(_blocks(enable_lora, d_out, B.shape[-1]))
+            parts = []
+            for g, on in enumerate(enable_lora):
+                y_g = y[:, g * q:(g + 1) * q]                     # (N, q)         W0_g x (+ bias_g)
+                if on:
+                    ra, rb, _ = next(blocks)
+                    y_g = y_g + (H[:, ra] @ xp.matrix_transpose(B[rb, :])) * scale  # (N, q)  Eq. 3, block k
+                parts.append(y_g)
+            y = xp.concat(parts, axis=-1)                         # (N, d_out)
+    return xp.reshape(y, lead + (d_out,))                         # (..., d_out)
 
 
 lora_linear = primitive(_lora_linear)
@@ -230,9 +238,9 @@ lora_linear.__doc__ = """LoRA's adapted linear layer, Eq. 3: ``y = x W^T + bias 
 # The gradients, written out (each VJP below names its line)
 # ============================================================================================
 #
-# y = x W^T + bias + s ((x * M) A^T) B^T  (Eq. 3). With G = dL/dy (..., d_out), X = x flattened to
-# (N, d_in), M the dropout mask, Xd = X * M, H = Xd A^T (N, n r), and for enabled block k of a fused
-# projection: G_k = G[:, rows of block k] (N, q), A_k (r, d_in), B_k (q, r), H_k = H[:, rows of A_k]:
+# y = x W^T + bias + s ((x * M) A^T) B^T  (Eq. 3). With X = x flattened to (N, d_in), G = dL/dy
+# flattened to (N, d_out), M the dropout mask, Xd = X * M, H = Xd A^T (N, n r), and for enabled block
+# k of a fused projection: G_k = G[:, rows of block k] (N, q), A_k (r, d_in), B_k (q, r), H_k = H[:, rows of A_k]:
 #
 #   G1  dL/dx    = G W + s (sum_k (G_k B_k) A_k) * M     (..., d_in)   y is linear in x through two paths
 #   G2  dL/dW    = G^T X                                 (d_out, d_in) only if W is trained (Eq. 1)
@@ -243,6 +251,11 @@ lora_linear.__doc__ = """LoRA's adapted linear layer, Eq. 3: ``y = x W^T + bias 
 # Eq. 2 training asks for G4 and G5 (and G1 to reach earlier layers), never G2. At init B = 0, so
 # G4 = 0 exactly and G5 = s G^T (X A^T): only B moves on the first step. In the plain case
 # (enable_lora=None) there is one block, k = 1, holding all of A, B and G.
+#
+# The forward and every VJP compute on the flattened X and G, so each product is one 2-D matrix
+# product (NumPy's (..., d_in) @ (d_in, d_out) runs one small product per leading index: slower,
+# and rounded differently in the last bit). The mask M broadcasts to x's shape, not necessarily
+# to X's, so G1 applies it after reshaping back to x's shape.
 
 
 def _flat(t: Any) -> Any:
@@ -254,11 +267,13 @@ def _vjp_x(ans, x, W, A, B, scale, bias=None, dropout_mask=None, enable_lora=Non
     """G1: dL/dx = G W + s (sum_k (G_k B_k) A_k) * M."""
     def vjp(g):
         xp = namespace(g)
-        dx = g @ W                                                           # (..., d_in)   G W
+        G = _flat(g)                                                         # (N, d_out)
+        dx = xp.reshape(G @ W, x.shape)                                      # (..., d_in)   G W
         if A is not None:
             r = B.shape[-1]
-            gB = [g[..., rw] @ B[rb, :] for _, rb, rw in _blocks(enable_lora, W.shape[0], r)]  # (..., r) G_k B_k
-            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A      # (..., d_in)   sum_k (G_k B_k) A_k
+            gB = [G[:, rw] @ B[rb, :] for _, rb, rw in _blocks(enable_lora, W.shape[0], r)]  # (N, r) G_k B_k
+            gBA = (gB[0] if len(gB) == 1 else xp.concat(gB, axis=-1)) @ A      # (N, d_in)     sum_k (G_k B_k) A_k
+            gBA = xp.reshape(gBA, x.shape)                                   # (..., d_in)
             if dropout_mask is not None:
                 gBA = gBA * dropout_mask
             dx = dx + gBA * finite_real(scale, "scale")
