@@ -343,18 +343,19 @@ defvjp(gelu.primitive, _gelu_vjp)
 # ============================================================================================
 #
 # LLaMA's MLP is down_proj(silu(gate_proj(x)) * up_proj(x)) (Shazeer 2020, "GLU Variants Improve
-# Transformer", Eq. 5-6, SwiGLU with beta = 1). sigmoid is evaluated from e = exp(-|x|) <= 1, which
-# never overflows, and 1 - sigmoid(x) = sigmoid(-x) is kept apart, free of cancellation.
+# Transformer", Eq. 5-6, SwiGLU with beta = 1). With e = exp(-|x|) <= 1 and d = 1 + e in [1, 2]:
+#     sigmoid(x)  = 1 / (1 + exp(-x)) = exp(min(x, 0)) / d     (x >= 0: 1 / d;  x < 0: e / d)
+#     sigmoid(-x) = 1 - sigmoid(x)    = exp(-max(x, 0)) / d    (x <= 0: 1 / d;  x > 0: e / d)
+# Every exp has a non-positive argument, so nothing overflows; 1 - sigmoid(x) is never formed, so
+# nothing cancels; and no `where` picks between branches (each line is one formula for every x).
+# exp(min(x, 0)) is e itself for x < 0 (the same exp of the same value) and exactly 1 for x >= 0.
 
 
 def _sigmoids(x: Any) -> tuple[Any, Any]:
-    """x -> (sigmoid(x), sigmoid(-x)), each to a few roundings, for any finite x."""
+    """x -> (sigmoid(x), sigmoid(-x)), each within 4 roundings (exp counted as 2), for any finite x."""
     xp = namespace(x)
-    e = xp.exp(-xp.abs(x))                                                 # in (0, 1]
-    p = 1.0 / (1.0 + e)                                                    # sigmoid(|x|)
-    q = e * p                                                              # sigmoid(-|x|)
-    pos = x >= 0.0
-    return xp.where(pos, p, q), xp.where(pos, q, p)
+    d = 1.0 + xp.exp(-xp.abs(x))                                           # (...) in [1, 2]
+    return xp.exp(xp.minimum(x, 0.0)) / d, xp.exp(-xp.maximum(x, 0.0)) / d
 
 
 def _silu(x: Any, cache: dict | None = None) -> Any:
