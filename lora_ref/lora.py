@@ -179,29 +179,29 @@ def _lora_linear(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None,
     """The undecorated forward (see :func:`lora_linear`); autograd.numpy can trace it."""
     scale = _validate(x, W, A, B, scale, bias, dropout_mask, enable_lora)  # a Python float from here on
     xp = namespace(x, W, A, B, bias, dropout_mask)
-    d_out, d_in = W.shape
-    lead = tuple(x.shape[:-1])                                    # the leading (batch, token) dims
-    N = math.prod(lead)
-    X = xp.reshape(x, (N, d_in))                                  # (N, d_in): every product is 2-D
-    y = X @ xp.matrix_transpose(W)                                # (N, d_out)     W0 x
+    # x keeps its leading dimensions: NumPy's (..., d_in) @ (d_in, d_out) computes each sample with
+    # the same BLAS call whatever else is in the batch, so a sample's output does not depend on its
+    # batch (lora_ref.adapters' mixed batch equals each sample run alone, bit for bit). One 2-D
+    # product over all N rows is faster, but BLAS may round a row differently as N changes.
+    y = x @ xp.matrix_transpose(W)                                # (..., d_out)   W0 x
     if bias is not None:
         y = y + bias
-    if A is not None:
-        Xd = X if dropout_mask is None else xp.reshape(x * dropout_mask, (N, d_in))  # (N, d_in) adapter branch only
-        H = Xd @ xp.matrix_transpose(A)                           # (N, n r)       A x
-        if enable_lora is None:
-            y = y + (H @ xp.matrix_transpose(B)) * scale          # (N, d_out)     Eq. 3: W0 x + s B (A x)
-        else:                                                     # block g: y_g + s B_k (A_k x), or y_g alone
-            q, blocks = d_out // len(enable_lora), iter(_blocks(enable_lora, d_out, B.shape[-1]))
-            parts = []
-            for g, on in enumerate(enable_lora):
-                y_g = y[:, g * q:(g + 1) * q]                     # (N, q)         W0_g x (+ bias_g)
-                if on:
-                    ra, rb, _ = next(blocks)
-                    y_g = y_g + (H[:, ra] @ xp.matrix_transpose(B[rb, :])) * scale  # (N, q)  Eq. 3, block k
-                parts.append(y_g)
-            y = xp.concat(parts, axis=-1)                         # (N, d_out)
-    return xp.reshape(y, lead + (d_out,))                         # (..., d_out)
+    if A is None:
+        return y
+    xd = x if dropout_mask is None else x * dropout_mask          # dropout on the adapter branch only
+    h = xd @ xp.matrix_transpose(A)                               # (..., n r)     A x
+    if enable_lora is None:
+        return y + (h @ xp.matrix_transpose(B)) * scale           # (..., d_out)   Eq. 3: W0 x + s B (A x)
+    d_out = W.shape[0]
+    q, blocks = d_out // len(enable_lora), iter(_blocks(enable_lora, d_out, B.shape[-1]))
+    parts = []
+    for g, on in enumerate(enable_lora):                          # block g: y_g + s B_k (A_k x), or y_g alone
+        y_g = y[..., g * q:(g + 1) * q]                           # (..., q)       W0_g x (+ bias_g)
+        if on:
+            ra, rb, _ = next(blocks)
+            y_g = y_g + (h[..., ra] @ xp.matrix_transpose(B[rb, :])) * scale  # (..., q)  Eq. 3, block k
+        parts.append(y_g)
+    return xp.concat(parts, axis=-1)                              # (..., d_out)
 
 
 lora_linear = primitive(_lora_linear)
@@ -252,10 +252,10 @@ lora_linear.__doc__ = """LoRA's adapted linear layer, Eq. 3: ``y = x W^T + bias 
 # G4 = 0 exactly and G5 = s G^T (X A^T): only B moves on the first step. In the plain case
 # (enable_lora=None) there is one block, k = 1, holding all of A, B and G.
 #
-# The forward and every VJP compute on the flattened X and G, so each product is one 2-D matrix
-# product (NumPy's (..., d_in) @ (d_in, d_out) runs one small product per leading index: slower,
-# and rounded differently in the last bit). The mask M broadcasts to x's shape, not necessarily
-# to X's, so G1 applies it after reshaping back to x's shape.
+# The VJPs compute on the flattened X and G, so each product is one 2-D matrix product over all N
+# rows (faster than NumPy's stacked (..., d_in) products, one per leading index; the forward keeps
+# those, see _lora_linear). The mask M broadcasts to x's shape, not necessarily to X's, so G1
+# applies it after reshaping back to x's shape.
 
 
 def _flat(t: Any) -> Any:
