@@ -67,7 +67,7 @@ from autograd.extend import defvjp, primitive
 from . import checks
 from .backend import getval, namespace
 from .config import LoraConfig
-from .lora import lora_linear, merge, unmerge
+from .lora import _blocks, lora_linear, merge, unmerge   # _blocks: a fused adapter's blocks, one rule
 
 __all__ = [
     "BASE",
@@ -156,19 +156,6 @@ def as_adapters(adapters: Any, name: str = "adapters") -> dict[str, Adapter]:
 # ============================================================================================
 # One adapter's term, s B A x: the primitive every (S1)/(S2) term goes through
 # ============================================================================================
-
-
-def _blocks(enable: tuple[bool, ...] | None, d_out: int, r: int) -> list[tuple[slice, slice, slice]]:
-    """For each enabled block k: (rows of A, rows of B, columns of y), as lora.py's blocks."""
-    if enable is None:
-        return [(slice(0, r), slice(0, d_out), slice(0, d_out))]
-    q = d_out // len(enable)
-    out, k = [], 0
-    for g, on in enumerate(enable):
-        if on:
-            out.append((slice(k * r, (k + 1) * r), slice(k * q, (k + 1) * q), slice(g * q, (g + 1) * q)))
-            k += 1
-    return out
 
 
 def _d_out(B: Any, enable: tuple[bool, ...] | None) -> int:
