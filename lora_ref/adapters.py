@@ -279,11 +279,7 @@ def _validate_delta(x, A, B, scale, mask, enable) -> float:
         raise ValueError(f"A has {A.shape[0]} rows but B has rank {B.shape[1]}"
                          f"{f' and {n} enabled blocks' if n > 1 else ''} (A {tuple(A.shape)}, B {tuple(B.shape)})")
     if mask is not None:
-        shape = tuple(x.shape)
-        m = tuple(mask.shape)
-        ok = len(m) <= len(shape) and all(a in (1, b) for a, b in zip(m[::-1], shape[::-1]))
-        if not ok:
-            raise ValueError(f"dropout_mask of shape {m} does not broadcast to x's shape {shape}")
+        checks.broadcastable_mask(mask, x)
     return scale
 
 

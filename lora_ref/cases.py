@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import FLOAT_DTYPES, finite_real, is_int, numpy_generator, positive_int, probability
+from .checks import FLOAT_DTYPES, broadcasts_to, finite_real, is_int, numpy_generator, positive_int, probability
 from .config import check_enable_lora
 from .lora import lora_scale
 
@@ -115,11 +115,7 @@ class LoraCase:
         x_shape = self.batch_shape + (self.d_in,)
         if self.mask_shape is not None:
             set_("mask_shape", self._shape(self.mask_shape, "mask_shape"))
-            try:
-                fits = np.broadcast_shapes(self.mask_shape, x_shape) == x_shape
-            except ValueError:
-                fits = False
-            if not fits:
+            if not broadcasts_to(self.mask_shape, x_shape):
                 raise ValueError(f"mask_shape {self.mask_shape} does not broadcast to x's shape {x_shape}")
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")

@@ -22,7 +22,10 @@ __all__ = [
     "FLOAT_DTYPES",
     "INTEGER_DTYPES",
     "boolean",
+    "broadcastable_mask",
+    "broadcasts_to",
     "enable_flags",
+    "finite_merge",
     "finite_real",
     "float_array",
     "generator",
@@ -232,3 +235,28 @@ def same_dtype(*named: tuple[str, Any]) -> None:
             raise TypeError(
                 f"{name} is {dtype} but {first_name} is {first_dtype}; "
                 "lora_ref does not mix precisions silently: cast them to one dtype first")
+
+
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether an array of ``shape`` broadcasts to ``target`` without changing it (NumPy's rules)."""
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
+def broadcastable_mask(mask: Any, x: Any, name: str = "dropout_mask") -> None:
+    """``mask`` (an explicit dropout mask) broadcasts to ``x``'s shape without changing it."""
+    if not broadcasts_to(shape_of(mask), shape_of(x)):
+        raise ValueError(f"{name} of shape {shape_of(mask)} does not broadcast to x's shape {shape_of(x)}")
+
+
+def finite_merge(merged: Any, delta: Any, who: str, what: str, delta_name: str) -> Any:
+    """``merged`` (a base plus ``delta``), or ``ValueError`` when it holds an inf or NaN (PEFT's
+    ``safe_merge``), naming ``who`` refuses, how many entries and the largest ``|delta|``."""
+    xp = namespace(merged)
+    if not bool(xp.all(xp.isfinite(merged))):
+        bad = int(xp.sum(xp.astype(~xp.isfinite(merged), xp.int64)))
+        raise ValueError(f"{who}: the merged {what} would contain {bad} non-finite values "
+                         f"(max |{delta_name}| = {float(xp.max(xp.abs(delta)))}); refusing to merge")
+    return merged

@@ -61,8 +61,8 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from .backend import asarray, float_dtype, namespace, sum_to_shape
-from .checks import (finite_real, float_array, is_int, non_negative_int, numpy_generator, positive_int,
-                     same_dtype, shape_of)
+from .checks import (broadcastable_mask, finite_merge, finite_real, float_array, is_int, non_negative_int,
+                     numpy_generator, positive_int, same_dtype, shape_of)
 
 __all__ = ["CONV_INIT_SCHEMES", "conv_delta_weight", "conv_nd", "conv_output_shape", "init_lora_conv", "lora_conv",
            "loralib_conv_delta", "merge_conv", "unmerge_conv"]
@@ -507,13 +507,7 @@ def merge_conv(W: Any, A: Any, B: Any, scale: float) -> Any:
     would produce non-finite values (PEFT's ``safe_merge``).
     """
     delta = _delta_for(W, A, B, scale)
-    merged = W + delta
-    xp = namespace(merged)
-    if not bool(xp.all(xp.isfinite(merged))):
-        bad = int(xp.sum(xp.astype(~xp.isfinite(merged), xp.int64)))
-        raise ValueError(f"merge_conv: the merged weight would contain {bad} non-finite values "
-                         f"(max |dW| = {float(xp.max(xp.abs(delta)))}); refusing to merge")
-    return merged
+    return finite_merge(W + delta, delta, "merge_conv", "weight", "dW")
 
 
 def unmerge_conv(W_merged: Any, A: Any, B: Any, scale: float) -> Any:
@@ -581,10 +575,5 @@ def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
                          f"with the base's groups), got B {shape_of(B)}")
     if mask is not None:
         float_array(mask, "dropout_mask")
-        try:
-            ok = np.broadcast_shapes(shape_of(mask), shape_of(x)) == shape_of(x)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"dropout_mask of shape {shape_of(mask)} does not broadcast to x's shape {shape_of(x)}")
+        broadcastable_mask(mask, x)
     return _geos(x, W, A, B, stride, padding, dilation, groups)[:3]

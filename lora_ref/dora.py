@@ -48,7 +48,7 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from .backend import dtype_name, getval, namespace, to_numpy
-from .checks import boolean, finite_real, float_array, same_dtype, shape_of
+from .checks import boolean, broadcastable_mask, finite_real, float_array, same_dtype, shape_of
 
 __all__ = [
     "dora_linear",
@@ -367,12 +367,7 @@ def _check_linear(x, W, A, B, m, scale, bias, mask, detach_norm) -> tuple[float,
     if mask is not None:
         float_array(mask, "dropout_mask")
         same_dtype(("x", x), ("dropout_mask", mask))
-        try:
-            ok = np.broadcast_shapes(shape_of(mask), shape_of(x)) == shape_of(x)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"dropout_mask of shape {shape_of(mask)} does not broadcast to x's shape {shape_of(x)}")
+        broadcastable_mask(mask, x)
     return scale, detach_norm
 
 

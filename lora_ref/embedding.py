@@ -45,8 +45,8 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from .backend import asarray, float_dtype, getval, namespace
-from .checks import (finite_real, float_array, index_array, int_in_range, numpy_generator, positive_int,
-                     same_dtype, shape_of)
+from .checks import (finite_merge, finite_real, float_array, index_array, int_in_range, numpy_generator,
+                     positive_int, same_dtype, shape_of)
 
 __all__ = [
     "embedding_delta",
@@ -241,13 +241,7 @@ def merge_embedding(E: Any, A: Any, B: Any, scale: float) -> Any:
     (docs/embedding.md).
     """
     delta = _delta_for(E, A, B, scale)
-    merged = E + delta
-    xp = namespace(merged)
-    if not bool(xp.all(xp.isfinite(merged))):
-        bad = int(xp.sum(xp.astype(~xp.isfinite(merged), xp.int64)))
-        raise ValueError(f"merge_embedding: the merged table would contain {bad} non-finite values "
-                         f"(max |s (B A)^T| = {float(xp.max(xp.abs(delta)))}); refusing to merge")
-    return merged
+    return finite_merge(E + delta, delta, "merge_embedding", "table", "s (B A)^T")
 
 
 def unmerge_embedding(E_merged: Any, A: Any, B: Any, scale: float) -> Any:

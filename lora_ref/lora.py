@@ -43,8 +43,8 @@ import numpy as np
 from autograd.extend import defvjp, primitive
 
 from .backend import asarray, dtype_name, float_dtype, namespace, sum_to_shape, to_numpy
-from .checks import (FLOAT_DTYPES, finite_real, float_array, numpy_generator, positive_int, positive_real,
-                     probability, same_dtype)
+from .checks import (FLOAT_DTYPES, broadcastable_mask, finite_real, float_array, numpy_generator, positive_int,
+                     positive_real, probability, same_dtype)
 from .config import INIT_SCHEMES, LoraConfig, check_enable_lora, lora_scale
 
 __all__ = [
@@ -494,11 +494,5 @@ def _validate(x, W, A, B, scale, bias, mask, enable_lora) -> float | None:
                 f"got A {tuple(A.shape)}, B {tuple(B.shape)}")
     if mask is not None:
         float_array(mask, "dropout_mask")
-        try:
-            np.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
-            ok = np.broadcast_shapes(tuple(mask.shape), tuple(x.shape)) == tuple(x.shape)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+        broadcastable_mask(mask, x)
     return scale

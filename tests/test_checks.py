@@ -67,3 +67,28 @@ def test_index_array_names_the_first_bad_index():
     with pytest.raises(ValueError, match=r"tokens must be in \[0, 5\) \(the vocabulary = 5\), got 7 at position \(1, 0\)"):
         checks.index_array(np.array([[0, 4], [7, -1]]), 5, "tokens", "the vocabulary")
     checks.index_array(np.zeros((0,), np.int64), 5, "tokens")                     # empty: nothing to check
+
+
+@pytest.mark.parametrize("shape, target, fits", [
+    ((2, 3), (2, 3), True), ((3,), (2, 3), True), ((1, 3), (2, 3), True), ((1,), (0,), True),
+    ((2, 1), (2, 3), True), ((3, 3), (2, 3), False), ((2, 3), (3,), False), ((4,), (2, 3), False),
+    ((0,), (1,), False), ((2, 2, 3), (2, 3), False),
+])
+def test_broadcasts_to_never_grows_the_target(shape, target, fits):
+    assert checks.broadcasts_to(shape, target) is fits
+
+
+def test_broadcastable_mask_names_both_shapes():
+    x = array_api_strict.ones((2, 3), dtype=array_api_strict.float64)
+    checks.broadcastable_mask(array_api_strict.ones((1, 3), dtype=array_api_strict.float64), x)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 2\) does not broadcast to x's shape \(2, 3\)"):
+        checks.broadcastable_mask(np.ones((2, 2)), np.ones((2, 3)), "mask")
+
+
+def test_finite_merge_refuses_inf_and_nan_and_says_how_many():
+    merged = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert checks.finite_merge(merged, np.ones((2, 2)), "merge_x", "weight", "dW") is merged
+    bad = np.array([[1.0, np.inf], [np.nan, 4.0]])
+    with pytest.raises(ValueError, match=r"merge_x: the merged table would contain 2 non-finite values "
+                                         r"\(max \|dW\| = 3\.0\); refusing to merge"):
+        checks.finite_merge(bad, np.array([[0.5, -3.0], [1.0, 2.0]]), "merge_x", "table", "dW")

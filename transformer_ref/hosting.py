@@ -36,11 +36,9 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
 from lora_ref.adapters import BASE, AdapterSet
 from lora_ref.backend import dtype_name, getval, namespace
-from lora_ref.checks import index_array, is_array, is_integer_array
+from lora_ref.checks import broadcasts_to, index_array, is_array, is_integer_array
 from lora_ref.lora import LoraConfig
 
 from .layers import Ops
@@ -517,11 +515,7 @@ def check_dropout(dropout: Any, adapters: Any, params: Any, tokens_shape: tuple[
                              "(PEFT and loralib apply none on this path)")
         d_in = getval(params[name + ".weight"]).shape[1]
         want = (int(tokens_shape[0]), int(tokens_shape[1]), d_in)
-        try:
-            ok = np.broadcast_shapes(tuple(mask.shape), want) == want
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
+        if not (hasattr(mask, "shape") and broadcasts_to(mask.shape, want)):
             shape = tuple(mask.shape) if hasattr(mask, "shape") else type(mask).__name__
             raise ValueError(f"dropout[{name!r}] has shape {shape}, which does not broadcast to (B, T, d_in) = {want}")
 
