@@ -45,9 +45,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import safetensors.numpy
 
+from .backend import dtype_name
 from .checks import is_int
 
-__all__ = ["DirectoryWriteError", "FileFormatError", "StoredTensor", "read_json", "read_tensors",
+__all__ = ["DirectoryWriteError", "FileFormatError", "StoredTensor", "load_dtype", "read_json", "read_tensors",
            "write_directory_atomically"]
 
 
@@ -94,6 +95,17 @@ def read_json(path: str | os.PathLike, *, error: type[FileFormatError] = FileFor
         return json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_dtype(dtype: Any) -> str | None:
+    """A loader's ``dtype`` argument: None (keep the stored dtypes) or the name of the float dtype,
+    ``"float32"`` or ``"float64"``, that every tensor is widened to (a string or a dtype object)."""
+    if dtype is None:
+        return None
+    target = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if target not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return target
 
 
 # ============================================================================================

@@ -50,7 +50,7 @@ import safetensors.numpy
 
 from .backend import asarray, dtype_name, to_numpy
 from .config import LoraConfig
-from .files import read_json, read_tensors, write_directory_atomically
+from .files import load_dtype, read_json, read_tensors, write_directory_atomically
 from .peft_config import (CONFIG_FIELDS, CONFIG_NAME, PEFT_VERSION, AdapterFormatError, config_from_peft_dict,
                           config_to_peft_dict)
 
@@ -328,7 +328,7 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {str(folder)!r} does not exist (or is not a directory)")
-    target = _target_dtype(dtype)
+    target = load_dtype(dtype)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for file in (config_file, weights_file):
         if file.is_dir():
@@ -386,15 +386,6 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
     if params is not None:
         validate_adapter(lora_config, adapters, params, source=str(weights_file))
     return lora_config, {m: {s: asarray(a) for s, a in pair.items()} for m, pair in adapters.items()}
-
-
-def _target_dtype(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    target = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    if target not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return target
 
 
 def _check_variant(lora_config: LoraConfig, module: str, found: dict[str, np.ndarray], is_embedding: bool,
@@ -538,7 +529,7 @@ def load_peft_adapters(path: str | os.PathLike, params: Mapping[str, Any] | None
     has its own config (rank, alpha, rsLoRA, DoRA ...); a failure names the adapter's folder.
     This is the mapping :meth:`lora_ref.adapters.AdapterSet.from_peft` takes.
     """
-    _target_dtype(dtype)
+    load_dtype(dtype)
     return {name: load_peft_adapter(folder, params, dtype=dtype)
             for name, folder in list_peft_adapters(path, default=default).items()}
 

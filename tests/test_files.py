@@ -297,3 +297,11 @@ def test_keep_decides_which_entries_of_the_previous_directory_are_carried_over(t
     assert sorted(p.name for p in target.iterdir()) == ["a", "c", "sub"]
     assert (target / "a").read_text() == "new a" and (target / "c").read_text() == "c"
     assert sorted(seen) == ["b", "c", "sub"]              # asked only about entries write did not produce
+
+
+def test_load_dtype_is_none_or_a_float_name_for_every_loader():
+    assert files.load_dtype(None) is None
+    assert files.load_dtype("float32") == "float32" and files.load_dtype(np.dtype("float64")) == "float64"
+    for bad in ("float16", np.float16, "int64"):
+        with pytest.raises(ValueError, match=r"dtype must be 'float32' or 'float64', got "):
+            files.load_dtype(bad)

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from lora_ref.backend import asarray, dtype_name, to_numpy
-from lora_ref.files import FileFormatError, read_json, read_tensors, write_directory_atomically
+from lora_ref.backend import asarray, to_numpy
+from lora_ref.files import FileFormatError, load_dtype, read_json, read_tensors, write_directory_atomically
 
 from .gpt2 import PROJECTIONS, GPTConfig
 from .hosting import is_4bit
@@ -107,15 +107,6 @@ def _folder(path: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(folder)!r} does not exist (or is not a directory)")
     return folder
-
-
-def _target(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    target = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    if target not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return target
 
 
 def _read_config_json(folder: Path) -> dict[str, Any]:
@@ -357,7 +348,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     ``FileNotFoundError`` when ``path`` is not a directory.
     """
     folder = _folder(path)
-    target = _target(dtype)
+    target = load_dtype(dtype)
     config = _read_gpt2_config(folder)
     tensors, stored, where = _read_weights(folder)
 
@@ -461,7 +452,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: Any = None) -> tuple[LlamaC
     ``FileNotFoundError`` when ``path`` is not a directory.
     """
     folder = _folder(path)
-    target = _target(dtype)
+    target = load_dtype(dtype)
     config_file = folder / CONFIG_NAME
     raw = _read_config_json(folder)
     if raw.get("model_type") not in MODEL_TYPES:
