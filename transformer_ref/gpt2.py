@@ -27,7 +27,6 @@ Shapes: B batch, T tokens, C = n_embd, F = MLP width, V = vocab_size, r rank.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import asarray, float_dtype, namespace
-from lora_ref.checks import boolean, finite_real, generator, positive_int, positive_real, probability
+from lora_ref.checks import boolean, generator, non_negative_real, positive_int, positive_real, probability
 from lora_ref.lora import LoraConfig
 
 from . import hosting
@@ -136,25 +135,17 @@ class GPTConfig:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             set_(name, probability(getattr(self, name), name))
         set_("layer_norm_epsilon", positive_real(self.layer_norm_epsilon, "layer_norm_epsilon"))
-        init = finite_real(self.initializer_range, "initializer_range")
-        if init < 0.0:
-            raise ValueError(f"initializer_range must be non-negative, got {init!r}")
-        set_("initializer_range", init)
+        set_("initializer_range", non_negative_real(self.initializer_range, "initializer_range"))
         for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                      "tie_word_embeddings", "add_cross_attention"):
             set_(name, boolean(getattr(self, name), name))
         if self.add_cross_attention:
             raise ValueError("add_cross_attention must be False: this is a decoder-only model")
-        extra = {} if self.extra is None else self.extra
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"extra must be a mapping of config.json keys, got {type(extra).__name__}")
-        clash = sorted(set(extra) & {f.name for f in fields(self)})
-        if clash:
-            raise ValueError(f"extra must not repeat GPTConfig fields, got {clash}")
+        extra = hosting.config_extra(self)
         if "n_ctx" in extra and extra["n_ctx"] != self.n_positions:
             raise ValueError(f"config.json has n_ctx={extra['n_ctx']!r} but n_positions={self.n_positions}; "
                              "they must agree (n_ctx is GPT-2's old name for the context length)")
-        set_("extra", MappingProxyType(dict(extra)))
+        set_("extra", extra)
 
     # ---- derived sizes ----------------------------------------------------------------------
 
@@ -202,10 +193,7 @@ class GPTConfig:
         extra = {k: v for k, v in d.items() if k not in names and k not in _ALIASES}
         if extra.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"config.json model_type must be 'gpt2', got {extra['model_type']!r}")
-        unknown = sorted(k for k in extra if k not in INERT_KEYS)
-        if unknown:
-            warnings.warn(f"config.json keys {unknown} are not GPT-2 settings transformer_ref knows; they are kept "
-                          "in GPTConfig.extra and have no effect on the model", stacklevel=2)
+        hosting.warn_unknown_keys(extra, INERT_KEYS, "GPT-2", cls)
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,14 +311,8 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
     adapter_names  with an AdapterSet: one adapter name per row (``"__base__"`` for none), each
                 row computed with its own adapter (PEFT's mixed batch); not with DoRA adapters
     """
-    hosting.check_params(params, FAMILY, config)
-    hosting.check_tokens(tokens, config.vocab_size, config.n_positions, "n_positions")
-    if adapters is not None:
-        hosting.check_adapters(adapters, params, lora_config, FAMILY, config)
-    if dropout is not None:
-        hosting.check_dropout(dropout, adapters, params, tuple(tokens.shape))
-    hosting.check_adapter_names(adapter_names, adapters, tokens.shape[0])
-    hosting.check_ops(ops)
+    hosting.check_forward(FAMILY, config, params, tokens, adapters, lora_config, dropout, ops, adapter_names,
+                          "n_positions")
     adapters = {} if adapters is None else adapters
     dropout = {} if dropout is None else dropout
     p = params

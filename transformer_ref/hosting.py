@@ -14,8 +14,10 @@ write again lives here, written against that record:
 * ``add_adapters`` and ``merge_adapters`` -- fresh adapters for every module a
   ``lora_ref.LoraConfig`` targets, and each adapter folded into its weight -- are in
   :mod:`transformer_ref.adapting` (split from this file to keep both under 600 lines);
-* :func:`check_params`, :func:`check_tokens`, :func:`check_adapters`, :func:`check_ops` -- the
-  validation a family's ``forward`` runs first, with messages that say what is wrong and where.
+* :func:`check_forward` (:func:`check_params`, :func:`check_tokens`, :func:`check_adapters`, ...) -- the
+  validation a family's ``forward`` runs first, with messages that say what is wrong and where;
+  :func:`config_extra` and :func:`warn_unknown_keys`, the config.json keys a family's config keeps
+  without using them.
 
 The containers are those of the whole package: ``params`` a dict of arrays keyed by Hugging Face
 state-dict names, every projection weight stored ``(d_out, d_in)`` (``y = x W^T + b``: GPT-2's
@@ -30,8 +32,9 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -43,9 +46,9 @@ from lora_ref.lora import LoraConfig
 
 from .layers import Ops
 
-__all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_ops", "check_params",
-           "check_tokens", "embed", "embedding_flag", "enable_flags", "families", "family_of", "is_4bit", "project",
-           "register"]
+__all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_forward", "check_ops",
+           "check_params", "check_tokens", "config_extra", "embed", "embedding_flag", "enable_flags", "families", "family_of", "is_4bit", "project",
+           "register", "warn_unknown_keys"]
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,43 @@ def family_of(config: Any) -> Family:
 # ============================================================================================
 # Validation: what is wrong, and where
 # ============================================================================================
+
+
+def config_extra(config: Any, reserved: Sequence[str] = (), what: str = "fields") -> Mapping[str, Any]:
+    """A family config's ``extra`` (every other config.json key), checked: a mapping that repeats
+    none of the config's fields nor ``reserved`` (``what`` names them), as a read-only copy."""
+    extra = {} if config.extra is None else config.extra
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a mapping of config.json keys, got {type(extra).__name__}")
+    clash = sorted(set(extra) & ({f.name for f in fields(config)} | set(reserved)))
+    if clash:
+        raise ValueError(f"extra must not repeat {type(config).__name__} {what}, got {clash}")
+    return MappingProxyType(dict(extra))
+
+
+def warn_unknown_keys(extra: Mapping[str, Any], inert: frozenset[str], settings: str, config_type: type) -> None:
+    """A ``UserWarning`` (pointing at the caller's caller, who called ``from_dict``) naming the keys
+    of ``extra`` that are neither fields nor known metadata (``inert``): kept, with no effect."""
+    unknown = sorted(k for k in extra if k not in inert)
+    if unknown:
+        warnings.warn(f"config.json keys {unknown} are not {settings} settings transformer_ref knows; they are kept "
+                      f"in {config_type.__name__}.extra and have no effect on the model", stacklevel=3)
+
+
+def check_forward(family: Family, config: Any, params: Any, tokens: Any, adapters: Any, lora_config: Any,
+                  dropout: Any, ops: Any, adapter_names: Any, context: str) -> str:
+    """What every family's ``forward`` checks first, in this order: params, tokens (at most
+    ``getattr(config, context)`` positions), adapters, dropout masks, adapter_names, ops.
+    Returns the params' dtype name (:func:`check_params`)."""
+    dtype = check_params(params, family, config)
+    check_tokens(tokens, config.vocab_size, getattr(config, context), context)
+    if adapters is not None:
+        check_adapters(adapters, params, lora_config, family, config)
+    if dropout is not None:
+        check_dropout(dropout, adapters, params, tuple(tokens.shape))
+    check_adapter_names(adapter_names, adapters, tokens.shape[0])
+    check_ops(ops)
+    return dtype
 
 
 def check_params(params: Any, family: Family, config: Any) -> str:

@@ -28,8 +28,6 @@ F = intermediate_size, V = vocab_size, r rank.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import asarray, float_dtype, namespace
-from lora_ref.checks import boolean, finite_real, generator, positive_int, positive_real, probability
+from lora_ref.checks import boolean, generator, non_negative_real, positive_int, positive_real, probability
 from lora_ref.lora import LoraConfig
 
 from . import hosting
@@ -164,10 +162,7 @@ class LlamaConfig:
                                       "(hidden_act='silu')")
         set_("rms_norm_eps", positive_real(self.rms_norm_eps, "rms_norm_eps"))
         set_("rope_theta", positive_real(self.rope_theta, "rope_theta"))
-        init = finite_real(self.initializer_range, "initializer_range")
-        if init < 0.0:
-            raise ValueError(f"initializer_range must be non-negative, got {init!r}")
-        set_("initializer_range", init)
+        set_("initializer_range", non_negative_real(self.initializer_range, "initializer_range"))
         set_("attention_dropout", probability(self.attention_dropout, "attention_dropout"))
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             set_(name, boolean(getattr(self, name), name))
@@ -176,13 +171,7 @@ class LlamaConfig:
         if self.model_type != "llama" and (self.attention_bias or self.mlp_bias):
             raise ValueError(f"attention_bias and mlp_bias are LLaMA settings; {self.model_type}'s biases are fixed "
                              f"by its architecture (model_type={self.model_type!r} needs both False)")
-        extra = {} if self.extra is None else self.extra
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"extra must be a mapping of config.json keys, got {type(extra).__name__}")
-        clash = sorted(set(extra) & ({f.name for f in fields(self)} | set(_ROPE_KEYS)))
-        if clash:
-            raise ValueError(f"extra must not repeat LlamaConfig fields or rope settings, got {clash}")
-        set_("extra", MappingProxyType(dict(extra)))
+        set_("extra", hosting.config_extra(self, _ROPE_KEYS, "fields or rope settings"))
 
     # ---- derived sizes ----------------------------------------------------------------------
 
@@ -233,10 +222,7 @@ class LlamaConfig:
         _check_windows(d, model_type, max_pos)
         extra = {k: v for k, v in d.items() if k not in names and k not in _ROPE_KEYS}
         extra.pop("model_type", None)
-        unknown = sorted(k for k in extra if k not in INERT_KEYS)
-        if unknown:
-            warnings.warn(f"config.json keys {unknown} are not {model_type} settings transformer_ref knows; they are "
-                          "kept in LlamaConfig.extra and have no effect on the model", stacklevel=2)
+        hosting.warn_unknown_keys(extra, INERT_KEYS, model_type, cls)
         return cls(**kwargs, model_type=model_type, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,14 +396,8 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
     adapter_names  with an AdapterSet: one adapter name per row, ``"__base__"`` for none (PEFT's
                 mixed batch); not with DoRA adapters
     """
-    dtype = hosting.check_params(params, FAMILY, config)
-    hosting.check_tokens(tokens, config.vocab_size, config.max_position_embeddings, "max_position_embeddings")
-    if adapters is not None:
-        hosting.check_adapters(adapters, params, lora_config, FAMILY, config)
-    if dropout is not None:
-        hosting.check_dropout(dropout, adapters, params, tuple(tokens.shape))
-    hosting.check_adapter_names(adapter_names, adapters, tokens.shape[0])
-    hosting.check_ops(ops)
+    dtype = hosting.check_forward(FAMILY, config, params, tokens, adapters, lora_config, dropout, ops, adapter_names,
+                                  "max_position_embeddings")
     pad = padding_idx(config) if hosting.adapts(adapters, "model.embed_tokens") else None   # its row gets no gradient
     p, H, Hk = params, config.num_attention_heads, config.num_key_value_heads
     # RoPE's tables for positions 0 .. T-1, once per forward: cos, sin (T, D), the model's dtype

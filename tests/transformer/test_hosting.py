@@ -124,3 +124,34 @@ def test_registry_refuses_a_second_family_for_one_config(toy):
         hosting.Family(name="x", config_type=int, block="blocks", projections={}, n_blocks=len,
                        param_shapes=toy_shapes, init_params=toy_init, forward=toy_forward, loss=toy_loss)
     assert hosting.family_of(tr.GPTConfig()).name == "gpt2" and hosting.family_of(ToyConfig()) is TOY
+
+
+@pytest.mark.parametrize("make, repeats", [
+    (lambda **kw: tr.GPTConfig(n_embd=8, n_head=2, n_layer=1, vocab_size=11, n_positions=8, **kw),
+     r"extra must not repeat GPTConfig fields, got \['n_embd'\]"),
+    (lambda **kw: tr.LlamaConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16, num_hidden_layers=1,
+                                 vocab_size=11, **kw),
+     r"extra must not repeat LlamaConfig fields or rope settings, got \['rope_theta'\]"),
+])
+def test_both_families_check_their_config_the_shared_way(make, repeats):
+    with pytest.raises(ValueError, match=r"initializer_range must be non-negative, got -0\.5"):
+        make(initializer_range=-0.5)
+    with pytest.raises(TypeError, match=r"initializer_range must be a real number, got '0\.02' \(str\)"):
+        make(initializer_range="0.02")
+    with pytest.raises(TypeError, match=r"extra must be a mapping of config.json keys, got list"):
+        make(extra=[])
+    clash = {"n_embd": 8} if "GPT" in repeats else {"rope_theta": 1.0}
+    with pytest.raises(ValueError, match=repeats):
+        make(extra=clash)
+    extra = make(extra={"note": "kept"}).extra
+    assert dict(extra) == {"note": "kept"}
+    with pytest.raises(TypeError):
+        extra["note"] = "changed"                        # a read-only copy
+
+
+@pytest.mark.parametrize("config_type, settings", [(tr.GPTConfig, "GPT-2"), (tr.LlamaConfig, "llama")])
+def test_unknown_config_keys_warn_at_the_from_dict_call(config_type, settings):
+    with pytest.warns(UserWarning, match=rf"config.json keys \['mystery'\] are not {settings} settings transformer_ref "
+                                         rf"knows; they are kept in {config_type.__name__}.extra") as record:
+        config_type.from_dict({"mystery": 1})
+    assert record[0].filename == __file__                 # the caller's line, not hosting's
