@@ -123,23 +123,28 @@ def _llama(name: str, label: str, source: str, *, vocab: int, d: int, F: int, L:
                                f"{Hk} key/value heads, SwiGLU MLP), final RMSNorm, untied lm_head")
 
 
+def _roberta(name: str, label: str, *, d: int, F: int, L: int, H: int) -> ModelPreset:
+    """A RoBERTa preset from its Hugging Face config.json values (50265 tokens, 514 positions, one token type)."""
+    config = {"vocab_size": 50265, "hidden_size": d, "num_hidden_layers": L, "num_attention_heads": H,
+              "intermediate_size": F, "max_position_embeddings": 514, "type_vocab_size": 1}
+    return ModelPreset(name=name, label=label, family="roberta", d_model=d, layers=L, ffn_width=F,
+                       config=MappingProxyType(config), source=f"Hugging Face {name} config.json",
+                       counted="RobertaModel encoder: word (50265), position (514) and token-type (1) embeddings "
+                               f"with their LayerNorm, {L} layers; no pooler, no LM or classification head")
+
+
+def _gpt2(name: str, label: str, *, d: int, L: int, H: int) -> ModelPreset:
+    """A GPT-2 preset from its Hugging Face config.json values (50257 tokens, 1024 positions, F = 4 d)."""
+    config = {"n_embd": d, "n_layer": L, "n_head": H, "vocab_size": 50257, "n_positions": 1024}
+    return ModelPreset(name=name, label=label, family="gpt2", d_model=d, layers=L, ffn_width=4 * d,
+                       config=MappingProxyType(config), source=f"Hugging Face {name} config.json",
+                       counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
+                               f"embeddings, {L} blocks, final LayerNorm; lm_head tied to wte, counted once")
+
+
 PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
-    ModelPreset(
-        name="roberta-base", label="RoBERTa base", family="roberta", d_model=768, layers=12, ffn_width=3072,
-        config=MappingProxyType({"vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
-                                 "num_attention_heads": 12, "intermediate_size": 3072,
-                                 "max_position_embeddings": 514, "type_vocab_size": 1}),
-        source="Hugging Face roberta-base config.json",
-        counted="RobertaModel encoder: word (50265), position (514) and token-type (1) embeddings with "
-                "their LayerNorm, 12 layers; no pooler, no LM or classification head"),
-    ModelPreset(
-        name="roberta-large", label="RoBERTa large", family="roberta", d_model=1024, layers=24, ffn_width=4096,
-        config=MappingProxyType({"vocab_size": 50265, "hidden_size": 1024, "num_hidden_layers": 24,
-                                 "num_attention_heads": 16, "intermediate_size": 4096,
-                                 "max_position_embeddings": 514, "type_vocab_size": 1}),
-        source="Hugging Face roberta-large config.json",
-        counted="RobertaModel encoder: word (50265), position (514) and token-type (1) embeddings with "
-                "their LayerNorm, 24 layers; no pooler, no LM or classification head"),
+    _roberta("roberta-base", "RoBERTa base", d=768, F=3072, L=12, H=12),
+    _roberta("roberta-large", "RoBERTa large", d=1024, F=4096, L=24, H=16),
     ModelPreset(
         name="deberta-xxlarge", label="DeBERTa XXL", family="deberta-v2", d_model=1536, layers=48, ffn_width=6144,
         config=MappingProxyType({"vocab_size": 128100, "hidden_size": 1536, "num_hidden_layers": 48,
@@ -154,20 +159,8 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
                 "attention keys: no separate position projections), relative-position embeddings "
                 "(2 x 256 buckets) with their LayerNorm, the convolution after layer 0 with its "
                 "LayerNorm; no pooler, no classification head"),
-    ModelPreset(
-        name="gpt2-medium", label="GPT-2 M", family="gpt2", d_model=1024, layers=24, ffn_width=4096,
-        config=MappingProxyType({"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 50257,
-                                 "n_positions": 1024}),
-        source="Hugging Face gpt2-medium config.json",
-        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
-                "embeddings, 24 blocks, final LayerNorm; lm_head tied to wte, counted once"),
-    ModelPreset(
-        name="gpt2-large", label="GPT-2 L", family="gpt2", d_model=1280, layers=36, ffn_width=5120,
-        config=MappingProxyType({"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257,
-                                 "n_positions": 1024}),
-        source="Hugging Face gpt2-large config.json",
-        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
-                "embeddings, 36 blocks, final LayerNorm; lm_head tied to wte, counted once"),
+    _gpt2("gpt2-medium", "GPT-2 M", d=1024, L=24, H=16),
+    _gpt2("gpt2-large", "GPT-2 L", d=1280, L=36, H=20),
     ModelPreset(
         name="gpt3-175b", label="GPT-3 175B", family="gpt3", d_model=12288, layers=96, ffn_width=49152,
         config=MappingProxyType({"n_embd": 12288, "n_layer": 96, "n_head": 96, "n_ctx": 2048}),
@@ -175,13 +168,7 @@ PRESETS: Mapping[str, ModelPreset] = MappingProxyType({p.name: p for p in (
         counted="not recomputed: GPT-3's paper does not publish every detail an exact count needs "
                 "(vocabulary, biases, tying); the LoRA paper's own count (Table 4, GPT-3 FT) is used",
         reported_full="175,255.8M"),
-    ModelPreset(
-        name="gpt2", label="GPT-2 (124M)", family="gpt2", d_model=768, layers=12, ffn_width=3072,
-        config=MappingProxyType({"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
-                                 "n_positions": 1024}),
-        source="Hugging Face gpt2 config.json",
-        counted="GPT2LMHeadModel as saved by Hugging Face: token (50257) and position (1024) "
-                "embeddings, 12 blocks, final LayerNorm; lm_head tied to wte, counted once"),
+    _gpt2("gpt2", "GPT-2 (124M)", d=768, L=12, H=12),
     _llama("llama-2-7b", "LLaMA-2 7B", "Hugging Face meta-llama/Llama-2-7b-hf config.json",
            vocab=32000, d=4096, F=11008, L=32, H=32, Hk=32, positions=4096, theta=10000.0),
     _llama("llama-2-13b", "LLaMA-2 13B", "Hugging Face meta-llama/Llama-2-13b-hf config.json",
