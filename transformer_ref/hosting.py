@@ -47,8 +47,8 @@ from lora_ref.lora import LoraConfig
 from .layers import Ops
 
 __all__ = ["Family", "adapts", "check_adapter_names", "check_adapters", "check_dropout", "check_forward", "check_ops",
-           "check_params", "check_tokens", "config_extra", "embed", "embedding_flag", "enable_flags", "families", "family_of", "is_4bit", "project",
-           "register", "warn_unknown_keys"]
+           "check_params", "check_tokens", "config_extra", "embed", "embedding_flag", "enable_flags", "families",
+           "family_of", "is_4bit", "project", "register", "warn_unknown_keys"]
 
 
 @dataclass(frozen=True)
