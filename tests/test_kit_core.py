@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lora_ref.kit.core import Call, Output, compare_exact, compare_to_reference, reference_rtol, run_call, tolerance
+from lora_ref.kit.core import (Call, Output, compare_exact, compare_to_reference, property_call, reference_rtol, run_call,
+                               tolerance)
 from lora_ref.testing import PropertyResult, check_lora_linear, unit_roundoff
 
 
@@ -85,3 +86,19 @@ def test_run_call_reports_crashes_and_wrong_return_kinds():
 def test_dtype_argument_lists_what_the_check_allows():
     with pytest.raises(ValueError, match=r"dtypes must be 'float32' and/or 'float64', got \['bfloat16'\]"):
         check_lora_linear(lambda *a, **k: None, dtypes=(ml_dtypes.bfloat16,))
+
+
+def test_property_call_picks_the_callable_and_one_gradient():
+    outs = tuple(Output(n, np.zeros(1), "float64") for n in ("dx", "dA", "dB"))
+    asked = []
+
+    def calls(which):
+        asked.append(which)
+        return Call(which, (), (), {}, outs if which == "grad" else outs[:1])
+
+    assert property_call("merge_rslora", calls).callable == "merge"
+    assert property_call("forward", calls).callable == "impl"
+    assert property_call("groups", calls).callable == "impl"            # not a gradient property
+    grad = property_call("grad_A", calls)
+    assert grad.callable == "grad" and [o.name for o in grad.outputs] == ["dA"]
+    assert asked == ["merge", "impl", "impl", "grad"]

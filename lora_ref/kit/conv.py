@@ -20,7 +20,7 @@ from autograd import make_vjp
 from ..checks import positive_int
 from ..conv import conv_output_shape, lora_conv, merge_conv
 from ..lora import lora_scale
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
 
 __all__ = ["CONV_DEFAULT_PROPERTIES", "CONV_PROPERTIES", "check_lora_conv", "conv_calls", "conv_reference",
            "conv_rounding_counts", "draw_conv_case"]
@@ -150,12 +150,7 @@ def conv_calls(case: dict[str, np.ndarray], settings: dict[str, Any], dtype: str
 def _build(name: str, dtype: str, seed: int) -> Call:
     spec = _SPECS[name]
     case = draw_conv_case(spec, (seed, list(CONV_PROPERTIES).index(name)))
-    which = "merge" if name.startswith("merge") else "grad" if name.startswith("grad") else "impl"
-    call = conv_calls(case, spec, dtype, [which])[0]
-    if which == "grad":
-        call = Call(call.callable, call.args, call.arg_names, call.kwargs,
-                    tuple(o for o in call.outputs if o.name == "d" + name[-1]), call.returns)
-    return call
+    return property_call(name, lambda which: conv_calls(case, spec, dtype, [which])[0])
 
 
 def check_lora_conv(impl: Callable, *, merge: Callable | None = None, grad: Callable | None = None,

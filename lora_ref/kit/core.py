@@ -49,8 +49,8 @@ from ..backend import dtype_name, to_numpy
 from ..checks import non_negative_int, non_negative_real
 
 __all__ = ["Call", "CheckReport", "LoraCheckReport", "Output", "PropertyResult", "assert_within",
-           "compare_exact", "compare_to_reference", "reference_rtol", "run_call", "run_check", "tolerance",
-           "unit_roundoff"]
+           "compare_exact", "compare_to_reference", "property_call", "reference_rtol", "run_call", "run_check",
+           "tolerance", "unit_roundoff"]
 
 
 # ============================================================================================
@@ -379,6 +379,17 @@ class Call:
     kwargs: Mapping[str, Any]
     outputs: tuple[Output, ...]
     returns: tuple[str, ...] = ()
+
+
+def property_call(name: str, calls: Callable[[str], Call]) -> Call:
+    """The call property ``name`` makes: ``calls("merge")`` for a ``merge*`` property, ``calls("grad")``
+    for a ``grad_<v>`` one, reporting only its output ``d<v>`` (``grad_A``: ``dA``), else
+    ``calls("impl")``; ``calls(which)`` builds the variant's call of that callable."""
+    which = "merge" if name.startswith("merge") else "grad" if name.startswith("grad_") else "impl"
+    call = calls(which)
+    if which == "grad":                                  # each gradient property reports one output
+        call = dataclasses.replace(call, outputs=tuple(o for o in call.outputs if o.name == "d" + name[len("grad_"):]))
+    return call
 
 
 def _same(a: Any, b: Any) -> bool:

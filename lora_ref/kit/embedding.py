@@ -18,7 +18,7 @@ from autograd import make_vjp
 from ..checks import positive_int
 from ..embedding import lora_embedding, merge_embedding
 from ..lora import lora_scale
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
 
 __all__ = ["EMBEDDING_DEFAULT_PROPERTIES", "EMBEDDING_PROPERTIES", "check_lora_embedding", "draw_embedding_case",
            "embedding_calls", "embedding_reference", "embedding_rounding_counts"]
@@ -118,12 +118,8 @@ def _build(name: str, dtype: str, seed: int) -> Call:
     case = draw_embedding_case(V, D, r, shape, (seed, list(EMBEDDING_PROPERTIES).index(name)))
     if name == "zero_A_identity":
         case["A"] = np.zeros_like(case["A"])
-    which = "merge" if name.startswith("merge") else "grad" if name.startswith("grad") else "impl"
-    call = embedding_calls(case, {"alpha": alpha, "r": r, "use_rslora": rs, "lora_dropout": p}, dtype, [which])[0]
-    if which == "grad":
-        call = Call(call.callable, call.args, call.arg_names, call.kwargs,
-                    tuple(o for o in call.outputs if o.name == "d" + name[-1]), call.returns)
-    return call
+    settings = {"alpha": alpha, "r": r, "use_rslora": rs, "lora_dropout": p}
+    return property_call(name, lambda which: embedding_calls(case, settings, dtype, [which])[0])
 
 
 def check_lora_embedding(impl: Callable, *, merge: Callable | None = None, grad: Callable | None = None,

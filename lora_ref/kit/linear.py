@@ -21,7 +21,7 @@ from ..backend import to_numpy
 from ..cases import LoraCase, normal_entries
 from ..checks import positive_int
 from ..lora import delta_weight, lora_linear, merge as _ref_merge
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
 
 __all__ = ["DEFAULT_PROPERTIES", "PROPERTIES", "assert_lora_linear_matches", "check_lora_linear",
            "lora_linear_magnitude", "lora_magnitudes", "reference_outputs", "rounding_counts"]
@@ -227,11 +227,7 @@ def linear_calls(case: LoraCase, which: Sequence[str], extra_roundings: int = 0)
 
 def _build(name: str, dtype: str, seed: int) -> Call:
     case = _draw(name, seed).astype(dtype)
-    which = "merge" if name.startswith("merge") else "grad" if name.startswith("grad_") else "impl"
-    call = linear_calls(case, [which])[0]
-    if which == "grad":                                  # each gradient property reports one output
-        call = replace(call, outputs=tuple(o for o in call.outputs if o.name == "d" + name[len("grad_"):]))
-    return call
+    return property_call(name, lambda which: linear_calls(case, [which])[0])
 
 
 def check_lora_linear(impl: Callable, *, merge: Callable | None = None, grad: Callable | None = None,
