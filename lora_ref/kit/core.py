@@ -2,20 +2,11 @@
 
 Tolerances
 ----------
-Every tolerance in lora-ref (its own tests included) comes from :func:`tolerance`, derived from
-the dtype's unit roundoff ``u = eps / 2`` by the standard rounding-error analysis (Higham,
-*Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1 and Section 3.5):
-
-* a chain of ``n`` roundings (a dot product of length n, a sum of n terms) has relative error
-  at most ``gamma_n = n u / (1 - n u)``, *relative to the sum of absolute values* of the terms;
-* so two computations of the same quantity that each take at most ``n`` roundings differ by at
-  most ``2 gamma_n * M``, where ``M`` is the value computed with every term replaced by its
-  absolute value (the *magnitude*; each variant's kit module computes its own).
-
-These bounds are rigorous (any summation order, with or without FMA, as long as nothing
-overflows or underflows into the subnormals), so a test that uses them never fails spuriously;
-and they are far below the size of any real mistake (a wrong scale, a forgotten transpose), so
-they still catch those.
+Every tolerance in lora-ref (its own tests included) comes from :func:`tolerance`, ``gamma_n =
+n u / (1 - n u)`` for ``n`` chained roundings in the dtype's unit roundoff ``u``, times a magnitude
+``M`` (the computation on absolute values; each variant's kit module computes its own). The
+derivation, and why the bound never fails spuriously yet catches real mistakes, opens
+:mod:`lora_ref.testing`.
 
 Comparing your output with the reference
 ----------------------------------------
