@@ -47,6 +47,7 @@ __all__ = [
     "is_box",
     "namespace",
     "register_array_type",
+    "scatter_add_rows",
     "set_backend",
     "sum_to_shape",
     "to_numpy",
@@ -314,6 +315,31 @@ def sum_to_shape(g: Any, shape: tuple[int, ...]) -> Any:
     if tuple(g.shape) != shape:
         raise ValueError(f"an array of shape {tuple(g.shape)} does not broadcast from shape {shape}")
     return g
+
+
+def scatter_add_rows(ids: Any, Z: Any, n_rows: int) -> Any:
+    """``out[v] = sum of Z[i] over the i with ids[i] == v``: ids (N,) in [0, n_rows), Z (N, C) -> (n_rows, C).
+
+    An embedding's gradient, where every occurrence of a repeated id adds. The Array API has no
+    scatter-add, so one path per backend: NumPy ``np.add.at`` (unbuffered), CuPy
+    ``cupyx.scatter_add``, anything else (array_api_strict) the one-hot product onehot(ids)^T Z,
+    N n_rows C work: fine at the sizes that backend is tested with.
+    """
+    ids = getval(ids)
+    if isinstance(Z, np.ndarray):
+        out = np.zeros((n_rows, Z.shape[1]), dtype=Z.dtype)
+        np.add.at(out, np.asarray(ids), Z)                          # unbuffered: repeated ids all add
+        return out
+    xp = namespace(Z)
+    if type(Z).__module__.startswith("cupy"):
+        import cupyx
+
+        out = xp.zeros((n_rows, Z.shape[1]), dtype=Z.dtype)
+        cupyx.scatter_add(out, ids, Z)
+        return out
+    ids = xp.astype(ids, xp.int64)                                  # any integer dtype against arange's
+    onehot = xp.astype(ids[:, None] == xp.arange(n_rows, dtype=xp.int64)[None, :], Z.dtype)   # (N, n_rows)
+    return xp.matrix_transpose(onehot) @ Z                          # (n_rows, C)
 
 
 def _shape_of(x: Any) -> tuple[int, ...]:

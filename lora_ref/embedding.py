@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from .backend import asarray, float_dtype, getval, namespace
+from .backend import asarray, float_dtype, namespace, scatter_add_rows
 from .checks import (finite_merge, finite_real, float_array, index_array, int_in_range, numpy_generator,
                      positive_int, same_dtype, shape_of)
 
@@ -143,28 +143,9 @@ lora_embedding.__doc__ = """LoRA's adapted embedding lookup (E1): ``y = E[ids] +
 # PEFT's A lookup inherits). At init A = 0, so H = 0 and G3 = 0 exactly: only A moves on the first
 # step (the linear layer is the other way round).
 #
-# The Array API has no scatter-add, so `scatter` has one path per backend: NumPy `np.add.at`,
-# CuPy `cupyx.scatter_add`, anything else (array_api_strict) the one-hot product onehot(ids)^T Z,
-# N V work, fine at test sizes. (transformer_ref.layers' embedding VJP has the same three paths;
-# one shared helper in lora_ref.backend would serve both.)
-
-
-def _scatter_rows(ids: Any, Z: Any, n_rows: int) -> Any:
-    """``out[v] = sum of Z[i] over the i with ids[i] == v``: ids (N,), Z (N, C) -> (n_rows, C)."""
-    ids = getval(ids)
-    if isinstance(Z, np.ndarray):
-        out = np.zeros((n_rows, Z.shape[1]), dtype=Z.dtype)
-        np.add.at(out, np.asarray(ids), Z)                         # unbuffered: repeated ids all add
-        return out
-    xp = namespace(Z)
-    if type(Z).__module__.startswith("cupy"):
-        import cupyx
-
-        out = xp.zeros((n_rows, Z.shape[1]), dtype=Z.dtype)
-        cupyx.scatter_add(out, ids, Z)
-        return out
-    onehot = xp.astype(ids[:, None] == xp.arange(n_rows, dtype=ids.dtype)[None, :], Z.dtype)  # (N, V)
-    return xp.matrix_transpose(onehot) @ Z                          # (V, C)
+# The Array API has no scatter-add, so `scatter` is lora_ref.backend.scatter_add_rows: one path per
+# backend (NumPy `np.add.at`, CuPy `cupyx.scatter_add`, else the one-hot product onehot(ids)^T Z),
+# the same helper transformer_ref.layers' embedding VJP uses.
 
 
 def _without_row(t: Any, row: int | None) -> Any:
@@ -181,7 +162,7 @@ def _vjp_E(ans, ids, E, A, B, scale, padding_idx=None):
     def vjp(g):
         xp = namespace(g)
         G = xp.reshape(g, (-1, E.shape[1]))                         # (N, D)
-        return _without_row(_scatter_rows(xp.reshape(ids, (-1,)), G, E.shape[0]), padding_idx)
+        return _without_row(scatter_add_rows(xp.reshape(ids, (-1,)), G, E.shape[0]), padding_idx)
     return vjp
 
 
@@ -191,7 +172,7 @@ def _vjp_A(ans, ids, E, A, B, scale, padding_idx=None):
         xp = namespace(g)
         G = xp.reshape(g, (-1, E.shape[1]))                         # (N, D)
         dH = (G @ B) * finite_real(scale, "scale")                 # (N, r)   dL/dH = s G B
-        dAT = _scatter_rows(xp.reshape(ids, (-1,)), dH, A.shape[1])  # (V, r)
+        dAT = scatter_add_rows(xp.reshape(ids, (-1,)), dH, A.shape[1])  # (V, r)
         return xp.matrix_transpose(_without_row(dAT, padding_idx))   # (r, V)
     return vjp
 

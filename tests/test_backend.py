@@ -406,3 +406,15 @@ def test_public_names_are_reexported():
     for name in ("asarray", "get_backend", "set_backend", "use_backend", "to_numpy", "namespace",
                  "register_array_type", "BackendUnavailableError", "BACKENDS"):
         assert getattr(lora_ref, name) is getattr(backend, name)
+
+
+@pytest.mark.parametrize("id_dtype", ["int64", "int32", "uint8", "uint64"])
+def test_scatter_add_rows_adds_every_repeated_id_on_numpy_and_strict(id_dtype):
+    ids = np.array([3, 0, 255, 3, 3, 7], dtype=id_dtype)       # 300 rows: more than uint8 counts
+    Z = np.arange(12.0).reshape(6, 2)
+    expected = np.zeros((300, 2))
+    for i, v in enumerate(ids):                              # one row at a time: the definition
+        expected[int(v)] += Z[i]
+    assert np.array_equal(backend.scatter_add_rows(ids, Z, 300), expected)
+    strict = backend.scatter_add_rows(array_api_strict.asarray(ids), array_api_strict.asarray(Z), 300)
+    assert strict.dtype == array_api_strict.float64 and np.array_equal(to_numpy(strict), expected)

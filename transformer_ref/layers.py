@@ -39,7 +39,7 @@ import numpy as np
 from autograd.extend import defvjp
 
 from lora_ref import checks
-from lora_ref.backend import dtype_name, getval, namespace, sum_to_shape, to_numpy
+from lora_ref.backend import dtype_name, getval, namespace, scatter_add_rows, sum_to_shape, to_numpy
 from lora_ref.adapters import lora_delta
 from lora_ref.checks import index_array, integer_array
 from lora_ref.dora import dora_linear
@@ -89,28 +89,15 @@ embedding.__doc__ = """Token (or position) embedding: ``out[..., :] = table[ids[
     """
 
 
-# dL/dtable[v] = sum of dL/dout over the positions where ids == v: a scatter-add. The Array API
-# has none, so NumPy uses ``add.at``, CuPy ``cupyx.scatter_add``, and any other backend the
-# one-hot product  dtable = onehot(ids)^T @ g  (N V C work: fine for the small vocabularies
-# array_api_strict is used with, in tests).
+# dL/dtable[v] = sum of dL/dout over the positions where ids == v: a scatter-add, which the Array
+# API lacks; lora_ref.backend.scatter_add_rows has one path per backend (lora_embedding's too).
 def _embedding_vjp(ans, table, ids, cache=None):
     def vjp(g):
         xp = namespace(g)
         V, C = table.shape
         flat_ids = xp.reshape(ids, (-1,))                           # (N,)
         flat_g = xp.reshape(g, (-1, C))                             # (N, C)
-        if isinstance(flat_g, np.ndarray):
-            out = np.zeros((V, C), dtype=flat_g.dtype)
-            np.add.at(out, np.asarray(flat_ids), flat_g)
-            return out
-        if type(flat_g).__module__.startswith("cupy"):
-            import cupyx
-
-            out = xp.zeros((V, C), dtype=flat_g.dtype)
-            cupyx.scatter_add(out, flat_ids, flat_g)
-            return out
-        onehot = xp.astype(flat_ids[:, None] == xp.arange(V)[None, :], flat_g.dtype)  # (N, V)
-        return xp.matrix_transpose(onehot) @ flat_g                 # (V, C)
+        return scatter_add_rows(flat_ids, flat_g, V)                # (V, C)
     return vjp
 
 
