@@ -31,16 +31,7 @@ from .backend import asarray, get_backend, namespace, to_numpy
 from .cases import LoraCase, uniform_entries
 from .checks import positive_int
 from .config import LoraConfig
-from .lora import (
-    delta_weight,
-    init_lora,
-    lora_linear,
-    lora_parameter_count,
-    lora_scale,
-    merge,
-    pissa_init,
-    unmerge,
-)
+from .lora import delta_weight, init_lora, lora_linear, lora_parameter_count, lora_scale, merge, pissa_init, unmerge
 from .testing import tolerance
 
 __all__ = [
