@@ -79,3 +79,16 @@ def test_bad_arguments_go_to_stderr(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["vectors", str(tmp_path / "file")]) == 1
     assert "is a file" in one_error_line(capsys)
+
+
+def test_the_output_folder_rule_is_shared_with_the_demo(tmp_path):
+    from lora_ref.commands._folders import output_folder_problem
+
+    assert output_folder_problem(tmp_path / "new", "OUT_DIR", False, "it") is None        # created later
+    assert output_folder_problem(tmp_path, "OUT_DIR", False, "it") is None                 # empty
+    (tmp_path / "f").write_text("x")
+    assert output_folder_problem(tmp_path / "f", "--out", False, "it", file_status=2) == (
+        f"--out must be a directory, but {str(tmp_path / 'f')!r} is a file", 2)
+    assert output_folder_problem(tmp_path, "OUT_DIR", False, "the files into it") == (
+        f"{str(tmp_path)!r} already exists and is not empty; use --force to write the files into it", 1)
+    assert output_folder_problem(tmp_path, "OUT_DIR", True, "it") is None

@@ -23,6 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ._folders import output_folder_problem
+
 HELP = ("pretrain a small GPT-2 or LLaMA, fine-tune it with LoRA, DoRA, QLoRA and in full, serve and combine "
         "two adapters, and write a report (the paper's Tables 5-7, Figure 3)")
 
@@ -71,11 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         return _error(f"--threads must be a non-negative integer, got {args.threads}", 2)
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        return _error(f"--out must be a directory, but {str(out)!r} is a file", 2)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        return _error(f"{str(out)!r} already exists and is not empty; use --force to write the report into it "
-                      "(report.md, results.json and figures/ are replaced)", 1)
+    problem = output_folder_problem(out, "--out", args.force, "the report into it (report.md, results.json and "
+                                    "figures/ are replaced)", file_status=2)
+    if problem:
+        return _error(*problem)
     from transformer_ref import demo
 
     config = replace(demo.PRESETS["quick" if args.quick else "default"], seed=args.seed, family=args.model)

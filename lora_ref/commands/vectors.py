@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._folders import output_folder_problem
+
 HELP = ("write golden test vectors of every variant (safetensors + manifest.json, format version 2; "
         "docs/vectors-format.md) for checking another implementation")
 
@@ -35,11 +37,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--seed must be a non-negative integer, got {args.seed}", 2)
     out: Path = args.out_dir
     try:
-        if out.exists() and not out.is_dir():
-            return _error(f"OUT_DIR must be a directory, but {str(out)!r} is a file", 1)
-        if out.is_dir() and any(out.iterdir()) and not args.force:
-            return _error(f"{str(out)!r} already exists and is not empty; use --force to write the vectors into it "
-                          "(their files are replaced, other files are left alone)", 1)
+        problem = output_folder_problem(out, "OUT_DIR", args.force, "the vectors into it (their files are replaced, "
+                                        "other files are left alone)")
+        if problem:
+            return _error(*problem)
         manifest = write_vectors(out, seed=args.seed, overwrite=True)
         cases = load_vectors(out)              # read back: what was written is what a consumer gets
     except OSError as exc:
