@@ -365,9 +365,9 @@ def test_fast_gelu_equals_reference(n, dtype, seed):
     # 0.5 x (1 + tanh(c (x + k x^3))), 8 (test_layers) plus its two constants: 10.
     x64, g64 = f64(x), f64(g)
     assert_within(y, y_ref, 2 * tolerance(dtype, 10) * np.abs(x64), what="gelu")
-    # dy/dx = s (1 + x (1 - s)(2c + 6 c k x^2)): 2c + 6ck x^2 (5), times x (6), 1 - s (9), product (16),
-    # + 1 (17), times s (26), times g (27); the reference's 0.5 h (1 + x (2 - h)(c + 3ck x^2)) the same
-    # rules give 26. Terms bounded by |g| (1 + 0.5 |x| c (1 + 3 k x^2)) (test_layers).
+    # dy/dx = s (1 + (x - y)(2c + 6 c k x^2)), x - y = x (1 - s): 2c + 6ck x^2 (5); y (9, above), x - y
+    # (10), product (16), + 1 (17), times s (26), times g (27); the reference's 0.5 h (1 + x (2 - h)(c +
+    # 3ck x^2)) the same rules give 26. Terms bounded by |g| (1 + 0.5 |x| c (1 + 3 k x^2)) (test_layers).
     c = math.sqrt(2.0 / math.pi)
     M = np.abs(g64) * (1.0 + 0.5 * np.abs(x64) * c * (1.0 + 3 * 0.044715 * x64**2))
     assert_within(dx, dx_ref, 2 * tolerance(dtype, 27) * M, what="gelu dx")
