@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
 from .checks import boolean, enable_flags as check_enable_lora, finite_real, is_int, positive_int, probability
 
 try:                                        # the parser of Python's re (3.11+), for check_regex

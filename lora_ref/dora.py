@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from autograd.extend import defvjp, primitive
 
-from .backend import dtype_name, getval, namespace, to_numpy
+from .backend import getval, namespace, to_numpy
 from .checks import boolean, broadcastable_mask, finite_real, float_array, same_dtype, shape_of
 
 __all__ = [

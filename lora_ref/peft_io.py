@@ -140,7 +140,7 @@ def _check_structure(lora_config: LoraConfig, adapters: Mapping[str, Any], sourc
                 raise AdapterFormatError(f"{_where(source, module, slot)}: dtype {dtype_name(arr.dtype)} is not "
                                          "a floating dtype (float32 or float64 expected)")
             dtypes[f"{module}.{slot}"] = dtype_name(arr.dtype)
-        A, B = pair["A"], pair["B"]
+        A = pair["A"]
         kind = _kind(lora_config, module, A)
         if kind == "conv" and lora_config.use_dora:
             raise NotImplementedError(f"{_where(source, module)}: DoRA on a convolution (PEFT's magnitude "

@@ -202,7 +202,7 @@ def _print_magnitudes(params: dict, lc: Any, adapters: dict, stored: list[str]) 
     from ..testing import tolerance
 
     width = max(len(m) for m in adapters)
-    print(f"\nDoRA magnitudes m (d_out,) against the base's row norms (min / median / max over the rows):")
+    print("\nDoRA magnitudes m (d_out,) against the base's row norms (min / median / max over the rows):")
     print(f"{'module':<{width}}  {'m / ||W||_row':>26}  {'m / ||W + s B A||_row':>26}")
     warnings = []
     low = "float32" if set(stored) & {"F32", "F16", "BF16"} else "float64"     # the precision m was computed in

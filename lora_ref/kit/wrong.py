@@ -10,7 +10,6 @@ Every factory takes ``bug`` (None: correct) and returns a callable with the chec
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 

@@ -210,7 +210,7 @@ def _merge(m: dict[str, Any]) -> str:
     effects = [runs[k]["merge"][d]["adapter_effect"] for _, _, d, k in ratios]
     chains = [runs[k]["merge"]["chain_length"] for k in _lora_keys(m)]
     within = all(e <= b for e, b, _, _ in ratios)
-    return ((f"**Merging is exact to rounding.** " if within else "**Merging exceeds its rounding bound.** ")
+    return (("**Merging is exact to rounding.** " if within else "**Merging exceeds its rounding bound.** ")
             + "Logits from the merged weights differ from the adapter's by at most "
             + _list([f"{worst[d]:.3e} in {d}" for d in dtypes])
             + f", while the adapters move the logits by {_range(effects)}: at most "
