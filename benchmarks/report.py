@@ -202,6 +202,9 @@ def _numpy_kernel(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_VENDORS = ("Intel", "AMD")   # the CPU vendors the page should show one full run each of
+
+
 def write_page(full: list[dict[str, Any]], quick: list[dict[str, Any]], page: Path = PAGE,
                plot_name: str | None = PLOT.name) -> str:
     """Write docs/performance.md from every full run (one per CPU kind) and every quick smoke
@@ -232,6 +235,13 @@ def write_page(full: list[dict[str, Any]], quick: list[dict[str, Any]], page: Pa
         w("")
     for results in full:
         _run_section(w, results, quick=False)
+    missing = [v for v in _VENDORS if full and not any(
+        str(r.get("meta", {}).get("machine", {}).get("cpu_kind", "")).startswith(v.lower()) for r in full)]
+    if missing:
+        w(f"No full measurement on an {' or '.join(missing)} CPU is recorded yet: the figures above come")
+        w("from the CPU named in their heading only. Run `python -m benchmarks.run` on such a machine")
+        w("to add its section; BLAS kernels and thread behaviour differ between vendors.")
+        w("")
     if full and plot_name:
         w(f"![Step time relative to PyTorch+PEFT eager, per CPU kind]({plot_name})")
         w("")

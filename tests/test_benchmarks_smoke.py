@@ -223,6 +223,14 @@ def test_quick_run_end_to_end_writes_results_and_page(tmp_path: Path, capsys: py
     full_text = report.write_page([results], [], tmp_path / "full.md", None)
     assert results["meta"]["machine"]["cpu"] in full_text and "Every side, LoRA against full" in full_text
     assert "The machine's float32 matmul rate" in full_text and "## Quick smoke runs" not in full_text
+    kind = results["meta"]["machine"]["cpu_kind"]
+    for vendor in ("Intel", "AMD"):                                 # a vendor without a run is named as missing
+        said = f"No full measurement on an {vendor}" in full_text or f"or {vendor} CPU is recorded" in full_text
+        assert said is (not kind.startswith(vendor.lower())), (vendor, kind)
+    results["meta"]["machine"]["cpu_kind"] = "intel-xeon"
+    other = dict(results, meta=dict(results["meta"], machine=dict(results["meta"]["machine"], cpu_kind="amd-epyc")))
+    both = report.write_page([results, other], [], tmp_path / "both.md", None)
+    assert "No full measurement on an" not in both
 
 
 def test_llama_rows_run_and_say_why_when_they_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
