@@ -53,21 +53,26 @@ def _causal_bias(xp: Any, T: int, dtype: Any) -> Any:
     return xp.where(keep, xp.zeros((T, T), dtype=dtype), xp.full((T, T), -math.inf, dtype=dtype))
 
 
+def _split_heads(xp: Any, qkv: Any, n_head: int) -> tuple[Any, Any, Any]:
+    """qkv (B, T, 3C) = [q | k | v] -> q, k, v, each (B, H, T, D) (views): channel c of q, k or v
+    is (head c // D, position c % D), Hugging Face's split of n_embd into n_head x head_dim."""
+    Bsz, T, C3 = qkv.shape
+    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, C3 // (3 * n_head)))    # (B, T, 3, H, D)
+    return tuple(xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))
+
+
 def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = None) -> Any:
     """qkv (B, T, 3C) = [q | k | v] from ``c_attn`` -> y (B, T, C), heads concatenated.
 
-    The heads are split with a reshape and a transpose only (no loop over heads): channel c of
-    q, k or v is (head c // D, position c % D) -- Hugging Face's split of n_embd into
-    n_head x head_dim. The scores are computed transposed, S^T (keys along axis -2), so that the
+    The heads are split with a reshape and a transpose only (no loop over heads:
+    :func:`_split_heads`). The scores are computed transposed, S^T (keys along axis -2), so that the
     softmax reduces over axis -2: NumPy does that as elementwise max / add of whole rows, 1.5-2x
     faster than reducing along a short last axis.
     """
     xp = namespace(qkv)
     Bsz, T, C3 = qkv.shape
     C = C3 // 3
-    D = C // n_head
-    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                      # (B, T, 3, H, D)
-    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
+    q, k, v = _split_heads(xp, qkv, n_head)                             # (B, H, T, D) views
     ST = (k @ xp.matrix_transpose(q)) * scale                           # (B, H, T, T)  S^T[j, i] = k_j . q_i / sqrt(D)
     ST = ST + _causal_bias(xp, T, ST.dtype)                             # -inf where key j > query i
     ST = ST - xp.max(ST, axis=-2, keepdims=True)                        # per query; finite (key j = i)
@@ -330,18 +335,29 @@ grouped_query_attention.__doc__ = """Causal grouped-query self-attention (LLaMA 
 #   dQ = scale dS K       dK = scale dS^T Q
 # kept transposed (dP^T = V Gy^T, row sums over axis -2). A kv head feeds the G query heads of its
 # group, so its dK and dV are the sums over the G axis of the per-query-head terms.
-def _gqa_vjp(argnums, ans, args, kwargs):
+def _gqa_vjp_setup(argnums: tuple[int, ...], args: tuple, kwargs: dict) -> tuple[int, int, float, dict]:
+    """The checks and arguments both grouped-query VJPs (this one, fast_llama's) open with:
+    (n_head, n_kv_head, scale, the forward's cache)."""
     if any(i > 2 for i in argnums):
         raise TypeError("grouped_query_attention is differentiable in q, k and v only")
-    q, k, v, n_head, n_kv_head, scale = args
-    cache = kwargs["cache"]
+    _, _, _, n_head, n_kv_head, scale = args
+    return n_head, n_kv_head, scale, kwargs["cache"]
+
+
+def _gqa_shapes(xp: Any, g: Any, n_head: int, n_kv_head: int) -> tuple[int, int, int, int, int, int, Any]:
+    """(B, T, H D), the group sizes and Gy = dL/dY per kv head's group: (Bsz, T, HD, Hk, G, D, Gy)."""
+    Bsz, T, HD = g.shape
+    Hk, G, D = n_kv_head, n_head // n_kv_head, HD // n_head
+    return Bsz, T, HD, Hk, G, D, _query_groups(xp, g, Hk, G, D)          # Gy (B, Hk, G, T, D)
+
+
+def _gqa_vjp(argnums, ans, args, kwargs):
+    n_head, n_kv_head, scale, cache = _gqa_vjp_setup(argnums, args, kwargs)
 
     def vjp(g):
         xp = namespace(g)
         PT, qg, kh, vh = cache["PT"], cache["qg"], cache["kh"], cache["vh"]
-        Bsz, T, HD = g.shape
-        Hk, G, D = n_kv_head, n_head // n_kv_head, HD // n_head
-        Gy = _query_groups(xp, g, Hk, G, D)                                # (B, Hk, G, T, D)  dL/dY
+        Bsz, T, HD, Hk, G, D, Gy = _gqa_shapes(xp, g, n_head, n_kv_head)   # Gy = dL/dY (B, Hk, G, T, D)
         out = {}
         if 0 in argnums or 1 in argnums:
             dPT = vh @ xp.matrix_transpose(Gy)                             # (B, Hk, G, T, T)  dP^T = V Gy^T

@@ -53,6 +53,7 @@ from autograd.extend import defvjp
 from lora_ref.backend import getval, namespace, sum_to_shape
 
 from . import layers as _ref_layers
+from .attention import _split_heads
 from .layers import cached_primitive
 
 __all__ = ["causal_attention", "gelu", "layer_norm"]
@@ -257,8 +258,7 @@ def _causal_attention(qkv: Any, n_head: int, scale: float, cache: dict | None = 
     Bsz, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    heads = xp.reshape(qkv, (Bsz, T, 3, n_head, D))                     # (B, T, 3, H, D)
-    q, k, v = (xp.permute_dims(heads[:, :, i, :, :], (0, 2, 1, 3)) for i in range(3))  # (B, H, T, D) views
+    q, k, v = _split_heads(xp, qkv, n_head)                             # (B, H, T, D) views
     into = type(qkv) is np.ndarray                                      # NumPy: P V written straight into y
     y = np.empty((Bsz, T, n_head, D), dtype=qkv.dtype) if into else None  # (B, T, H, D), y's layout
     PTs, Ys = [], []

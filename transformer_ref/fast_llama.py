@@ -184,17 +184,12 @@ def _group_sum(xp: Any, a: Any) -> Any:
 #   dQ = (scale dS) K,  dK = sum over the group of (scale dS)^T Q,  dV = sum over the group of P^T Gy,
 # per block of queries [s, t): its dQ rows, and additions to dK and dV of keys [0, t).
 def _gqa_vjp(argnums, ans, args, kwargs):
-    if any(i > 2 for i in argnums):
-        raise TypeError("grouped_query_attention is differentiable in q, k and v only")
-    q, k, v, n_head, n_kv_head, scale = args
-    cache = kwargs["cache"]
+    n_head, n_kv_head, scale, cache = _ref_attention._gqa_vjp_setup(argnums, args, kwargs)
 
     def vjp(g):
         xp = namespace(g)
         PTs, qg, kh, vh = cache["PT"], cache["qg"], cache["kh"], cache["vh"]
-        Bsz, T, HD = g.shape
-        Hk, G, D = n_kv_head, n_head // n_kv_head, HD // n_head
-        Gy = _ref_attention._query_groups(xp, g, Hk, G, D)                # (B, Hk, G, T, D)  dL/dY
+        Bsz, T, HD, Hk, G, D, Gy = _ref_attention._gqa_shapes(xp, g, n_head, n_kv_head)   # Gy (B, Hk, G, T, D)
         scores = 0 in argnums or 1 in argnums
         if scores:
             delta = xp.reshape(g * ans, (-1, D)) @ xp.full((D, 1), scale, dtype=g.dtype)    # (B T H, 1)
