@@ -34,24 +34,9 @@ from lora_ref.testing import assert_within, tolerance, unit_roundoff
 from transformer_ref.attention import causal_attention, rope_tables
 from transformer_ref.layers import IGNORE_INDEX, cross_entropy, embedding, gelu, layer_norm, rms_norm, silu, swiglu
 
+from _vjp_helpers import both_grads, grads  # noqa: E402
+
 F64, F32, F16 = "float64", "float32", "float16"
-
-
-def both_grads(layer, args, argnum, g):
-    """d/d args[argnum] of sum(layer(*args) * g): (hand-written VJP, autograd.numpy on .fun)."""
-    def through(fn):
-        def f(a):
-            full = list(args)
-            full[argnum] = a
-            return autograd.numpy.sum(fn(*full) * g)
-        return autograd.grad(f)(args[argnum])
-    return through(layer), through(lambda *a: layer.fun(*a, cache=None))
-
-
-def grads(layer, args, argnums, g):
-    """The hand VJPs of ``layer`` at upstream gradient g, for each argnum (any backend)."""
-    vjp, _ = autograd.make_vjp(lambda *a: layer(*a), argnum=tuple(argnums))(*args)
-    return vjp(g)
 
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3))  # (B, T, heads)
