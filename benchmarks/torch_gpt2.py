@@ -17,7 +17,7 @@ import numpy as np
 
 from .flops import StepShape
 
-__all__ = ["available", "make_torch_step"]
+__all__ = ["available", "make_torch_step", "training_step"]
 
 
 def available() -> str | None:
@@ -60,7 +60,6 @@ def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray
     parameters.
     """
     import torch
-    import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if mode not in ("lora", "full"):
@@ -86,17 +85,29 @@ def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray
                     key = name[name.index("transformer."):]
                     module.lora_A["default"].weight.copy_(torch.from_numpy(adapters[key]["A"]))
                     module.lora_B["default"].weight.copy_(torch.from_numpy(adapters[key]["B"]))
+    return training_step(model, tokens, targets, shape.vocab, lr=lr, compile=compile)
+
+
+
+def training_step(model: Any, tokens: np.ndarray, targets: np.ndarray, vocab: int, *, lr: float,
+                  compile: bool) -> dict[str, Any]:
+    """The step both PyTorch sides (GPT-2 here, LLaMA in :mod:`benchmarks.torch_llama`) time, on a
+    causal LM ``model`` with its trainable parameters set: cross-entropy over ``vocab`` of the
+    logits for ``tokens`` (batch, T) against ``targets`` (batch, T), backward, ``torch.optim.Adam``.
+    Returns ``{"step", "loss", "logits", "trainable"}`` as :func:`make_torch_step` documents."""
+    import torch
+    import torch.nn.functional as F
+
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr)
     x = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).reshape(-1)   # (B*T,)
-
     run = torch.compile(model) if compile else model
 
     def loss(module: Any = model) -> Any:
         logits = module(input_ids=x, use_cache=False).logits                 # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, shape.vocab), y)
+        return F.cross_entropy(logits.reshape(-1, vocab), y)
 
     def step() -> float:
         value = loss(run)
@@ -113,6 +124,4 @@ def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray
         with torch.no_grad():
             return model(input_ids=x, use_cache=False).logits.numpy()          # (B, T, V)
 
-    return {"step": step, "loss": eval_loss, "logits": eval_logits,
-            "trainable": sum(p.numel() for p in trainable)}
-
+    return {"step": step, "loss": eval_loss, "logits": eval_logits, "trainable": sum(p.numel() for p in trainable)}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .flops import StepShape
+from .torch_gpt2 import training_step
 
 __all__ = ["make_torch_llama_step"]
 
@@ -25,7 +26,6 @@ def make_torch_llama_step(shape: StepShape, params: Mapping[str, np.ndarray],
     "trainable"}`` as :func:`benchmarks.torch_gpt2.make_torch_step` does. ``params`` are keyed by
     Hugging Face LLaMA state-dict names; ``adapters`` by module name (``model.layers.{i}.self_attn.q_proj``)."""
     import torch
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,30 +47,4 @@ def make_torch_llama_step(shape: StepShape, params: Mapping[str, np.ndarray],
                 key = name[name.index("model.layers."):]
                 module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(adapters[key]["A"])))
                 module.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(adapters[key]["B"])))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    x = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).reshape(-1)   # (B*T,)
-    run = torch.compile(model) if compile else model
-
-    def loss(module: Any = model) -> Any:
-        logits = module(input_ids=x, use_cache=False).logits                 # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, shape.vocab), y)
-
-    def step() -> float:
-        value = loss(run)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        return float(value.detach())
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(loss())
-
-    def eval_logits() -> np.ndarray:
-        with torch.no_grad():
-            return model(input_ids=x, use_cache=False).logits.numpy()          # (B, T, V)
-
-    return {"step": step, "loss": eval_loss, "logits": eval_logits, "trainable": sum(p.numel() for p in trainable)}
+    return training_step(model, tokens, targets, shape.vocab, lr=lr, compile=compile)
