@@ -243,6 +243,20 @@ def test_bad_arguments_give_one_line_errors(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "lora-ref-combine").exists()             # nothing above reached the computation
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_computation(tmp_path, monkeypatch, capsys):
+    """--out under a file, or where the OS refuses: one line naming the path and the reason, exit 1,
+    and the audit's computation never starts."""
+    from transformer_ref.demo import combination
+
+    monkeypatch.setattr(combination, "compute", lambda *a, **k: pytest.fail("computed before the folder was made"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    line = _one_line_error(capsys, "--quick", "--out", str(a_file / "out"))
+    assert line.startswith(f"lora-ref combine: cannot write to '{a_file / 'out'}'") and "Not a directory" in line
+    line = _one_line_error(capsys, "--quick", "--out", "/proc/lora-ref-combine-test")
+    assert line.startswith("lora-ref combine: cannot write to '/proc/lora-ref-combine-test'")
+
+
 def test_write_docs_defaults_to_the_repository_page(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                                # no docs/ here
     line = _one_line_error(capsys, "--write-docs")

@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
                          "that order")
     try:
         return _audit(args.quick, seed, out, page, args.progress)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else out
+        return _fail(f"cannot write to {str(where)!r}: {exc.strerror or exc}")
+    except ValueError as exc:
         return _fail(exc)
 
 
@@ -77,6 +80,7 @@ def _audit(quick: bool, seed: int, out: Path, page: Path | None, progress: bool 
     preset = combination.QUICK if quick else combination.DEFAULT
     config = replace(preset, demo=replace(preset.demo, seed=seed))
     start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)           # before the computation: a folder that fails, fails now
     # one BLAS thread, as lora-ref demo: small matrices, and float32 sums that depend on the count
     with blas_threads(1) as how:
         result = combination.compute(config, progress=progress)
@@ -84,7 +88,6 @@ def _audit(quick: bool, seed: int, out: Path, page: Path | None, progress: bool 
     command = "lora-ref combine" + " --quick" * quick + (f" --seed {seed}" if seed else "") \
         + " --write-docs" * (page is not None)
     section = combination.render_section(result, command)
-    out.mkdir(parents=True, exist_ok=True)
     _write(out / "results.json", json.dumps(json_ready(result), indent=1) + "\n")
     _write(out / "audit.md", section)
     print(combination.summary_text(result))
