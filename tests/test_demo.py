@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import errno
 import os
 import sys
 from dataclasses import replace
@@ -392,6 +393,20 @@ def test_cli_refuses_unwritable_output_before_running(tmp_path, monkeypatch, cap
     one_line_error(capsys, "cannot write to", str(under_file), "Not a directory")
     assert main(["demo", "--out", "/proc/lora-ref-demo-test"]) == 1
     one_line_error(capsys, "cannot write to", "/proc/lora-ref-demo-test")
+
+
+def test_cli_refuses_a_folder_it_cannot_write_as_root_too(tmp_path, monkeypatch, capsys):
+    """The read-only case below, as root sees it too (root writes into a 0555 folder regardless):
+    the first write the demo makes fails with EACCES; one line names the folder, before any training."""
+    monkeypatch.setattr(demo, "compute", lambda *a, **k: pytest.fail("the experiment ran before the output check"))
+
+    def refuse(out):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+
+    monkeypatch.setattr(demo, "prepare_output", refuse)
+    ro = tmp_path / "ro"
+    assert main(["demo", "--out", str(ro)]) == 1
+    one_line_error(capsys, "cannot write to", str(ro), "Permission denied")
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")

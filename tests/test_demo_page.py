@@ -228,3 +228,14 @@ def test_the_help_states_run_times_the_committed_runs_fall_within(name):
     assert text in preset_doc(name)                                  # the preset's own docstring
     with pytest.raises(ValueError, match="name must be one of 'default', 'quick', got 'llama'"):
         demo_command.run_time_text("llama")
+
+
+def test_the_readme_states_the_same_run_times():
+    """The README's opening paragraph quotes both presets' run times (typeset with an en dash):
+    the same ranges as RUN_TIMES, so the README, the help and the docstrings cannot disagree."""
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    for name, flag in (("default", "on 2 CPU cores"), ("quick", "`lora-ref demo --quick` takes")):
+        lo, hi = demo_command.RUN_TIMES[name]
+        quoted = f"{lo}\u2013{hi} s"
+        assert quoted in readme, (name, quoted)
+        assert (f"({quoted} {flag}" if name == "default" else f"{flag} {quoted}") in readme, (name, flag)

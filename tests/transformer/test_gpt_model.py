@@ -390,3 +390,42 @@ def test_init_params_follows_gpt2():
         assert abs(params[name].std() - want) < 5 * want / np.sqrt(2 * n), name
     assert np.array_equal(init_params(config, 3)["transformer.wte.weight"], init_params(config, 3)["transformer.wte.weight"])
     assert init_params(config, 0, "float32")["transformer.wpe.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype, log2_scale", [("float64", 520), ("float32", 72)])
+@pytest.mark.parametrize("ops_name", ["REFERENCE", "FAST"])
+def test_forward_with_a_residual_stream_whose_variance_overflows(dtype, log2_scale, ops_name):
+    """Issue 11, item 2, at the model: embeddings scaled by c = 2^k, so large that the residual
+    stream's variance overflows the dtype (c |e| about 1e155 in float64, 1e20 in float32). Before
+    the fix LayerNorm returned zeros and every position got the same logits.
+
+    The expected logits follow from LayerNorm's scale invariance: every block adds O(1) to a stream
+    of size c |e|, below its last bit, so the stream stays fl(c e) = c e exactly (c a power of two),
+    and ln_f(c e) is LayerNorm of e with eps replaced by eps / c^2 (below the last bit: 0). So the
+    logits are ln_f(wte[t] + wpe[p]) with eps = 0, times lm_head^T, computed on the unscaled
+    embeddings (an untied head, so the head is not scaled): the embedding sum (1 rounding), one
+    LayerNorm chain (2C + 5) and one length-C dot product (C)."""
+    config = replace(TINY, tie_word_embeddings=False)
+    params, tokens, _ = tiny_model("float64", config=config)
+    params = {k: v.astype(dtype).astype(np.float64) for k, v in params.items()}        # what the dtype holds
+    e = params["transformer.wte.weight"][tokens] + params["transformer.wpe.weight"][np.arange(tokens.shape[1])]
+    c = 2.0 ** log2_scale
+    big = dict(params)
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        big[name] = params[name] * c
+    big = {k: v.astype(dtype) for k, v in big.items()}
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.sum(np.square(c * e.astype(dtype)), axis=-1)).all()   # the variance does overflow
+
+    got = to_numpy(forward(big, tokens, config, ops=REFERENCE if ops_name == "REFERENCE" else FAST))
+
+    w, b = params["transformer.ln_f.weight"], params["transformer.ln_f.bias"]
+    xc = e - e.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True))                           # eps / var(c e): below the last bit
+    head = params["lm_head.weight"]
+    expected = (xc * rstd * w + b) @ head.T                                             # (B, T, V)
+    C = config.n_embd
+    M = (np.abs(xc * rstd * w) + np.abs(b)) @ np.abs(head).T                            # the dot products' terms
+    assert np.isfinite(got).all()
+    assert_within(got, expected, 2 * tolerance(dtype, 1 + 2 * C + 5 + C) * M, what=f"logits, stream scaled by 2^{log2_scale}")
+    assert np.ptp(got, axis=(0, 1)).max() > 0.0                                         # positions differ

@@ -209,6 +209,24 @@ def test_an_inflated_layer_count_fails_fast_with_little_memory(tmp_path, family,
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"           # the file is a few kB; 10^7 layers would be GBs
 
 
+@pytest.mark.parametrize("field, what", [("vocab_size", "rows of transformer.wte.weight"),
+                                         ("n_embd", "columns of transformer.wte.weight"),
+                                         ("n_positions", "rows of transformer.wpe.weight")])
+def test_gpt2_size_fields_are_checked_against_the_tensors_first(tmp_path, field, what):
+    """Issue 11, item 6, GPT-2's other size fields: an inflated one is refused, naming the field, the
+    tensor that contradicts it, and before any per-layer work (little memory)."""
+    save_hf_gpt2(tmp_path / "m", GPT, init_params(GPT, 2, "float32"))
+    declared = 2**20 * (GPT.n_head if field == "n_embd" else 1)      # n_embd stays divisible by n_head
+    edit_config(tmp_path / "m", **{field: declared})
+    tracemalloc.start()
+    with pytest.raises(CheckpointFormatError, match=rf"config.json says {field}={declared} but the tensors give "
+                                                    rf"\d+ \({what}\)"):
+        load_checkpoint(tmp_path / "m")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
 def test_peft_adapters_with_llama_keys(tmp_path):
     """lora_ref.peft_io is generic: LLaMA's module names become PEFT's keys
     (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight) and back, bit for bit; an
