@@ -136,10 +136,21 @@ def _met(met: bool | None) -> str:
 
 
 def _value(t: dict[str, Any]) -> str:
+    """The measured value, with as many digits as it takes for the printed number to give the
+    verdict beside it (1.003 against "<= 1.0" prints 1.003, not a 1.00 marked missed)."""
     v = t["value"]
     if v is None:
         return "—"
-    return f"{v:.0f}x" if v >= 10 else f"{v:.2f}"
+    if v >= 10:
+        return f"{v:.0f}x"
+    op, _, limit = str(t.get("target", "")).partition(" ")
+    digits, text = 2, f"{v:.2f}"
+    if op in ("<=", ">=") and t.get("met") is not None:
+        limit_value = float(limit.rstrip("x"))
+        while digits < 8 and ((float(text) <= limit_value) if op == "<=" else (float(text) >= limit_value)) != t["met"]:
+            digits += 1
+            text = f"{v:.{digits}f}"
+    return text
 
 
 def _side_cell(entry: dict[str, Any], side: str) -> str:
