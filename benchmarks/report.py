@@ -64,7 +64,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         note = f"per-round {r['min']:.2f} to {r['max']:.2f}" if r else ""
         add(f"{name} ({size})", value, f"<= {limit}", None if value is None else value <= limit, note)
 
-    for size in ("small", "large"):
+    for size in ("small", "large", "llama-small", "llama-large"):      # LLaMA: the GPT-2 rows' target (issue 12)
         ratio_target("`train()` step / PyTorch+PEFT eager", size, "lora-ref/torch-eager", 0.9)
     for size in ("small", "large"):
         ratio_target("`train()` step / `torch.compile` (stretch)", size, "lora-ref/torch-compile", 1.0)

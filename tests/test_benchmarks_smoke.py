@@ -356,3 +356,18 @@ def test_a_targets_printed_value_agrees_with_its_verdict(value, target, met, pri
     from benchmarks import report
 
     assert report._value({"value": value, "target": target, "met": met}) == printed
+
+
+def test_the_llama_rows_are_held_to_the_gpt2_rows_target():
+    """Issue 12: the LLaMA rows' target is the GPT-2 rows' (train() / eager <= 0.9): each gets its own
+    verdict; a results file without LLaMA rows says "not measured" instead."""
+    from benchmarks import report
+
+    def entry(size, median):
+        return {"size": size, "sides": {}, "ratios": {"lora-ref/torch-eager": {"median": median, "min": median,
+                                                                              "max": median}}}
+
+    rows = {t["name"]: t for t in report.targets({"training": [entry("small", 0.8), entry("llama-large", 0.92)]})}
+    assert rows["`train()` step / PyTorch+PEFT eager (llama-large)"]["met"] is False
+    assert rows["`train()` step / PyTorch+PEFT eager (small)"]["met"] is True
+    assert rows["`train()` step / PyTorch+PEFT eager (llama-small)"]["met"] is None
