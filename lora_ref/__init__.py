@@ -26,7 +26,7 @@ from .backend import (
     to_numpy,
     use_backend,
 )
-from .lora import (  # first: lora.py imports config.py at its end (see there)
+from .lora import (  # lora.py imports what it needs from config.py itself; the order here is free
     INIT_SCHEMES,
     delta_weight,
     dropout_mask,
@@ -50,22 +50,13 @@ from .serving import *  # noqa: E402, F401, F403
 __version__ = "0.1.0"
 
 
-def _quant_names() -> tuple[str, ...]:
-    """lora_ref.quant's ``__all__``, read from its source (importing quant imports ml_dtypes,
-    about 0.6 s on a small machine); if the source does not have a literal ``__all__ = [...]``,
-    quant is imported to ask it. tests/test_lora.py holds the result equal to quant's own."""
-    import ast
-    import re
-    from pathlib import Path
-
-    try:
-        found = re.search(r"^__all__ = (\[.*?\])", Path(__file__).with_name("quant.py").read_text(), re.S | re.M)
-        return tuple(ast.literal_eval(found.group(1)))
-    except (OSError, AttributeError, ValueError, SyntaxError):
-        return tuple(importlib.import_module(".quant", __name__).__all__)
-
-
-_QUANT_NAMES = _quant_names()   # imported on first use, by the module __getattr__ below (PEP 562)
+# lora_ref.quant's ``__all__``, written out so that ``import lora_ref`` need not import quant
+# (which imports ml_dtypes, about 0.6 s on a small machine); the names are imported on first
+# use, by the module __getattr__ below (PEP 562). tests/test_lora.py holds this equal to
+# ``quant.__all__``.
+_QUANT_NAMES = ("BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "base_weight", "dequantize_4bit",
+                "dequantize_absmax", "double_quantize", "dynamic_map", "error_bound", "fp4_levels", "linear_4bit",
+                "merge_4bit", "nf4_levels", "quantize_4bit", "quantize_params")
 
 
 def __getattr__(name: str):
