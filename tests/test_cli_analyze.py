@@ -264,3 +264,59 @@ def test_several_adapters_get_one_report_each(tmp_path, capsys):
     assert "=== adapter 'default'" in text and "=== adapter 'other'" in text
     assert main(["analyze", str(tmp_path / "set"), "--compare", str(tmp_path / "a")]) == 2
     assert "--compare compares two single adapters" in one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------------------------
+# A LLaMA base: the module names model.layers.*.self_attn.* / mlp.*, nn.Linear (d_out, d_in)
+# --------------------------------------------------------------------------------------------
+
+
+def llama_base(path):
+    """A tiny LLaMA checkpoint written by save_hf_llama (GQA: H = 4, H_kv = 2, so k/v are 8 wide)."""
+    import transformer_ref as tr
+
+    config = tr.LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
+    params = tr.init_params(config, seed=0, dtype="float64")
+    tr.save_hf_llama(path, config, params)
+    return config, params
+
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+LLAMA_MODULES = sorted(f"model.layers.{i}.{kind}" for i in range(2)
+                       for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_llama_base(tmp_path, capsys, use_dora):
+    import transformer_ref as tr
+
+    config, params = llama_base(tmp_path / "base")
+    cfg = LoraConfig(r=2, alpha=4.0, target_modules=LLAMA_TARGETS, init="random", use_dora=use_dora,
+                     rank_pattern={"down_proj": 3})
+    adapters = tr.add_adapters(params, config, cfg, rng=3)
+    assert sorted(adapters) == LLAMA_MODULES
+    if use_dora:                     # a trained magnitude: away from its initial ||W + s B A||_row
+        adapters = {m: {**p, "m": p["m"] * np.linspace(0.5, 1.5, p["m"].shape[0])} for m, p in adapters.items()}
+    save_peft_adapter(tmp_path / "ad", cfg, adapters)
+    assert main(["analyze", str(tmp_path / "ad"), "--base", str(tmp_path / "base"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(out["modules"]) == LLAMA_MODULES
+    for module, p in adapters.items():
+        row, W, s = out["modules"][module], params[module + ".weight"], cfg.scale_for(module)   # W (d_out, d_in)
+        spec = spectrum(p["A"], p["B"], s)
+        assert row["kind"] == ("dora" if use_dora else "linear") and row["shape"] == list(W.shape)
+        assert row["r"] == (3 if module.endswith("down_proj") else 2) and row["scale"] == s
+        assert row["singular_values"] == [float(v) for v in spec.singular_values[:4]]
+        if not use_dora:
+            assert "magnitude" not in row and "m_over_row_norm" not in row
+            continue
+        assert row["magnitude"] == stats(p["m"])
+        assert row["m_over_row_norm"] == stats(p["m"] / np.linalg.norm(W, axis=1))
+        assert row["m_over_adapted_row_norm"] == stats(p["m"] / np.linalg.norm(W + s * (p["B"] @ p["A"]), axis=1))
+        assert row["m_over_adapted_row_norm"]["min"] < 0.75 and row["m_over_adapted_row_norm"]["max"] > 1.25
+    assert out["modules"]["model.layers.0.self_attn.v_proj"]["shape"] == [8, 16]      # GQA: 2 kv heads of 4, d_in 16
+    assert main(["analyze", str(tmp_path / "ad"), "--base", str(tmp_path / "base")]) == 0
+    text = capsys.readouterr().out
+    assert all(module in text for module in LLAMA_MODULES)
+    assert ("m / ||W + s B A||_row" in text) == use_dora
