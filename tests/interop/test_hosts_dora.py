@@ -44,7 +44,7 @@ from _llama_helpers import float64_transformers, random_model  # noqa: E402
 import transformer_ref as tr  # noqa: E402
 from lora_ref import LoraConfig  # noqa: E402
 from lora_ref.dora import dora_magnitude, dora_magnitudes, dora_rounding_counts, dora_unmerge  # noqa: E402
-from lora_ref.peft_io import load_peft_adapter  # noqa: E402
+from lora_ref.peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
 from lora_ref.testing import assert_within, tolerance  # noqa: E402
 from transformer_ref.bounds import logit_magnitude, logit_rounding_chain  # noqa: E402
 
@@ -251,6 +251,37 @@ def test_dora_logits_equal_peft(dora_cases, case, monkeypatch):
                                                                 use_rslora=lc.use_rslora,
                                                                 layers_to_transform=lc.layers_to_transform))
     assert np.max(np.abs(lora - theirs)) > np.max(b)                            # m matters by more than the bound
+
+
+def test_llama_dora_saved_by_lora_ref_loads_in_peft(tmp_path, monkeypatch):
+    """The other direction, LLaMA: a DoRA adapter made by lora-ref (``add_adapters`` with random
+    factors on all seven projections, rsLoRA, rank and alpha patterns; m moved as after training)
+    and written by ``save_peft_adapter`` loads with ``PeftModel.from_pretrained`` onto the same
+    transformers base: PEFT holds lora-ref's arrays bit for bit, uses its scales, and gives its
+    logits within the logits bound; m at its initial value would be farther than the bound."""
+    case = "llama all seven: rsLoRA, patterns"
+    family, kwargs = CASES[case]
+    model, config, params = base_model(family, seed=10 + list(CASES).index(case))
+    lc = ref_config(kwargs, use_dora=True, init="random")
+    made = tr.add_adapters(params, config, lc, rng=40)
+    rng = np.random.default_rng(41)                # a trained magnitude: m0 (1 + 0.2 N(0, 1))
+    adapters = {k: {**a, "m": a["m"] * (1.0 + 0.2 * rng.standard_normal(a["m"].shape))} for k, a in made.items()}
+    save_peft_adapter(tmp_path / "ours", lc, adapters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(model, tmp_path / "ours").eval()
+    held = copied(pm)
+    assert set(held) == set(adapters) and len(adapters) == len(SEVEN) * config.num_hidden_layers
+    for module, ad in adapters.items():
+        assert all(np.array_equal(held[module][k], ad[k]) for k in ("A", "B", "m")), module
+        assert lora_layers(pm)[module].scaling["default"] == lc.scale_for(module), module
+    tokens, _ = tokens_and_targets(config.vocab_size)
+    theirs = peft_logits(pm, tokens, monkeypatch)
+    ours = tr.forward(params, tokens, config, adapters, lc)
+    b = logits_bound(params, config, rank(adapters) + DORA_EXTRA)
+    report("hosts-dora", f"{case}: saved by lora-ref, loaded by PEFT: logits", ours, theirs, b)
+    assert not any(np.allclose(a["m"], made[k]["m"]) for k, a in adapters.items())
+    assert np.max(np.abs(tr.forward(params, tokens, config, made, lc) - theirs)) > np.max(b)   # m matters
 
 
 @pytest.mark.parametrize("case", CASES)
