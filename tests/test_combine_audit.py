@@ -265,11 +265,13 @@ def test_write_docs_defaults_to_the_repository_page(tmp_path, monkeypatch, capsy
 
 def test_replace_section_and_config_validation():
     from transformer_ref.demo import combination as c
+    from transformer_ref.demo.common import replace_section
 
     page = f"head\n{c.BEGIN}\nold\n{c.END}\ntail\n"
-    assert c.replace_section(page, "new\n") == f"head\n{c.BEGIN}\nnew\n{c.END}\ntail\n"
-    with pytest.raises(ValueError, match="markers"):
-        c.replace_section("no markers", "new\n")
+    assert replace_section(page, "new\n", c.BEGIN, c.END) == f"head\n{c.BEGIN}\nnew\n{c.END}\ntail\n"
+    for bad in ("no markers", f"{c.END}\n{c.BEGIN}\n", f"{c.BEGIN}{c.END}{c.BEGIN}{c.END}"):
+        with pytest.raises(ValueError, match="markers .* once each, in that order"):
+            replace_section(bad, "new\n", c.BEGIN, c.END)
     assert (c.BEGIN, c.END) == (BEGIN, END)
     with pytest.raises(ValueError, match="rank must be at most n_embd"):
         c.CombineConfig(rank=1000)

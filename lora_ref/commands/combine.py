@@ -54,12 +54,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--out must be a directory, but {str(out)!r} is a file")
     if page is not None:
         from transformer_ref.demo.combination import BEGIN, END
+        from transformer_ref.demo.common import replace_section
 
         if not page.is_file():
             hint = " (run from the repository root, or give the page's path)" if page == PAGE else ""
             return _fail(f"--write-docs: {str(page)!r} is not a file{hint}")
-        text = page.read_text(encoding="utf-8")
-        if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        try:
+            replace_section(page.read_text(encoding="utf-8"), "", BEGIN, END)   # its markers, checked now
+        except ValueError:
             return _fail(f"--write-docs: {str(page)!r} must hold the markers {BEGIN} and {END} once each, in "
                          "that order")
     try:
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _audit(quick: bool, seed: int, out: Path, page: Path | None, progress: bool | None) -> int:
     from transformer_ref.demo import combination, json_ready
+    from transformer_ref.demo.common import replace_section
     from transformer_ref.machine import blas_threads
 
     import scipy.linalg  # noqa: F401  (load SciPy's BLAS too, so that it is limited with NumPy's)
@@ -93,7 +96,7 @@ def _audit(quick: bool, seed: int, out: Path, page: Path | None, progress: bool 
     print(combination.summary_text(result))
     written = [out / "audit.md", out / "results.json"]
     if page is not None:
-        _write(page, combination.replace_section(page.read_text(encoding="utf-8"), section))
+        _write(page, replace_section(page.read_text(encoding="utf-8"), section, combination.BEGIN, combination.END))
         written.append(page)
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.1f} s")
     return 0

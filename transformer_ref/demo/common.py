@@ -6,7 +6,9 @@ streams, its tasks and model, and the pretraining they all start from.
   tasks, the model's config), :func:`pretrain` (step 1 of the experiment);
 * :func:`run_rng` (each run's own generator), :func:`second_task` (the task pairing of the
   two-adapter steps, shared with ``lora-ref combine``), :func:`versions` and :func:`cpu_name`
-  (what the numbers were computed with).
+  (what the numbers were computed with);
+* :func:`replace_section` (a docs page's generated section between its two markers, for
+  docs/reproduction.md and ``lora-ref combine --write-docs``).
 
 The runs themselves are :mod:`~transformer_ref.demo.runs`; :func:`~transformer_ref.demo.compute`
 (:mod:`~transformer_ref.demo.experiment`) puts the steps together.
@@ -35,7 +37,7 @@ from ..data import CipherTask, downstream_task, evaluate, pretraining_task
 from ..train import train
 
 __all__ = ["DEFAULT", "FAMILIES", "PRESETS", "QUICK", "DemoConfig", "Setup", "astype", "cpu_name", "make_setup",
-           "pretrain", "run_rng", "second_task", "tree_bytes", "versions"]
+           "pretrain", "replace_section", "run_rng", "second_task", "tree_bytes", "versions"]
 
 FAMILIES = ("gpt2", "llama")
 """The model families the demo runs (``lora-ref demo --model``)."""
@@ -321,3 +323,19 @@ def versions() -> dict[str, str]:
         out["threads"] = ", ".join(f"{k}={v}" for k, v in threads.items())
     return out
 
+
+
+# ============================================================================================
+# A docs page's generated section
+# ============================================================================================
+
+
+def replace_section(page: str, section: str, begin: str, end: str) -> str:
+    """``page`` with the text between the markers ``begin`` and ``end`` replaced by ``section``
+    (the markers kept, ``begin`` then a newline). Raises ValueError unless each marker occurs
+    exactly once, ``begin`` first; ``replace_section(page, "", begin, end)`` checks a page."""
+    if page.count(begin) != 1 or page.count(end) != 1 or page.index(begin) > page.index(end):
+        raise ValueError(f"the page must hold the markers {begin!r} and {end!r} once each, in that order")
+    head, rest = page.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{section}{end}{tail}"

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import common
 from .formats import _bytes, _fmt, _int, _list, _lora_keys, _merge_ratios, _paper_keys, _sweep_keys, _variant_pairs
 from .report import (_command_line, accuracy_saturation_caveat, amplification_regime_caveat, below_untuned_caveat,
                      phi_chance, phi_chance_caveat, report_markdown, summary_text)
@@ -408,12 +409,9 @@ def _two_tasks(m: dict[str, Any], ll: dict[str, Any]) -> str:
 
 
 def replace_section(page: str, section: str) -> str:
-    """``page`` with the text between :data:`BEGIN` and :data:`END` replaced by ``section``.
-    Raises ValueError unless each marker occurs exactly once, BEGIN first."""
-    if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
-        raise ValueError(f"the page must hold the markers {BEGIN!r} and {END!r} once each, in that order")
-    head, rest = page.split(BEGIN)
-    return f"{head}{BEGIN}\n{section}{END}{rest.split(END)[1]}"
+    """``page`` with the text between :data:`BEGIN` and :data:`END` replaced by ``section``
+    (:func:`~transformer_ref.demo.common.replace_section` with this page's markers)."""
+    return common.replace_section(page, section, BEGIN, END)
 
 
 def update_page(docs: str | Path = "docs", runs: Mapping[str, str | Path] | None = None) -> Path:
