@@ -315,7 +315,7 @@ BUGS: tuple[Bug, ...] = (
         "bitsandbytes' pure-PyTorch dequantize (backends/default)",
         "quantize_4bit", lambda: {"impl": wm.quantizer(), "dequantize": wm.bnb_native_dequantizer("row_index")},
         lambda: {"impl": wm.quantizer(), "dequantize": wm.bnb_native_dequantizer()},
-        frozenset({"dequant_double_quant"}),
+        frozenset({"dequant_blocks_span_rows", "dequant_double_quant"}),
         {"properties": ("dequant_nf4", "dequant_fp4", "dequant_blocks_span_rows", "dequant_odd_count",
                         "dequant_double_quant")},
         real="the real package on a CPU that takes its AVX-512 path (skipped elsewhere)",

@@ -27,7 +27,8 @@ QUANT_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_PROPERTIES: dict[str, str] = {
     "nf4": "W (8, 64), blocksize 64, NF4: packed codes (first value in the high nibble) and absmax",
     "fp4": "the same in bitsandbytes' FP4 (codes are bit patterns, not value order)",
-    "blocks_span_rows": "W (6, 40), blocksize 64: blocks of the row-major flattening span rows, the last is partial",
+    "blocks_span_rows": "W (6, 48), blocksize 64: blocks of the row-major flattening span rows, the last is partial "
+                        "(rows of a multiple of 16, as bitsandbytes' AVX-512 CPU kernel takes)",
     "odd_count": "W (3, 7), FP4: 21 values, one partial block, the last byte padded with the code of 0",
     "ties": "W (2, 32) with absmax 1 and values exactly halfway between NF4 levels: they go to the lower level "
             "(exact halfway values exist in float32 only)",
@@ -44,7 +45,7 @@ QUANT_PROPERTIES: dict[str, str] = {
 
 # name -> (shape, blocksize, quant_type, double_quant)
 _SPECS = {"nf4": ((8, 64), 64, "nf4", False), "fp4": ((8, 64), 64, "fp4", False),
-          "blocks_span_rows": ((6, 40), 64, "nf4", False), "odd_count": ((3, 7), 64, "fp4", False),
+          "blocks_span_rows": ((6, 48), 64, "nf4", False), "odd_count": ((3, 7), 64, "fp4", False),
           "ties": ((2, 32), 64, "nf4", False), "blocksize_256": ((4, 128), 256, "nf4", False),
           "double_quant": ((16, 1040), 64, "nf4", True)}
 _NEEDS = {p: "dequantize" for p in QUANT_PROPERTIES if p.startswith("dequant_")}
