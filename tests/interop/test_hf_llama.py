@@ -126,3 +126,23 @@ def test_saved_checkpoint_loads_in_transformers(variant, tmp_path, tokens, monke
         theirs = torch_logits(model, tokens)
     report("hf-llama", f"save_hf_llama -> transformers, {variant}, float64", tr.forward(params, tokens, config),
            theirs, logits_bound(params, config, T))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", ["llama untied", "llama tied"])
+def test_loader_reads_sharded_checkpoints_transformers_wrote(variant, dtype, tmp_path):
+    """``save_pretrained(max_shard_size=...)`` small enough for several shards and an index: the
+    loader follows model.safetensors.index.json and reads every parameter bit for bit, in the
+    dtype transformers stored."""
+    model = random_model(variant, seed=7).to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards), shards
+    assert not (tmp_path / "model.safetensors").exists()
+    config, params = tr.load_hf_llama(tmp_path)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert set(state) - set(params) == ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    assert list(params) == list(tr.param_shapes(config))
+    for name, value in params.items():
+        assert value.dtype == np.dtype(dtype) and np.array_equal(value, state[name]), name
