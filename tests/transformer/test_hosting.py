@@ -7,6 +7,7 @@ loss and init_params, and train then work on it through the registry, exactly as
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -155,3 +156,16 @@ def test_unknown_config_keys_warn_at_the_from_dict_call(config_type, settings):
                                          rf"knows; they are kept in {config_type.__name__}.extra") as record:
         config_type.from_dict({"mystery": 1})
     assert record[0].filename == __file__                 # the caller's line, not hosting's
+
+
+def test_every_family_and_the_package_default_to_the_reference_ops():
+    """Issue 10: every model family's forward and loss take ``ops`` and default to REFERENCE (the
+    order of lora_ref.lora_linear); the fast op set is only ever passed explicitly."""
+    registered = hosting.families()
+    assert {f.name for f in registered} >= {"gpt2", "llama"}, [f.name for f in registered]
+    functions = {"transformer_ref.forward": tr.forward, "transformer_ref.loss": tr.loss}
+    functions.update({f"{f.name}.{job}": getattr(f, job) for f in registered for job in ("forward", "loss")})
+    for where, f in functions.items():
+        ops = inspect.signature(f).parameters.get("ops")
+        assert ops is not None, f"{where} takes no ops argument"
+        assert ops.default is REFERENCE, f"{where} defaults ops to {ops.default!r}, not transformer_ref.REFERENCE"
