@@ -91,7 +91,6 @@ SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude
 METHODS = ("exact", "cat") + FACTOR_METHODS + SVD_METHODS
 _DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}     # base operators taking density
 _DARE = {"dare_linear", "dare_ties"}
-_TIES = {"ties", "dare_ties"}
 
 
 class Combined(NamedTuple):

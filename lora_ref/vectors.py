@@ -43,7 +43,6 @@ MANIFEST = "manifest.json"
 
 # NumPy dtype name -> safetensors dtype code (little-endian data; BF16: the top 16 bits of a float32)
 _CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "uint8": "U8"}
-_NAMES = {code: name for name, code in _CODES.items()}
 
 _COMPARISON = {
     "tolerance": "pass when |yours - expected| <= rtol * magnitude for every entry, compared in float64 (an entry "
