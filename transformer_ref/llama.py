@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lora_ref.backend import asarray, float_dtype, namespace
-from lora_ref.checks import boolean, generator, non_negative_real, positive_int, positive_real, probability
+from lora_ref.checks import boolean, generator, is_int, non_negative_real, positive_int, positive_real, probability
 from lora_ref.lora import LoraConfig
 
 from . import hosting
@@ -369,10 +369,10 @@ def padding_idx(config: LlamaConfig, module: str = "model.embed_tokens") -> int 
     pad, V = config.extra.get("pad_token_id"), config.vocab_size
     if pad is None or module != "model.embed_tokens":
         return None
-    if isinstance(pad, bool) or not isinstance(pad, int) or not -V <= pad < V:
+    if not is_int(pad) or not -V <= pad < V:
         raise ValueError(f"config.json pad_token_id={pad!r} is not a row of the embedding (vocab_size={V}); "
                          "PyTorch's nn.Embedding refuses it as padding_idx")
-    return pad % V
+    return int(pad) % V                              # a Python int, whatever integer type it came as
 
 
 def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapters: Any = None,

@@ -20,6 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..checks import is_int
+
 HELP = "combine two trained adapters with exact and PEFT's eleven methods, and audit each (docs/combination.md)"
 
 PAGE = Path("docs") / "combination.md"
@@ -48,7 +50,7 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     seed, out, page = args.seed, args.out, args.write_docs
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:                 # argparse gives an int; run() may be called directly
         return _fail(f"--seed must be a non-negative integer, got {seed!r}")
     if out.exists() and not out.is_dir():
         return _fail(f"--out must be a directory, but {str(out)!r} is a file")
