@@ -21,7 +21,7 @@ This loop is what ``python -m benchmarks.run`` times (docs/performance.md).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from lora_ref.checks import non_negative_int, positive_int, positive_real
 from lora_ref.lora import LoraConfig, dropout_mask
 
 from . import machine
-from .fast import FAST, auto_threads, sharded_value_and_grad
+from .fast import FAST, _tree_map, auto_threads, sharded_value_and_grad   # fast.py does not import train.py
 from .adapting import add_adapters
 from .hosting import check_ops, check_params, family_of, is_4bit
 from .layers import Ops
@@ -54,13 +54,6 @@ class AdamState:
     step: int
     m: Any
     v: Any
-
-
-def _tree_map(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """Apply ``f`` leaf-wise over nested dicts of arrays (all trees share ``tree``'s keys)."""
-    if isinstance(tree, Mapping):
-        return {k: _tree_map(f, tree[k], *(r[k] for r in rest)) for k in tree}
-    return f(tree, *rest)
 
 
 def adam_init(tree: Any) -> AdamState:
