@@ -1,4 +1,5 @@
-"""The house rules, checked on the source (docs/DESIGN: three floors, arrows point down).
+"""The house rules, checked on the source: three floors, imports point only down (README.md's
+"Layout" and docs/index.md's "The code, in reading order" describe the floors).
 
 * floor 1, ``lora_ref`` (all but ``lora_ref/commands/``), never imports ``transformer_ref``;
   the CLI's commands may, lazily, inside the command;
