@@ -775,7 +775,7 @@ def test_every_variant_rooms_public_names_are_re_exported():
     import lora_ref
     from lora_ref import adapters, combine, conv, dora, embedding, quant, serving
 
-    assert lora_ref._QUANT_NAMES == tuple(quant.__all__)   # read from quant's source
+    assert lora_ref._QUANT_NAMES == tuple(quant.__all__)   # the literal list in lora_ref/__init__.py, held to quant.__all__
     for room in (adapters, combine, conv, dora, embedding, quant, serving):
         for name in room.__all__:
             assert getattr(lora_ref, name) is getattr(room, name), (room.__name__, name)
