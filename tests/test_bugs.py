@@ -165,6 +165,36 @@ def peft_combine(method=None, *, scale_from_config_without_rslora=False):
     return impl
 
 
+def peft_dora_combine(fixed=False):
+    """add_weighted_adapter on one Linear holding DoRA adapters; fixed: the sources' magnitudes
+    carried over (sum w_i m_i) after it."""
+    import peft
+    import torch
+
+    def impl(W, adapters, weights):
+        base = _holder(torch.nn.Linear(W.shape[1], W.shape[0], bias=False)).to(t(W).dtype)
+        model = None
+        with _quiet(), torch.no_grad():
+            base.layer.weight.copy_(t(W))
+            for name, a in adapters.items():
+                config = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], use_rslora=a["use_rslora"],
+                                         use_dora=True, target_modules=["layer"])
+                if model is None:
+                    model = peft.get_peft_model(base, config, adapter_name=name)
+                else:
+                    model.add_adapter(name, config)
+                layer = model.base_model.model.layer
+                layer.lora_A[name].weight.copy_(t(a["A"]))
+                layer.lora_B[name].weight.copy_(t(a["B"]))
+                layer.lora_magnitude_vector[name].weight.copy_(t(a["m"]))
+            model.add_weighted_adapter(list(adapters), list(weights), "mix", combination_type="cat")
+            m = layer.lora_magnitude_vector["mix"].weight
+            if fixed:
+                m.copy_(sum(w * layer.lora_magnitude_vector[name].weight for name, w in zip(adapters, weights)))
+        return n(layer.lora_A["mix"].weight), n(layer.lora_B["mix"].weight), layer.scaling["mix"], n(m)
+    return impl
+
+
 # ---- PEFT: a tied embedding on transformers' tiny GPT-2 --------------------------------------
 
 
@@ -309,9 +339,10 @@ def loralib_conv(fixed=False):
     import torch
 
     def build(W, A, B, alpha, r, bias=None, **geometry):
-        c_out, c_in, k = W.shape
-        layer = loralib.Conv1d(c_in, c_out, k, r=r, lora_alpha=alpha, bias=bias is not None,
-                               **{key: v for key, v in geometry.items() if key != "groups"}).to(t(W).dtype)
+        c_out, c_in, k = W.shape[:3]
+        conv = {3: loralib.Conv1d, 5: loralib.Conv3d}[W.ndim]                        # loralib's ConvLoRA
+        layer = conv(c_in, c_out, k, r=r, lora_alpha=alpha, bias=bias is not None,
+                     **{key: v for key, v in geometry.items() if key != "groups"}).to(t(W).dtype)
         with torch.no_grad():
             layer.conv.weight.copy_(t(W))
             if bias is not None:
@@ -420,6 +451,8 @@ REAL = {
         "peft", lambda: {"impl": peft_combine()}, lambda: {"impl": peft_combine(scale_from_config_without_rslora=True)}),
     "peft.add_weighted_adapter.linear_cross_terms": (
         "peft", lambda: {"impl": peft_combine("linear")}, lambda: {"impl": peft_combine("cat")}),
+    "peft.add_weighted_adapter.dora_magnitudes_ignored": (
+        "peft", _impl(peft_dora_combine), lambda: {"impl": peft_dora_combine(True)}),
     "peft.tied_embedding.merge_moves_head": ("peft", _impl(peft_tied), lambda: {"impl": peft_tied(True)}),
     "peft.ensure_weight_tying.merges_twice": ("peft", _impl(peft_tied), lambda: {"impl": peft_tied(True)}),
     "peft.dora.fan_in_fan_out_dropout_base_gradient": (
@@ -427,6 +460,7 @@ REAL = {
     "peft.conv.dilation_ignored_in_A": ("peft", _impl(peft_conv), lambda: {"impl": peft_conv(True)}),
     "peft.merge_unmerge.16bit_drift": ("peft", _impl(peft_cycles), lambda: {"impl": peft_cycles(True)}),
     "loralib.conv1d.kernel_above_one": ("loralib", loralib_conv, lambda: loralib_conv(True)),
+    "loralib.conv3d.kernel_above_one": ("loralib", loralib_conv, lambda: loralib_conv(True)),
     "bitsandbytes.cpu_dequantize.row_straddling_blocks": (
         "bitsandbytes", lambda: {"impl": lambda *a, **k: None, "dequantize": bnb_dequantize()},
         lambda: {"impl": lambda *a, **k: None, "dequantize": bnb_dequantize(True)}),

@@ -1,8 +1,8 @@
 """The bug catalogue: known bugs of shipping LoRA implementations, and the kit's verdict on each.
 
 Each :class:`Bug` names the software and version, the smallest case that shows the bug, the
-check that catches it (a check of :data:`lora_ref.testing.CHECKS`, or one of the three below for
-what those do not cover), the properties that must fail, and two implementations written here in
+check that catches it (a check of :data:`lora_ref.testing.CHECKS`, or one of
+:mod:`lora_ref.kit.bug_checks` for what those do not cover), the properties that must fail, and two implementations written here in
 NumPy from the software's source: the released behaviour (``buggy``) and the fixed one
 (``fixed``). The kit must fail the first on exactly those properties and pass the second.
 tests/test_bugs.py runs both, and, where the software is installed (the interop extra: torch,
@@ -12,12 +12,8 @@ errors of the same size. docs/bugs.md is written from these entries by :func:`re
 (``python -m lora_ref.kit.bugs --write docs/bugs.md``, or ``pytest tests/test_bugs.py
 --write-bugs-page``), from the NumPy re-implementations, so it is the same on every machine.
 
-Three checks beyond the variants' own, each with the kit's calling convention and report:
-
-* :func:`check_tied_embedding_merge`: merging an embedding adapter into a table the output head
-  shares (``tie_word_embeddings``), which the unmerged model does not adapt unless asked.
-* :func:`check_dora_base_gradient`: DoRA's dL/dW for a base weight that is trained.
-* :func:`check_merge_cycles`: merge then unmerge, repeated, on a 16-bit weight.
+The checks beyond the variants' own (tied tables, DoRA's base gradient, merge cycles, DoRA
+combinations, 3-D convolutions) live in :mod:`lora_ref.kit.bug_checks` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,171 +23,24 @@ import contextlib
 import io
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from autograd import make_vjp
-
-from ..cases import LoraCase
-from ..dora import dora_linear, dora_magnitudes, dora_rounding_counts
-from ..lora import lora_scale
 from . import wrong as w
 from . import wrong_many as wm
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
-from .dora import draw_dora_case
+from .bug_checks import (CATALOGUE_CHECKS, CONV3D_PROPERTIES, DORA_BASE_GRADIENT_PROPERTIES, DORA_COMBINE_PROPERTIES,
+                         MERGE_CYCLE_PROPERTIES, TIED_MERGE_PROPERTIES, check_dora_base_gradient,
+                         check_dora_combination, check_lora_conv3d, check_merge_cycles, check_tied_embedding_merge)
+from .core import LoraCheckReport
 
-__all__ = ["BUGS", "Bug", "CATALOGUE_CHECKS", "DORA_BASE_GRADIENT_PROPERTIES", "MERGE_CYCLE_PROPERTIES",
-           "TIED_MERGE_PROPERTIES", "check_dora_base_gradient", "check_merge_cycles", "check_tied_embedding_merge",
+__all__ = ["BUGS", "Bug", "CATALOGUE_CHECKS", "CONV3D_PROPERTIES", "DORA_BASE_GRADIENT_PROPERTIES",
+           "DORA_COMBINE_PROPERTIES", "MERGE_CYCLE_PROPERTIES", "TIED_MERGE_PROPERTIES", "check_dora_base_gradient",
+           "check_dora_combination", "check_lora_conv3d", "check_merge_cycles", "check_tied_embedding_merge",
            "render_page", "run_bug"]
 
 PAGE = Path("docs") / "bugs.md"
-
-
-# ============================================================================================
-# Tied tables: merging an embedding adapter when the output head shares the table
-# ============================================================================================
-
-TIED_MERGE_PROPERTIES: dict[str, str] = {
-    "tied_merge": "E (12, 8) shared by the lookup and the output head, an adapter on the lookup only: merged, "
-                  "the lookup's table is E + s (B A)^T and the head's is still E, bit for bit (as unmerged)",
-    "tied_merge_head_adapted": "the head adapted too, by the same factors (PEFT's ensure_weight_tying): both "
-                               "tables E + s (B A)^T, the delta added once",
-}
-
-
-def _build_tied(name: str, dtype: str, seed: int) -> Call:
-    rng = np.random.default_rng((seed, list(TIED_MERGE_PROPERTIES).index(name)))
-    V, D, r, alpha = 12, 8, 2, 4.0
-    E, A, B = (rng.standard_normal(shape).astype(dtype) for shape in ((V, D), (r, V), (D, r)))
-    f64 = lambda t: t.astype(np.float64)  # noqa: E731
-    s = lora_scale(alpha, r)
-    merged = f64(E) + s * (f64(B) @ f64(A)).T                                  # (V, D) = E + s (B A)^T
-    magnitude = np.abs(f64(E)) + abs(s) * (np.abs(f64(B)) @ np.abs(f64(A))).T
-    head_adapted = name == "tied_merge_head_adapted"
-    n = r + 6                                                                  # as a merged linear weight
-    outs = (Output("input_table", merged, dtype, magnitude, reference_rtol(dtype, n), n, 0),
-            Output("head_table", merged if head_adapted else f64(E), dtype,
-                   magnitude if head_adapted else np.zeros_like(magnitude), reference_rtol(dtype, n), n, 1))
-    return Call("impl", (E, A, B), ("E", "A", "B"), {"alpha": alpha, "r": r, "use_rslora": False,
-                                                      "head_adapted": head_adapted}, outs, ("E_input", "E_head"))
-
-
-def check_tied_embedding_merge(impl: Callable, *, properties: Iterable[str] | None = None,
-                               dtypes: Sequence[str] = ("float64", "float32"), seed: int = 0) -> LoraCheckReport:
-    """Run :data:`TIED_MERGE_PROPERTIES` against your merge of a tied model's embedding adapter.
-
-    ``impl(E, A, B, *, alpha, r, use_rslora, head_adapted) -> (E_input, E_head)``: E (V, D) the
-    table the lookup and the output head share, A (r, V), B (D, r) the embedding adapter
-    (PEFT's ``lora_embedding_A`` / ``_B``); ``head_adapted`` whether the unmerged model's head
-    carries the adapter too (PEFT's ``ensure_weight_tying=True``). Return the tables the merged
-    model uses for the lookup and for the head: the merged model must compute what the
-    unmerged one did. ``properties``, ``dtypes``, ``seed`` as in every check.
-    """
-    return run_check(impl=impl, callables={}, properties=properties, dtypes=dtypes, seed=seed,
-                     known=TIED_MERGE_PROPERTIES, default=tuple(TIED_MERGE_PROPERTIES), needs={},
-                     allowed=("float32", "float64"), build=_build_tied)
-
-
-# ============================================================================================
-# DoRA: the gradient of a trained base weight
-# ============================================================================================
-
-DORA_BASE_GRADIENT_PROPERTIES: dict[str, str] = {
-    "grad_W": "dL/dW of DoRA's layer for L = sum(y * dy), W (5, 7) trained, PEFT's dropout form, the norm detached",
-    "grad_W_fan_in_fan_out": "the same with W stored (d_in, d_out) (GPT-2's Conv1D): dL/dW in W's layout",
-}
-
-
-def _build_dora_base(name: str, dtype: str, seed: int) -> Call:
-    fifo = name.endswith("fan_in_fan_out")
-    spec = LoraCase(d_in=7, d_out=5, r=3, alpha=6.0, dropout_p=0.5, fan_in_fan_out=fifo)
-    case, m = draw_dora_case(spec, (seed, 50 + list(DORA_BASE_GRADIENT_PROPERTIES).index(name)))
-    c = case.astype(dtype)
-    f64 = lambda t: np.asarray(t, dtype=np.float64)  # noqa: E731
-    x, W, A, B, mm, bias, mask, dy = (f64(t) for t in (c.x, c.W, c.A, c.B, m.astype(dtype), c.bias, c.mask, c.dy))
-    s = c.scale                                                                # W is (d_out, d_in) here
-    vjp, _ = make_vjp(lambda WW: dora_linear(x, WW, A, B, mm, s, bias, mask, True))(W)
-    dW = vjp(dy)
-    mag = dora_magnitudes(x, W, A, B, mm, s, bias=bias, dropout_mask=mask, dy=dy, detach_norm=True)["dW"]
-    n = dora_rounding_counts(c.d_in, c.d_out, c.r, c.n_tokens)["dW"]
-    layout = (lambda t: t.T) if fifo else (lambda t: t)  # noqa: E731
-    out = Output("dW", layout(dW), dtype, layout(mag), reference_rtol(dtype, n), n)
-    settings = {"alpha": c.alpha, "r": c.r, "use_rslora": False, "bias": c.bias, "dropout_mask": c.mask,
-                "fan_in_fan_out": fifo}
-    return Call("impl", (c.x, c.W_stored, c.A, c.B, m.astype(dtype), c.dy), ("x", "W", "A", "B", "m", "dy"),
-                settings, (out,))
-
-
-def check_dora_base_gradient(impl: Callable, *, properties: Iterable[str] | None = None,
-                             dtypes: Sequence[str] = ("float64", "float32"), seed: int = 0) -> LoraCheckReport:
-    """Run :data:`DORA_BASE_GRADIENT_PROPERTIES` against your DoRA layer's gradient of W.
-
-    ``impl(x, W, A, B, m, dy, *, alpha, r, use_rslora, bias, dropout_mask, fan_in_fan_out) -> dW``:
-    the arguments of :func:`lora_ref.testing.check_dora_linear`'s ``grad``; return dL/dW for
-    ``L = sum(y * dy)``, in W's layout, with the norm treated as a constant (PEFT's, Section 4.3
-    of the DoRA paper). Only a model that trains its base weight needs it.
-    """
-    return run_check(impl=impl, callables={}, properties=properties, dtypes=dtypes, seed=seed,
-                     known=DORA_BASE_GRADIENT_PROPERTIES, default=tuple(DORA_BASE_GRADIENT_PROPERTIES), needs={},
-                     allowed=("float32", "float64"), build=_build_dora_base)
-
-
-# ============================================================================================
-# Merge and unmerge, repeated, on a 16-bit weight
-# ============================================================================================
-
-MERGE_CYCLE_PROPERTIES: dict[str, str] = {
-    "one_cycle": "W (8, 8) in the dtype, float32 factors A (2, 8), B (8, 2) (PEFT's default adapter dtype) "
-                 "whose s B A, s = 2, is exact in float32 but not in the dtype: merge then unmerge gives W back within gamma_4 (|W| + |s| |B| |A|)",
-    "hundred_cycles": "100 cycles: still within that one-cycle bound (merge and unmerge that use one delta reach "
-                      "a fixed point; two differently rounded deltas make W drift)",
-}
-_CYCLES = {"one_cycle": 1, "hundred_cycles": 100}
-
-
-def _build_cycles(name: str, dtype: str, seed: int) -> Call:
-    from ..precision import round_to
-
-    rng = np.random.default_rng((seed, 60 + list(MERGE_CYCLE_PROPERTIES).index(name)))
-    d, r, alpha = 8, 2, 4.0
-    W = rng.uniform(-1 / math.sqrt(d), 1 / math.sqrt(d), (d, d))                 # nn.Linear's initialisation
-    # Multiples of 2^-10 in (-1, 1): s B A (multiples of 2^-19 below 4) is exact in float32 in any
-    # summation order, so the case is the same on every CPU, but not in a 16-bit dtype.
-    A, B = (rng.integers(-1023, 1024, shape).astype(np.float32) / np.float32(1024) for shape in ((r, d), (d, r)))
-    W = round_to(W, dtype)                                                     # float64 holding the dtype's values
-    s = lora_scale(alpha, r)
-    magnitude = np.abs(W) + abs(s) * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64)))
-    if dtype == "bfloat16":
-        import ml_dtypes
-        W_in = W.astype(ml_dtypes.bfloat16)
-    else:
-        W_in = W.astype(dtype)
-    out = Output("W", W, dtype, magnitude, reference_rtol(dtype, 4), 4)
-    return Call("impl", (W_in, A, B), ("W", "A", "B"),
-                {"alpha": alpha, "r": r, "use_rslora": False, "cycles": _CYCLES[name]}, (out,))
-
-
-def check_merge_cycles(impl: Callable, *, properties: Iterable[str] | None = None,
-                       dtypes: Sequence[str] = ("bfloat16", "float16"), seed: int = 0) -> LoraCheckReport:
-    """Run :data:`MERGE_CYCLE_PROPERTIES` against your merge / unmerge of a LoRA layer.
-
-    ``impl(W, A, B, *, alpha, r, use_rslora, cycles) -> W'``: W (d_out, d_in) in the dtype
-    (bfloat16 is ml_dtypes'), A (r, d_in) and B (d_out, r) float32; merge the adapter into W
-    and unmerge it ``cycles`` times, and return W (its dtype). The bound is that of one cycle,
-    ``gamma_4 (|W| + |s| |B| |A|)`` (each of merge and unmerge rounds once in float32 and once to
-    the dtype; a delta used both ways cancels). ``dtypes``: bfloat16, float16, float32.
-    """
-    return run_check(impl=impl, callables={}, properties=properties, dtypes=dtypes, seed=seed,
-                     known=MERGE_CYCLE_PROPERTIES, default=tuple(MERGE_CYCLE_PROPERTIES), needs={},
-                     allowed=("bfloat16", "float16", "float32"), build=_build_cycles)
-
-
-CATALOGUE_CHECKS = {"tied_embedding_merge": check_tied_embedding_merge,
-                    "dora_base_gradient": check_dora_base_gradient, "merge_cycles": check_merge_cycles}
-"""The catalogue's own checks, by name (the variants' checks are :data:`lora_ref.testing.CHECKS`)."""
 
 
 # ============================================================================================
@@ -248,6 +97,15 @@ BUGS: tuple[Bug, ...] = (
         "combination_type='cat' for the weighted sum",
         "combine_adapters", _combine_as("linear"), _combine_as("cat"), frozenset({"exact"}),
         {"properties": ("exact",)}, source="REFERENCE.md; docs/combination.md"),
+    Bug("peft.add_weighted_adapter.dora_magnitudes_ignored", "PEFT", "0.21.2", "peft",
+        "add_weighted_adapter ignores DoRA sources' magnitudes: one adapter at weight 1 comes back changed",
+        "The combined adapter's config is a copy of the first source's, so use_dora is kept and the new adapter "
+        "gets DoRA's initial magnitude ||W + s B A|| with B = 0, i.e. ||W|| row by row; add_weighted_adapter then "
+        "writes A and B and never touches lora_magnitude_vector, so the sources' trained magnitudes are lost "
+        "(peft/tuners/lora/model.py, add_weighted_adapter).",
+        "the combined adapter's magnitude taken from the sources (one source: its m)",
+        "dora_combination", lambda: {"impl": w.dora_combine("magnitude_ignored")}, lambda: {"impl": w.dora_combine()},
+        frozenset({"dora_one_source"}), source="REFERENCE.md; peft/tuners/lora/model.py (add_weighted_adapter)"),
     Bug("peft.tied_embedding.merge_moves_head", "PEFT", "0.21.2", "peft",
         "merging an embedding adapter into a tied table changes the output head: merged != unmerged",
         "On a model with tie_word_embeddings (GPT-2's wte and lm_head), an adapter on the embedding adapts "
@@ -306,6 +164,15 @@ BUGS: tuple[Bug, ...] = (
         lambda: {"impl": w.loralib_conv_layer(), "merge": w.loralib_conv_merge()},
         frozenset({"forward_1d", "merge_1d"}), {"properties": ("forward_1d", "merge_1d")},
         source="REFERENCE.md; tests/interop/test_embedding_conv_peft.py::test_loralib_conv1d_with_kernel_above_one_fails"),
+    Bug("loralib.conv3d.kernel_above_one", "loralib", "0.1.2", "loralib",
+        "Conv3d with kernel_size > 1 fails at the first forward (and at merge)",
+        "Conv3d is the same ConvLoRA: lora_A (r k, C_in k), lora_B (C_out k, r k), so B A has C_out C_in k^2 "
+        "entries where a 3-D weight (C_out, C_in, k, k, k) has C_out C_in k^3, and (lora_B @ lora_A)"
+        ".view(weight.shape) raises (loralib/layers.py, ConvLoRA).",
+        "factors sized for the weight: lora_A (r, C_in k^3), lora_B (C_out, r)",
+        "lora_conv3d", lambda: {"impl": w.loralib_conv_layer("kernel_squared"), "merge": w.loralib_conv_merge("kernel_squared")},
+        lambda: {"impl": w.loralib_conv_layer(), "merge": w.loralib_conv_merge()},
+        frozenset({"forward_3d", "merge_3d"}), source="REFERENCE.md; loralib/layers.py (ConvLoRA)"),
     Bug("bitsandbytes.cpu_dequantize.row_straddling_blocks", "bitsandbytes", "0.50.2", "bitsandbytes",
         "the native CPU dequantize_4bit scales blocks that straddle rows by the wrong absmax",
         "The AVX-512 kernel (last dim n even and a multiple of 16, block < 2048, more than one row) reads "
@@ -399,7 +266,8 @@ def run_bug(bug: Bug, callables: Mapping[str, Any] | None = None, *, fixed: bool
 _CALLS = {"combine_adapters": "check_combine_adapters", "lora_conv": "check_lora_conv",
           "lora_linear": "check_lora_linear", "lora_shrink": "check_lora_shrink", "serving": "check_serving",
           "quantize_4bit": "check_quantize_4bit", "tied_embedding_merge": "bugs.check_tied_embedding_merge",
-          "dora_base_gradient": "bugs.check_dora_base_gradient", "merge_cycles": "bugs.check_merge_cycles"}
+          "dora_base_gradient": "bugs.check_dora_base_gradient", "merge_cycles": "bugs.check_merge_cycles",
+          "dora_combination": "bugs.check_dora_combination", "lora_conv3d": "bugs.check_lora_conv3d"}
 
 
 def _properties(check: str) -> Mapping[str, str]:
@@ -408,7 +276,8 @@ def _properties(check: str) -> Mapping[str, str]:
     return {"lora_linear": t.PROPERTIES, "lora_conv": t.CONV_PROPERTIES, "lora_shrink": t.SHRINK_PROPERTIES,
             "serving": t.SERVING_PROPERTIES, "combine_adapters": t.COMBINE_PROPERTIES,
             "quantize_4bit": t.QUANT_PROPERTIES, "tied_embedding_merge": TIED_MERGE_PROPERTIES,
-            "dora_base_gradient": DORA_BASE_GRADIENT_PROPERTIES, "merge_cycles": MERGE_CYCLE_PROPERTIES}[check]
+            "dora_base_gradient": DORA_BASE_GRADIENT_PROPERTIES, "merge_cycles": MERGE_CYCLE_PROPERTIES,
+            "dora_combination": DORA_COMBINE_PROPERTIES, "lora_conv3d": CONV3D_PROPERTIES}[check]
 
 
 def _times(x: float) -> str:
@@ -515,10 +384,12 @@ and `run_bug(bug, fixed=True)` on the fixed one, and `run_bug(bug, callables)` o
 ```output
 {buffer.getvalue()}```
 
-Three checks here go beyond the variants' own (lora_ref/kit/bugs.py): `check_tied_embedding_merge`
-(merging into a table the output head shares), `check_dora_base_gradient` (DoRA's dL/dW for a
-trained base weight) and `check_merge_cycles` (merge and unmerge, repeated, on a 16-bit weight).
-They take the kit's calling convention and return its report. docs/oracle.md shows the workflow
+Five checks here go beyond the variants' own (lora_ref/kit/bug_checks.py, re-exported by
+lora_ref.kit.bugs): `check_tied_embedding_merge` (merging into a table the output head shares),
+`check_dora_base_gradient` (DoRA's dL/dW for a trained base weight), `check_merge_cycles` (merge
+and unmerge, repeated, on a 16-bit weight), `check_dora_combination` (combining DoRA adapters
+keeps their magnitudes) and `check_lora_conv3d` (the conv contract on a 3-D convolution). They
+take the kit's calling convention and return its report. docs/oracle.md shows the workflow
 for every variant; docs/vectors-format.md the golden vectors.
 """
 

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["conv_grad", "conv_layer", "conv_merge", "dora_base_grad", "dora_grad", "dora_layer", "dora_magnitude",
+__all__ = ["conv_grad", "conv_layer", "conv_merge", "dora_base_grad", "dora_combine", "dora_grad", "dora_layer", "dora_magnitude",
            "dora_merge", "embedding_grad", "embedding_layer", "embedding_merge", "linear_grad", "linear_layer",
            "linear_merge", "keras_dense_layer", "keras_dense_merge", "llama_cpp_layer", "loralib_conv_layer", "loralib_conv_merge", "merge_cycles",
            "tied_embedding_merge"]
@@ -351,7 +351,7 @@ def _loralib_view(lora_A, lora_B, shape):
 
 def loralib_conv_layer(bug: str | None = None):
     """loralib's ConvLoRA forward: ``conv(x, W + (lora_B @ lora_A).view(W.shape) * scaling, bias)``
-    (no dropout, no rsLoRA), 1-D here."""
+    (no dropout, no rsLoRA), 1-D or 3-D here (loralib's Conv2d is right)."""
     def impl(x, W, A, B, *, alpha, r, use_rslora, bias, stride, padding, dilation, groups, dropout_mask):
         lora_A, lora_B = _loralib_factors(A, B, W.shape[2], bug)
         merged = W + _loralib_view(lora_A, lora_B, W.shape) * x.dtype.type(alpha / r)
@@ -398,6 +398,24 @@ def dora_base_grad(bug: str | None = None):
             dW = dW + ((f - 1.0) * G).T @ (X * Mf)                             # the correction's term
         return dW.T if fan_in_fan_out else dW
     return grad
+
+
+def dora_combine(bug: str | None = None):
+    """A weighted combination of DoRA adapters as PEFT 0.21.2's add_weighted_adapter builds it
+    ('cat': A = [w_i s_i A_i] stacked, B = [B_i], scale 1). The combined adapter is created anew
+    with use_dora, so its magnitude is DoRA's initial ``||W + s B0 A0||`` with B0 = 0, i.e.
+    ``||W||`` row by row, and the factors are written afterwards: the sources' m are ignored (bug
+    ``"magnitude_ignored"``). Fixed: the magnitudes carried over, ``sum w_i m_i`` (one source of
+    weight 1: its own m, the only case with one right answer, and the one the kit checks)."""
+    def impl(W, adapters, weights):
+        ads = list(adapters.values())
+        A = np.concatenate([a["A"] * W.dtype.type(w * _scale(a["alpha"], a["r"], a["use_rslora"]))
+                            for a, w in zip(ads, weights)])                    # (sum r_i, d_in)
+        B = np.concatenate([a["B"] for a in ads], axis=1)                    # (d_out, sum r_i)
+        if bug == "magnitude_ignored":
+            return A, B, 1.0, np.sqrt(np.sum(W * W, axis=1))                  # ||W + s 0 A0|| = ||W||
+        return A, B, 1.0, sum(W.dtype.type(w) * a["m"] for a, w in zip(ads, weights))
+    return impl
 
 
 def merge_cycles(bug: str | None = None):
