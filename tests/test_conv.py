@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import autograd
 import numpy as np
@@ -267,6 +269,22 @@ def test_peft_form_is_a_special_case_of_loralibs():
 # ----------------------------------------------------------------------------------------------
 
 
+CONV_PAGE = Path(__file__).resolve().parent.parent / "docs" / "conv.md"
+
+
+def assert_page_shows(line):
+    """Print ``line``, a measured line docs/conv.md quotes, and assert the page shows it verbatim as
+    one of its lines (fixed seeds and shapes: the numbers are the same run to run)."""
+    print("\n" + line)
+    shown = CONV_PAGE.read_text().splitlines()
+    if line not in shown:
+        head = re.split(r"\d", line, maxsplit=1)[0]
+        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
+        raise AssertionError("docs/conv.md must show, verbatim, the measured line this test prints now. Run\n"
+                             "    python -m pytest -q -s tests/test_conv.py -k mutants\nand in the page replace\n    "
+                             + "\n    ".join(was) + f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mutants_are_caught(dtype):
     margins = {}
@@ -288,9 +306,9 @@ def test_mutants_are_caught(dtype):
     H = conv_nd(c.x, c.A, stride=3)                                                   # no dilation
     undilated = conv_nd(c.x, c.W, c.bias, stride=3, dilation=2) + c.scale * conv_nd(H, c.B)
     margins["dilation ignored in A"] = float(np.max(np.abs(f64(undilated) - f64(y)) / (2 * tolerance(dtype, c.n_forward()) * M)))
-    print(f"\nconv mutant margins ({dtype}, max error / bound): " + ", ".join(f"{k} {v:.2e}" for k, v in margins.items()))
     for name, margin in margins.items():
         assert margin > 1e3, name
+    assert_page_shows(f"conv mutant margins ({dtype}, max error / bound): " + ", ".join(f"{k} {v:.2e}" for k, v in margins.items()))
 
 
 # ----------------------------------------------------------------------------------------------

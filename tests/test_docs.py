@@ -131,13 +131,46 @@ MEASURED = re.compile(r"(?<![\w.])(\d+\.\d+e[-+]?\d+|\d+e[-+]\d+|\d+\.\d{3,}|\d+
 """Numbers that look measured: scientific notation, three or more decimals, percentages."""
 
 
-@pytest.mark.parametrize("name", ["math.md", "oracle.md", "files.md"])
+TEST_FILE = re.compile(r"(?<![\w/])tests/[\w/]+\.py\b")
+
+
+def pinned_text_blocks(name: str) -> list[str]:
+    """The ```text blocks of docs/<name> that a test holds the page to: each right after a ```bash
+    block running pytest on test files that print their measured lines through
+    ``assert_page_shows`` with this page (that function fails unless the page shows each line
+    verbatim), e.g. docs/embedding.md's PEFT measurements."""
+    fenced = [(m.group(1).split(), m.group(2)) for m in FENCE.finditer((ROOT / "docs" / name).read_text())]
+    out = []
+    for (before, command), (info, body) in zip(fenced, fenced[1:]):
+        if info != ["text"] or before != ["bash"] or "pytest" not in command:
+            continue
+        files = [ROOT / f for f in TEST_FILE.findall(command)]
+        if files and all(f.is_file() and "assert_page_shows(" in f.read_text() and name in f.read_text() for f in files):
+            out.append(body)
+    return out
+
+
+@pytest.mark.parametrize("name", ["embedding.md", "conv.md"])
+def test_measured_lines_on_the_page_are_pinned_by_the_tests_that_print_them(name):
+    # Issue 14/15 audit: docs/embedding.md's PEFT measurements (plain-text blocks) were checked by
+    # nothing and one line had drifted. Each such block now follows the command that prints it, and
+    # that test fails unless the page shows every line it prints verbatim.
+    fenced = [(m.group(1).split(), m.group(2)) for m in FENCE.finditer((ROOT / "docs" / name).read_text())]
+    text_blocks = [body for info, body in fenced if info == ["text"]]
+    assert text_blocks, f"{name} has no measured text block: drop it from this test"
+    unpinned = [body for body in text_blocks if body not in pinned_text_blocks(name)]
+    assert not unpinned, (f"{name}: these text blocks do not follow a ```bash block running pytest on test files that "
+                          f"print their lines through assert_page_shows({name!r}...):\n" + "\n".join(unpinned))
+
+
+@pytest.mark.parametrize("name", ["math.md", "oracle.md", "files.md", "embedding.md", "conv.md"])
 def test_prose_quotes_only_numbers_the_page_prints(name):
     # Issue 11, item 17: docs/math.md's prose and table quoted merge drifts that its own code no
-    # longer gave. A measured-looking number outside the code blocks must appear in an output block.
+    # longer gave. A measured-looking number outside the code blocks must appear in an output block
+    # (or in a text block a test pins line by line, pinned_text_blocks).
     text = (ROOT / "docs" / name).read_text()
     fenced = [(m.group(1).split(), m.group(2)) for m in FENCE.finditer(text)]
-    printed = "\n".join(body for info, body in fenced if info == ["output"])
+    printed = "\n".join([body for info, body in fenced if info == ["output"]] + pinned_text_blocks(name))
     prose = re.sub(r"arXiv[ /:]*\d{4}\.\d{4,5}|\(https?://[^)]*\)", "", FENCE.sub("", text))   # citations
     quoted = [n for n in MEASURED.findall(prose) if n not in printed and n.rstrip("%") not in printed]
-    assert not quoted, f"{name} quotes numbers no output block prints: {quoted}"
+    assert not quoted, f"{name} quotes numbers that no output block (nor test-pinned text block) prints: {quoted}"

@@ -19,13 +19,20 @@ tests/test_embedding.py and tests/test_conv.py: both sides compute in the same d
 gamma_n M of the exact value. For the tied-head facts the adapter factors are small dyadic numbers
 (multiples of 1/64, s = 2) so that ``s B A`` is exact and merged and unmerged lookups agree bit for
 bit: those comparisons are exact, no tolerance. Run with ``pytest -s`` to see every error/bound.
+
+The measured lines docs/embedding.md and docs/conv.md quote are printed through
+``assert_page_shows``, which fails when the page does not show the line verbatim: the pages cannot
+drift from what these tests measure (every number printed here is bit-for-bit the same run to run:
+fixed seeds, fixed shapes).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
+from pathlib import Path
 
 import autograd
 import numpy as np
@@ -50,12 +57,36 @@ def f64(t):
     return (t.detach().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(np.float64)
 
 
-def check(what, ours, theirs, bound):
-    """assert_within, printing max |ours - theirs| / max |theirs| and the worst error / bound."""
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+EMBEDDING_PAGE = ("embedding.md", 'python -m pytest -q -s tests/interop/test_embedding_conv_peft.py -k "tied_head or tying or reload"')
+CONV_PAGE = ("conv.md", "python -m pytest -q -s tests/interop/test_embedding_conv_peft.py -k dilation")
+
+
+def assert_page_shows(line, page):
+    """Print ``line``, a measured line that docs/<page> quotes, and assert the page shows it
+    verbatim as one of its lines. ``page`` is (file name, the command that prints the line)."""
+    name, command = page
+    print("\n" + line)
+    shown = (DOCS / name).read_text().splitlines()
+    if line not in shown:
+        head = re.split(r"\d", line, maxsplit=1)[0]
+        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
+        raise AssertionError(f"docs/{name} must show, verbatim, the measured line this test prints now. Run\n"
+                             f"    {command}\nand in the page replace\n    " + "\n    ".join(was) +
+                             f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+
+
+def check(what, ours, theirs, bound, page=None):
+    """assert_within, printing max |ours - theirs| / max |theirs| and the worst error / bound (a
+    line ``page`` must show, when given)."""
     theirs = f64(theirs)
     ratio = assert_within(ours, theirs, bound, what=what)
     rel = float(np.max(np.abs(f64(ours) - theirs)) / max(np.max(np.abs(theirs)), 1e-300))
-    print(f"\n  {what:<48} max relative error {rel:.2e}   error/bound {ratio:.2e}")
+    line = f"  {what:<48} max relative error {rel:.2e}   error/bound {ratio:.2e}"
+    if page is None:
+        print("\n" + line)
+    else:
+        assert_page_shows(line, page)
 
 
 def t(a, requires_grad=False):
@@ -197,12 +228,12 @@ def test_peft_conv_with_dilation():
     M = lora_conv(np.abs(x), np.abs(W), np.abs(A), np.abs(B), s, np.abs(b), **geo)
     bound = 2 * tolerance("float64", C_IN * 3 + 4 + 5) * M
     undilated = conv_nd(x, W, b, **geo) + s * conv_nd(conv_nd(x, A, stride=3), B)   # what PEFT computes
-    check("peft dilated conv: unmerged = A without dilation", undilated, unmerged, bound)
-    print(f"  peft dilated conv: max |PEFT unmerged - lora_ref| = {np.max(np.abs(unmerged - ours)):.3f}, "
-          f"{np.max(np.abs(unmerged - ours) / bound):.1e} bounds")
+    check("peft dilated conv: unmerged = A without dilation", undilated, unmerged, bound, page=CONV_PAGE)
+    assert_page_shows(f"  peft dilated conv: max |PEFT unmerged - lora_ref| = {np.max(np.abs(unmerged - ours)):.3f}, "
+                      f"{np.max(np.abs(unmerged - ours) / bound):.1e} bounds", CONV_PAGE)
     assert np.max(np.abs(unmerged - ours) / bound) > 1e3
     merged = f64(pm.merge_and_unload()(t(x)))
-    check("peft dilated conv: merged = lora_ref", ours, merged, bound)
+    check("peft dilated conv: merged = lora_ref", ours, merged, bound, page=CONV_PAGE)
 
 
 # ============================================================================================
@@ -294,6 +325,7 @@ def with_tables(base, wte, lm_head=None):
 @pytest.mark.parametrize("targets", [["wte"], ["wte", "c_attn"]])
 def test_peft_gpt2_wte_and_the_tied_head(gpt2, targets):
     ids = torch.tensor(np.random.default_rng(5).integers(0, V, (2, 9)))
+    torch.manual_seed(5)                                           # c_attn's random factors: the same whatever ran before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
@@ -327,8 +359,8 @@ def test_peft_gpt2_wte_and_the_tied_head(gpt2, targets):
         # PEFT's unmerged forward adapts the input lookup only: exactly lora_ref's untied merge.
         untied = f64(with_tables(gpt2, merged_table, lm_head=E)(ids).logits)
         assert np.array_equal(unmerged, untied)
-        print(f"\n  untied merge (wte = E + s (B A)^T, lm_head = E): max |its logits - PEFT unmerged| = "
-              f"{np.max(np.abs(untied - unmerged)):.1f}")
+        assert_page_shows(f"  untied merge (wte = E + s (B A)^T, lm_head = E): max |its logits - PEFT unmerged| = "
+                          f"{np.max(np.abs(untied - unmerged)):.1f}", EMBEDDING_PAGE)
     merged_model = pm.merge_and_unload()
     assert np.array_equal(f64(merged_model.transformer.wte.weight), merged_table)
     assert merged_model.lm_head.weight is merged_model.transformer.wte.weight   # the head moved too
@@ -336,8 +368,8 @@ def test_peft_gpt2_wte_and_the_tied_head(gpt2, targets):
     if targets == ["wte"]:
         assert np.array_equal(merged, f64(with_tables(gpt2, merged_table)(ids).logits))
     diff = np.max(np.abs(merged - unmerged))
-    print(f"\n  tied head, targets {targets}: max |merged - unmerged logits| = {diff:.4f}, max |logits| = "
-          f"{np.max(np.abs(unmerged)):.4f}")
+    assert_page_shows(f"  tied head, targets {targets}: max |merged - unmerged logits| = {diff:.4f}, max |logits| = "
+                      f"{np.max(np.abs(unmerged)):.4f}", EMBEDDING_PAGE)
     assert diff > 0
 
 
@@ -376,13 +408,15 @@ def test_peft_ensure_weight_tying_merges_twice(gpt2):
     tied_once = f64(with_tables(gpt2, once)(ids).logits)
     h = seen["h"]
     M = np.abs(h) @ (np.abs(E) + s * (np.abs(B) @ np.abs(A)).T).T
-    check("ensure_weight_tying unmerged = tied E + s(BA)^T", unmerged, tied_once, 2 * tolerance("float64", D + 2 + 3) * M)
+    check("ensure_weight_tying unmerged = tied E + s(BA)^T", unmerged, tied_once, 2 * tolerance("float64", D + 2 + 3) * M,
+          page=EMBEDDING_PAGE)
     merged_model = pm.merge_and_unload()
     assert np.array_equal(f64(merged_model.transformer.wte.weight), twice)  # the delta added twice
     merged = f64(merged_model(ids).logits)
     assert np.array_equal(merged, f64(with_tables(gpt2, twice)(ids).logits))
-    print(f"\n  ensure_weight_tying: merged table = E + 2 s (B A)^T; max |merged - unmerged logits| = "
-          f"{np.max(np.abs(merged - unmerged)):.4f}, max |logits| = {np.max(np.abs(unmerged)):.4f}")
+    assert_page_shows(f"  ensure_weight_tying: merged table = E + 2 s (B A)^T; max |merged - unmerged logits| = "
+                      f"{np.max(np.abs(merged - unmerged)):.4f}, max |logits| = {np.max(np.abs(unmerged)):.4f}",
+                      EMBEDDING_PAGE)
     assert np.any(merged != unmerged)
 
 
@@ -475,5 +509,6 @@ def test_peft_ensure_weight_tying_adapter_does_not_reload_on_gpt2(gpt2, tmp_path
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path)
     assert not hasattr(reloaded.base_model.model.lm_head, "lora_A")
     diff = np.max(np.abs(f64(reloaded(ids).logits) - trained))
-    print(f"\n  ensure_weight_tying on GPT-2, saved and reloaded: lm_head unadapted, max |logits - trained| = {diff:.4f}")
+    assert_page_shows(f"  ensure_weight_tying on GPT-2, saved and reloaded: lm_head unadapted, max |logits - trained| = "
+                      f"{diff:.4f}", EMBEDDING_PAGE)
     assert diff > 0

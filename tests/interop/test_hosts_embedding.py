@@ -21,14 +21,20 @@ the tied output head, measured (``pytest -s`` prints the lines docs/embedding.md
 Bounds as in test_hosts_dora (``2 gamma_n M``): an adapted lookup adds ``r + 3`` roundings, fewer
 than the adapted projection the chain of rank ``r + 3`` counts; a merged table ``r + 3`` roundings
 on ``|E| + |s| (|B| |A|)^T`` (test_embedding_conv_peft); M of logits read from the head actually used.
+
+The tied-head lines docs/embedding.md quotes are printed through ``assert_page_shows``, which fails
+when the page does not show the line verbatim (every number in them is bit-for-bit the same run to
+run: fixed seeds, fixed shapes), so the page cannot drift from what this test measures.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +74,33 @@ CASES = {
         r=3, lora_alpha=5, target_modules=["embed_tokens", "q_proj"], use_rslora=True), ["embed_tokens"]),
     "llama tied embed_tokens": ("llama tied", dict(r=2, lora_alpha=4, target_modules=["embed_tokens"]), ["embed_tokens"]),
 }
+
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "embedding.md"
+COMMAND = 'python -m pytest -q -s tests/interop/test_hosts_embedding.py -k "tied_head or ensure"'
+
+
+def assert_page_shows(line):
+    """Print ``line``, a measured line docs/embedding.md quotes, and assert the page shows it
+    verbatim as one of its lines."""
+    print("\n" + line)
+    shown = PAGE.read_text().splitlines()
+    if line not in shown:
+        head = re.split(r"\d", line, maxsplit=1)[0]
+        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
+        raise AssertionError(f"docs/embedding.md must show, verbatim, the measured line this test prints now. Run\n"
+                             f"    {COMMAND}\nand in the page replace\n    " + "\n    ".join(was) +
+                             f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+
+
+def report_shown(what, ours, theirs, bound):
+    """test_hosts_dora.report (assert_within, then the largest |difference|, relative to max |PEFT|,
+    and error/bound), its line one that docs/embedding.md must show."""
+    ratio = assert_within(ours, theirs, bound, what=what)
+    theirs = np.asarray(theirs, dtype=np.float64)
+    err = float(np.max(np.abs(np.asarray(ours, dtype=np.float64) - theirs)))
+    assert_page_shows(f"[hosts-embedding] {what}: max |diff| {err:.2e}, relative {err / float(np.max(np.abs(theirs))):.2e}, "
+                      f"error/bound {ratio:.2e}")
 
 
 def magnitude(params, config):
@@ -201,9 +234,9 @@ def test_merged_tables_and_the_tied_head(cases, case, monkeypatch):
         assert head is emb or head.data_ptr() == emb.data_ptr()  # PEFT: the head moved with the table
         assert ours["lm_head.weight"] is E                        # lora-ref: the head keeps the base table
         diff = float(np.max(np.abs(peft_merged - unmerged)))
-        print(f"\n[hosts-embedding] tied head, {case}: PEFT merged vs unmerged logits max |diff| {diff:.4f} "
-              f"(max |logits| {np.max(np.abs(unmerged)):.4f}); lora-ref's untied merge vs PEFT unmerged "
-              f"{np.max(np.abs(ours_logits - unmerged)):.1e}; PEFT warned: {warned}")
+        assert_page_shows(f"[hosts-embedding] tied head, {case}: PEFT merged vs unmerged logits max |diff| {diff:.4f} "
+                          f"(max |logits| {np.max(np.abs(unmerged)):.4f}); lora-ref's untied merge vs PEFT unmerged "
+                          f"{np.max(np.abs(ours_logits - unmerged)):.1e}; PEFT warned: {warned}")
         assert diff > np.max(bound(ours, run, r))
         assert warned == table.endswith("embed_tokens")          # PEFT warns for its tying names only, not GPT-2's wte
 
@@ -221,6 +254,7 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     tensor: E + 2 s (B A)^T. lora-ref refuses such a file (lora_ref.peft_io, by name); its meaning
     in lora-ref is two adapters, one per end, merged each into its own tensor."""
     model, config, params = base_model("llama tied", seed=40)
+    torch.manual_seed(40)                                        # PEFT draws the factors: the same ones whatever ran before
     pm = peft_model(model, r=2, lora_alpha=4, target_modules=["embed_tokens"], ensure_weight_tying=True).eval()
     layers = lora_layers(pm)
     assert set(layers) == {"model.embed_tokens", "lm_head"}
@@ -236,8 +270,8 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     unmerged = peft_logits(pm, tokens, monkeypatch)
     both = {**params, "model.embed_tokens.weight": merge_embedding(E, A, B, s)}   # a tied model with E + s (B A)^T
     b = bound(both, config, 2)
-    report("hosts-embedding", "ensure_weight_tying unmerged = tied model with E + s (B A)^T", tr.forward(both, tokens, config),
-           unmerged, b)
+    report_shown("ensure_weight_tying unmerged = tied model with E + s (B A)^T", tr.forward(both, tokens, config),
+                 unmerged, b)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged_model = pm.merge_and_unload()
@@ -249,12 +283,12 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     with float64_patch(monkeypatch), torch.no_grad():
         merged = merged_model(torch.tensor(tokens)).logits.numpy()
     diff = float(np.max(np.abs(merged - unmerged)))
-    print(f"\n[hosts-embedding] ensure_weight_tying, tied LLaMA: merged table = E + 2 s (B A)^T; PEFT merged vs "
-          f"unmerged logits max |diff| {diff:.4f} (max |logits| {np.max(np.abs(unmerged)):.4f})")
+    assert_page_shows(f"[hosts-embedding] ensure_weight_tying, tied LLaMA: merged table = E + 2 s (B A)^T; PEFT merged vs "
+                      f"unmerged logits max |diff| {diff:.4f} (max |logits| {np.max(np.abs(unmerged)):.4f})")
     assert diff > np.max(b)
     # lora-ref's meaning of that model: an embedding adapter on the table and a linear one on the head
     two = tr.untie(config)
     merged_each = {**params, "model.embed_tokens.weight": merge_embedding(E, A, B, s),
                    "lm_head.weight": E + (B @ A).T * s}                      # W + s B' A', B' = A^T, A' = B^T
-    report("hosts-embedding", "two adapters merged each into its own tensor vs PEFT unmerged",
-           tr.forward(merged_each, tokens, two), unmerged, bound(merged_each, two, 2))
+    report_shown("two adapters merged each into its own tensor vs PEFT unmerged", tr.forward(merged_each, tokens, two),
+                 unmerged, bound(merged_each, two, 2))
