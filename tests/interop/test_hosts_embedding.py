@@ -251,8 +251,9 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     """embed_tokens is one of PEFT's tying names: with ensure_weight_tying=True the tied head gets
     a linear adapter sharing the embedding's factors (lora_A = lora_embedding_B^T), so the unmerged
     model adapts both ends, and merge_and_unload adds s (B A)^T once per layer into the one shared
-    tensor: E + 2 s (B A)^T. lora-ref refuses such a file (lora_ref.peft_io, by name); its meaning
-    in lora-ref is two adapters, one per end, merged each into its own tensor."""
+    tensor: E + 2 s (B A)^T. lora-ref refuses such a file (lora_ref.peft_io, by name) and its hosts
+    do not adapt lm_head; the merge PEFT should have made (each end's delta added into its own
+    tensor, once) is built here by hand and equals PEFT's unmerged model."""
     model, config, params = base_model("llama tied", seed=40)
     torch.manual_seed(40)                                        # PEFT draws the factors: the same ones whatever ran before
     pm = peft_model(model, r=2, lora_alpha=4, target_modules=["embed_tokens"], ensure_weight_tying=True).eval()
@@ -286,7 +287,8 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     assert_page_shows(f"[hosts-embedding] ensure_weight_tying, tied LLaMA: merged table = E + 2 s (B A)^T; PEFT merged vs "
                       f"unmerged logits max |diff| {diff:.4f} (max |logits| {np.max(np.abs(unmerged)):.4f})")
     assert diff > np.max(b)
-    # lora-ref's meaning of that model: an embedding adapter on the table and a linear one on the head
+    # The honest merge, by hand (lora-ref's hosts cannot adapt lm_head): the embedding adapter merged
+    # into the table, the head's linear adapter (lora_A = B^T, lora_B = A^T) into an untied copy of E.
     two = tr.untie(config)
     merged_each = {**params, "model.embed_tokens.weight": merge_embedding(E, A, B, s),
                    "lm_head.weight": E + (B @ A).T * s}                      # W + s B' A', B' = A^T, A' = B^T
