@@ -408,13 +408,17 @@ def test_public_names_are_reexported():
         assert getattr(lora_ref, name) is getattr(backend, name)
 
 
+@pytest.mark.parametrize("name", ["numpy", *OTHER_BACKENDS])
 @pytest.mark.parametrize("id_dtype", ["int64", "int32", "uint8", "uint64"])
-def test_scatter_add_rows_adds_every_repeated_id_on_numpy_and_strict(id_dtype):
+def test_scatter_add_rows_adds_every_repeated_id_on_every_backend(id_dtype, name):
+    # One path per backend (np.add.at, cupyx.scatter_add, the one-hot product): each must add every
+    # occurrence of a repeated id. The sums are of small integers: exact, so compared exactly.
     ids = np.array([3, 0, 255, 3, 3, 7], dtype=id_dtype)       # 300 rows: more than uint8 counts
     Z = np.arange(12.0).reshape(6, 2)
     expected = np.zeros((300, 2))
     for i, v in enumerate(ids):                              # one row at a time: the definition
         expected[int(v)] += Z[i]
-    assert np.array_equal(backend.scatter_add_rows(ids, Z, 300), expected)
-    strict = backend.scatter_add_rows(array_api_strict.asarray(ids), array_api_strict.asarray(Z), 300)
-    assert strict.dtype == array_api_strict.float64 and np.array_equal(to_numpy(strict), expected)
+    ids_dev, Z_dev = _on(name, ids, Z)
+    out = backend.scatter_add_rows(ids_dev, Z_dev, 300)
+    assert type(out) is type(Z_dev) and out.dtype == Z_dev.dtype      # stayed on the backend, float64
+    assert np.array_equal(to_numpy(out), expected)
