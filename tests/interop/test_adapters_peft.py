@@ -9,7 +9,9 @@ input; ``pytest -s`` prints every comparison's largest error relative to its bou
 * summed active adapters (``base_model.set_adapter([...])``), ``disable_adapter()``, and
   ``merge_adapter`` of the active set: :mod:`lora_ref.adapters`;
 * ``model(x, adapter_names=[...])`` mixed batches: ``mixed_batch_linear``;
-* ``add_weighted_adapter`` for every combination type: :func:`lora_ref.combine.combine_adapters`.
+* ``add_weighted_adapter`` for every combination type: :func:`lora_ref.combine.combine_adapters`,
+  and its options ``svd_clamp``, ``svd_rank`` (lora-ref's ``rank``) and
+  ``majority_sign_method="frequency"`` (lora-ref's ``majority_sign``) on every ties variant.
   DARE's masks are INJECTED: ``torch.bernoulli`` (which PEFT's ``random_pruning`` calls) is
   replaced by a function handing out masks drawn by :func:`lora_ref.combine.dare_masks`, in the
   order PEFT draws them (per module: the A's in adapter order, then the B's; SVD methods: one per
@@ -214,12 +216,17 @@ def torch_svd(D, full_matrices):
     return U.numpy(), S.numpy(), Vh.numpy()
 
 
-CLAMPS = {"svd": [None, 0.9, 0.3]}
+# add_weighted_adapter's options beyond the defaults, each compared against PEFT (PEFT's name -> lora-ref's).
+OURS = {"svd_clamp": "svd_clamp", "svd_rank": "rank", "majority_sign_method": "majority_sign"}
+FREQUENCY = [{"majority_sign_method": "frequency"}]
+OPTIONS = {"svd": [{"svd_clamp": 0.9}, {"svd_clamp": 0.3}, {"svd_rank": 2}], "ties": FREQUENCY, "dare_ties": FREQUENCY,
+           "ties_svd": FREQUENCY, "dare_ties_svd": FREQUENCY}
+WEIGHTED = [(m, o) for m in METHODS if m != "exact" for o in [{}] + OPTIONS.get(m, [])]
 
 
-@pytest.mark.parametrize("method,clamp", [(m, c) for m in METHODS if m != "exact"
-                                          for c in CLAMPS.get(m, [None])])
-def test_add_weighted_adapter(method, clamp, monkeypatch):
+@pytest.mark.parametrize("method,options", WEIGHTED,
+                         ids=[m + "".join(f"-{k}={v}" for k, v in o.items()) for m, o in WEIGHTED])
+def test_add_weighted_adapter(method, options, monkeypatch):
     same_rank = method not in SVD_METHODS and method != "cat"
     pm = build(ranks=(3, 3, 3) if same_rank else (2, 3, 4))
     weights, density = [0.7, -0.4, 1.3], 0.6
@@ -235,18 +242,21 @@ def test_add_weighted_adapter(method, clamp, monkeypatch):
                       [m[n][0] for n in NAMES] + [m[n][1] for n in NAMES])
         injected = InjectedBernoulli(queue, density)
         monkeypatch.setattr(torch, "bernoulli", injected)
-    peft_kw = dict(kw, svd_clamp=clamp) if method in SVD_METHODS else kw
-    pm.add_weighted_adapter(list(NAMES), weights, "mix", combination_type=method, **peft_kw)
+    ours_kw = dict(kw, **{OURS[k]: v for k, v in options.items()})
+    clamp = options.get("svd_clamp")
+    pm.add_weighted_adapter(list(NAMES), weights, "mix", combination_type=method, **kw, **options)
     if "dare" in method:
         assert not injected.queue, "PEFT drew fewer masks than expected"
     for name in LAYERS:
         lyr = layer(pm, name)
         A_p, B_p = lyr.lora_A["mix"].weight.detach().numpy(), lyr.lora_B["mix"].weight.detach().numpy()
         assert lyr.scaling["mix"] == 1.0       # the first adapter, north, is not rsLoRA
-        ours = combine_adapters(ads[name], weights, method, masks=masks[name],
-                                **(dict(kw, svd_clamp=clamp) if method in SVD_METHODS else kw))
-        assert ours.scale == 1.0 and ours.rank == peft_rank(pm, "mix")
+        ours = combine_adapters(ads[name], weights, method, masks=masks[name], **ours_kw)
+        assert ours.scale == 1.0 and ours.rank == peft_rank(pm, "mix") == options.get("svd_rank", ours.rank)
         D = delta_weight(ours.A, ours.B, 1.0)
+        if "majority_sign_method" in options:    # the option is exercised: "total" gives another delta here
+            total = combine_adapters(ads[name], weights, method, masks=masks[name], **kw)
+            assert np.max(np.abs(delta_weight(total.A, total.B, 1.0) - D)) > 0
         if method == "cat":                      # A's rows (A_i w_i) s_i (2 roundings), B's columns copied
             M = np.concatenate([np.abs(ads[name][n][0]) * abs(w * ads[name][n][2]) for n, w in zip(NAMES, weights)])
             check(f"cat {name} A", ours.A, A_p, 2 * tolerance("float64", 2) * M)
@@ -264,11 +274,11 @@ def test_add_weighted_adapter(method, clamp, monkeypatch):
         if clamp is None:                        # the product does not depend on LAPACK's signs
             check(f"{method} {name} B A", D, B_p @ A_p, 4 * tolerance("float64", D.size) * np.linalg.norm(D))
         # With PEFT's own SVD (torch's LAPACK, its sign choice), the factors themselves:
-        mine = combine_adapters(ads[name], weights, method, masks=masks[name], svd=torch_svd,
-                                **(dict(kw, svd_clamp=clamp)))
+        mine = combine_adapters(ads[name], weights, method, masks=masks[name], svd=torch_svd, **ours_kw)
         # The singular values of the matrix before truncation and clamping (rank min(m, n) keeps all).
+        before = {k: v for k, v in ours_kw.items() if k not in ("rank", "svd_clamp")}
         whole = combine_adapters(ads[name], weights, method, masks=masks[name], rank=min(D.shape),
-                                 svd_full_matrices=False, **kw)
+                                 svd_full_matrices=False, **before)
         bound = _svd_factor_bound(delta_weight(whole.A, whole.B, 1.0), mine.A.shape[0])
         check(f"{method} {name} clamp={clamp} A", mine.A, A_p, bound)
         check(f"{method} {name} clamp={clamp} B", mine.B, B_p, bound)
