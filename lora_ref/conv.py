@@ -191,7 +191,7 @@ def _conv_nd(x: Any, W: Any, bias: Any = None, stride: Any = 1, padding: Any = 0
              groups: int = 1) -> Any:
     """The undecorated forward of :func:`conv_nd`; autograd.numpy can trace it."""
     geo = _geometry(x, W, stride, padding, dilation, groups)
-    _check_bias(bias, W)
+    _check_bias(bias, W, "conv_nd(x, W, bias=None, stride=1, padding=0, dilation=1, groups=1)")
     same_dtype(("x", x), ("W", W), ("bias", bias))
     xp = namespace(x, W, bias)
     y = _conv(xp, x, W, geo)                                        # (N, C_out, *O)
@@ -318,8 +318,17 @@ def _lora_conv(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, s
     return y + U * scale                                            # (C2) = Eq. 3: W0 x + s B A x
 
 
+LORA_CONV_ORDER = ("lora_conv(x, W, A, B, scale, bias=None, stride=1, padding=0, dilation=1, groups=1, "
+                   "dropout_mask=None)")
+
 lora_conv = primitive(_lora_conv)
 lora_conv.__doc__ = """LoRA's adapted convolution (C2): ``y = conv(x, W, bias) + s conv_1x1(conv(x * mask, A), B)``.
+
+    The order is ``lora_conv(x, W, A, B, scale, bias=None, stride=1, padding=0, dilation=1,
+    groups=1, dropout_mask=None)``: the bias comes right after the scale, as in
+    ``torch.nn.functional.conv2d(x, W, bias, stride, ...)`` (issue 14 sketched the settings right
+    after the scale; that is not this order). Pass the settings by keyword; a setting passed where
+    the bias goes (an int or a tuple of ints) is refused with a TypeError saying so.
 
     Parameters
     ----------
@@ -547,9 +556,13 @@ def loralib_conv_delta(A: Any, B: Any, scale: float, kernel: int, *, groups: int
 # ============================================================================================
 
 
-def _check_bias(bias: Any, W: Any) -> None:
+def _check_bias(bias: Any, W: Any, signature: str) -> None:
     if bias is None:
         return
+    if isinstance(bias, int) or (isinstance(bias, tuple | list) and bias and all(isinstance(v, int) for v in bias)):
+        raise TypeError(f"bias must be an array of shape ({W.shape[0]},) or None, got {type(bias).__name__} {bias!r}: "
+                        f"a setting passed where the bias goes? The order is {signature}; pass the settings by "
+                        f"keyword, e.g. stride={bias!r}")
     float_array(bias, "bias")
     if shape_of(bias) != (int(W.shape[0]),):
         raise ValueError(f"bias must have shape ({W.shape[0]},) to match W {shape_of(W)}, got {shape_of(bias)}")
@@ -557,7 +570,7 @@ def _check_bias(bias: Any, W: Any) -> None:
 
 def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
     geo = _geometry(x, W, stride, padding, dilation, groups)
-    _check_bias(bias, W)
+    _check_bias(bias, W, LORA_CONV_ORDER)
     float_array(A, "A")
     float_array(B, "B")
     finite_real(scale, "scale")

@@ -371,6 +371,21 @@ def test_bad_input_raises_clear_error(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("call", [
+    lambda: lora_conv(X, W3, A3, B3, 1.0, 2),                  # issue 14's sketch: stride right after scale
+    lambda: lora_conv(X, W3, A3, B3, 1.0, (2,)),
+    lambda: conv_nd(X, W3, 2),
+])
+def test_a_setting_passed_where_the_bias_goes_is_refused(call):
+    # lora_conv(x, W, A, B, scale, bias=None, stride=1, ...): a positional stride lands on the bias.
+    # It must be refused, naming the order and the keyword to use, never run as some other conv.
+    with pytest.raises(TypeError, match=r"bias must be an array of shape \(6,\) or None, got (int 2|tuple \(2,\)): a "
+                                        r"setting passed where the bias goes\? The order is (lora_conv|conv_nd)\(x, W, .*"
+                                        r"bias=None, stride=1, .*\); pass the settings by keyword, e.g. stride="):
+        call()
+    assert np.array_equal(lora_conv(X, W3, A3, B3, 1.0, None, 2), lora_conv(X, W3, A3, B3, 1.0, stride=2))
+
+
 def test_settings_are_not_differentiable():
     with pytest.raises(TypeError, match="not differentiable with respect to scale"):
         autograd.grad(lambda s: lora_conv(X, W3, A3, B3, s).sum())(0.5)
