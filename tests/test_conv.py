@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
-from pathlib import Path
 
+import _pages
 import autograd
 import numpy as np
 import pytest
@@ -269,20 +268,10 @@ def test_peft_form_is_a_special_case_of_loralibs():
 # ----------------------------------------------------------------------------------------------
 
 
-CONV_PAGE = Path(__file__).resolve().parent.parent / "docs" / "conv.md"
-
-
 def assert_page_shows(line):
-    """Print ``line``, a measured line docs/conv.md quotes, and assert the page shows it verbatim as
-    one of its lines (fixed seeds and shapes: the numbers are the same run to run)."""
-    print("\n" + line)
-    shown = CONV_PAGE.read_text().splitlines()
-    if line not in shown:
-        head = re.split(r"\d", line, maxsplit=1)[0]
-        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
-        raise AssertionError("docs/conv.md must show, verbatim, the measured line this test prints now. Run\n"
-                             "    python -m pytest -q -s tests/test_conv.py -k mutants\nand in the page replace\n    "
-                             + "\n    ".join(was) + f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+    """_pages.assert_page_shows for docs/conv.md (fixed seeds and shapes: the margins are the same
+    run to run)."""
+    _pages.assert_page_shows(line, "conv.md", "python -m pytest -q -s tests/test_conv.py -k mutants")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

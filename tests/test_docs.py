@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+import _pages
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +175,12 @@ def test_prose_quotes_only_numbers_the_page_prints(name):
     prose = re.sub(r"arXiv[ /:]*\d{4}\.\d{4,5}|\(https?://[^)]*\)", "", FENCE.sub("", text))   # citations
     quoted = [n for n in MEASURED.findall(prose) if n not in printed and n.rstrip("%") not in printed]
     assert not quoted, f"{name} quotes numbers that no output block (nor test-pinned text block) prints: {quoted}"
+
+
+def test_the_page_check_masks_only_roundoff_figures():
+    """_pages.assert_page_shows lets roundoff-level figures differ (CPU-dependent last digits, bounded by the
+    test itself) and nothing else: a changed real difference still fails."""
+    a = "[x] merged: max |diff| 1.15e-14, relative 2.16e-15, error/bound 1.11e-03; moves 5.1788 of 5.3506"
+    assert _pages.roundoff_masked(a) == _pages.roundoff_masked(a.replace("1.15e-14", "9.87e-15").replace("1.11e-03", "9.53e-04"))
+    assert _pages.roundoff_masked(a) != _pages.roundoff_masked(a.replace("5.1788", "5.1789"))
+    assert _pages.roundoff_masked("margin 4.23e+13") == "margin 4.23e+13"

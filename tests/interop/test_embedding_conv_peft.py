@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import warnings
-from pathlib import Path
 
 import autograd
 import numpy as np
@@ -43,6 +41,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 loralib = pytest.importorskip("loralib")
 
+import _pages  # noqa: E402
 from lora_ref.conv import conv_nd, lora_conv, loralib_conv_delta, merge_conv  # noqa: E402
 from lora_ref.embedding import lora_embedding, merge_embedding  # noqa: E402
 from lora_ref.testing import assert_within, tolerance  # noqa: E402
@@ -57,35 +56,15 @@ def f64(t):
     return (t.detach().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(np.float64)
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 EMBEDDING_PAGE = ("embedding.md", 'python -m pytest -q -s tests/interop/test_embedding_conv_peft.py -k "tied_head or tying or reload"')
 CONV_PAGE = ("conv.md", "python -m pytest -q -s tests/interop/test_embedding_conv_peft.py -k dilation")
 
 
 
-ROUNDOFF = re.compile(r"\d\.\d+e-\d+")
-
-
-def roundoff_masked(line):
-    """``line`` with its roundoff-level figures (scientific notation with a negative exponent:
-    differences at float64 rounding and their error/bound ratios) masked. Their last digits depend
-    on the BLAS kernels of the CPU that runs the test; the test holds each to its derived bound with
-    assert_within, and the page records what the machine the docs were made on measured. Every
-    other number (the differences PEFT really makes, the margins) must match the page verbatim."""
-    return ROUNDOFF.sub("<roundoff>", line)
 
 def assert_page_shows(line, page):
-    """Print ``line``, a measured line that docs/<page> quotes, and assert the page shows it
-    verbatim as one of its lines. ``page`` is (file name, the command that prints the line)."""
-    name, command = page
-    print("\n" + line)
-    shown = (DOCS / name).read_text().splitlines()
-    if line not in shown and roundoff_masked(line) not in {roundoff_masked(old) for old in shown}:
-        head = re.split(r"\d", line, maxsplit=1)[0]
-        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
-        raise AssertionError(f"docs/{name} must show, verbatim, the measured line this test prints now. Run\n"
-                             f"    {command}\nand in the page replace\n    " + "\n    ".join(was) +
-                             f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+    """_pages.assert_page_shows for ``page``, a (file name, the command that prints the line) pair."""
+    _pages.assert_page_shows(line, *page)
 
 
 def check(what, ours, theirs, bound, page=None):

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +41,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import _pages  # noqa: E402
 import autograd  # noqa: E402
 from test_hosts_dora import (  # noqa: E402
     BATCH,
@@ -76,33 +75,14 @@ CASES = {
 }
 
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "embedding.md"
 COMMAND = 'python -m pytest -q -s tests/interop/test_hosts_embedding.py -k "tied_head or ensure"'
 
 
 
-ROUNDOFF = re.compile(r"\d\.\d+e-\d+")
-
-
-def roundoff_masked(line):
-    """``line`` with its roundoff-level figures (scientific notation with a negative exponent:
-    differences at float64 rounding and their error/bound ratios) masked. Their last digits depend
-    on the BLAS kernels of the CPU that runs the test; the test holds each to its derived bound with
-    assert_within, and the page records what the machine the docs were made on measured. Every
-    other number (the differences PEFT really makes, the margins) must match the page verbatim."""
-    return ROUNDOFF.sub("<roundoff>", line)
 
 def assert_page_shows(line):
-    """Print ``line``, a measured line docs/embedding.md quotes, and assert the page shows it
-    verbatim as one of its lines."""
-    print("\n" + line)
-    shown = PAGE.read_text().splitlines()
-    if line not in shown and roundoff_masked(line) not in {roundoff_masked(old) for old in shown}:
-        head = re.split(r"\d", line, maxsplit=1)[0]
-        was = [old for old in shown if old.startswith(head)] or [f"(no line begins {head!r})"]
-        raise AssertionError(f"docs/embedding.md must show, verbatim, the measured line this test prints now. Run\n"
-                             f"    {COMMAND}\nand in the page replace\n    " + "\n    ".join(was) +
-                             f"\nwith\n    {line}\n(and the prose quoting its numbers)")
+    """_pages.assert_page_shows for docs/embedding.md, printed by COMMAND."""
+    _pages.assert_page_shows(line, "embedding.md", COMMAND)
 
 
 def report_shown(what, ours, theirs, bound):
@@ -307,11 +287,3 @@ def test_ensure_weight_tying_on_a_tied_llama_merges_twice(monkeypatch):
     report_shown("two adapters merged each into its own tensor vs PEFT unmerged", tr.forward(merged_each, tokens, two),
                  unmerged, bound(merged_each, two, 2))
 
-
-def test_the_page_check_masks_only_roundoff_figures():
-    """assert_page_shows lets roundoff-level figures differ (CPU-dependent last digits, bounded by the
-    test itself) and nothing else: a changed real difference still fails."""
-    a = "[x] merged: max |diff| 1.15e-14, relative 2.16e-15, error/bound 1.11e-03; moves 5.1788 of 5.3506"
-    assert roundoff_masked(a) == roundoff_masked(a.replace("1.15e-14", "9.87e-15").replace("1.11e-03", "9.53e-04"))
-    assert roundoff_masked(a) != roundoff_masked(a.replace("5.1788", "5.1789"))
-    assert roundoff_masked("margin 4.23e+13") == "margin 4.23e+13"
