@@ -91,3 +91,15 @@ def tree_asarray(tree):
     if isinstance(tree, dict):
         return {k: tree_asarray(v) for k, v in tree.items()}
     return asarray(tree)
+
+
+def rms_magnitudes(x, w, g, eps):
+    """(|y|, M_dx, M_dw) in float64; rho = rsqrt(mean(x^2) + eps), xhat = x rho (no cancellation in y).
+    rho is computed with each row divided by its largest magnitude s (when s > 1), so it does not overflow."""
+    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
+    top = np.abs(x).max(axis=-1, keepdims=True)
+    s = np.where(top > 1.0, top, 1.0)
+    rho = (1.0 / s) / np.sqrt(np.mean((x / s) ** 2, axis=-1, keepdims=True) + eps / s / s)
+    xhat, gw = np.abs(x) * rho, np.abs(g * w)
+    M_dx = rho * (gw + xhat * np.mean(gw * xhat, axis=-1, keepdims=True))
+    return xhat * np.abs(w), M_dx, (np.abs(g) * xhat).reshape(-1, x.shape[-1]).sum(0)

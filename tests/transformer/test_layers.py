@@ -34,6 +34,7 @@ from lora_ref.testing import assert_within, tolerance, unit_roundoff
 from transformer_ref.attention import causal_attention, rope_tables
 from transformer_ref.layers import IGNORE_INDEX, cross_entropy, embedding, gelu, layer_norm, rms_norm, silu, swiglu
 
+from _gpt_helpers import rms_magnitudes  # noqa: E402
 from _vjp_helpers import both_grads, grads  # noqa: E402
 
 F64, F32, F16 = "float64", "float32", "float16"
@@ -196,18 +197,6 @@ def test_layer_norm_ordinary_rows_are_the_textbook_formula_bit_for_bit():
 
 def rms_textbook(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
-
-
-def rms_magnitudes(x, w, g, eps):
-    """(|y|, M_dx, M_dw) in float64; rho = rsqrt(mean(x^2) + eps), xhat = x rho (no cancellation in y).
-    rho is computed with each row divided by its largest magnitude s (when s > 1), so it does not overflow."""
-    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
-    top = np.abs(x).max(axis=-1, keepdims=True)
-    s = np.where(top > 1.0, top, 1.0)
-    rho = (1.0 / s) / np.sqrt(np.mean((x / s) ** 2, axis=-1, keepdims=True) + eps / s / s)
-    xhat, gw = np.abs(x) * rho, np.abs(g * w)
-    M_dx = rho * (gw + xhat * np.mean(gw * xhat, axis=-1, keepdims=True))
-    return xhat * np.abs(w), M_dx, (np.abs(g) * xhat).reshape(-1, x.shape[-1]).sum(0)
 
 
 # Counts. Forward: z = x/s exact; z*z 1; mean of C (C - 1 adds, 1 divide) -> C + 1; + eps -> C + 2

@@ -19,7 +19,7 @@ import warnings
 import autograd
 import numpy as np
 import pytest
-from _gpt_helpers import TINY, assert_trees_close, chain_length, random_adapters, tiny_model
+from _gpt_helpers import TINY, assert_trees_close, chain_length, random_adapters, rms_magnitudes, tiny_model
 from autograd.test_util import check_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -530,18 +530,6 @@ def test_fast_swiglu_at_the_ends_of_the_range():
         assert np.all(np.abs(dgate - dgate_ref) <= 2 * tolerance(dtype, 17) * (1.0 + np.abs(x)) + 1000.0 * tiny)
 
 
-def rms_bounds(x, w, g, eps):
-    """Magnitudes of RMSNorm's y, dx and dweight (rho from each row scaled by its largest magnitude,
-    so it does not overflow): test_layers.rms_magnitudes."""
-    x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
-    top = np.abs(x).max(axis=-1, keepdims=True)
-    s = np.where(top > 1.0, top, 1.0)
-    rho = (1.0 / s) / np.sqrt(np.mean((x / s) ** 2, axis=-1, keepdims=True) + eps / s / s)
-    xhat, gw = np.abs(x) * rho, np.abs(g * w)
-    M_dx = rho * (gw + xhat * np.mean(gw * xhat, axis=-1, keepdims=True))
-    return xhat * np.abs(w), M_dx, (np.abs(g) * xhat).reshape(-1, x.shape[-1]).sum(0)
-
-
 @settings(deadline=None)
 @given(B=st.integers(1, 3), T=st.integers(1, 4), C=st.integers(1, 9), dtype=st.sampled_from(["float64", "float32"]),
        seed=st.integers(0, 2**31))
@@ -553,7 +541,7 @@ def test_fast_rms_norm_equals_reference(B, T, C, dtype, seed):
     y, (dx, dw) = both_vjps(fast_llama.rms_norm, (x, w, eps), (0, 1), g)
     y_ref, (dx_ref, dw_ref) = both_vjps(rms_norm, (x, w, eps), (0, 1), g)
     assert same(before, (x, w, g)) and y.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
-    My, Mdx, Mdw = rms_bounds(x, w, g, eps)
+    My, Mdx, Mdw = rms_magnitudes(x, w, g, eps)
     # Fast: x^2 1, times 1/C (a constant: 1 + 1), sum of C (C + 2), + eps (C + 3), sqrt (C + 5), 1/.
     # (C + 6) = rho; x rho (C + 7), times weight (C + 8). dx = rho (gw - xhat mean(gw xhat)): gw 1,
     # gw xhat (C + 9), the mean (2C + 10), xhat times it (3C + 18), minus (3C + 19), times rho (4C + 26).
