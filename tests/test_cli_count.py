@@ -340,6 +340,9 @@ def test_paper_text_flags_and_exit_status(capsys):
     (["--d-model", "0", "--layers", "2"], "--d-model must be a positive integer, got 0"),
     (["--paper", "gpt2-medium"], "--paper audits fixed configurations and takes no MODEL"),
     (["--paper", "--rank", "4"], "takes no --rank"),
+    (["--paper", "--ffn", "5"], "--paper audits fixed configurations and takes no --ffn"),
+    (["--paper", "--kv-dim", "5"], "--paper audits fixed configurations and takes no --kv-dim"),   # was ignored, exit 0
+    (["--paper", "gpt2", "--kv-dim", "5", "--rank", "4"], "takes no MODEL, --kv-dim, --rank"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(capsys, argv, message):
     assert main(["count", *argv]) == 2

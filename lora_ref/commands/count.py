@@ -33,8 +33,21 @@ _QUANTITY_LABEL = {"lora": "LoRA params", "full": "full params", "lora_fp16_byte
                    "full_fp16_bytes": "full ckpt fp16"}
 
 
+_SIZE_FLAGS = ("d_model", "layers", "ffn", "kv_dim")   # the sizes a preset fixes (argparse names)
+
+
 class _Usage(ValueError):
     """A bad command line: reported on stderr, exit status 2."""
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of an argparse name: ``kv_dim`` -> ``--kv-dim``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _given_sizes(args: argparse.Namespace) -> list[str]:
+    """The size flags given on the command line, as spelled there."""
+    return [_flag(n) for n in _SIZE_FLAGS if getattr(args, n) is not None]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,11 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    qlora = getattr(args, "qlora", False)
+    qlora = args.qlora
     overview = not args.paper and not qlora and all(getattr(args, n) is None for n in (
-        "model", "d_model", "layers", "ffn", "kv_dim", "targets", "rank"))
+        "model", *_SIZE_FLAGS, "targets", "rank"))
     try:
-        result = _overview() if overview else _qlora(args) if qlora else _paper_audit(args) if args.paper \
+        result = _overview() if overview else _qlora(args) if qlora else _paper_audit_of(args) if args.paper \
             else _count(args)
     except _Usage as exc:
         print(f"lora-ref count: {exc}", file=sys.stderr)
@@ -113,15 +126,15 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int, int]:
     """``(preset or None, d_model, layers, ffn, kv_dim)`` from the command line, validated."""
     from ..counting import PRESETS
 
-    for name in ("d_model", "layers", "ffn", "kv_dim"):
+    for name in _SIZE_FLAGS:
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise _Usage(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise _Usage(f"{_flag(name)} must be a positive integer, got {value}")
     if args.model is not None:
         if args.model not in PRESETS:
             raise _Usage(f"unknown model {args.model!r}; the presets are {', '.join(PRESETS)} "
                          "(or give --d-model and --layers instead)")
-        given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn", "kv_dim") if getattr(args, n) is not None]
+        given = _given_sizes(args)
         if given:
             raise _Usage(f"give a preset or {'/'.join(given)}, not both: {args.model!r} fixes the sizes")
         preset = PRESETS[args.model]
@@ -134,25 +147,25 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, int, int, int, int]:
             args.d_model if args.kv_dim is None else args.kv_dim)
 
 
-def _matrices(preset: Any, args: argparse.Namespace) -> tuple[str, ...]:
-    """The weight-matrix types of the model: a preset's; for given sizes, a gated MLP's when the
-    targets name gate, up or down."""
+def _matrices(preset: Any, targets: str | None) -> tuple[str, ...]:
+    """The weight-matrix types of the model: a preset's; for given sizes, a gated MLP's when
+    ``targets`` (the --targets text, or None) names gate, up or down."""
     from ..counting import GATED_MATRICES, PLAIN_MATRICES
 
     if preset is not None:
         return preset.matrices
-    named = {t.strip() for t in (args.targets or "").split(",")}
+    named = {t.strip() for t in (targets or "").split(",")}
     return GATED_MATRICES if named & {"gate", "up", "down"} else PLAIN_MATRICES
 
 
-def _targets_and_rank(args: argparse.Namespace, matrices: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+def _targets_and_rank(targets_text: str, rank: int, matrices: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+    """``(targets, rank)`` from the --targets text and the rank (defaults already applied), validated."""
     from ..counting import parse_targets
 
     try:
-        targets = parse_targets(_DEFAULT_TARGETS if args.targets is None else args.targets, matrices)
+        targets = parse_targets(targets_text, matrices)
     except ValueError as exc:
         raise _Usage(f"--targets: {exc}") from None
-    rank = _DEFAULT_RANK if args.rank is None else args.rank
     if rank < 1:
         raise _Usage(f"--rank must be a positive integer, got {rank}")
     return targets, rank
@@ -180,8 +193,9 @@ def _count(args: argparse.Namespace) -> dict[str, Any]:
     from ..counting import lora_parameters
 
     preset, d_model, layers, ffn, kv_dim = _resolve(args)
-    matrices = _matrices(preset, args)
-    targets, rank = _targets_and_rank(args, matrices)
+    matrices = _matrices(preset, args.targets)
+    targets, rank = _targets_and_rank(_DEFAULT_TARGETS if args.targets is None else args.targets,
+                                      _DEFAULT_RANK if args.rank is None else args.rank, matrices)
     _check_rank(rank, targets, d_model, ffn, kv_dim)
     sizes = dict(d_model=d_model, layers=layers, ffn_width=ffn, kv_dim=kv_dim, matrices=matrices)
     by_target = lora_parameters(targets, rank, **sizes)
@@ -204,9 +218,9 @@ def _count(args: argparse.Namespace) -> dict[str, Any]:
                       "reported": None if exact else preset.reported_full, **_sizes(full)}
     result["full_over_lora"] = full / lora
     result["lora_fraction"] = lora / full
-    result["common"] = [{"targets": list(t), "rank": r, **_sizes(sum(lora_parameters(t, r, **sizes).values())),
-                         "params": sum(lora_parameters(t, r, **sizes).values())}
-                        for t in (("q", "v"), matrices) for r in _COMMON_RANKS]
+    common = [(t, r, sum(lora_parameters(t, r, **sizes).values())) for t in (("q", "v"), matrices)
+              for r in _COMMON_RANKS]
+    result["common"] = [{"targets": list(t), "rank": r, **_sizes(n), "params": n} for t, r, n in common]
     return result
 
 
@@ -270,14 +284,18 @@ def _config_text(targets: tuple[str, ...], rank: int) -> str:
     return f"r={rank} on {','.join(targets)}"
 
 
-def _paper_audit(args: argparse.Namespace) -> dict[str, Any]:
-    from ..counting import PAPER_CLAIMS
-
-    extra = [flag for flag, value in (("MODEL", args.model), ("--d-model", args.d_model), ("--layers", args.layers),
-                                      ("--ffn", args.ffn), ("--targets", args.targets), ("--rank", args.rank))
-             if value is not None]
+def _paper_audit_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``--paper``: refuses any model, size, target or rank (the audit's configurations are the paper's)."""
+    extra = (["MODEL"] if args.model is not None else []) + _given_sizes(args) + [
+        flag for flag, value in (("--targets", args.targets), ("--rank", args.rank)) if value is not None]
     if extra:
         raise _Usage(f"--paper audits fixed configurations and takes no {', '.join(extra)}")
+    return _paper_audit()
+
+
+def _paper_audit() -> dict[str, Any]:
+    from ..counting import PAPER_CLAIMS
+
     claims = [_claim_row(c) for c in PAPER_CLAIMS]
     return {
         "paper": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685v2",
@@ -352,7 +370,7 @@ def _overview() -> dict[str, Any]:
         full, exact = _full_params(p)
         presets.append({"model": p.name, "label": p.label, "d_model": p.d_model, "layers": p.layers,
                         "ffn_width": p.ffn_width, "kv_dim": p.kv_dim or p.d_model, "params": full, "exact": exact})
-    audit = _paper_audit(argparse.Namespace(model=None, d_model=None, layers=None, ffn=None, targets=None, rank=None))
+    audit = _paper_audit()
     n_mis = sum(r["status"] == "mismatch" for r in audit["claims"])
     return {"presets": presets, "paper": {"figures": len(audit["claims"]), "flagged": audit["flagged"],
                                           "mismatch": n_mis, "truncated": audit["flagged"] - n_mis,
@@ -443,7 +461,7 @@ def _qlora(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.paper:
         raise _Usage("--qlora and --paper are two audits: give one")
-    given = [f"--{n.replace('_', '-')}" for n in ("d_model", "layers", "ffn", "kv_dim") if getattr(args, n) is not None]
+    given = _given_sizes(args)
     if given:
         raise _Usage(f"--qlora counts a preset (default llama-65b), not {'/'.join(given)}")
     name = "llama-65b" if args.model is None else args.model
@@ -453,8 +471,7 @@ def _qlora(args: argparse.Namespace) -> dict[str, Any]:
                      f"quantises to 4 bits; got {name!r}")
     p = PRESETS[name]
     d, L, F, kv = p.d_model, p.layers, p.ffn_width, p.kv_dim or p.d_model
-    targets, rank = _targets_and_rank(argparse.Namespace(targets=args.targets or "all",
-                                                         rank=64 if args.rank is None else args.rank), p.matrices)
+    targets, rank = _targets_and_rank(args.targets or "all", 64 if args.rank is None else args.rank, p.matrices)
     _check_rank(rank, targets, d, F, kv)
     full, _ = _full_params(p)
     shapes = L * ([(3 * d, d), (d, d), (F, d), (d, F)] if p.family == "gpt2" else   # GPT-2's c_attn is one weight
