@@ -55,14 +55,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target with its measured value, spread and whether it is met (None: not measured)."""
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, target: str, met: bool | None, note: str = "") -> None:
-        rows.append({"name": name, "value": value, "target": target, "met": met, "note": note})
+    def add(name: str, value: float | None, op: str, limit: float, target: str | None = None, note: str = "") -> None:
+        """A row: ``value`` against ``op limit`` (``target``: how the limit is written, default ``op limit``)."""
+        met = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        rows.append({"name": name, "value": value, "op": op, "limit": limit, "target": target or f"{op} {limit}",
+                     "met": met, "note": note})
 
     def ratio_target(name: str, size: str, key: str, limit: float) -> None:
         r = _ratio(results, size, key)
         value = r["median"] if r else None
         note = f"per-round {r['min']:.2f} to {r['max']:.2f}" if r else ""
-        add(f"{name} ({size})", value, f"<= {limit}", None if value is None else value <= limit, note)
+        add(f"{name} ({size})", value, "<=", limit, note=note)
 
     for size in ("small", "large", "llama-small", "llama-large"):      # LLaMA: the GPT-2 rows' target (issue 12)
         ratio_target("`train()` step / PyTorch+PEFT eager", size, "lora-ref/torch-eager", 0.9)
@@ -73,16 +76,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     large = _entry(results, "large")
     side = large["sides"].get("lora-ref", {}) if large else {}
     share = side.get("fraction_of_peak")
-    add("LoRA step, share of the best float32 matmul rate (large)", share, ">= 0.60",
-        None if share is None else share >= 0.60)
+    add("LoRA step, share of the best float32 matmul rate (large)", share, ">=", 0.60, target=">= 0.60")
     ratio_target("LoRA / full fine-tuning step, lora-ref", "large", "lora-ref/lora-ref-full", 0.75)
     inf = [e for e in results.get("inference", []) if "ratios" in e and e.get("size") in ("small", "large")]
     worst = max((e["ratios"]["merged/base"]["median"] for e in inf), default=None)
-    add("merged forward / base forward (worst config)", worst, "<= 1.02", None if worst is None else worst <= 1.02)
+    add("merged forward / base forward (worst config)", worst, "<=", 1.02)
     svd = results.get("delta_svd", {})
     speedup = _svd_speedup(svd, 4096)
-    add("delta_svd speed-up over dense SVD, d=4096", speedup, ">= 100x",
-        None if speedup is None else speedup >= 100.0)
+    add("delta_svd speed-up over dense SVD, d=4096", speedup, ">=", 100.0, target=">= 100x")
     return rows
 
 
@@ -141,16 +142,14 @@ def _value(t: dict[str, Any]) -> str:
     v = t["value"]
     if v is None:
         return "—"
-    if v >= 10:
-        return f"{v:.0f}x"
-    op, _, limit = str(t.get("target", "")).partition(" ")
-    digits, text = 2, f"{v:.2f}"
-    if op in ("<=", ">=") and t.get("met") is not None:
-        limit_value = float(limit.rstrip("x"))
-        while digits < 8 and ((float(text) <= limit_value) if op == "<=" else (float(text) >= limit_value)) != t["met"]:
+    digits, suffix = (0, "x") if v >= 10 else (2, "")
+    text = f"{v:.{digits}f}"
+    if t.get("met") is not None:
+        op, limit = t["op"], t["limit"]
+        while digits < 8 and ((float(text) <= limit) if op == "<=" else (float(text) >= limit)) != t["met"]:
             digits += 1
             text = f"{v:.{digits}f}"
-    return text
+    return text + suffix
 
 
 def _side_cell(entry: dict[str, Any], side: str) -> str:

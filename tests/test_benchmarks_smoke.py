@@ -343,19 +343,20 @@ def test_step_command_times_train(capsys: pytest.CaptureFixture[str]) -> None:
     assert line.startswith("lora step, float32, n_embd=16") and "transformer_ref.train, 1 batch slice(s)" in line
 
 
-@pytest.mark.parametrize("value, target, met, printed", [
-    (1.0031, "<= 1.0", False, "1.003"),          # would print 1.00, read as meeting <= 1.0
-    (0.8964, "<= 0.9", True, "0.90"),            # 0.90 <= 0.9: the two digits already agree
-    (0.9004, "<= 0.9", False, "0.9004"),
-    (0.5996, ">= 0.60", False, "0.5996"),
-    (0.73, ">= 0.60", True, "0.73"),
-    (24627.0, ">= 100x", True, "24627x"),
+@pytest.mark.parametrize("value, op, limit, met, printed", [
+    (1.0031, "<=", 1.0, False, "1.003"),          # would print 1.00, read as meeting <= 1.0
+    (0.8964, "<=", 0.9, True, "0.90"),            # 0.90 <= 0.9: the two digits already agree
+    (0.9004, "<=", 0.9, False, "0.9004"),
+    (0.5996, ">=", 0.60, False, "0.5996"),
+    (0.73, ">=", 0.60, True, "0.73"),
+    (24627.0, ">=", 100.0, True, "24627x"),
+    (99.6, ">=", 100.0, False, "99.6x"),          # would print 100x beside missed
 ])
-def test_a_targets_printed_value_agrees_with_its_verdict(value, target, met, printed):
+def test_a_targets_printed_value_agrees_with_its_verdict(value, op, limit, met, printed):
     """The targets table prints enough digits that the number and met/missed beside it agree."""
     from benchmarks import report
 
-    assert report._value({"value": value, "target": target, "met": met}) == printed
+    assert report._value({"value": value, "op": op, "limit": limit, "met": met}) == printed
 
 
 def test_the_llama_rows_are_held_to_the_gpt2_rows_target():
