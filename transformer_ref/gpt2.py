@@ -321,7 +321,8 @@ def forward(params: Mapping[str, Any], tokens: Any, config: GPTConfig, adapters:
         return hosting.project(ops, p, name, x, adapters, lora_config, dropout, adapter_names=adapter_names)
 
     def embed(name, ids):  # one lookup, E[ids] (+ s A^T[ids] B^T where `name` has an adapter)
-        return hosting.embed(ops, p, name, ids, adapters, lora_config, adapter_names=adapter_names)
+        return hosting.embed(ops, p, name, ids, adapters, lora_config, family=FAMILY, config=config,
+                             adapter_names=adapter_names)
 
     def ln(name, x):
         return ops.layer_norm(x, p[name + ".weight"], p[name + ".bias"], config.layer_norm_epsilon)

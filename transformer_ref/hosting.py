@@ -75,7 +75,8 @@ class Family:
                   (V, D)`` (GPT-2: ``"transformer.wte"``, ``"transformer.wpe"``), targeted by the
                   same LoraConfig rules as the projections
     padding_idx   ``padding_idx(config, module) -> int or None``: the row of an embedding that
-                  gets no gradient (transformers' LLaMA: ``pad_token_id``); None: never
+                  gets no gradient (transformers' LLaMA: ``pad_token_id``), asked by :func:`embed`
+                  when an adapter is on that table; None: never
     """
 
     name: str
@@ -268,25 +269,29 @@ def is_4bit(value: Any) -> bool:
 
 
 def embed(ops: Ops, params: Mapping[str, Any], name: str, ids: Any, adapters: Any = None,
-          lora_config: LoraConfig | None = None, *, padding_idx: int | None = None,
+          lora_config: LoraConfig | None = None, *, family: Family | None = None, config: Any = None,
           adapter_names: Sequence[str] | None = None) -> Any:
     """Rows of the embedding table ``E = params[name + ".weight"]`` (V, C) for integer ``ids`` (...):
     (..., C), by ``ops.embedding`` (ids checked in range there); where ``adapters`` has ``name``,
     ``E[ids] + s (A^T[ids]) B^T`` by ``ops.lora_embedding`` (:mod:`lora_ref.embedding`: no
-    dropout on this path, as in PEFT; ``padding_idx``'s row of E and column of A get no gradient).
+    dropout on this path, as in PEFT; row ``family.padding_idx(config, name)`` of E and that
+    column of A get no gradient, asked only when an adapter is on ``name``).
     A ``lora_ref.AdapterSet`` as in :func:`project`; an adapter's term alone is
     ``lora_embedding(ids, 0, A, B, s)`` (the zero table: ``0 + v = v`` exactly)."""
     E = params[name + ".weight"]
+    if not adapts(adapters, name):
+        return ops.embedding(E, ids)                                    # no adapter on this table
+    pad = None if family is None or family.padding_idx is None else family.padding_idx(config, name)
     if isinstance(adapters, AdapterSet):
-        zero = namespace(getval(E)).zeros(getval(E).shape, dtype=getval(E).dtype)      # (V, C)
-        return _set_terms(adapters, name, adapter_names, E, base=lambda: ops.embedding(E, ids),
-                          one=lambda ad, lc: ops.lora_embedding(ids, E, ad["A"], ad["B"], lc.scale_for(name), padding_idx),
-                          delta=lambda ad, lc: ops.lora_embedding(ids, zero, ad["A"], ad["B"], lc.scale_for(name),
-                                                                  padding_idx))
-    ad = None if adapters is None else adapters.get(name)
+        def delta(ad, lc):  # one adapter's term, on the zero table (V, C): built only when terms are summed
+            zero = namespace(getval(E)).zeros(getval(E).shape, dtype=getval(E).dtype)
+            return ops.lora_embedding(ids, zero, ad["A"], ad["B"], lc.scale_for(name), pad)
+        return _set_terms(adapters, name, adapter_names, E, base=lambda: ops.embedding(E, ids), delta=delta,
+                          one=lambda ad, lc: ops.lora_embedding(ids, E, ad["A"], ad["B"], lc.scale_for(name), pad))
+    ad = adapters.get(name)
     if ad is None:
         return ops.embedding(E, ids)
-    return ops.lora_embedding(ids, E, ad["A"], ad["B"], lora_config.scale_for(name), padding_idx)   # (E1)
+    return ops.lora_embedding(ids, E, ad["A"], ad["B"], lora_config.scale_for(name), pad)   # (E1)
 
 
 # ============================================================================================

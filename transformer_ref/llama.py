@@ -398,7 +398,6 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
     """
     dtype = hosting.check_forward(FAMILY, config, params, tokens, adapters, lora_config, dropout, ops, adapter_names,
                                   "max_position_embeddings")
-    pad = padding_idx(config) if hosting.adapts(adapters, "model.embed_tokens") else None   # its row gets no gradient
     p, H, Hk = params, config.num_attention_heads, config.num_key_value_heads
     # RoPE's tables for positions 0 .. T-1, once per forward: cos, sin (T, D), the model's dtype
     cos, sin = rope_tables(namespace(tokens).arange(tokens.shape[1]), config.head_dim, config.rope_theta, dtype)
@@ -420,8 +419,8 @@ def forward(params: Mapping[str, Any], tokens: Any, config: LlamaConfig, adapter
         gated = ops.swiglu(linear(h + ".mlp.gate_proj", x), linear(h + ".mlp.up_proj", x))   # (B, T, F)
         return linear(h + ".mlp.down_proj", gated)                                            # (B, T, C)
 
-    x = hosting.embed(ops, p, "model.embed_tokens", tokens, adapters, lora_config, padding_idx=pad,
-                      adapter_names=adapter_names)                                  # (B, T, C)
+    x = hosting.embed(ops, p, "model.embed_tokens", tokens, adapters, lora_config, family=FAMILY, config=config,
+                      adapter_names=adapter_names)                                  # (B, T, C), FAMILY's padding_idx
     for i in range(config.num_hidden_layers):                                       # x: (B, T, C) throughout
         h = f"model.layers.{i}"
         x = x + attn(h, norm(h + ".input_layernorm", x))                            # pre-norm residual blocks
