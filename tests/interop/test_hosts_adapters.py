@@ -17,7 +17,7 @@ the others in sub-folders) is read with ``lora_ref.peft_io.load_peft_adapters`` 
   the DoRA adapter comes first (docs/dora.md).
 
 Bounds as in test_hosts_dora: logit chains of a model adapted at the largest rank plus one
-rounding per summed adapter (plus DoRA's 6); a weight merged from k adapters ``sum_k (r_k + 3)``
+rounding per summed adapter (DoRA's chain with ``dora=True``); a weight merged from k adapters ``sum_k (r_k + 3)``
 roundings on ``|W| + sum_k |s_k| |B_k| |A_k|`` per side.
 """
 
@@ -34,7 +34,6 @@ peft = pytest.importorskip("peft")
 
 from _llama_helpers import float64_transformers  # noqa: E402
 from test_hosts_dora import (  # noqa: E402
-    DORA_EXTRA,
     base_model,
     copied,
     lora_layers,
@@ -97,8 +96,7 @@ def build(family, seed=50, dora=False):
 def bound(params, config, n_terms, dora=False):
     from test_hosts_dora import chain
 
-    r = 4 + n_terms + (DORA_EXTRA if dora else 0)
-    return 2 * tolerance("float64", chain(config, r)) * logit_magnitude(params, config)
+    return 2 * tolerance("float64", chain(config, 4 + n_terms, dora=dora)) * logit_magnitude(params, config)
 
 
 def batch(config):

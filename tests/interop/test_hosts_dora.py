@@ -53,7 +53,6 @@ pytestmark = pytest.mark.interop
 GPT2 = dict(n_embd=16, n_layer=2, n_head=2, vocab_size=24, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
 BATCH, T = 2, 12
-DORA_EXTRA = 6                            # dora_rounding_counts' y minus the LoRA layer's: checked below
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
@@ -156,14 +155,15 @@ def torch_loss(logits, targets):
     return -(picked * kept).sum() / kept.sum()
 
 
-def chain(config, r, *, loss_batch=None):
-    """Roundings along the longest path, for lora-ref and for torch (its attention 4T + 5 longer per layer)."""
+def chain(config, r, *, loss_batch=None, dora=False):
+    """Roundings along the longest path, for lora-ref and for torch (its attention 4T + 5 longer per
+    layer); ``dora=True`` counts every projection DoRA-adapted (``bounds.logit_rounding_chain``)."""
     L = config.n_layer if isinstance(config, tr.GPTConfig) else config.num_hidden_layers
-    return logit_rounding_chain(config, r, T=T, loss_batch=loss_batch) + L * (4 * T + 5)
+    return logit_rounding_chain(config, r, T=T, loss_batch=loss_batch, dora=dora) + L * (4 * T + 5)
 
 
-def logits_bound(params, config, r):
-    return 2 * tolerance("float64", chain(config, r)) * logit_magnitude(params, config)
+def logits_bound(params, config, r, dora=False):
+    return 2 * tolerance("float64", chain(config, r, dora=dora)) * logit_magnitude(params, config)
 
 
 def report(tag, what, ours, theirs, bound):
@@ -218,7 +218,12 @@ def rank(adapters):
 
 def test_the_dora_chain_is_six_longer():
     for d_in, r in ((16, 2), (48, 3)):
-        assert dora_rounding_counts(d_in, 4, r, 1)["y"] - (d_in + r + 6) == DORA_EXTRA
+        assert dora_rounding_counts(d_in, 4, r, 1)["y"] - (d_in + r + 6) == 6
+    for family, _ in CASES.values():              # so chain(..., dora=True) is the LoRA chain of rank r + 6
+        config = base_model(family)[1]
+        for r in (2, 3, 6, 7):
+            for loss_batch in (None, BATCH * T):
+                assert chain(config, r, loss_batch=loss_batch, dora=True) == chain(config, r + 6, loss_batch=loss_batch)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -243,7 +248,7 @@ def test_dora_logits_equal_peft(dora_cases, case, monkeypatch):
     tokens, _ = tokens_and_targets(config.vocab_size)
     theirs = peft_logits(pm, tokens, monkeypatch)
     ours = tr.forward(params, tokens, config, adapters, lc)
-    b = logits_bound(params, config, rank(adapters) + DORA_EXTRA)
+    b = logits_bound(params, config, rank(adapters), dora=True)
     report("hosts-dora", f"{case}: logits", ours, theirs, b)
     plain = {k: {"A": a["A"], "B": a["B"]} for k, a in adapters.items()}       # the same factors without m
     lora = tr.forward(params, tokens, config, plain, ref_config({}, r=lc.r, alpha=lc.alpha, target_modules=lc.target_modules,
@@ -278,7 +283,7 @@ def test_llama_dora_saved_by_lora_ref_loads_in_peft(tmp_path, monkeypatch):
     tokens, _ = tokens_and_targets(config.vocab_size)
     theirs = peft_logits(pm, tokens, monkeypatch)
     ours = tr.forward(params, tokens, config, adapters, lc)
-    b = logits_bound(params, config, rank(adapters) + DORA_EXTRA)
+    b = logits_bound(params, config, rank(adapters), dora=True)
     report("hosts-dora", f"{case}: saved by lora-ref, loaded by PEFT: logits", ours, theirs, b)
     assert not any(np.allclose(a["m"], made[k]["m"]) for k, a in adapters.items())
     assert np.max(np.abs(tr.forward(params, tokens, config, made, lc) - theirs)) > np.max(b)   # m matters
@@ -296,7 +301,7 @@ def test_dora_gradients_equal_torch_autograd(dora_cases, case, monkeypatch):
     theirs = {m: {"A": layers[m].lora_A["default"].weight.grad.numpy(), "B": layers[m].lora_B["default"].weight.grad.numpy(),
                   "m": layers[m].lora_magnitude_vector["default"].weight.grad.numpy()} for m in adapters}
     ours = autograd.grad(lambda ad: tr.loss(params, tokens, targets, config, ad, lc))(adapters)
-    n = 2 * chain(config, rank(adapters) + DORA_EXTRA, loss_batch=BATCH * T)
+    n = 2 * chain(config, rank(adapters), loss_batch=BATCH * T, dora=True)
     worst = {}
     for module in ours:
         for f in ("A", "B", "m"):

@@ -5,8 +5,8 @@ weight in; ``train`` trains A, B and m.
 
 Bounds as in _gpt_helpers (``2 gamma_n M``, n the longest chain of roundings). A DoRA projection
 takes ``lora_ref.dora.dora_rounding_counts(...)["y"] = d_in + r + 12`` roundings where a LoRA one
-takes ``d_in + r + 6`` (``lora_ref.kit.linear.rounding_counts``), so the chains are those of a
-LoRA model of rank ``r + 6`` (``bounds.logit_rounding_chain`` counts every projection adapted).
+takes ``d_in + r + 6`` (``lora_ref.kit.linear.rounding_counts``): ``bounds.logit_rounding_chain(...,
+dora=True)`` counts every projection DoRA-adapted, the chain of a LoRA model of rank ``r + 6``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from lora_ref.testing import assert_within, tolerance
 from transformer_ref import FAST, REFERENCE, LlamaConfig, traced
 from transformer_ref.bounds import logit_rounding_chain
 
-DORA_EXTRA = dora_rounding_counts(8, 8, 1, 1)["y"] - (8 + 1 + 6)      # 6 more roundings than LoRA's y
 LLAMA = LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, max_position_embeddings=8)
 CASES = {
@@ -64,7 +63,7 @@ def rank(lc, adapters):
 
 
 def bound(params, config, dtype, r, T=6):
-    return 2 * tolerance(dtype, logit_rounding_chain(config, r + DORA_EXTRA, T=T)) * logit_magnitude(params, config)
+    return 2 * tolerance(dtype, logit_rounding_chain(config, r, T=T, dora=True)) * logit_magnitude(params, config)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -138,7 +137,7 @@ def test_dora_gradients_three_ways(case, ops_name):
     hand = autograd.grad(objective)(ad)
     assert all(sorted(g) == ["A", "B", "m"] and np.abs(g["m"]).max() > 0 for g in hand.values())  # m is trained
     second = autograd.grad(lambda a: objective(a, traced(ops)))(ad)
-    n = 2 * logit_rounding_chain(config, rank(lc, ad) + DORA_EXTRA, T=6, loss_batch=12)
+    n = 2 * logit_rounding_chain(config, rank(lc, ad), T=6, loss_batch=12, dora=True)
     assert_trees_close(hand, second, "float64", n, what=f"dL/dadapters ({case}, {ops_name})")
     norms = {id(params[k + ".weight"]): dora_magnitude(params[k + ".weight"], a["A"], a["B"], lc.scale_for(k))
              for k, a in ad.items()}
@@ -205,6 +204,11 @@ def test_dora_adapters_are_checked():
 
 
 def test_chain_length_helper_is_the_lora_one():
-    # the DoRA chains above are the LoRA chains of rank r + 6: the helper the other tests use agrees
-    assert chain_length(TINY, 3 + DORA_EXTRA, T=6) == logit_rounding_chain(TINY, 3 + DORA_EXTRA, T=6, loss_batch=12)
-    assert DORA_EXTRA == 6
+    # the DoRA chains above are the LoRA chains of rank r + 6 (dora_rounding_counts' y is 6 longer
+    # than rounding_counts'), and the helper the other tests use agrees
+    assert dora_rounding_counts(8, 8, 3, 1)["y"] - (8 + 3 + 6) == 6
+    for config in (TINY, LLAMA):
+        for r in (2, 3):
+            assert logit_rounding_chain(config, r, T=6, loss_batch=12, dora=True) == logit_rounding_chain(
+                config, r + 6, T=6, loss_batch=12)
+    assert chain_length(TINY, 3 + 6, T=6) == logit_rounding_chain(TINY, 3, T=6, loss_batch=12, dora=True)
