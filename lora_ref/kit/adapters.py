@@ -18,7 +18,7 @@ import numpy as np
 from ..adapters import BASE, adapter_set_linear, merge_adapters, mixed_batch_linear
 from ..checks import positive_int
 from ..lora import lora_scale
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
+from .core import Call, LoraCheckReport, bounded_output, run_check
 
 __all__ = ["ADAPTER_SET_PROPERTIES", "MIXED_BATCH_PROPERTIES", "adapter_rounding_counts", "adapter_set_calls",
            "as_scaled", "check_adapter_set", "check_mixed_batch", "draw_adapters"]
@@ -87,7 +87,7 @@ def adapter_set_calls(x: np.ndarray, W: np.ndarray, bias: np.ndarray | None, ada
         out_name, args = "y", (x, W, adapters, list(names))
         arg_names, kwargs = ("x", "W", "adapters", "active" if which == "impl" else "names"), {"bias": bias}
     n += extra_roundings
-    out = Output(out_name, expected, dtype, magnitude, reference_rtol(dtype, n), n)
+    out = bounded_output(out_name, expected, dtype, magnitude, n)
     return Call("merge" if which == "merge" else "impl", args, arg_names, kwargs, (out,))
 
 

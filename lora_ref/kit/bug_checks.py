@@ -22,7 +22,7 @@ from ..cases import LoraCase
 from ..dora import dora_linear, dora_magnitude, dora_magnitudes, dora_merge, dora_rounding_counts
 from ..lora import lora_scale
 from .conv import conv_calls, draw_conv_case
-from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, bounded_output, property_call, reference_rtol, run_check
 from .dora import draw_dora_case
 
 __all__ = ["CATALOGUE_CHECKS", "CONV3D_PROPERTIES", "DORA_BASE_GRADIENT_PROPERTIES", "DORA_COMBINE_PROPERTIES",
@@ -52,9 +52,9 @@ def _build_tied(name: str, dtype: str, seed: int) -> Call:
     magnitude = np.abs(f64(E)) + abs(s) * (np.abs(f64(B)) @ np.abs(f64(A))).T
     head_adapted = name == "tied_merge_head_adapted"
     n = r + 6                                                                  # as a merged linear weight
-    outs = (Output("input_table", merged, dtype, magnitude, reference_rtol(dtype, n), n, 0),
-            Output("head_table", merged if head_adapted else f64(E), dtype,
-                   magnitude if head_adapted else np.zeros_like(magnitude), reference_rtol(dtype, n), n, 1))
+    outs = (bounded_output("input_table", merged, dtype, magnitude, n, 0),
+            bounded_output("head_table", merged if head_adapted else f64(E), dtype,
+                           magnitude if head_adapted else np.zeros_like(magnitude), n, 1))
     return Call("impl", (E, A, B), ("E", "A", "B"), {"alpha": alpha, "r": r, "use_rslora": False,
                                                       "head_adapted": head_adapted}, outs, ("E_input", "E_head"))
 
@@ -98,7 +98,7 @@ def _build_dora_base(name: str, dtype: str, seed: int) -> Call:
     mag = dora_magnitudes(x, W, A, B, mm, s, bias=bias, dropout_mask=mask, dy=dy, detach_norm=True)["dW"]
     n = dora_rounding_counts(c.d_in, c.d_out, c.r, c.n_tokens)["dW"]
     layout = (lambda t: t.T) if fifo else (lambda t: t)  # noqa: E731
-    out = Output("dW", layout(dW), dtype, layout(mag), reference_rtol(dtype, n), n)
+    out = bounded_output("dW", layout(dW), dtype, layout(mag), n)
     settings = {"alpha": c.alpha, "r": c.r, "use_rslora": False, "bias": c.bias, "dropout_mask": c.mask,
                 "fan_in_fan_out": fifo}
     return Call("impl", (c.x, c.W_stored, c.A, c.B, m.astype(dtype), c.dy), ("x", "W", "A", "B", "m", "dy"),
@@ -149,7 +149,7 @@ def _build_cycles(name: str, dtype: str, seed: int) -> Call:
         W_in = W.astype(ml_dtypes.bfloat16)
     else:
         W_in = W.astype(dtype)
-    out = Output("W", W, dtype, magnitude, reference_rtol(dtype, 4), 4)
+    out = bounded_output("W", W, dtype, magnitude, 4)
     return Call("impl", (W_in, A, B), ("W", "A", "B"),
                 {"alpha": alpha, "r": r, "use_rslora": False, "cycles": _CYCLES[name]}, (out,))
 

@@ -20,7 +20,7 @@ from autograd import make_vjp
 from ..checks import positive_int
 from ..conv import conv_output_shape, lora_conv, merge_conv
 from ..lora import lora_scale
-from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, ref_output, run_check
 
 __all__ = ["CONV_DEFAULT_PROPERTIES", "CONV_PROPERTIES", "check_lora_conv", "conv_calls", "conv_reference",
            "conv_rounding_counts", "draw_conv_case"]
@@ -134,9 +134,8 @@ def conv_calls(case: dict[str, np.ndarray], settings: dict[str, Any], dtype: str
     options = {"alpha": alpha, "r": r, "use_rslora": rs}
     layer = dict(options, bias=c["bias"], dropout_mask=c.get("dropout_mask"), **geometry)
 
-    def out(name, pick=None):
-        n = counts[name] + extra_roundings
-        return Output(name, ref[name], dtype, ref[f"magnitude.{name}"], reference_rtol(dtype, n), n, pick)
+    def out(name: str, pick: int | None = None) -> Output:
+        return ref_output(ref, counts, name, dtype, extra_roundings, pick)
 
     calls = {"impl": Call("impl", (c["x"], c["W"], c["A"], c["B"]), ("x", "W", "A", "B"), layer, (out("y"),))}
     if "merge" in which:

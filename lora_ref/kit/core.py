@@ -39,9 +39,9 @@ import numpy as np
 from ..backend import dtype_name, to_numpy
 from ..checks import non_negative_int, non_negative_real
 
-__all__ = ["Call", "CheckReport", "LoraCheckReport", "Output", "PropertyResult", "assert_within",
-           "compare_exact", "compare_to_reference", "property_call", "reference_rtol", "run_call", "run_check",
-           "tolerance", "unit_roundoff"]
+__all__ = ["Call", "CheckReport", "LoraCheckReport", "Output", "PropertyResult", "assert_within", "bounded_output",
+           "compare_exact", "compare_to_reference", "property_call", "ref_output", "reference_rtol", "run_call",
+           "run_check", "tolerance", "unit_roundoff"]
 
 
 # ============================================================================================
@@ -355,6 +355,22 @@ class Output:
     rtol: float = 0.0
     roundings: int = 0
     pick: int | str | Callable[[Any], tuple[Any, str]] | None = None
+
+
+def bounded_output(name: str, expected: np.ndarray, dtype: str, magnitude: np.ndarray, n: int,
+                   pick: int | str | Callable[[Any], tuple[Any, str]] | None = None) -> Output:
+    """The :class:`Output` ``name`` under the tolerance rule for a quantity of ``n`` roundings in
+    ``dtype``: ``expected`` and ``magnitude`` float64 arrays of one shape, ``rtol =
+    reference_rtol(dtype, n)``; ``pick`` as in :class:`Output`."""
+    return Output(name, expected, dtype, magnitude, reference_rtol(dtype, n), n, pick)
+
+
+def ref_output(ref: Mapping[str, np.ndarray], counts: Mapping[str, int], name: str, dtype: str, extra: int = 0,
+               pick: int | str | Callable[[Any], tuple[Any, str]] | None = None) -> Output:
+    """:func:`bounded_output` for output ``name`` of a variant's float64 reference: ``ref[name]`` the
+    value, ``ref[f"magnitude.{name}"]`` its magnitude (same shape), ``counts[name] + extra`` its
+    rounding count (``extra``: the golden vectors add 2)."""
+    return bounded_output(name, ref[name], dtype, ref[f"magnitude.{name}"], counts[name] + extra, pick)
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,7 +21,7 @@ from autograd import make_vjp
 from ..backend import to_numpy
 from ..cases import LoraCase, normal_entries
 from ..dora import dora_linear, dora_magnitude, dora_magnitudes, dora_merge, dora_rounding_counts
-from .core import Call, LoraCheckReport, Output, reference_rtol, run_check
+from .core import Call, LoraCheckReport, ref_output, run_check
 
 __all__ = ["DORA_DEFAULT_PROPERTIES", "DORA_PROPERTIES", "check_dora_linear", "dora_calls", "dora_reference",
            "draw_dora_case"]
@@ -112,8 +112,7 @@ def dora_calls(case: LoraCase, m: np.ndarray, which: Sequence[str], extra_roundi
 
     def outputs(ref, names, picks=None):
         picks = picks or [None] * len(names)
-        return tuple(Output(n, ref[n], dtype, ref[f"magnitude.{n}"], reference_rtol(dtype, counts[n] + extra_roundings),
-                            counts[n] + extra_roundings, p) for n, p in zip(names, picks))
+        return tuple(ref_output(ref, counts, n, dtype, extra_roundings, p) for n, p in zip(names, picks))
 
     calls = []
     for w in which:

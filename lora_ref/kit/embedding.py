@@ -18,7 +18,7 @@ from autograd import make_vjp
 from ..checks import positive_int
 from ..embedding import lora_embedding, merge_embedding
 from ..lora import lora_scale
-from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, ref_output, run_check
 
 __all__ = ["EMBEDDING_DEFAULT_PROPERTIES", "EMBEDDING_PROPERTIES", "check_lora_embedding", "draw_embedding_case",
            "embedding_calls", "embedding_reference", "embedding_rounding_counts"]
@@ -100,9 +100,8 @@ def embedding_calls(case: dict[str, np.ndarray], settings: dict[str, Any], dtype
     counts = embedding_rounding_counts(r, E.shape[1], ids.size)
     options = {"alpha": alpha, "r": r, "use_rslora": rs}
 
-    def out(name, pick=None):
-        n = counts[name] + extra_roundings
-        return Output(name, ref[name], dtype, ref[f"magnitude.{name}"], reference_rtol(dtype, n), n, pick)
+    def out(name: str, pick: int | None = None) -> Output:
+        return ref_output(ref, counts, name, dtype, extra_roundings, pick)
 
     calls = {"impl": Call("impl", (ids, E, A, B), ("ids", "E", "A", "B"),
                           dict(options, lora_dropout=settings.get("lora_dropout", 0.0)), (out("y"),)),

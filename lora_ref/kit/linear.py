@@ -21,7 +21,7 @@ from ..backend import to_numpy
 from ..cases import LoraCase, normal_entries
 from ..checks import positive_int
 from ..lora import delta_weight, lora_linear, merge as _ref_merge
-from .core import Call, LoraCheckReport, Output, property_call, reference_rtol, run_check
+from .core import Call, LoraCheckReport, Output, property_call, ref_output, run_check
 
 __all__ = ["DEFAULT_PROPERTIES", "PROPERTIES", "assert_lora_linear_matches", "check_lora_linear",
            "lora_linear_magnitude", "lora_magnitudes", "reference_outputs", "rounding_counts"]
@@ -212,8 +212,7 @@ def linear_calls(case: LoraCase, which: Sequence[str], extra_roundings: int = 0)
         options["enable_lora"] = case.enable_lora
 
     def out(name: str, pick: int | None = None) -> Output:
-        n = counts[name] + extra_roundings
-        return Output(name, ref[name], dtype, ref[f"magnitude.{name}"], reference_rtol(dtype, n), n, pick)
+        return ref_output(ref, counts, name, dtype, extra_roundings, pick)
 
     calls = {"impl": Call("impl", (x, W_stored, A, B), ("x", "W", "A", "B"),
                           dict(options, bias=bias, dropout_mask=mask), (out("y"),)),
