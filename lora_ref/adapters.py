@@ -531,11 +531,20 @@ class AdapterSet:
 
     def with_active(self, active: Sequence[str]) -> AdapterSet:
         """The same adapters with ``active`` as the active names (PEFT's ``set_adapter``)."""
-        return AdapterSet(self._entries, active)
+        return self._sharing(active)
 
     def disabled(self) -> AdapterSet:
         """The same adapters, none active: the base model (PEFT's ``disable_adapter()``)."""
-        return AdapterSet(self._entries, ())
+        return self._sharing(())
+
+    def _sharing(self, active: Sequence[str]) -> AdapterSet:
+        """A set sharing this one's already-checked entries (read-only, never mutated), with
+        ``active`` checked against them: ``__init__`` would re-check every adapter's arrays, which
+        ``transformer_ref`` pays twice per forward."""
+        new = object.__new__(AdapterSet)
+        new._entries = self._entries
+        new._active = _check_names(active, self._entries, "active", allow_base=False, unique=True)
+        return new
 
 
 def _check_entry(value: Any, where: str) -> tuple[LoraConfig, Mapping[str, Mapping[str, Any]]]:

@@ -25,6 +25,7 @@ from lora_ref import LoraConfig, lora_linear, to_numpy
 from lora_ref.adapters import (
     BASE,
     Adapter,
+    AdapterSet,
     adapter_set_linear,
     as_adapters,
     lora_delta,
@@ -341,3 +342,22 @@ def test_bad_input():
         adapter_set_linear(x, W, {"t1": np.ones(3)}, [])
     with pytest.raises(TypeError, match="lora_delta is not differentiable with respect to scale"):
         autograd.grad(lambda s: lora_delta(x, *ads["t1"][:2], s).sum())(0.5)
+
+
+def test_adapter_set_with_active_shares_the_checked_arrays():
+    """with_active/disabled reuse the set's checked entries (no copies) and check only the names,
+    with the constructor's messages."""
+    lc = LoraConfig(r=2, alpha=2.0, target_modules=["q"])
+    ads = {n: (lc, {"q": {"A": np.ones((2, 3)), "B": np.ones((4, 2))}}) for n in ("a", "b")}
+    S = AdapterSet(ads, ["a"])
+    T = S.with_active(["b", "a"])
+    assert T.active == ("b", "a") and S.active == ("a",) and S.disabled().active == ()
+    assert all(T[n] is S[n] and S.disabled()[n] is S[n] for n in S.names)
+    for bad, match in ((["c"], r"active\[0\] = 'c' is not an adapter here"), (["a", "a"], "names an adapter twice"),
+                       ([BASE], r"active\[0\] = '__base__'")):
+        with pytest.raises(ValueError, match=match):
+            AdapterSet(ads, bad)
+        with pytest.raises(ValueError, match=match):
+            S.with_active(bad)
+    with pytest.raises(TypeError, match="active must be a list of adapter names"):
+        S.with_active("a")
