@@ -21,7 +21,7 @@ from ..lora import lora_scale
 from .core import Call, LoraCheckReport, bounded_output, run_check
 
 __all__ = ["ADAPTER_SET_PROPERTIES", "MIXED_BATCH_PROPERTIES", "adapter_rounding_counts", "adapter_set_calls",
-           "as_scaled", "check_adapter_set", "check_mixed_batch", "draw_adapters"]
+           "as_scaled", "cast_adapters", "check_adapter_set", "check_mixed_batch", "draw_adapters"]
 
 
 def adapter_rounding_counts(d_in: int, r_max: int, n_adapters: int) -> dict[str, int]:
@@ -56,7 +56,9 @@ def draw_adapters(d_in: int, d_out: int, rng: np.random.Generator,
                    "alpha": alpha, "r": r, "use_rslora": rs} for name, (r, alpha, rs) in specs.items()}
 
 
-def _cast(adapters: Mapping[str, Mapping[str, Any]], dtype: str) -> dict[str, dict[str, Any]]:
+def cast_adapters(adapters: Mapping[str, Mapping[str, Any]], dtype: str) -> dict[str, dict[str, Any]]:
+    """A copy of ``{name: {"A": (r, d_in), "B": (d_out, r), ...}}`` with every A and B cast to
+    ``dtype`` (C-contiguous); the other entries (alpha, r, use_rslora) as they are."""
     return {n: dict(a, A=np.ascontiguousarray(a["A"].astype(dtype)), B=np.ascontiguousarray(a["B"].astype(dtype)))
             for n, a in adapters.items()}
 
@@ -126,13 +128,13 @@ def _build_set(name: str, dtype: str, seed: int) -> Call:
     W = W.T if fifo else W                                                   # the stored layout
     cast = lambda t: np.ascontiguousarray(t.astype(dtype))  # noqa: E731
     which = "merge" if name.startswith("merge") else "impl"
-    return adapter_set_calls(cast(x), cast(W), cast(bias), _cast(ads, dtype), which, _SET[name], fan_in_fan_out=fifo)
+    return adapter_set_calls(cast(x), cast(W), cast(bias), cast_adapters(ads, dtype), which, _SET[name], fan_in_fan_out=fifo)
 
 
 def _build_mixed(name: str, dtype: str, seed: int) -> Call:
     x, W, bias, ads = _draw(7, 5, (5, 3), (seed, 100 + list(MIXED_BATCH_PROPERTIES).index(name)))
     cast = lambda t: np.ascontiguousarray(t.astype(dtype))  # noqa: E731
-    return adapter_set_calls(cast(x), cast(W), cast(bias), _cast(ads, dtype), "mixed", _MIXED[name])
+    return adapter_set_calls(cast(x), cast(W), cast(bias), cast_adapters(ads, dtype), "mixed", _MIXED[name])
 
 
 def check_adapter_set(impl: Callable, *, merge: Callable | None = None, properties: Iterable[str] | None = None,

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..checks import positive_int
 from ..combine import FACTOR_METHODS, SVD_METHODS, combine_adapters, dare_masks
-from .adapters import as_scaled
+from .adapters import as_scaled, cast_adapters
 from .core import Call, LoraCheckReport, Output, reference_rtol, run_check, tolerance
 
 __all__ = ["COMBINE_PROPERTIES", "check_combine_adapters", "combine_calls", "combine_rounding_counts",
@@ -178,8 +178,7 @@ def _delta(d_out: int, d_in: int, dtype: str, rank: int | None, r_factor: int | 
 
 def combine_calls(case: dict[str, Any], dtype: str, extra_roundings: int = 0) -> Call:
     """The call of the combination contract on a case (arrays cast to ``dtype``)."""
-    ads = {n: dict(a, A=np.ascontiguousarray(a["A"].astype(dtype)), B=np.ascontiguousarray(a["B"].astype(dtype)))
-           for n, a in case["adapters"].items()}
+    ads = cast_adapters(case["adapters"], dtype)
     masks = case["masks"]
     if masks is not None:
         masks = {n: (tuple(np.asarray(t, dtype=dtype) for t in m) if isinstance(m, tuple) else np.asarray(m, dtype=dtype))

@@ -364,7 +364,7 @@ def _set_cases(seed: int) -> list[GoldenCase]:
             full = f"{name}_{dtype}"
             x, W, bias, ads = kad._draw(d_in, d_out, (5, 3) if kind == "mixed_batch" else (2, 3), _seed(seed, full))
             cast = lambda a: np.ascontiguousarray(a.astype(dtype))  # noqa: E731
-            x, W, bias, ads = cast(x), cast(W), cast(bias), kad._cast(ads, dtype)    # W (d_out, d_in)
+            x, W, bias, ads = cast(x), cast(W), cast(bias), kad.cast_adapters(ads, dtype)  # W (d_out, d_in)
             stored = np.ascontiguousarray(W.T) if fifo else W                        # (d_in, d_out) under fifo
             if kind == "adapter_set":
                 calls = [kad.adapter_set_calls(x, W, bias, ads, "impl", names, extra_roundings=EXTRA_ROUNDINGS),
