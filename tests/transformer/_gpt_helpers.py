@@ -19,11 +19,13 @@ import numpy as np
 
 from lora_ref import to_numpy
 from lora_ref.testing import assert_within, tolerance
-from transformer_ref import GPTConfig, add_adapters, init_params
+from transformer_ref import GPTConfig, LlamaConfig, add_adapters, init_params
 from transformer_ref.bounds import logit_magnitude as _logit_magnitude
 from transformer_ref.bounds import logit_rounding_chain
 
 TINY = GPTConfig(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+HOST_LLAMA = LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=8)   # the test_host_* files' LLaMA
 
 
 def tiny_model(dtype="float64", seed=0, config=TINY):
@@ -45,6 +47,22 @@ def tiny_model(dtype="float64", seed=0, config=TINY):
     targets = rng.integers(0, config.vocab_size, size=(2, 6))
     targets[0, 0] = -100
     return out, tokens, targets
+
+
+def family_model(config, dtype="float64", seed=0, *, ignore_target=True):
+    """Params, tokens (2, 6) and targets (2, 6) of either family. ``TINY``: :func:`tiny_model`
+    (one target always ignored). Any other config (LLaMA): ``init_params`` drawn in float64, every
+    weight but the RMSNorm ones times 10, then tokens, then targets from the same generator, and
+    ``targets[0, 0] = -100`` unless ``ignore_target=False``."""
+    if config is TINY:
+        return tiny_model(dtype, seed)
+    rng = np.random.default_rng(seed)
+    params = {k: (v * (1.0 if k.endswith("norm.weight") else 10.0)).astype(dtype)
+              for k, v in init_params(config, rng, "float64").items()}
+    tokens, targets = rng.integers(0, config.vocab_size, (2, 6)), rng.integers(0, config.vocab_size, (2, 6))
+    if ignore_target:
+        targets[0, 0] = -100
+    return params, tokens, targets
 
 
 def random_adapters(params, config, lora_config, seed=1):

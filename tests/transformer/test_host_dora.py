@@ -16,18 +16,17 @@ from dataclasses import replace
 import autograd
 import numpy as np
 import pytest
-from _gpt_helpers import TINY, assert_trees_close, chain_length, logit_magnitude, tiny_model
+from _gpt_helpers import HOST_LLAMA, TINY, assert_trees_close, chain_length, family_model, logit_magnitude
 from autograd.test_util import check_grads
 
 import transformer_ref as tr
 from lora_ref import LoraConfig, dropout_mask
 from lora_ref.dora import dora_linear, dora_magnitude, dora_rounding_counts
 from lora_ref.testing import assert_within, tolerance
-from transformer_ref import FAST, REFERENCE, LlamaConfig, traced
+from transformer_ref import FAST, REFERENCE, traced
 from transformer_ref.bounds import logit_rounding_chain
 
-LLAMA = LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=8)
+LLAMA = HOST_LLAMA
 CASES = {
     "gpt2 c_attn, c_proj": (TINY, LoraConfig(r=2, alpha=4.0, target_modules=["c_attn", "c_proj"], use_dora=True)),
     "gpt2 all, rsLoRA, patterns": (TINY, LoraConfig(r=2, alpha=3.0, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -36,18 +35,6 @@ CASES = {
     "llama q, v, down": (LLAMA, LoraConfig(r=2, alpha=4.0, target_modules=["q_proj", "v_proj", "down_proj"],
                                            use_dora=True)),
 }
-
-
-def model(config, dtype="float64", seed=0):
-    """Params (GPT-2: _gpt_helpers' perturbed tiny model), tokens (2, 6), targets with one ignored."""
-    if config is TINY:
-        return tiny_model(dtype, seed)
-    rng = np.random.default_rng(seed)
-    params = {k: (v * (1.0 if k.endswith("norm.weight") else 10.0)).astype(dtype)
-              for k, v in tr.init_params(config, rng, "float64").items()}
-    tokens, targets = rng.integers(0, config.vocab_size, (2, 6)), rng.integers(0, config.vocab_size, (2, 6))
-    targets[0, 0] = -100
-    return params, tokens, targets
 
 
 def trained(params, config, lc, seed=1):
@@ -69,7 +56,7 @@ def bound(params, config, dtype, r, T=6):
 @pytest.mark.parametrize("case", CASES)
 def test_add_adapters_initialises_the_magnitude(case):
     config, lc = CASES[case]
-    params, tokens, _ = model(config)
+    params, tokens, _ = family_model(config)
     for init in ("kaiming", "random"):
         ad = tr.add_adapters(params, config, replace(lc, init=init), 3)
         for name, a in ad.items():
@@ -90,7 +77,7 @@ def test_a_dora_projection_is_dora_linear(case):
     """hosting.project computes Eq. 5 (lora_ref.dora.dora_linear) for every adapter holding m:
     checked by replacing the op set's dora_linear with a spy that records the modules it serves."""
     config, lc = CASES[case]
-    params, tokens, _ = model(config)
+    params, tokens, _ = family_model(config)
     ad = trained(params, config, lc)
     seen = []
 
@@ -126,7 +113,7 @@ def test_dora_gradients_three_ways(case, ops_name):
     4.3 drops the norm's term), so finite differences of the plain forward would not match it."""
     config, lc = CASES[case]
     ops = {"REFERENCE": REFERENCE, "FAST": FAST}[ops_name]
-    params, tokens, targets = model(config)
+    params, tokens, targets = family_model(config)
     ad = trained(params, config, lc)
     first = next(iter(ad))
     masks = {first: dropout_mask((2, 6, params[first + ".weight"].shape[1]), 0.25, np.random.default_rng(2))}
@@ -151,7 +138,7 @@ def test_dora_gradients_three_ways(case, ops_name):
 @pytest.mark.parametrize("case", CASES)
 def test_dora_merged_equals_unmerged(case, dtype):
     config, lc = CASES[case]
-    params, tokens, _ = model(config, dtype)
+    params, tokens, _ = family_model(config, dtype)
     ad = trained(params, config, lc)
     unmerged = tr.forward(params, tokens, config, ad, lc)
     merged_params = tr.merge_adapters(params, ad, lc)
@@ -187,7 +174,7 @@ def test_train_lora_mode_trains_a_b_and_m():
 
 def test_dora_adapters_are_checked():
     config, lc = CASES["gpt2 c_attn, c_proj"]
-    params, tokens, _ = model(config)
+    params, tokens, _ = family_model(config)
     ad = trained(params, config, lc)
     name = next(iter(ad))
     with pytest.raises(ValueError, match=r"must be a dict with exactly 'A', 'B' and 'm' \(lora_config.use_dora"):

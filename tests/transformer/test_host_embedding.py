@@ -17,19 +17,18 @@ from dataclasses import replace
 import autograd
 import numpy as np
 import pytest
-from _gpt_helpers import TINY, assert_trees_close, tiny_model
+from _gpt_helpers import HOST_LLAMA, TINY, assert_trees_close, family_model
 from autograd.test_util import check_grads
 
 import transformer_ref as tr
 from lora_ref import LoraConfig, dropout_mask
 from lora_ref.embedding import lora_embedding
 from lora_ref.testing import assert_within, tolerance
-from transformer_ref import FAST, REFERENCE, LlamaConfig, traced
+from transformer_ref import FAST, REFERENCE, traced
 from transformer_ref.bounds import logit_rounding_chain
 from transformer_ref.checkpoints import CheckpointFormatError, load_hf_gpt2, save_hf_gpt2
 
-LLAMA = LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=8, extra={"pad_token_id": 3})
+LLAMA = replace(HOST_LLAMA, extra={"pad_token_id": 3})
 CASES = {
     "gpt2 wte": (TINY, LoraConfig(r=2, alpha=4.0, target_modules=["wte"], embedding_modules=["wte"])),
     "gpt2 wte, wpe, c_attn, rsLoRA": (TINY, LoraConfig(r=2, alpha=3.0, target_modules=["wte", "wpe", "c_attn"],
@@ -44,14 +43,10 @@ CASES = {
 
 
 def model(config, dtype="float64", seed=0):
-    if config is TINY:
-        return tiny_model(dtype, seed)
-    rng = np.random.default_rng(seed)
-    params = {k: (v * (1.0 if k.endswith("norm.weight") else 10.0)).astype(dtype)
-              for k, v in tr.init_params(config, rng, "float64").items()}
-    tokens, targets = rng.integers(0, config.vocab_size, (2, 6)), rng.integers(0, config.vocab_size, (2, 6))
-    tokens[1, 2] = 3                                                     # the pad id appears
-    targets[0, 0] = -100
+    """_gpt_helpers.family_model, with LLaMA's pad id 3 among the tokens."""
+    params, tokens, targets = family_model(config, dtype, seed)
+    if config is not TINY:
+        tokens[1, 2] = 3                                                 # the pad id appears
     return params, tokens, targets
 
 

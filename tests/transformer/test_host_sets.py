@@ -15,17 +15,16 @@ from dataclasses import replace
 import autograd
 import numpy as np
 import pytest
-from _gpt_helpers import TINY, assert_trees_close, tiny_model, tree_asarray
+from _gpt_helpers import HOST_LLAMA, TINY, assert_trees_close, family_model, tree_asarray
 
 import transformer_ref as tr
 from lora_ref import LoraConfig, asarray, to_numpy, use_backend
 from lora_ref.adapters import BASE, AdapterSet
 from lora_ref.testing import assert_within, tolerance
-from transformer_ref import FAST, REFERENCE, LlamaConfig, traced
+from transformer_ref import FAST, REFERENCE, traced
 from transformer_ref.bounds import logit_magnitude, logit_rounding_chain
 
-LLAMA = LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=8)
+LLAMA = HOST_LLAMA
 CONFIGS = {
     "gpt2": (TINY, [LoraConfig(r=2, alpha=3.0, target_modules=["c_attn", "wte"], embedding_modules=["wte"]),
                     LoraConfig(r=3, alpha=5.0, target_modules=["c_attn", "mlp.c_proj", "wpe"], use_rslora=True,
@@ -40,13 +39,8 @@ NAMES = ("north", "south", "east")
 
 
 def model(config, dtype="float64", seed=0):
-    if config is TINY:
-        params, tokens, targets = tiny_model(dtype, seed)
-    else:
-        rng = np.random.default_rng(seed)
-        params = {k: (v * (1.0 if k.endswith("norm.weight") else 10.0)).astype(dtype)
-                  for k, v in tr.init_params(config, rng, "float64").items()}
-        tokens, targets = rng.integers(0, config.vocab_size, (2, 6)), rng.integers(0, config.vocab_size, (2, 6))
+    """_gpt_helpers.family_model (LLaMA's targets all scored), doubled to 4 rows."""
+    params, tokens, targets = family_model(config, dtype, seed, ignore_target=False)
     tokens = np.concatenate([tokens, tokens[::-1]])                     # 4 rows, for mixed batches
     return params, tokens, np.concatenate([targets, targets[::-1]])
 
