@@ -131,6 +131,13 @@ def check_regex(pattern: Any, name: str) -> str:
     return pattern
 
 
+def embedding_entry_names(entry: str, module_name: str) -> bool:
+    """Whether the ``embedding_modules`` entry ``entry`` names ``module_name``: equal to it, or a
+    suffix of it after a dot (``"wte"`` names ``"transformer.wte"``). The one spelling of the rule,
+    for :meth:`LoraConfig.is_embedding` and the adapter loaders' check that each entry is used."""
+    return module_name == entry or module_name.endswith("." + entry)
+
+
 def _pattern_lookup(pattern: Mapping[str, Any], module_name: str) -> Any | None:
     """PEFT's rule for rank_pattern / alpha_pattern: the first key ``k`` (in insertion order) for
     which ``re.match(rf"(.*\\.)?({k})$", module_name)`` matches wins -- that is, the name equals
@@ -308,7 +315,7 @@ class LoraConfig:
 
     def is_embedding(self, module_name: str) -> bool:
         """Whether ``module_name`` is one of :attr:`embedding_modules` (equal, or ends with ``"." + entry``)."""
-        return any(module_name == n or module_name.endswith("." + n) for n in self.embedding_modules)
+        return any(embedding_entry_names(n, module_name) for n in self.embedding_modules)
 
     @property
     def scale(self) -> float:

@@ -49,7 +49,7 @@ import numpy as np
 import safetensors.numpy
 
 from .backend import asarray, dtype_name, to_numpy
-from .config import LoraConfig
+from .config import LoraConfig, embedding_entry_names
 from .files import load_dtype, read_json, read_tensors, write_directory_atomically
 from .peft_config import (CONFIG_FIELDS, CONFIG_NAME, PEFT_VERSION, AdapterFormatError, config_from_peft_dict,
                           config_to_peft_dict)
@@ -156,7 +156,7 @@ def _check_structure(lora_config: LoraConfig, adapters: Mapping[str, Any], sourc
         other = next((k, v) for k, v in dtypes.items() if v != first[1])
         raise AdapterFormatError(f"{source or 'adapters'}: mixed dtypes: {first[0]} is {first[1]} but {other[0]} is {other[1]}")
     for entry in lora_config.embedding_modules:
-        if not any(m == entry or m.endswith("." + entry) for m in adapters):
+        if not any(embedding_entry_names(entry, m) for m in adapters):
             raise AdapterFormatError(f"{source or 'adapters'}: lora_config.embedding_modules names {entry!r}, "
                                      f"but no adapter is on such a module (modules: {', '.join(sorted(adapters)[:5])})")
 
@@ -227,9 +227,21 @@ def validate_adapter(lora_config: LoraConfig, adapters: Mapping[str, Mapping[str
     module (and ``source``, e.g. the file, when given), the expected and the actual shapes;
     ``TypeError`` for arguments of the wrong kind.
     """
+    _check_params(params)
+    _check_structure(lora_config, adapters, source)
+    _check_against_base(lora_config, adapters, params, source)
+
+
+def _check_params(params: Any) -> None:
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of parameter name to array, got {type(params).__name__}")
-    _check_structure(lora_config, adapters, source)
+
+
+def _check_against_base(lora_config: LoraConfig, adapters: Mapping[str, Mapping[str, Any]],
+                        params: Mapping[str, Any], source: str | None) -> None:
+    """validate_adapter's checks against ``params``, for adapters that already passed
+    :func:`_check_structure` (the loader runs that once; converting and isfinite-checking every
+    array a second time would double its cost)."""
     for module, pair in adapters.items():
         where, name = _where(source, module), module + ".weight"
         W, A, B = params.get(name), pair["A"], pair["B"]
@@ -383,8 +395,9 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping[str, Any] | None 
     adapters = {m: {s: (a if target is None else a.astype(target)) for s, a in sorted(arrays[m].items())}
                 for m in sorted(arrays)}
     _check_structure(lora_config, adapters, str(weights_file))
-    if params is not None:
-        validate_adapter(lora_config, adapters, params, source=str(weights_file))
+    if params is not None:                                # validate_adapter without a second _check_structure
+        _check_params(params)
+        _check_against_base(lora_config, adapters, params, str(weights_file))
     return lora_config, {m: {s: asarray(a) for s, a in pair.items()} for m, pair in adapters.items()}
 
 

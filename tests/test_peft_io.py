@@ -529,6 +529,10 @@ def test_loader_validates_against_params_when_given(saved):
         load_peft_adapter(path, tiny_params(config=other))
     cfg, adapters = load_peft_adapter(path, tiny_params("float32"), dtype="float32")
     assert all(a.dtype == np.float32 for p in adapters.values() for a in p.values())
+    with pytest.raises(TypeError, match="params must be a mapping"):      # the loader's own base-model path
+        load_peft_adapter(path, [1, 2])
+    with pytest.raises(AdapterFormatError, match="float64 but the base weight is float32"):
+        load_peft_adapter(path, tiny_params("float32"))
 
 
 # ============================================================================================
