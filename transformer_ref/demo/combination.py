@@ -61,12 +61,12 @@ from lora_ref.combine import METHODS, combine_adapters, dare_masks, linear_cross
 from lora_ref.lora import LoraConfig
 from lora_ref.testing import tolerance
 
-from .. import add_adapters, projection_names
+from .. import projection_names
 from ..data import evaluate
-from ..train import train
 from .common import DEFAULT as DEMO_DEFAULT
 from .common import QUICK as DEMO_QUICK
-from .common import DemoConfig, cpu_name, make_setup, pretrain, run_rng, second_task, versions
+from .common import (DemoConfig, abs_sum, cpu_name, exact_bound, make_setup, one_value, pretrain, rel_norm, run_rng,
+                     second_task, train_adapter, versions)
 
 __all__ = ["BEGIN", "DEFAULT", "END", "QUICK", "CombineConfig", "compute", "render_section", "summary_text"]
 
@@ -186,7 +186,7 @@ def compute(config: CombineConfig = DEFAULT, *, progress: bool | None = None) ->
         methods[method], deltas[method] = _audit_method(method, kwargs, sources, weights, targets, config.targets,
                                                         on_tasks)
     result["methods"] = methods
-    result["rounding"] = {m: _exact_bound(sources[m], weights, targets[m]) for m in modules}
+    result["rounding"] = {m: exact_bound(sources[m], weights, targets[m]) for m in modules}
     svd_rank = methods["svd"]["rank"]
     result["svd_tail"] = {m: _tail(targets[m], svd_rank) for m in modules}
     result["cross_terms"] = {m: _cross_check(sources[m], weights, deltas["linear"][m], targets[m]) for m in modules}
@@ -202,13 +202,13 @@ def _audit_method(method: str, kwargs: dict[str, dict], sources: dict[str, Any],
     scale, error against (C1), the model on both tasks; PEFT 0.21.2's scale, norm ratio and model."""
     combined = {m: combine_adapters(sources[m], weights, method, **kwargs[m]) for m in sources}
     deltas = {m: c.scale * (c.B @ c.A) for m, c in combined.items()}                  # (d_out, d_in)
-    row = {"rank": _one(c.rank for c in combined.values()), "scale": _one(c.scale for c in combined.values()),
-           "errors": {m: _rel(deltas[m] - targets[m], targets[m]) for m in sources},
+    row = {"rank": one_value(c.rank for c in combined.values()), "scale": one_value(c.scale for c in combined.values()),
+           "errors": {m: rel_norm(deltas[m] - targets[m], targets[m]) for m in sources},
            "eval": on_tasks(*_as_lora(combined, lora_targets, False)), "peft_0_21_2": None}
     if method != "exact":                                 # exact is lora-ref's own: no PEFT scale to copy
         bug = {m: combine_adapters(sources[m], weights, method, peft_rslora_bug=True, **kwargs[m]) for m in sources}
         row["peft_0_21_2"] = {
-            "scale": _one(c.scale for c in bug.values()),
+            "scale": one_value(c.scale for c in bug.values()),
             "norm_ratio": {m: float(np.linalg.norm(c.scale * (c.B @ c.A)) / np.linalg.norm(deltas[m]))
                            for m, c in bug.items()},
             "eval": on_tasks(*_as_lora(bug, lora_targets, True))}
@@ -217,17 +217,10 @@ def _audit_method(method: str, kwargs: dict[str, dict], sources: dict[str, Any],
 
 def _train_adapter(setup: Any, config: CombineConfig, pretrained: Any, name: str, task: Any,
                    rslora: bool) -> tuple[Any, LoraConfig]:
-    """Adapter ``name`` trained on ``task`` from the pretrained model -> ``(adapters, LoraConfig)``.
-
-    As the demo's runs: the initial factors from the run's own generator ("combine a" / "combine b"),
-    the batches from the fine-tuning seed, the demo's steps, batch size and LoRA learning rate."""
-    demo = config.demo
-    lc = LoraConfig(r=config.rank, alpha=demo.alpha, use_rslora=rslora, target_modules=config.targets)
-    initial = add_adapters(pretrained, setup.gpt, lc, run_rng(setup.seeds["adapters"], f"combine {name}"))
-    res = train(pretrained, setup.gpt, task, mode="lora", lora_config=lc, adapters=initial,
-                steps=demo.finetune_steps, batch_size=demo.batch_size, lr=demo.lora_lr,
-                seed=setup.seeds["finetune"], progress=setup.show)
-    return res.adapters, lc
+    """Adapter ``name`` trained on ``task`` from the pretrained model -> ``(adapters, LoraConfig)``,
+    as the demo's runs (``common.train_adapter``, with the run's own generator "combine a" / "combine b")."""
+    lc = LoraConfig(r=config.rank, alpha=config.demo.alpha, use_rslora=rslora, target_modules=config.targets)
+    return train_adapter(setup, pretrained, task, lc, f"combine {name}").adapters, lc
 
 
 def _method_kwargs(method: str, config: CombineConfig, sources: dict[str, Any], seed: int) -> dict[str, dict]:
@@ -257,30 +250,6 @@ def _as_lora(combined: dict[str, Any], targets: tuple[str, ...], rslora: bool) -
     return {m: {"A": c.A, "B": c.B} for m, c in combined.items()}, lc
 
 
-def _one(values: Any) -> Any:
-    """The one value every module shares (rank, scale)."""
-    found = set(values)
-    if len(found) != 1:
-        raise RuntimeError(f"modules disagree: {sorted(found)}")
-    return found.pop()
-
-
-def _rel(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x) / np.linalg.norm(ref))
-
-
-def _abs_sum(sources: dict[str, Any], weights: list[float]) -> np.ndarray:
-    """M = sum_i |w_i s_i| |B_i| |A_i| (d_out, d_in): (C1) on absolute values."""
-    return sum(abs(w * s) * (np.abs(B) @ np.abs(A)) for (A, B, s), w in zip(sources.values(), weights))
-
-
-def _exact_bound(sources: dict[str, Any], weights: list[float], target: np.ndarray) -> dict[str, Any]:
-    """exact / cat against (C1): 2 gamma_n M, n = R + n_a + 1 (module doc), relative to ||dW*||_F."""
-    n = sum(A.shape[0] for A, _, _ in sources.values()) + len(sources) + 1
-    bound = 2.0 * tolerance("float64", n) * _abs_sum(sources, weights)                 # (d_out, d_in)
-    return {"n": n, "bound": _rel(bound, target)}
-
-
 def _tail(target: np.ndarray, rank: int) -> float:
     """Eckart-Young: ||dW* - best rank-``rank`` approximation||_F / ||dW*||_F from the singular values."""
     sv = np.linalg.svd(target, compute_uv=False)
@@ -297,11 +266,11 @@ def _cross_check(sources: dict[str, Any], weights: list[float], linear: np.ndarr
     M_cross = sum(math.sqrt(abs(wi * si) * abs(wj * sj)) * (np.abs(Bi) @ np.abs(Aj))
                   for i, ((_, Bi, si), wi) in enumerate(zip(items, weights))
                   for j, ((Aj, _, sj), wj) in enumerate(zip(items, weights)) if i != j)
-    M = _abs_sum(sources, weights)
+    M = abs_sum(sources, weights)
     bound = (2.0 * tolerance("float64", 2 * n_a ** 2 + r + 12) * (M_cross + 2.0 * M)
              + 2.0 * tolerance("float32", 2) * M)                                       # (d_out, d_in)
-    return {"linear_error": _rel(linear - target, target), "cross": _rel(cross, target),
-            "residual": _rel(residual, target), "bound": _rel(bound, target),
+    return {"linear_error": rel_norm(linear - target, target), "cross": rel_norm(cross, target),
+            "residual": rel_norm(residual, target), "bound": rel_norm(bound, target),
             "within": bool(np.all(np.abs(residual) <= bound))}
 
 

@@ -31,13 +31,15 @@ import numpy as np
 from lora_ref import __version__
 from lora_ref.backend import dtype_name, namespace
 from lora_ref.checks import non_negative_int, positive_int, positive_real
+from lora_ref.testing import tolerance
 
-from .. import init_params
+from .. import add_adapters, init_params
 from ..data import CipherTask, downstream_task, evaluate, pretraining_task
 from ..train import train
 
-__all__ = ["DEFAULT", "FAMILIES", "PRESETS", "QUICK", "DemoConfig", "Setup", "astype", "cpu_name", "make_setup",
-           "pretrain", "replace_section", "run_rng", "second_task", "tree_bytes", "versions"]
+__all__ = ["DEFAULT", "FAMILIES", "PRESETS", "QUICK", "DemoConfig", "Setup", "abs_sum", "astype", "cpu_name",
+           "exact_bound", "make_setup", "one_value", "pretrain", "rel_norm", "replace_section", "run_rng",
+           "second_task", "train_adapter", "tree_bytes", "versions"]
 
 FAMILIES = ("gpt2", "llama")
 """The model families the demo runs (``lora-ref demo --model``)."""
@@ -323,6 +325,51 @@ def versions() -> dict[str, str]:
         out["threads"] = ", ".join(f"{k}={v}" for k, v in threads.items())
     return out
 
+
+
+# ============================================================================================
+# Two adapters on one base: shared by two_tasks (the demo's step 4) and combination (lora-ref combine)
+# ============================================================================================
+
+
+def train_adapter(setup: Setup, pretrained: Mapping[str, Any], task: CipherTask, lora_config: Any, key: str) -> Any:
+    """An adapter of ``lora_config`` trained on ``task`` from ``pretrained`` -> ``train``'s
+    TrainResult, as the demo's runs: the initial factors from the run's own generator
+    (``run_rng(setup.seeds["adapters"], key)``), the batches from the fine-tuning seed, the demo's
+    steps, batch size and LoRA learning rate."""
+    demo = setup.config
+    initial = add_adapters(pretrained, setup.gpt, lora_config, run_rng(setup.seeds["adapters"], key))
+    return train(pretrained, setup.gpt, task, mode="lora", lora_config=lora_config, adapters=initial,
+                 steps=demo.finetune_steps, batch_size=demo.batch_size, lr=demo.lora_lr,
+                 seed=setup.seeds["finetune"], progress=setup.show)
+
+
+def one_value(values: Any, what: str = "modules") -> Any:
+    """The one value every module shares (rank, scale); RuntimeError naming ``what`` otherwise."""
+    found = set(values)
+    if len(found) != 1:
+        raise RuntimeError(f"{what} disagree: {sorted(found)}")
+    return found.pop()
+
+
+def rel_norm(x: np.ndarray, ref: np.ndarray) -> float:
+    """``||x||_F / ||ref||_F`` as a Python float."""
+    return float(np.linalg.norm(x) / np.linalg.norm(ref))
+
+
+def abs_sum(sources: Mapping[str, Any], weights: Any) -> np.ndarray:
+    """M = sum_i |w_i s_i| |B_i| |A_i| (d_out, d_in): (C1) on absolute values; ``sources``
+    ``{name: (A (r, d_in), B (d_out, r), s)}``, ``weights`` one per source."""
+    return sum(abs(w * s) * (np.abs(B) @ np.abs(A)) for (A, B, s), w in zip(sources.values(), weights))
+
+
+def exact_bound(sources: Mapping[str, Any], weights: Any, target: np.ndarray) -> dict[str, Any]:
+    """exact / cat against (C1) ``target`` (d_out, d_in): ``2 gamma_n M`` entrywise, n = R + n_a + 1
+    roundings (R the sum of the ranks, n_a adapters; :mod:`transformer_ref.demo.combination`'s
+    derivation) -> ``{"n": n, "bound": ||2 gamma_n M||_F / ||target||_F}``."""
+    n = sum(A.shape[0] for A, _, _ in sources.values()) + len(sources) + 1
+    bound = 2.0 * tolerance("float64", n) * abs_sum(sources, weights)                  # (d_out, d_in)
+    return {"n": n, "bound": rel_norm(bound, target)}
 
 
 # ============================================================================================

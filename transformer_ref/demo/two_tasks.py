@@ -59,13 +59,12 @@ from lora_ref.backend import asarray, dtype_name, to_numpy
 from lora_ref.combine import combine_adapters, weighted_delta
 from lora_ref.testing import tolerance
 
-from .. import REFERENCE, add_adapters, forward
+from .. import REFERENCE, forward
 from ..bounds import logit_magnitude, logit_rounding_chain
 from ..count import lora_config_for
 from ..data import evaluate
 from ..layers import IGNORE_INDEX
-from ..train import train
-from .common import Setup, run_rng, second_task
+from .common import Setup, exact_bound, one_value, rel_norm, second_task, train_adapter
 
 __all__ = ["METHODS", "MIXED_ROWS", "sample_losses", "two_tasks"]
 
@@ -87,17 +86,14 @@ def two_tasks(setup: Setup, pretrained: Mapping[str, Any], trained: Mapping[str,
     model and of adapter a's run, as the combinations evaluate), reused instead of recomputed."""
     if not isinstance(setup, Setup):
         raise TypeError(f"setup must be a transformer_ref.demo.common.Setup (from make_setup), got {type(setup).__name__}")
-    config, gpt = setup.config, setup.gpt
+    config = setup.config
     key_a = f"lora-qv-r{config.variant_rank}"
     if key_a not in trained:
         raise ValueError(f"trained must hold the run {key_a!r} (adapter a), got {sorted(trained)}")
     t0 = time.perf_counter()
     res_a, lc = trained[key_a]
     tasks = {"A": setup.downstream, "B": second_task(setup)}
-    initial = add_adapters(pretrained, gpt, lc, run_rng(setup.seeds["adapters"], f"task-b-qv-r{config.variant_rank}"))
-    res_b = train(pretrained, gpt, tasks["B"], mode="lora", lora_config=lc, adapters=initial,
-                  steps=config.finetune_steps, batch_size=config.batch_size, lr=config.lora_lr,
-                  seed=setup.seeds["finetune"], progress=setup.show)
+    res_b = train_adapter(setup, pretrained, tasks["B"], lc, f"task-b-qv-r{config.variant_rank}")
     adapters = {"a": res_a.adapters, "b": res_b.adapters}
     tail = res_b.losses[-max(1, len(res_b.losses) // 10):]
     out: dict[str, Any] = {
@@ -220,20 +216,15 @@ def _combinations(setup: Setup, pretrained: Mapping[str, Any], adapters: dict[st
                 sources = {"a": (Aa, Ba, s), "b": (Ab, Bb, s)}
                 c = combine_adapters(sources, _WEIGHTS, method)
                 target = weighted_delta(sources, _WEIGHTS)                                # (C1), (d_out, d_in)
-                norm = np.linalg.norm(target)
-                errors.append(float(np.linalg.norm(c.scale * (c.B @ c.A) - target) / norm))
+                errors.append(rel_norm(c.scale * (c.B @ c.A) - target, target))
                 # exact and cat against (C1): 2 gamma_n M entrywise, n = R + n_a + 1 roundings (R = sum of the
                 # ranks, n_a adapters), M = sum_i |w_i s_i| |B_i| |A_i| (lora-ref combine's derivation)
-                n = Aa.shape[0] + Ab.shape[0] + len(sources) + 1
-                M = sum(abs(w * s) * (np.abs(B) @ np.abs(A)) for (A, B, s), w in zip(sources.values(), _WEIGHTS))
-                bounds.append(float(np.linalg.norm(2.0 * tolerance("float64", n) * M) / norm))
+                bounds.append(exact_bound(sources, _WEIGHTS, target)["bound"])
                 parts.append(c)
             combined[m] = parts
         every = [c for parts in combined.values() for c in parts]
-        rank, scale = {c.rank for c in every}, {c.scale for c in every}
-        if len(rank) != 1 or len(scale) != 1:
-            raise RuntimeError(f"{method}: the weights' combinations disagree on rank {rank} or scale {scale}")
-        rank, scale = rank.pop(), scale.pop()
+        rank = one_value((c.rank for c in every), f"{method}: the weights' combinations' ranks")
+        scale = one_value((c.scale for c in every), f"{method}: the weights' combinations' scales")
         new = lora_config_for(("q", "v"), rank, alpha=rank * scale, family=gpt)
         # the combined factors rounded to the training dtype: each model is evaluated as the demo's runs are
         ads = {m: {"A": asarray(np.concatenate([c.A for c in parts], axis=0).astype(dtype)),   # (n rank, C)
