@@ -82,7 +82,7 @@ def test_bad_arguments_go_to_stderr(tmp_path, capsys):
 
 
 def test_the_output_folder_rule_is_shared_with_the_demo(tmp_path):
-    from lora_ref.commands._folders import output_folder_problem
+    from lora_ref.commands._common import output_folder_problem
 
     assert output_folder_problem(tmp_path / "new", "OUT_DIR", False, "it") is None        # created later
     assert output_folder_problem(tmp_path, "OUT_DIR", False, "it") is None                 # empty

@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
+
+from ._common import error, read_error
 
 HELP = "rank analysis of a PEFT LoRA adapter: spectra, effective/stable rank, energy, and phi between two adapters"
 
@@ -177,15 +178,11 @@ def _plot(path: Path, spectra: dict, comparison: dict | None) -> None:
 
 
 def _error(message: str, status: int) -> int:
-    print(f"lora-ref analyze: {message}", file=sys.stderr)
-    return status
+    return error("analyze", message, status)
 
 
 def _read_error(exc: OSError, path: Path) -> int:
-    if exc.strerror is None:                   # a message of our own (a missing directory)
-        return _error(str(exc), 1)
-    where = exc.filename if exc.filename is not None else path
-    return _error(f"cannot read {str(where)!r}: {exc.strerror}", 1)
+    return _error(read_error(exc, path), 1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_numpy
+from ._common import error, read_error
 
 HELP = "validate a PEFT LoRA adapter against a GPT-2 or LLaMA checkpoint and report its scales and weight changes"
 
@@ -117,13 +118,8 @@ def _fail(message: str) -> int:
 
 
 def _os_error(what: str, given: Path, exc: OSError) -> int:
-    """One line on stderr: which file could not be read, and why (exit 1)."""
-    if exc.strerror is None:                     # a message of our own (a missing directory)
-        print(f"lora-ref check: {what}: {exc}", file=sys.stderr)
-    else:
-        path = exc.filename if exc.filename is not None else given
-        print(f"lora-ref check: cannot read the {what}: {str(path)!r}: {exc.strerror}", file=sys.stderr)
-    return 1
+    """One line on stderr: which file (the ``what``) could not be read, and why (exit 1)."""
+    return error("check", read_error(exc, given, what), 1)
 
 
 def _is_gpt2(config: Any) -> bool:

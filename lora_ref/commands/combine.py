@@ -13,14 +13,14 @@ page, between its markers. The experiment lives upstairs, in
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..checks import is_int
+from ._common import error, seed_problem, write_error
 
 HELP = "combine two trained adapters with exact and PEFT's eleven methods, and audit each (docs/combination.md)"
 
@@ -43,15 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
 
 
-def _fail(message: str) -> int:
-    print(f"lora-ref combine: {' '.join(str(message).split())}", file=sys.stderr)
-    return 1
+def _fail(message: object) -> int:
+    """combine's errors: one line (whitespace collapsed, for messages from below) and exit 1, the
+    bad --seed included (demo, vectors and conform exit 2 for it)."""
+    return error("combine", " ".join(str(message).split()), 1)
 
 
 def run(args: argparse.Namespace) -> int:
     seed, out, page = args.seed, args.out, args.write_docs
-    if not is_int(seed) or seed < 0:                 # argparse gives an int; run() may be called directly
-        return _fail(f"--seed must be a non-negative integer, got {seed!r}")
+    problem = seed_problem(seed)                     # argparse gives an int; run() may be called directly
+    if problem:
+        return _fail(problem)
     if out.exists() and not out.is_dir():
         return _fail(f"--out must be a directory, but {str(out)!r} is a file")
     if page is not None:
@@ -69,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _audit(args.quick, seed, out, page, args.progress)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else out
-        return _fail(f"cannot write to {str(where)!r}: {exc.strerror or exc}")
+        return _fail(write_error(exc, out))
     except ValueError as exc:
         return _fail(exc)
 
@@ -80,7 +81,7 @@ def _audit(quick: bool, seed: int, out: Path, page: Path | None, progress: bool 
     from transformer_ref.demo.common import replace_section
     from transformer_ref.machine import blas_threads
 
-    import scipy.linalg  # noqa: F401  (load SciPy's BLAS too, so that it is limited with NumPy's)
+    importlib.import_module("scipy.linalg")         # load SciPy's BLAS too, so that it is limited with NumPy's
 
     preset = combination.QUICK if quick else combination.DEFAULT
     config = replace(preset, demo=replace(preset.demo, seed=seed))

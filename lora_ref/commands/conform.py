@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._common import seed_problem
+
 HELP = ("run lora-ref's conformance kit against your implementation (MODULE:CALLABLE) of one variant; "
         "exit 1 if a property fails")
 
@@ -153,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
         check = CHECKS[variant]
         takes = tuple(p.name for p in inspect.signature(check).parameters.values()
                       if p.kind is p.KEYWORD_ONLY and p.name in OPTIONS)
-        if args.seed < 0:
-            raise _BadInput(f"--seed must be a non-negative integer, got {args.seed}")
+        problem = seed_problem(args.seed)
+        if problem:
+            raise _BadInput(problem)
         if str(Path.cwd()) not in sys.path and "" not in sys.path:
             sys.path.insert(0, str(Path.cwd()))                     # as `python -m` does
         kwargs: dict[str, Any] = _callables(args, takes, args.variant)

@@ -18,12 +18,11 @@ without ``--force`` (exit 1).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from ._folders import output_folder_problem
+from ._common import error, output_folder_problem, seed_problem, write_error
 
 HELP = ("pretrain a small GPT-2 or LLaMA, fine-tune it with LoRA, DoRA, QLoRA and in full, serve and combine "
         "two adapters, and write a report (the paper's Tables 5-7, Figure 3)")
@@ -63,13 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str, status: int) -> int:
-    print(f"lora-ref demo: {message}", file=sys.stderr)
-    return status
+    return error("demo", message, status)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seed < 0:
-        return _error(f"--seed must be a non-negative integer, got {args.seed}", 2)
+    problem = seed_problem(args.seed)
+    if problem:
+        return _error(problem, 2)
     if args.threads < 0:
         return _error(f"--threads must be a non-negative integer, got {args.threads}", 2)
     out: Path = args.out
@@ -85,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         demo.prepare_output(out)                     # before the experiment: a write that fails, fails now
         result = demo.run_demo(config, out, progress=args.progress, threads=args.threads or None)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else out
-        return _error(f"cannot write to {str(where)!r}: {exc.strerror or exc}", 1)
+        return _error(write_error(exc, out), 1)
     print(demo.summary_text(result, out, wall_s=time.perf_counter() - start))
     return 0

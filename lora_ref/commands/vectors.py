@@ -8,10 +8,9 @@ be written (read-only, under ``/proc``, under a file: exit 1, naming the path an
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ._folders import output_folder_problem
+from ._common import error, output_folder_problem, seed_problem, write_error
 
 HELP = ("write golden test vectors of every variant (safetensors + manifest.json, format version 2; "
         "docs/vectors-format.md) for checking another implementation")
@@ -26,15 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str, status: int) -> int:
-    print(f"lora-ref vectors: {message}", file=sys.stderr)
-    return status
+    return error("vectors", message, status)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..vectors import FORMAT_VERSION, KINDS, load_vectors, write_vectors
 
-    if args.seed < 0:
-        return _error(f"--seed must be a non-negative integer, got {args.seed}", 2)
+    problem = seed_problem(args.seed)
+    if problem:
+        return _error(problem, 2)
     out: Path = args.out_dir
     try:
         problem = output_folder_problem(out, "OUT_DIR", args.force, "the vectors into it (their files are replaced, "
@@ -44,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = write_vectors(out, seed=args.seed, overwrite=True)
         cases = load_vectors(out)              # read back: what was written is what a consumer gets
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else out
-        return _error(f"cannot write to {str(where)!r}: {exc.strerror or exc}", 1)
+        return _error(write_error(exc, out), 1)
     width = max(len(k) for k in KINDS)
     for kind in KINDS:
         mine = [c for c in cases if c.kind == kind]
