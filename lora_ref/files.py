@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import safetensors.numpy
 
-from .backend import dtype_name
+from .backend import float_dtype
 from .checks import is_int
 
 __all__ = ["DirectoryWriteError", "FileFormatError", "StoredTensor", "load_dtype", "read_json", "read_tensors",
@@ -102,8 +102,11 @@ def load_dtype(dtype: Any) -> str | None:
     ``"float32"`` or ``"float64"``, that every tensor is widened to (a string or a dtype object)."""
     if dtype is None:
         return None
-    target = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    if target not in ("float32", "float64"):
+    try:
+        target = float_dtype(dtype).name                  # the backend's one float32/float64 rule
+    except TypeError:
+        target = None
+    if target is None or (isinstance(dtype, str) and dtype != target):  # names only: "f4", "double" refused
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return target
 

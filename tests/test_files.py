@@ -302,6 +302,7 @@ def test_keep_decides_which_entries_of_the_previous_directory_are_carried_over(t
 def test_load_dtype_is_none_or_a_float_name_for_every_loader():
     assert files.load_dtype(None) is None
     assert files.load_dtype("float32") == "float32" and files.load_dtype(np.dtype("float64")) == "float64"
-    for bad in ("float16", np.float16, "int64"):
+    assert files.load_dtype(np.float32) == "float32" and type(files.load_dtype(np.str_("float64"))) is str
+    for bad in ("float16", np.float16, "int64", "f4", "double", "<f8", int, object()):   # names only, not NumPy's aliases
         with pytest.raises(ValueError, match=r"dtype must be 'float32' or 'float64', got "):
             files.load_dtype(bad)
