@@ -349,7 +349,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     """
     folder = _folder(path)
     target = load_dtype(dtype)
-    config = _read_gpt2_config(folder)
+    config, raw = _read_gpt2_config(folder)
     tensors, stored, where = _read_weights(folder)
 
     # Keys: GPT2LMHeadModel saves "transformer.*" (+ maybe lm_head.weight); GPT2Model saves them bare.
@@ -357,7 +357,7 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
         rename = {k: (k if k == "lm_head.weight" else "transformer." + k) for k in tensors}
         tensors = {rename[k]: v for k, v in tensors.items()}
         stored = {rename[k]: v for k, v in stored.items()}
-    tensors = _read_4bit(where, _read_config_json(folder), tensors)      # 4-bit weights -> QuantStates
+    tensors = _read_4bit(where, raw, tensors)                            # 4-bit weights -> QuantStates
     wte, wpe = tensors.get("transformer.wte.weight"), tensors.get("transformer.wpe.weight")
     _check_layers(where, "n_layer", config.n_layer, _blocks(tensors, r"transformer\.h\.(\d+)\."), "transformer.h")
     _check_declared(where, [
@@ -382,7 +382,8 @@ def load_hf_gpt2(path: str | os.PathLike, *, dtype: Any = None) -> tuple[GPTConf
     return config, {name: arr if is_4bit(arr) else asarray(arr) for name, arr in params.items()}
 
 
-def _read_gpt2_config(folder: Path) -> GPTConfig:
+def _read_gpt2_config(folder: Path) -> tuple[GPTConfig, dict[str, Any]]:
+    """config.json read once -> (the GPTConfig, the parsed JSON: its quantization_config is _read_4bit's)."""
     config_file = folder / CONFIG_NAME
     raw = _read_config_json(folder)
     model_type = raw.get("model_type", "gpt2")
@@ -393,7 +394,7 @@ def _read_gpt2_config(folder: Path) -> GPTConfig:
         if field_name in raw and not (type(raw[field_name]) is type(value) and raw[field_name] == value):
             raise NotImplementedError(f"{config_file}: {field_name}={raw[field_name]!r} is not implemented ({why})")
     try:
-        return GPTConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"})
+        return GPTConfig.from_dict({k: v for k, v in raw.items() if k != "quantization_config"}), raw
     except (TypeError, ValueError) as exc:
         raise CheckpointFormatError(f"{config_file}: invalid GPT-2 config: {exc}") from exc
 
