@@ -135,30 +135,45 @@ def _quiet():
 # ---- PEFT: add_weighted_adapter ------------------------------------------------------------
 
 
-def peft_combine(method=None, *, scale_from_config_without_rslora=False):
-    """PEFT's add_weighted_adapter on one Linear holding the given adapters; ``method`` replaces the
-    kit's method (PEFT's name for what is asked)."""
+def _peft_linear(adapters, W=None, **options):
+    """``(PEFT model, its LoRA layer)``: one bias-free Linear (weight ``W`` if given, else PEFT's
+    random init; the dtype of ``W``, else of the first A) holding each of ``adapters``
+    (``{name: {"A", "B", "r", "alpha", "use_rslora"[, "m"]}}``) in order, its factors (and with
+    ``use_dora=True`` its magnitude m) copied in; ``options`` go to every ``peft.LoraConfig``."""
     import peft
     import torch
 
+    first = next(iter(adapters.values()))
+    d_out, d_in = W.shape if W is not None else (first["B"].shape[0], first["A"].shape[1])
+    base = _holder(torch.nn.Linear(d_in, d_out, bias=False)).to(t(first["A"] if W is None else W).dtype)
+    model = None
+    with _quiet(), torch.no_grad():
+        if W is not None:
+            base.layer.weight.copy_(t(W))
+        for name, a in adapters.items():
+            config = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], use_rslora=a["use_rslora"],
+                                     target_modules=["layer"], **options)
+            if model is None:
+                model = peft.get_peft_model(base, config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+            layer = model.base_model.model.layer
+            layer.lora_A[name].weight.copy_(t(a["A"]))
+            layer.lora_B[name].weight.copy_(t(a["B"]))
+            if options.get("use_dora"):
+                layer.lora_magnitude_vector[name].weight.copy_(t(a["m"]))
+    return model, layer
+
+
+def peft_combine(method=None, *, scale_from_config_without_rslora=False):
+    """PEFT's add_weighted_adapter on one Linear holding the given adapters; ``method`` replaces the
+    kit's method (PEFT's name for what is asked)."""
+    import torch
+
     def impl(adapters, weights, kit_method, *, density, majority_sign, masks, rank):
-        names = list(adapters)
-        first = adapters[names[0]]
-        base = _holder(torch.nn.Linear(first["A"].shape[1], first["B"].shape[0], bias=False)).to(t(first["A"]).dtype)
-        model = None
+        model, layer = _peft_linear(adapters, init_lora_weights=False)
         with _quiet(), torch.no_grad():
-            for name in names:
-                a = adapters[name]
-                config = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], use_rslora=a["use_rslora"],
-                                         target_modules=["layer"], init_lora_weights=False)
-                if model is None:
-                    model = peft.get_peft_model(base, config, adapter_name=name)
-                else:
-                    model.add_adapter(name, config)
-                layer = model.base_model.model.layer
-                layer.lora_A[name].weight.copy_(t(a["A"]))
-                layer.lora_B[name].weight.copy_(t(a["B"]))
-            model.add_weighted_adapter(names, list(weights), "mix", combination_type=method or kit_method)
+            model.add_weighted_adapter(list(adapters), list(weights), "mix", combination_type=method or kit_method)
         config = model.peft_config["mix"]
         scale = config.lora_alpha / config.r if scale_from_config_without_rslora else layer.scaling["mix"]
         return n(layer.lora_A["mix"].weight), n(layer.lora_B["mix"].weight), scale
@@ -168,25 +183,11 @@ def peft_combine(method=None, *, scale_from_config_without_rslora=False):
 def peft_dora_combine(fixed=False):
     """add_weighted_adapter on one Linear holding DoRA adapters; fixed: the sources' magnitudes
     carried over (sum w_i m_i) after it."""
-    import peft
     import torch
 
     def impl(W, adapters, weights):
-        base = _holder(torch.nn.Linear(W.shape[1], W.shape[0], bias=False)).to(t(W).dtype)
-        model = None
+        model, layer = _peft_linear(adapters, W, use_dora=True)
         with _quiet(), torch.no_grad():
-            base.layer.weight.copy_(t(W))
-            for name, a in adapters.items():
-                config = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], use_rslora=a["use_rslora"],
-                                         use_dora=True, target_modules=["layer"])
-                if model is None:
-                    model = peft.get_peft_model(base, config, adapter_name=name)
-                else:
-                    model.add_adapter(name, config)
-                layer = model.base_model.model.layer
-                layer.lora_A[name].weight.copy_(t(a["A"]))
-                layer.lora_B[name].weight.copy_(t(a["B"]))
-                layer.lora_magnitude_vector[name].weight.copy_(t(a["m"]))
             model.add_weighted_adapter(list(adapters), list(weights), "mix", combination_type="cat")
             m = layer.lora_magnitude_vector["mix"].weight
             if fixed:
