@@ -306,8 +306,7 @@ defvjp(conv_nd, _conv_vjp_x, _conv_vjp_W, _conv_vjp_bias,
 def _lora_conv(x: Any, W: Any, A: Any, B: Any, scale: float, bias: Any = None, stride: Any = 1, padding: Any = 0,
                dilation: Any = 1, groups: int = 1, dropout_mask: Any = None) -> Any:
     """The undecorated forward of :func:`lora_conv`; autograd.numpy can trace it."""
-    geo, geo_A, geo_B = _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, dropout_mask)
-    scale = finite_real(scale, "scale")            # a Python float: np.float64(s) would promote float32
+    geo, geo_A, geo_B, scale = _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, dropout_mask)
     xp = namespace(x, W, A, B, bias, dropout_mask)
     y = _conv(xp, x, W, geo)                                        # (N, C_out, *O)   W0 x
     if bias is not None:
@@ -569,11 +568,13 @@ def _check_bias(bias: Any, W: Any, signature: str) -> None:
 
 
 def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
+    """Check lora_conv's arguments; return the three geometries and ``scale`` as a Python float
+    (NumPy 2 promotes ``float32_array * np.float64(s)`` to float64)."""
     geo = _geometry(x, W, stride, padding, dilation, groups)
     _check_bias(bias, W, LORA_CONV_ORDER)
     float_array(A, "A")
     float_array(B, "B")
-    finite_real(scale, "scale")
+    scale = finite_real(scale, "scale")
     same_dtype(("x", x), ("W", W), ("A", A), ("B", B), ("bias", bias), ("dropout_mask", mask))
     n, G = len(geo.out), geo.groups
     if A.ndim != x.ndim or shape_of(A)[1:] != (int(x.shape[1]),) + geo.kernel:
@@ -589,4 +590,4 @@ def _validate(x, W, A, B, scale, bias, stride, padding, dilation, groups, mask):
     if mask is not None:
         float_array(mask, "dropout_mask")
         broadcastable_mask(mask, x)
-    return _geos(x, W, A, B, stride, padding, dilation, groups)[:3]
+    return (*_geos(x, W, A, B, stride, padding, dilation, groups)[:3], scale)

@@ -93,8 +93,7 @@ def _lora_embedding(ids: Any, E: Any, A: Any, B: Any, scale: float, padding_idx:
     ``padding_idx`` does not change the value (it is validated here and applied by the VJPs), so
     a trace of this function gives the true derivative, padding row included.
     """
-    _validate(ids, E, A, B, scale, padding_idx)
-    scale = finite_real(scale, "scale")            # a Python float: np.float64(s) would promote float32
+    scale = _validate(ids, E, A, B, scale, padding_idx)   # a Python float: np.float64(s) would promote float32
     xp = namespace(ids, E, A, B)
     D = E.shape[1]
     flat = xp.reshape(ids, (-1,))                                  # (N,)
@@ -260,7 +259,8 @@ def _check_pair(A: Any, B: Any) -> None:
                          f"(shape {shape_of(B)})")
 
 
-def _validate(ids: Any, E: Any, A: Any, B: Any, scale: Any, padding_idx: Any) -> None:
+def _validate(ids: Any, E: Any, A: Any, B: Any, scale: Any, padding_idx: Any) -> float:
+    """Check lora_embedding's arguments; return ``scale`` as a Python float."""
     float_array(E, "E")
     if E.ndim != 2:
         raise ValueError(f"E must be 2-D (num_embeddings, embedding_dim), got shape {shape_of(E)}")
@@ -274,7 +274,8 @@ def _validate(ids: Any, E: Any, A: Any, B: Any, scale: Any, padding_idx: Any) ->
     if B.shape[0] != D:
         raise ValueError(f"B must be (embedding_dim, r) = ({D}, r) to match E {shape_of(E)}, "
                          f"got B {shape_of(B)} (PEFT's lora_embedding_B is (embedding_dim, r))")
-    finite_real(scale, "scale")
+    scale = finite_real(scale, "scale")
     if padding_idx is not None:
         int_in_range(padding_idx, "padding_idx", 0, V - 1,
                      "a row of E; PyTorch's negative padding_idx p is V + p here")
+    return scale
