@@ -32,7 +32,7 @@ from .cases import LoraCase, uniform_entries
 from .checks import positive_int
 from .config import LoraConfig
 from .lora import delta_weight, init_lora, lora_linear, lora_parameter_count, lora_scale, merge, pissa_init, unmerge
-from .testing import tolerance
+from .kit.core import tolerance   # not the lora_ref.testing facade, which imports every kit module
 
 __all__ = [
     "CheckResult",
