@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["main", "matmul_flops", "step_breakdown", "thread_peak", "timed_ops"]
+__all__ = ["main", "matmul_flops", "step_breakdown", "timed_ops"]
 
 
 def timed_ops(ops: Any, *, clock: Callable[[], float] = time.perf_counter,
@@ -175,37 +175,14 @@ def step_breakdown(step: Callable[[], Any], totals: dict[str, float], *, repeats
     return {"step_ms": median_step, "parts_ms": parts}
 
 
-def thread_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict[str, float]:
-    """Float32 GFLOP/s of ``n x n @ n x n`` (2 n^3 FLOPs) on one thread with one BLAS thread, timed by
-    this thread's CPU clock (median of ``repeats`` per size); ``best`` is the largest median."""
-    import numpy as np
-
-    from transformer_ref.machine import blas_threads
-
-    rng = np.random.default_rng(0)
-    out: dict[str, float] = {}
-    with blas_threads(1):
-        for n in sizes:
-            a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-            a @ b
-            times = []
-            for _ in range(repeats):
-                t0 = time.thread_time()
-                a @ b
-                times.append(time.thread_time() - t0)
-            out[str(n)] = 2.0 * n**3 / statistics.median(times) / 1e9
-    out["best"] = max(out.values())
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.breakdown``: a LoRA step's time per layer against the matmul limit."""
-    import numpy as np
-
-    from transformer_ref import FAST, REFERENCE, GPTConfig, LlamaConfig, add_adapters, init_params, lora_config_for
+    from transformer_ref import FAST, REFERENCE, lora_config_for
     from transformer_ref.machine import blas_threads, keep_freed_memory
 
-    from .ref_gpt2 import make_ref_step
+    from .flops import StepShape
+    from .harness import matmul_peak
+    from .ref_gpt2 import make_model, make_ref_step
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=main.__doc__)
     ap.add_argument("--n-embd", type=int, default=128)
@@ -227,22 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    heads = args.n_head or max(1, args.n_embd // 64)
-    if args.family == "llama":
-        config: Any = LlamaConfig(vocab_size=args.vocab, hidden_size=args.n_embd, intermediate_size=4 * args.n_embd,
-                                  num_hidden_layers=args.n_layer, num_attention_heads=heads,
-                                  max_position_embeddings=args.seq)
-    else:
-        config = GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.n_embd, n_layer=args.n_layer,
-                           n_head=heads)
+    shape = StepShape(n_embd=args.n_embd, n_layer=args.n_layer, seq_len=args.seq, batch=args.batch, vocab=args.vocab,
+                      n_head=args.n_head, r=args.rank, family=args.family)
     lc = lora_config_for(args.matrices.split(","), r=args.rank, alpha=16.0, init="random", family=args.family)
-    rng = np.random.default_rng(0)
-    params = init_params(config, rng, args.dtype)
-    model = {"config": config, "lora_config": lc, "params": params, "adapters": add_adapters(params, config, lc, rng),
-             "tokens": rng.integers(0, args.vocab, size=(args.batch, args.seq)),
-             "targets": rng.integers(0, args.vocab, size=(args.batch, args.seq))}
+    model = make_model(shape, dtype=args.dtype, lora_config=lc)
     keep_freed_memory()                                     # as transformer_ref.train does
-    peak = thread_peak()
+    with blas_threads(1):                                   # one thread's rate, on this thread's CPU clock
+        peak = matmul_peak("numpy", (1024, 2048), repeats=5, clock=time.thread_time)
     flops: dict[str, float] = defaultdict(float)
     ops, totals = timed_ops(REFERENCE if args.reference else FAST, clock=clock, flops=flops)
     step = make_ref_step(model, "lora", threads=args.threads, ops=ops)
@@ -253,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         out = step_breakdown(step["step"], totals, repeats=args.repeats,
                              clock=clock if args.threads == 1 else time.perf_counter)
     per_step = {k: v / args.repeats for k, v in flops.items()}
-    rate = peak["best"] * 1e6                               # FLOPs per ms, one thread
+    rate = peak["peak_gflops"] * 1e6                               # FLOPs per ms, one thread
     print(f"{'REFERENCE' if args.reference else 'FAST'} {args.family} LoRA step, {args.dtype}, n_embd={args.n_embd} "
           f"n_layer={args.n_layer} T={args.seq} batch={args.batch} r={args.rank} on {args.matrices}, "
           f"{args.threads} slice(s); clock: {args.clock}; one thread's float32 matmul limit "
-          f"{peak['best']:.1f} GFLOP/s")
+          f"{peak['peak_gflops']:.1f} GFLOP/s")
     print(f"{'part':<34}{'ms':>9}{'GFLOP':>11}{'limit ms':>11}{'over ms':>9}")
     total, total_limit = 0.0, 0.0
     for name, ms in out["parts_ms"].items():

@@ -54,13 +54,14 @@ __all__ = [
 
 
 def alternate(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-              pause: float = 0.0) -> dict[str, list[float]]:
+              pause: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
 
     Returns ``{name: [seconds per run]}``; run ``i`` of every name belongs to round ``i``, so
     :func:`paired_ratio` can divide them round by round. ``pause`` seconds of sleep before each
     timed call lets the previous library's idle worker threads (OpenBLAS, OpenMP) stop spinning
-    before the next one starts, so neither side pays for the other's spin-down.
+    before the next one starts, so neither side pays for the other's spin-down. ``clock`` reads
+    seconds: wall time by default, ``time.thread_time`` for this thread's CPU time.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -79,9 +80,9 @@ def alternate(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int
                 if pause:
                     time.sleep(pause)
                 gc.disable()
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     finally:
         if enabled:
             gc.enable()
@@ -232,11 +233,13 @@ def torch_info() -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_peak(lib: str = "numpy", sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict[str, Any]:
+def matmul_peak(lib: str = "numpy", sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5, *,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Float32 GFLOP/s of square ``n x n @ n x n`` products (``2 n^3`` FLOPs) with ``lib``
-    ("numpy" or "torch"), median of ``repeats`` runs per size, on every BLAS thread this process
-    has. Run it in a process of its own (``python -m benchmarks.worker peak``): the other
-    library's threads must not be there. ``peak_gflops`` is the largest of the medians."""
+    ("numpy" or "torch"), median of ``repeats`` runs per size timed by ``clock`` (see
+    :func:`alternate`), on every BLAS thread this process has. Run it in a process of its own
+    (``python -m benchmarks.worker peak``): the other library's threads must not be there.
+    ``peak_gflops`` is the largest of the medians."""
     if lib not in ("numpy", "torch"):
         raise ValueError(f"lib must be 'numpy' or 'torch', got {lib!r}")
     rng = np.random.default_rng(0)
@@ -251,7 +254,7 @@ def matmul_peak(lib: str = "numpy", sizes: tuple[int, ...] = (512, 1024, 2048), 
             fn: Callable[[], Any] = lambda ta=ta, tb=tb: ta @ tb  # noqa: E731
         else:
             fn = lambda a=a, b=b: a @ b  # noqa: E731
-        (times,) = alternate({lib: fn}, repeats=repeats, warmup=1).values()
+        (times,) = alternate({lib: fn}, repeats=repeats, warmup=1, clock=clock).values()
         per[str(n)] = 2.0 * n**3 / statistics.median(times) / 1e9
     best = max(per, key=per.__getitem__)
     return {"lib": lib, "gflops": per, "peak_gflops": per[best], "peak_from": f"{lib} n={best}",

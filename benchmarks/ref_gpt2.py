@@ -31,11 +31,13 @@ SIDES = {
 }
 
 
-def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0, lora_config: Any = None) -> dict[str, Any]:
     """A model of ``shape`` with random weights and non-zero LoRA adapters -- GPT-2 with LoRA on
     every ``c_attn``, or (``shape.family == "llama"``) LLaMA with LoRA on every ``q_proj`` and
-    ``v_proj`` -- plus a batch of random tokens and targets: ``{"config", "lora_config",
-    "params", "adapters", "tokens", "targets"}``. Every side of a comparison is built from this."""
+    ``v_proj``, or the adapters ``lora_config`` asks for (a ``LoraConfig``; default ``None``: those
+    at rank ``shape.r``, alpha 16, ``init="random"``) -- plus a batch of random tokens and targets:
+    ``{"config", "lora_config", "params", "adapters", "tokens", "targets"}``. Every side of a
+    comparison is built from this."""
     from lora_ref import LoraConfig
     from transformer_ref import GPTConfig, LlamaConfig, add_adapters, init_params
 
@@ -50,7 +52,10 @@ def make_model(shape: StepShape, *, dtype: str = "float32", seed: int = 0) -> di
         target_modules = ["c_attn"]
     # init="random": B is non-zero too, so the adapters change the loss and the check that both
     # sides compute the same loss also covers the LoRA branch.
-    lora_config = LoraConfig(r=shape.r, alpha=16.0, target_modules=target_modules, init="random")
+    if lora_config is None:
+        lora_config = LoraConfig(r=shape.r, alpha=16.0, target_modules=target_modules, init="random")
+    elif not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a lora_ref.LoraConfig or None, got {type(lora_config).__name__}")
     rng = np.random.default_rng(seed)
     params = init_params(config, rng, dtype)
     adapters = add_adapters(params, config, lora_config, rng)
