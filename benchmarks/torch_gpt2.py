@@ -88,7 +88,6 @@ def make_torch_step(shape: StepShape, mode: str, params: Mapping[str, np.ndarray
     return training_step(model, tokens, targets, shape.vocab, lr=lr, compile=compile)
 
 
-
 def training_step(model: Any, tokens: np.ndarray, targets: np.ndarray, vocab: int, *, lr: float,
                   compile: bool) -> dict[str, Any]:
     """The step both PyTorch sides (GPT-2 here, LLaMA in :mod:`benchmarks.torch_llama`) time, on a
