@@ -7,10 +7,10 @@ created). These layers check their arguments as the reference layers do, with th
 own checks. Measured on one thread at n_embd 512, 6 layers, T 128, batch 8
 (``python -m benchmarks.breakdown --family llama``; docs/transformer.md):
 
-* :func:`swiglu` -- ``silu(gate) up`` with ``sigmoid(x) = 1 / (1 + exp(-x))``: the reference takes
-  ``exp(-|x|)`` and picks each entry's sigmoid by its sign with ``where``, which NumPy runs at
-  several ns per element; here ``exp(-x)`` overflows to inf for x below about -88 (float32) or
-  -709 (float64), where 1 / inf = 0 is the sigmoid rounded to zero -- the reference's answer there
+* :func:`swiglu` -- ``silu(gate) up`` with ``sigmoid(x) = 1 / (1 + exp(-x))``: the reference
+  (``layers._sigmoids``) computes both sigmoids from ``d = 1 + exp(-|x|)`` as ``exp(min(x, 0)) / d``
+  and ``exp(-max(x, 0)) / d``, three exponentials per element that never overflow; here ``exp(-x)``
+  overflows to inf for x below about -88 (float32) or -709 (float64), where 1 / inf = 0 is the sigmoid rounded to zero -- the reference's answer there
   is a subnormal number or zero as well -- and the backward's ``sigmoid(-x) = 1 / (1 + exp(x))``
   likewise, so nothing is computed by cancellation and nothing becomes NaN.
 * :func:`rms_norm` -- the textbook formula with the mean square as a matrix-vector product,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_ref.adapters import BASE
+
 from .formats import _bytes, _fmt, _int, _variant_pairs
 
 __all__ = ["combination_caveat", "two_tasks_section", "variant_caveat", "variant_findings", "variant_summary",
            "variants_section"]
 
-_BASE = "__base__"
 
 
 def _e(x: float) -> str:
@@ -190,7 +191,7 @@ def two_tasks_section(result: dict[str, Any]) -> list[str]:
              "| rows | task | adapter | in the batch | max \\|loss in the batch - loss alone\\| | bound | loss alone "
              "(mean) | with the other adapter (mean) | effect (max) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, g in mb["groups"].items():
-        adapter = "none (`__base__`)" if name == _BASE else name
+        adapter = "none (`__base__`)" if name == BASE else name
         lines.append(f"| {name} | {g['task']} | {adapter} | {g['samples']} | {_e(g['max_abs_error'])} | "
                      f"{_e(mb['bound'])} | {_fmt(g['loss_alone'])} | {_fmt(g['loss_other'])} | {_fmt(g['effect'])} |")
     within = mb["max_abs_error"] <= mb["bound"]

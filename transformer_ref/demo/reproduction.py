@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import common
-from .formats import _bytes, _fmt, _int, _list, _lora_keys, _merge_ratios, _paper_keys, _sweep_keys, _variant_pairs
+from .formats import _bytes, _family, _fmt, _int, _list, _lora_keys, _merge_ratios, _paper_keys, _sweep_keys, _variant_pairs
 from .report import (_command_line, accuracy_saturation_caveat, amplification_regime_caveat, below_untuned_caveat,
                      phi_chance, phi_chance_caveat, report_markdown, summary_text)
 from .report_variants import combination_caveat
@@ -66,7 +66,7 @@ def _check(results: Mapping[str, dict[str, Any]]) -> None:
         raise ValueError(f"results must map exactly {NAMES} to results of transformer_ref.demo.compute, "
                          f"got {sorted(results) if isinstance(results, Mapping) else type(results).__name__}")
     for name in NAMES:
-        family = results[name]["config"].get("family", "gpt2")
+        family = _family(results[name])
         if family != ("llama" if name == "llama" else "gpt2"):
             raise ValueError(f"results[{name!r}] must be a {'LLaMA' if name == 'llama' else 'GPT-2'} run, got {family!r}")
 
