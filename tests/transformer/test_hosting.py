@@ -169,3 +169,43 @@ def test_every_family_and_the_package_default_to_the_reference_ops():
         ops = inspect.signature(f).parameters.get("ops")
         assert ops is not None, f"{where} takes no ops argument"
         assert ops.default is REFERENCE, f"{where} defaults ops to {ops.default!r}, not transformer_ref.REFERENCE"
+
+
+def test_embed_takes_the_row_without_gradient_from_the_family():
+    """hosting.embed asks ``family.padding_idx(config, name)`` for the lookup's padding_idx, only
+    when an adapter is on that table, and passes it to ops.lora_embedding; an AdapterSet with one
+    adapter on the table is that adapter's lookup (no zero table built), two sum their terms."""
+    from dataclasses import replace
+
+    from lora_ref import AdapterSet
+    from lora_ref.embedding import lora_embedding
+
+    asked, seen = [], []
+
+    def pad(config, name):
+        asked.append((config, name))
+        return 2
+
+    def spy(ids, E, A, B, s, padding_idx=None):
+        seen.append((bool(np.any(np.asarray(E))), padding_idx))       # the table, or the zero table
+        return lora_embedding(ids, E, A, B, s, padding_idx)
+
+    fam, config = replace(TOY, padding_idx=pad), ToyConfig()
+    ops = replace(REFERENCE, lora_embedding=spy)
+    params = toy_init(config)
+    ids = np.array([[0, 2, 5]])
+    rng = np.random.default_rng(0)
+    ad = {"A": asarray(rng.standard_normal((2, 7))), "B": asarray(rng.standard_normal((4, 2)))}
+    lc = LoraConfig(r=2, alpha=2.0, target_modules=["embed"], embedding_modules=["embed"])
+    base = hosting.embed(ops, params, "model.embed", ids, {"model.blocks.0.proj": ad}, lc, family=fam, config=config)
+    assert np.array_equal(base, REFERENCE.embedding(params["model.embed.weight"], ids)) and asked == [] == seen
+    one = hosting.embed(ops, params, "model.embed", ids, {"model.embed": ad}, lc, family=fam, config=config)
+    assert asked == [(config, "model.embed")] and seen == [(True, 2)]
+    assert np.array_equal(one, lora_embedding(ids, params["model.embed.weight"], ad["A"], ad["B"], lc.scale_for("model.embed"), 2))
+    seen.clear()
+    aset = AdapterSet({"a": (lc, {"model.embed": ad}), "b": (lc, {"model.embed": ad})}, ["a"])
+    hosting.embed(ops, params, "model.embed", ids, aset, family=fam, config=config)
+    assert seen == [(True, 2)]                                        # one adapter: no zero table
+    seen.clear()
+    hosting.embed(ops, params, "model.embed", ids, aset.with_active(["a", "b"]), family=fam, config=config)
+    assert seen == [(False, 2), (False, 2)]                           # two: each term on the zero table
