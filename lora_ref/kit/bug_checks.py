@@ -22,7 +22,8 @@ from ..cases import LoraCase
 from ..dora import dora_linear, dora_magnitude, dora_magnitudes, dora_merge, dora_rounding_counts
 from ..lora import lora_scale
 from .conv import conv_calls, draw_conv_case
-from .core import Call, LoraCheckReport, Output, bounded_output, property_call, reference_rtol, run_check
+from .core import (Call, LoraCheckReport, Output, bounded_output, numpy_dtype, property_call, reference_rtol,
+                   run_check)
 from .dora import draw_dora_case
 
 __all__ = ["CATALOGUE_CHECKS", "CONV3D_PROPERTIES", "DORA_BASE_GRADIENT_PROPERTIES", "DORA_COMBINE_PROPERTIES",
@@ -144,11 +145,7 @@ def _build_cycles(name: str, dtype: str, seed: int) -> Call:
     W = round_to(W, dtype)                                                     # float64 holding the dtype's values
     s = lora_scale(alpha, r)
     magnitude = np.abs(W) + abs(s) * (np.abs(B.astype(np.float64)) @ np.abs(A.astype(np.float64)))
-    if dtype == "bfloat16":
-        import ml_dtypes
-        W_in = W.astype(ml_dtypes.bfloat16)
-    else:
-        W_in = W.astype(dtype)
+    W_in = W.astype(numpy_dtype(dtype))
     out = bounded_output("W", W, dtype, magnitude, 4)
     return Call("impl", (W_in, A, B), ("W", "A", "B"),
                 {"alpha": alpha, "r": r, "use_rslora": False, "cycles": _CYCLES[name]}, (out,))

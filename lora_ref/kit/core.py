@@ -40,8 +40,8 @@ from ..backend import dtype_name, to_numpy
 from ..checks import non_negative_int, non_negative_real
 
 __all__ = ["Call", "CheckReport", "LoraCheckReport", "Output", "PropertyResult", "assert_within", "bounded_output",
-           "compare_exact", "compare_to_reference", "property_call", "ref_output", "reference_rtol", "run_call",
-           "run_check", "tolerance", "unit_roundoff"]
+           "compare_exact", "compare_to_reference", "numpy_dtype", "property_call", "ref_output", "reference_rtol",
+           "run_call", "run_check", "tolerance", "unit_roundoff"]
 
 
 # ============================================================================================
@@ -49,15 +49,23 @@ __all__ = ["Call", "CheckReport", "LoraCheckReport", "Output", "PropertyResult",
 # ============================================================================================
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """NumPy's dtype named ``name`` ("float32", "uint8", ...), bfloat16 included: ml_dtypes' type,
+    imported only then (it takes about a second to import). ``TypeError`` for a name NumPy does not
+    know; a check that accepts only some dtypes refuses the others first, with its own message."""
+    if name == "bfloat16":
+        import ml_dtypes          # here, not at import: it takes about a second to import
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def unit_roundoff(dtype: Any) -> float:
     """``u = eps / 2``: the largest relative error of one correctly rounded operation.
 
     float64: 1.11e-16; float32: 5.96e-08; float16: 4.88e-04; bfloat16 (ml_dtypes): 3.91e-03.
     """
-    name = dtype_name(dtype)
-    if name == "bfloat16":
-        import ml_dtypes  # noqa: F401  (registers the dtype with NumPy)
-    return float(np.finfo(np.dtype(name)).eps) / 2.0
+    return float(np.finfo(numpy_dtype(dtype_name(dtype))).eps) / 2.0
 
 
 def tolerance(dtype: Any, n: int = 1) -> float:

@@ -20,14 +20,9 @@ import numpy as np
 from ..cases import LoraCase, normal_entries
 from ..lora import lora_scale
 from ..serving import Segments
-from . import adapters as kad
-from . import combine as kco
-from . import conv as kcv
-from . import dora as kdo
-from . import embedding as kem
-from . import quant as kqu
-from . import serving as kse
-from .core import Call, Output
+from . import (adapters as kad, combine as kco, conv as kcv, dora as kdo, embedding as kem, quant as kqu,
+               serving as kse)
+from .core import Call, Output, numpy_dtype
 from .linear import linear_calls
 
 __all__ = ["EXTRA_ROUNDINGS", "KINDS", "GoldenCase", "GoldenOutput", "build_cases", "case_calls"]
@@ -534,7 +529,7 @@ def _quant_cases(seed: int) -> list[GoldenCase]:
         shape, blocksize, quant_type, dq = kqu._SPECS[prop]
         shape = (4, 1040) if dq else shape                      # 65 blocks, one nested block: small files
         W = kqu.draw_quant_case(shape, blocksize, quant_type, _seed(seed, name), ties=prop == "ties",
-                                dyadic_absmax=dq).astype(kqu._np_dtype(dtype))
+                                dyadic_absmax=dq).astype(numpy_dtype(dtype))
         calls = [kqu.quant_calls(W, blocksize, quant_type, dq, "impl"),
                  kqu.quant_calls(W, blocksize, quant_type, dq, "dequantize")]
         outputs = _outputs(calls)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Call, LoraCheckReport, Output, run_check
+from .core import Call, LoraCheckReport, Output, numpy_dtype, run_check
 
 __all__ = ["QUANT_DTYPES", "QUANT_PROPERTIES", "check_quantize_4bit", "draw_quant_case", "quant_calls"]
 
@@ -49,11 +49,6 @@ _SPECS = {"nf4": ((8, 64), 64, "nf4", False), "fp4": ((8, 64), 64, "fp4", False)
           "ties": ((2, 32), 64, "nf4", False), "blocksize_256": ((4, 128), 256, "nf4", False),
           "double_quant": ((16, 1040), 64, "nf4", True)}
 _NEEDS = {p: "dequantize" for p in QUANT_PROPERTIES if p.startswith("dequant_")}
-
-
-def _np_dtype(name: str) -> Any:
-    import ml_dtypes
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
 def draw_quant_case(shape: tuple[int, ...], blocksize: int, quant_type: str, seed: Any, *, ties: bool = False,
@@ -115,7 +110,7 @@ def _build(name: str, dtype: str, seed: int) -> Call:
     shape, blocksize, quant_type, dq = _SPECS[base]
     W = draw_quant_case(shape, blocksize, quant_type, (seed, list(QUANT_PROPERTIES).index(base)),
                         ties=base == "ties", dyadic_absmax=dq)
-    return quant_calls(W.astype(_np_dtype(dtype)), blocksize, quant_type, dq,
+    return quant_calls(W.astype(numpy_dtype(dtype)), blocksize, quant_type, dq,
                        "dequantize" if name.startswith("dequant_") else "impl")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..checks import positive_int
 from ..lora import lora_scale
 from ..serving import Segments, accumulation_dtype, add_lora, lora_expand, lora_shrink, stack_adapters, token_indices
-from .core import Call, LoraCheckReport, Output, run_check, tolerance
+from .core import Call, LoraCheckReport, Output, numpy_dtype, run_check, tolerance
 
 __all__ = ["EXPAND_PROPERTIES", "SERVING_PROPERTIES", "SHRINK_PROPERTIES", "STORAGE_DTYPES", "check_lora_expand",
            "check_lora_shrink", "check_serving", "draw_serving_case", "serving_calls", "serving_rounding_counts",
@@ -74,10 +74,8 @@ def draw_serving_case(dtype: str, seed: Any, *, widths: Sequence[int] = (6,), ga
     (``widths``, separated and surrounded by ``gap`` columns in no slice) per slot an adapter record
     with A, B uniform in [-1, 1) (or None: an empty slot), the slices ``[(offset, width)]``, the
     indices (a name from ``_INDICES`` or a :class:`Segments`), and h (n_slices, T, R) in Acc."""
-    import ml_dtypes
-
     rng = np.random.default_rng(seed)
-    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    dt = numpy_dtype(dtype)
     u = lambda *shape: rng.uniform(-1.0, 1.0, size=shape).astype(dt)  # noqa: E731
     offsets, col = [], gap
     for w in widths:
