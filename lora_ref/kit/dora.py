@@ -114,11 +114,14 @@ def dora_calls(case: LoraCase, m: np.ndarray, which: Sequence[str], extra_roundi
         picks = picks or [None] * len(names)
         return tuple(ref_output(ref, counts, n, dtype, extra_roundings, p) for n, p in zip(names, picks))
 
-    calls = []
+    calls, refs = [], {}
     for w in which:
-        detach = w != "grad_exact"
-        ref = dora_reference(case.x, W, case.A, case.B, m, case.scale, bias=case.bias, dropout_mask=case.mask,
-                             fan_in_fan_out=fifo, dy=case.dy if w.startswith("grad") else None, detach_norm=detach)
+        detach, grad = w != "grad_exact", w.startswith("grad")
+        if (grad, detach) not in refs:        # impl, magnitude and merge share one reference
+            refs[grad, detach] = dora_reference(case.x, W, case.A, case.B, m, case.scale, bias=case.bias,
+                                                dropout_mask=case.mask, fan_in_fan_out=fifo,
+                                                dy=case.dy if grad else None, detach_norm=detach)
+        ref = refs[grad, detach]
         if w == "impl":
             calls.append(Call("impl", (case.x, W, case.A, case.B, m), ("x", "W", "A", "B", "m"), layer,
                               outputs(ref, ["y"])))
