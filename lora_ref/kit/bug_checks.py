@@ -20,6 +20,7 @@ from autograd import make_vjp
 
 from ..cases import LoraCase
 from ..dora import dora_linear, dora_magnitude, dora_magnitudes, dora_merge, dora_rounding_counts
+from ..embedding import merge_embedding
 from ..lora import lora_scale
 from .conv import conv_calls, draw_conv_case
 from .core import (Call, LoraCheckReport, Output, bounded_output, numpy_dtype, property_call, reference_rtol,
@@ -49,8 +50,8 @@ def _build_tied(name: str, dtype: str, seed: int) -> Call:
     E, A, B = (rng.standard_normal(shape).astype(dtype) for shape in ((V, D), (r, V), (D, r)))
     f64 = lambda t: t.astype(np.float64)  # noqa: E731
     s = lora_scale(alpha, r)
-    merged = f64(E) + s * (f64(B) @ f64(A)).T                                  # (V, D) = E + s (B A)^T
-    magnitude = np.abs(f64(E)) + abs(s) * (np.abs(f64(B)) @ np.abs(f64(A))).T
+    merged = merge_embedding(f64(E), f64(A), f64(B), s)                        # (V, D) = E + s (B A)^T
+    magnitude = merge_embedding(*(np.abs(f64(t)) for t in (E, A, B)), abs(s))  # the same on |.|
     head_adapted = name == "tied_merge_head_adapted"
     n = r + 6                                                                  # as a merged linear weight
     outs = (bounded_output("input_table", merged, dtype, magnitude, n, 0),
