@@ -190,7 +190,7 @@ def audit_case(d: int = 512, r: int = 8, alpha: float = 16.0, seed: int = 0) -> 
 # cotangent), so the hand-written VJP is checked against it bit for bit, and against finite
 # differences where c is x's own dtype (no rounding).
 
-COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+COMPUTE_DTYPES = DTYPES                      # the dtypes a product may be computed in: the same four
 _WIDTH = {"float64": 3, "float32": 2, "float16": 1, "bfloat16": 1}
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .checks import non_negative_int
-from .kit.core import LoraCheckReport, PropertyResult, run_call
+from .kit.core import LoraCheckReport, PropertyResult, numpy_dtype, run_call
 from .kit.golden import KINDS, GoldenCase, GoldenOutput, build_cases, case_calls
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "GoldenCase", "GoldenOutput", "check_against_vectors", "golden_cases",
@@ -106,8 +106,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, (code, arr) in read_tensors(path).items():
         if code == "BF16":
-            import ml_dtypes
-            arr = arr.astype(ml_dtypes.bfloat16)
+            arr = arr.astype(numpy_dtype("bfloat16"))
         out[name] = arr
     return out
 
