@@ -41,13 +41,14 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .backend import asarray, dtype_name, getval, to_numpy
 from .checks import boolean, finite_real, float_array, is_int, shape_of
 from .lora import lora_linear
 from .precision import COMPUTE_DTYPES, mixed_linear
-from .kit.core import numpy_dtype, tolerance, unit_roundoff
+from .kit.core import tolerance, unit_roundoff
 
 __all__ = ["BLOCKSIZES", "NESTED_BLOCKSIZE", "QUANT_TYPES", "QuantState", "base_weight", "dequantize_4bit",
            "dequantize_absmax", "double_quantize", "dynamic_map", "error_bound", "fp4_levels", "linear_4bit",
@@ -466,7 +467,7 @@ def dequantize_4bit(state: QuantState, dtype: str | None = None) -> np.ndarray:
     codes[0::2], codes[1::2] = state.weight >> 4, state.weight & 0x0F  # high nibble first
     block = np.arange(n) // state.blocksize                            # (n,) block of each value
     out = state.quant_map[codes[:n]] * absmax[block]                   # (n,) float32
-    return out.astype(numpy_dtype(dtype)).reshape(state.shape)
+    return out.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).reshape(state.shape)
 
 
 # ============================================================================================
